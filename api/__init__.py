@@ -1,0 +1,1 @@
+"""The modelgate HTTP API and command line; composes ``auth`` and ``ml``."""

@@ -1,0 +1,12 @@
+"""Operator routes; the whole router requires the ``admin`` scope."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+
+from api.admin import billing, tenants
+from api.deps import require_admin
+
+router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+router.include_router(tenants.router)
+router.include_router(billing.router)

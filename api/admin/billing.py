@@ -1,0 +1,90 @@
+"""The operator's billing export: one row per tenant, model, model version and day."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query
+from fastapi.responses import StreamingResponse
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from api.deps import SessionDep
+from api.errors import problem_responses
+from auth.usage import BillingRow, billing_rows, parse_month
+
+router = APIRouter(tags=["admin"])
+
+BILLING_COLUMNS = (
+    "tenant_id",
+    "tenant_name",
+    "date",
+    "model",
+    "model_version",
+    "requests",
+    "units",
+)
+ExportFormat = Literal["csv", "jsonl"]
+
+
+def _row_values(row: BillingRow) -> list[str | int]:
+    return [
+        str(row.tenant_id),
+        row.tenant_name,
+        row.date.isoformat(),
+        row.model,
+        row.model_version,
+        row.requests,
+        row.units,
+    ]
+
+
+def _csv_line(values: list[str | int]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    # A tenant name starting with = + - @ would be a formula in a spreadsheet.
+    writer.writerow(
+        ["'" + v if isinstance(v, str) and v[:1] in ("=", "+", "-", "@") else v for v in values]
+    )
+    return buffer.getvalue()
+
+
+async def billing_lines(session: AsyncSession, month: str, fmt: ExportFormat) -> AsyncIterator[str]:
+    """The export as text lines (CSV with a header, or JSON Lines); shared with the CLI."""
+    if fmt == "csv":
+        yield _csv_line(list(BILLING_COLUMNS))
+    async for row in billing_rows(session, month):
+        values = _row_values(row)
+        if fmt == "csv":
+            yield _csv_line(values)
+        else:
+            yield json.dumps(dict(zip(BILLING_COLUMNS, values, strict=True))) + "\n"
+
+
+@router.get(
+    "/billing/export",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "The month's billing rows",
+            "content": {"text/csv": {}, "application/jsonl": {}},
+        },
+        **problem_responses(401, 403, 422, 429, 503),
+    },
+)
+async def export_billing(
+    session: SessionDep,
+    month: Annotated[str, Query(pattern=r"^\d{4}-\d{2}$", description="YYYY-MM (UTC)")],
+    format: Annotated[ExportFormat, Query()] = "csv",
+) -> StreamingResponse:
+    """Stream a month's billing rows per tenant, model, version and day as CSV or JSON Lines."""
+    parse_month(month)  # refuse a bad month with 422 before the stream starts
+    media_type = "text/csv" if format == "csv" else "application/jsonl"
+    return StreamingResponse(
+        billing_lines(session, month, format),
+        media_type=media_type,
+        headers={"Content-Disposition": f'attachment; filename="billing-{month}.{format}"'},
+    )

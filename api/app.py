@@ -1,0 +1,106 @@
+"""The FastAPI application factory and its lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import structlog
+from fastapi import APIRouter, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from api import health, me, models, predict
+from api.admin import router as admin_router
+from api.errors import install_error_handlers
+from api.logging import configure_logging
+from api.middleware import RequestContextMiddleware
+from api.state import AppState
+from auth.authn import KeyAuthenticator
+from auth.db import create_engine, create_sessionmaker
+from auth.limits import RateLimiter
+from auth.settings import Settings, get_settings, load_secrets
+from ml import ModelRegistry
+
+logger = structlog.get_logger(__name__)
+
+API_PREFIX = "/api/v1"
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Open the database engine and the limiter's storage, load the models; close on exit."""
+    settings: Settings = app.state.settings
+    secrets = load_secrets(settings)
+    engine = create_engine(settings.database_url)
+    sessionmaker = create_sessionmaker(engine)
+    registry = ModelRegistry(settings.model_dir)
+    # Hash checks, unpickling and warm-up take a while: keep the event loop free.
+    await asyncio.to_thread(registry.load)
+    rate_limiter = RateLimiter(settings)
+    if not rate_limiter.uses_redis:
+        logger.warning(
+            "MODELGATE_REDIS_URL is not set: rate limits are kept in this process only, "
+            "which is correct for a single process and wrong for several workers"
+        )
+    if not registry.is_ready:
+        logger.warning(
+            "no model is ready; run `modelgate models train`", dir=str(settings.model_dir)
+        )
+    app.state.modelgate = AppState(
+        settings=settings,
+        secrets=secrets,
+        engine=engine,
+        sessionmaker=sessionmaker,
+        authenticator=KeyAuthenticator(sessionmaker, secrets.key_pepper),
+        rate_limiter=rate_limiter,
+        registry=registry,
+    )
+    try:
+        yield
+    finally:
+        await rate_limiter.close()
+        await engine.dispose()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the application; ``uvicorn --factory api.app:create_app`` calls this per worker."""
+    settings = settings or get_settings()
+    configure_logging(settings.log_level)
+    app = FastAPI(
+        title="modelgate",
+        version="0.1.0",
+        summary="Multi-tenant machine-learning predictions, metered and rate-limited.",
+        lifespan=lifespan,
+        max_body_size=settings.max_body_bytes,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+
+    api = APIRouter(prefix=API_PREFIX)
+    api.include_router(health.router)
+    api.include_router(predict.router)
+    api.include_router(models.router)
+    api.include_router(me.router)
+    api.include_router(admin_router)
+    app.include_router(api)
+
+    origins = settings.cors_origin_list
+    if origins:
+        # Bearer tokens, not cookies: credentials mode is never needed, so never allowed.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_credentials=False,
+            allow_methods=["GET", "POST", "PATCH"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=[
+                "X-Request-ID",
+                "X-RateLimit-Limit",
+                "X-RateLimit-Remaining",
+                "X-RateLimit-Reset",
+                "Retry-After",
+            ],
+        )
+    app.add_middleware(RequestContextMiddleware)
+    return app

@@ -1,0 +1,270 @@
+"""The ``modelgate`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from auth.audit import record_event
+from auth.db import create_engine, create_sessionmaker
+from auth.errors import ConfigurationError, ModelgateError
+from auth.keys import DEFAULT_TENANT_SCOPES, issue_admin_key, issue_tenant_key
+from auth.settings import Settings, check_production, get_settings, load_secrets
+from auth.tenants import create_tenant, get_or_create_admin
+from ml import DEFAULT_MODEL, has_model, train_default
+
+app = typer.Typer(help="modelgate: multi-tenant ML predictions.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+admin_app = typer.Typer(help="Operator credentials.", no_args_is_help=True)
+tenants_app = typer.Typer(help="Tenants.", no_args_is_help=True)
+keys_app = typer.Typer(help="Tenant API keys.", no_args_is_help=True)
+billing_app = typer.Typer(help="Billing exports.", no_args_is_help=True)
+models_app = typer.Typer(help="The model registry.", no_args_is_help=True)
+for sub, name in (
+    (db_app, "db"),
+    (admin_app, "admin"),
+    (tenants_app, "tenants"),
+    (keys_app, "keys"),
+    (billing_app, "billing"),
+    (models_app, "models"),
+):
+    app.add_typer(sub, name=name)
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI_ACTOR = "cli"
+T = TypeVar("T")
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code=1)
+
+
+def alembic_config(database_url: str) -> Config:
+    """Alembic's configuration for the project, pointed at a database."""
+    config = Config(str(ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(ROOT / "migrations"))
+    config.attributes["database_url"] = database_url
+    config.attributes["configure_logging"] = False
+    return config
+
+
+def upgrade_database(database_url: str) -> None:
+    """Bring the schema to the newest migration (a no-op when it is already there)."""
+    command.upgrade(alembic_config(database_url), "head")
+
+
+def _run_in_session(settings: Settings, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+    async def main() -> T:
+        engine = create_engine(settings.database_url)
+        try:
+            async with create_sessionmaker(engine)() as session:
+                result = await work(session)
+                await session.commit()
+                return result
+        finally:
+            await engine.dispose()
+
+    try:
+        return asyncio.run(main())
+    except ModelgateError as exc:
+        raise _fail(exc.detail) from None
+    except ConfigurationError as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind.")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
+) -> None:
+    """Migrate the database if needed, load the models and serve the API."""
+    import uvicorn
+
+    settings = get_settings()
+    try:
+        check_production(settings, workers)
+        load_secrets(settings)  # generate development secrets once, before workers race
+    except ConfigurationError as exc:
+        raise _fail(str(exc)) from None
+    upgrade_database(settings.database_url)
+    uvicorn.run(
+        "api.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        # X-Forwarded-For is not trusted: nothing here may be decided by a client's header.
+        proxy_headers=False,
+        server_header=False,
+        log_config=None,
+    )
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply all migrations (alembic upgrade head) to the configured database."""
+    upgrade_database(get_settings().database_url)
+    typer.echo("database is at the newest migration")
+
+
+@admin_app.command("create-key")
+def admin_create_key(
+    name: Annotated[str, typer.Option(help="The operator's name.")],
+) -> None:
+    """Create an admin API key; the key alone is printed on the last line."""
+    settings = get_settings()
+    pepper = load_secrets(settings).key_pepper
+
+    async def work(session: AsyncSession) -> str:
+        admin = await get_or_create_admin(session, name)
+        key, secret = await issue_admin_key(
+            session, pepper, admin_principal_id=admin.id, name=f"{name} (cli)"
+        )
+        await record_event(
+            session,
+            actor=CLI_ACTOR,
+            action="admin_key.issue",
+            target_type="api_key",
+            target_id=str(key.id),
+            detail={"admin": name, "prefix": key.display_prefix},
+        )
+        return secret
+
+    secret = _run_in_session(settings, work)
+    typer.echo(f"Admin key for {name!r} (shown once; store it now):", err=True)
+    typer.echo(secret)
+
+
+def _tenant_json(tenant: Any) -> dict[str, Any]:
+    return {
+        "id": str(tenant.id),
+        "name": tenant.name,
+        "plan": tenant.plan,
+        "rate_limit": tenant.rate_limit,
+        "monthly_quota": tenant.monthly_quota,
+        "status": tenant.status,
+        "created_at": tenant.created_at.isoformat(),
+    }
+
+
+@tenants_app.command("create")
+def tenants_create(
+    name: Annotated[str, typer.Option(help="Unique tenant name.")],
+    rate_limit: Annotated[str | None, typer.Option(help='e.g. "100/minute".')] = None,
+    monthly_quota: Annotated[int | None, typer.Option(min=0, help="Units per month.")] = None,
+) -> None:
+    """Create a tenant and print it as JSON."""
+
+    async def work(session: AsyncSession) -> dict[str, Any]:
+        tenant = await create_tenant(
+            session, name=name, rate_limit=rate_limit, monthly_quota=monthly_quota
+        )
+        await record_event(
+            session,
+            actor=CLI_ACTOR,
+            action="tenant.create",
+            target_type="tenant",
+            target_id=str(tenant.id),
+            tenant_id=tenant.id,
+            detail={"name": name, "rate_limit": rate_limit, "monthly_quota": monthly_quota},
+        )
+        return _tenant_json(tenant)
+
+    typer.echo(json.dumps(_run_in_session(get_settings(), work)))
+
+
+@keys_app.command("issue")
+def keys_issue(
+    tenant: Annotated[str, typer.Option(help="The tenant's id.")],
+    name: Annotated[str, typer.Option(help="A name for the key.")] = "default",
+    scopes: Annotated[str, typer.Option(help="Comma-separated scopes.")] = ",".join(
+        DEFAULT_TENANT_SCOPES
+    ),
+) -> None:
+    """Issue a tenant API key; the key alone is printed on the last line."""
+    try:
+        tenant_id = uuid.UUID(tenant)
+    except ValueError:
+        raise _fail("--tenant must be a tenant id (UUID)") from None
+    settings = get_settings()
+    pepper = load_secrets(settings).key_pepper
+    scope_list = [s.strip() for s in scopes.split(",") if s.strip()]
+
+    async def work(session: AsyncSession) -> str:
+        key, secret = await issue_tenant_key(
+            session, pepper, tenant_id=tenant_id, name=name, scopes=scope_list
+        )
+        await record_event(
+            session,
+            actor=CLI_ACTOR,
+            action="key.issue",
+            target_type="api_key",
+            target_id=str(key.id),
+            tenant_id=tenant_id,
+            detail={"name": name, "scopes": sorted(key.scope_set), "prefix": key.display_prefix},
+        )
+        return secret
+
+    secret = _run_in_session(settings, work)
+    typer.echo(f"API key for tenant {tenant_id} (shown once; store it now):", err=True)
+    typer.echo(secret)
+
+
+@billing_app.command("export")
+def billing_export(
+    month: Annotated[str, typer.Option(help="YYYY-MM (UTC).")],
+    format: Annotated[str, typer.Option("--format", help="csv or jsonl.")] = "csv",
+    output: Annotated[Path | None, typer.Option(help="File to write; stdout if omitted.")] = None,
+) -> None:
+    """Export a month's billing rows (the same content as the HTTP export)."""
+    from api.admin.billing import billing_lines
+
+    if format not in ("csv", "jsonl"):
+        raise _fail("--format must be csv or jsonl")
+
+    async def work(session: AsyncSession) -> None:
+        handle = output.open("w", newline="") if output else sys.stdout
+        try:
+            async for line in billing_lines(session, month, format):  # type: ignore[arg-type]
+                handle.write(line)
+        finally:
+            if output:
+                handle.close()
+
+    _run_in_session(get_settings(), work)
+
+
+@models_app.command("train")
+def models_train(
+    if_absent: Annotated[
+        bool, typer.Option("--if-absent", help="Do nothing if a model is already registered.")
+    ] = False,
+) -> None:
+    """Train the default iris model from scikit-learn's bundled data and register it."""
+    model_dir = get_settings().model_dir
+    if if_absent and has_model(model_dir, DEFAULT_MODEL):
+        typer.echo(f"model {DEFAULT_MODEL!r} already present in {model_dir}")
+        return
+    manifest = train_default(model_dir)
+    typer.echo(f"registered {manifest.name} version {manifest.version} in {model_dir}")
+
+
+def main() -> None:
+    """Entry point for ``python -m api.cli``."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""FastAPI dependencies: the app state, the request's database session, and identity."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Annotated, Any
+
+import structlog
+from fastapi import Depends, Request, Response
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from api.state import AppState
+from auth.authn import AuthSubject, authorize, bearer_credential
+from auth.errors import Forbidden
+from auth.limits import KeyRateLimitExceeded
+from auth.settings import Settings
+
+# Declared for OpenAPI (the "Authorize" button); parsing and errors are ours.
+_bearer_scheme = HTTPBearer(auto_error=False, description="An API key (mg_...) or a JWT")
+
+
+def get_app_state(request: Request) -> AppState:
+    """The process's components (engine, limiter, registry...)."""
+    state: AppState = request.app.state.modelgate
+    return state
+
+
+StateDep = Annotated[AppState, Depends(get_app_state)]
+
+
+def get_settings_dep(state: StateDep) -> Settings:
+    """The settings the app was built with."""
+    return state.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+
+
+async def get_session(request: Request, state: StateDep) -> AsyncIterator[AsyncSession]:
+    """One session per request. ``AutoCommitRoute`` commits it before the response is sent;
+    this teardown only closes it (rolling back whatever was not committed)."""
+    async with state.sessionmaker() as session:
+        request.state.session = session
+        yield session
+
+
+SessionDep = Annotated[AsyncSession, Depends(get_session)]
+
+
+class AutoCommitRoute(APIRoute):
+    """Commits the request's session after the endpoint returns and before the response is
+    sent, so that a 2xx response always means its writes are durable."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handler_then_commit(request: Request) -> Response:
+            response = await handler(request)
+            session: AsyncSession | None = getattr(request.state, "session", None)
+            if session is not None and session.in_transaction() and response.status_code < 400:
+                await session.commit()
+            return response
+
+        return handler_then_commit
+
+
+class Authenticator:
+    """The one way in for identity: verifies the bearer credential, checks the scopes, and
+    counts the request against the key's rate limit."""
+
+    def __init__(self, required_scopes: set[str], *, tenant_only: bool = False) -> None:
+        self.required_scopes = frozenset(required_scopes)
+        self.tenant_only = tenant_only
+
+    async def __call__(
+        self,
+        request: Request,
+        state: StateDep,
+        _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer_scheme)],
+    ) -> AuthSubject:
+        credential = bearer_credential(request.headers.get("authorization"))
+        subject = await state.authenticator.authenticate(credential)
+        structlog.contextvars.bind_contextvars(
+            key_id=str(subject.key_id),
+            tenant_id=str(subject.tenant.id) if subject.tenant else None,
+        )
+        request.state.subject = subject
+        if self.tenant_only and subject.tenant is None:
+            raise Forbidden("this route is for tenant credentials")
+        authorize(subject, self.required_scopes)
+        rate_limit = subject.tenant.rate_limit if subject.tenant else None
+        try:
+            request.state.rate_limit = await state.rate_limiter.hit(str(subject.key_id), rate_limit)
+        except KeyRateLimitExceeded as exc:
+            # The 429 carries the X-RateLimit-* headers too.
+            request.state.rate_limit = exc.status
+            raise
+        return subject
+
+
+require_admin = Authenticator({"admin"})
+
+PredictScope = Annotated[AuthSubject, Depends(Authenticator({"predict"}, tenant_only=True))]
+UsageScope = Annotated[AuthSubject, Depends(Authenticator({"usage:read"}, tenant_only=True))]
+TenantCredential = Annotated[AuthSubject, Depends(Authenticator(set(), tenant_only=True))]
+AnyCredential = Annotated[AuthSubject, Depends(Authenticator(set()))]
+# The same instance as the /admin router's dependency, so FastAPI runs it once per request.
+AdminScope = Annotated[AuthSubject, Depends(require_admin)]

@@ -1,0 +1,192 @@
+"""RFC 9457 problem JSON for every error; no stack trace, secret or key ever reaches a client."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from slowapi.errors import RateLimitExceeded
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from auth.errors import (
+    DependencyUnavailable,
+    InvalidRequest,
+    ModelgateError,
+    NotFound,
+)
+from auth.limits import KeyRateLimitExceeded
+from ml import InvalidFeatures, ModelNotFound, ModelUnavailable
+
+logger = structlog.get_logger(__name__)
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem; ``type`` is a relative URI reference naming the problem."""
+
+    type: str = Field(examples=["quota-exceeded"])
+    title: str
+    status: int
+    detail: str
+    request_id: str | None = None
+
+
+class ValidationProblem(Problem):
+    """A 422 problem with the offending fields."""
+
+    errors: list[dict[str, Any]]
+
+
+def problem_response(
+    request: Request,
+    status: int,
+    type_: str,
+    title: str,
+    detail: str,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    """Build a problem JSON response carrying the request id."""
+    body = {
+        "type": type_,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "request_id": getattr(request.state, "request_id", None),
+        **extra,
+    }
+    headers = dict(headers or {})
+    if status == 401:
+        headers.setdefault("WWW-Authenticate", "Bearer")
+    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
+
+
+def _from_error(request: Request, error: ModelgateError) -> JSONResponse:
+    headers = {}
+    retry_after = getattr(error, "retry_after", None)
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    return problem_response(
+        request, error.status_code, error.type, error.title, error.detail, headers
+    )
+
+
+async def _modelgate_error(request: Request, exc: Exception) -> JSONResponse:
+    if not isinstance(exc, ModelgateError):
+        raise exc
+    return _from_error(request, exc)
+
+
+async def _model_error(request: Request, exc: Exception) -> JSONResponse:
+    mapped: ModelgateError
+    if isinstance(exc, ModelNotFound):
+        mapped = NotFound(str(exc))
+    elif isinstance(exc, InvalidFeatures):
+        mapped = InvalidRequest(str(exc))
+    else:
+        mapped = DependencyUnavailable(str(exc) or "model unavailable", retry_after=5)
+    return _from_error(request, mapped)
+
+
+async def _rate_limited(request: Request, exc: Exception) -> JSONResponse:
+    if not isinstance(exc, RateLimitExceeded):
+        raise exc
+    headers = {}
+    if isinstance(exc, KeyRateLimitExceeded):
+        headers["Retry-After"] = str(exc.status.retry_after)
+    return problem_response(
+        request,
+        429,
+        "rate-limited",
+        "Too many requests",
+        f"rate limit exceeded: {exc.detail}",
+        headers,
+    )
+
+
+def _safe_validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+    # Pydantic echoes the offending input; it could be a secret, so it is dropped.
+    return [
+        {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+        for e in exc.errors()
+    ]
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    if not isinstance(exc, RequestValidationError):
+        raise exc
+    return problem_response(
+        request,
+        422,
+        "validation-error",
+        "Invalid request",
+        "the request does not match the expected schema",
+        errors=_safe_validation_errors(exc),
+    )
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    if not isinstance(exc, StarletteHTTPException):
+        raise exc
+    slug = {404: "not-found", 405: "method-not-allowed", 413: "payload-too-large"}.get(
+        exc.status_code, "http-error"
+    )
+    detail = exc.detail if isinstance(exc.detail, str) else "request refused"
+    return problem_response(request, exc.status_code, slug, detail, detail, dict(exc.headers or {}))
+
+
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    # The driver's message may include SQL with parameters: log the class only.
+    logger.warning("database unavailable", error=type(exc).__name__)
+    return _from_error(request, DependencyUnavailable("database unavailable", retry_after=2))
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.error("unhandled error", error=type(exc).__name__, exc_info=exc)
+    return problem_response(
+        request, 500, "internal-error", "Internal server error", "an unexpected error occurred"
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the handlers that turn every error into problem JSON."""
+    app.add_exception_handler(ModelgateError, _modelgate_error)
+    app.add_exception_handler(ModelNotFound, _model_error)
+    app.add_exception_handler(ModelUnavailable, _model_error)
+    app.add_exception_handler(InvalidFeatures, _model_error)
+    app.add_exception_handler(RateLimitExceeded, _rate_limited)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(DBAPIError, _database_error)
+    app.add_exception_handler(PoolTimeout, _database_error)
+    app.add_exception_handler(ConnectionError, _database_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries documenting a route's problem responses."""
+    descriptions = {
+        401: "Missing or invalid credential",
+        403: "Credential lacks the required scope, or tenant suspended",
+        404: "Not found",
+        409: "Conflict",
+        413: "Request body too large",
+        422: "Invalid request",
+        429: "Rate limit or monthly quota exceeded",
+        503: "A dependency (database, Redis, model) is unavailable",
+    }
+    return {
+        status: {
+            "model": ValidationProblem if status == 422 else Problem,
+            "description": descriptions.get(status, "Error"),
+            "content": {PROBLEM_MEDIA_TYPE: {}},
+        }
+        for status in statuses
+    }

@@ -1,0 +1,109 @@
+"""Public health routes: summary, liveness and readiness."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Literal
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy import text
+
+from api.deps import StateDep
+from api.state import AppState
+
+router = APIRouter(tags=["health"])
+
+# Readiness must answer quickly even when a dependency hangs.
+CHECK_TIMEOUT_SECONDS = 2.0
+
+
+class HealthResponse(BaseModel):
+    """A summary for people and dashboards."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    status: Literal["ok", "degraded"]
+    model_loaded: bool
+    model_version: str | None
+    uptime_seconds: float
+
+
+class LiveResponse(BaseModel):
+    """The process is up."""
+
+    status: Literal["ok"]
+
+
+CheckState = Literal["ok", "unavailable", "not_configured"]
+
+
+class ReadinessChecks(BaseModel):
+    """Each dependency's state."""
+
+    database: CheckState
+    redis: CheckState
+    models: CheckState
+
+
+class ReadinessResponse(BaseModel):
+    """Whether the process can serve traffic, and which dependency is down if not."""
+
+    status: Literal["ready", "unavailable"]
+    checks: ReadinessChecks
+    failed_model_versions: list[str]
+
+
+@router.get("/health", response_model=HealthResponse)
+async def health(state: StateDep) -> HealthResponse:
+    """Summarise the service's health and the default model's version."""
+    version = state.registry.active_version()
+    return HealthResponse(
+        status="ok" if state.registry.is_ready else "degraded",
+        model_loaded=version is not None,
+        model_version=version,
+        uptime_seconds=round(time.monotonic() - state.started_at, 3),
+    )
+
+
+@router.get("/health/live", response_model=LiveResponse)
+async def live() -> LiveResponse:
+    """Report that the process is alive."""
+    return LiveResponse(status="ok")
+
+
+async def _database_ok(state: AppState) -> bool:
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT_SECONDS), state.engine.connect() as connection:
+            await connection.execute(text("SELECT 1"))
+        return True
+    except Exception:
+        return False
+
+
+@router.get(
+    "/health/ready",
+    response_model=ReadinessResponse,
+    responses={503: {"model": ReadinessResponse, "description": "A dependency is not ready"}},
+)
+async def ready(state: StateDep) -> JSONResponse:
+    """Report whether the database, Redis (if configured) and models are ready."""
+    database_ok, redis_ok = await asyncio.gather(
+        _database_ok(state), state.rate_limiter.is_healthy()
+    )
+    checks = ReadinessChecks(
+        database="ok" if database_ok else "unavailable",
+        redis=("ok" if redis_ok else "unavailable")
+        if state.rate_limiter.uses_redis
+        else "not_configured",
+        models="ok" if state.registry.is_ready else "unavailable",
+    )
+    is_ready = all(value != "unavailable" for value in checks.model_dump().values())
+    body = ReadinessResponse(
+        status="ready" if is_ready else "unavailable",
+        checks=checks,
+        failed_model_versions=[f"{v.name}/{v.version}" for v in state.registry.failed_versions()],
+    )
+    return JSONResponse(body.model_dump(), status_code=200 if is_ready else 503)

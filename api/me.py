@@ -1,0 +1,84 @@
+"""The caller's own tenant, key and usage."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import date, datetime
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel
+
+from api.deps import SessionDep, StateDep, TenantCredential, UsageScope
+from api.errors import problem_responses
+from api.usage_schemas import UsageReport, usage_report
+from auth.tenants import get_tenant
+from auth.usage import report_window, usage_summary
+
+router = APIRouter(tags=["me"])
+
+
+class TenantOut(BaseModel):
+    """A tenant as its own credentials see it."""
+
+    id: uuid.UUID
+    name: str
+    plan: str
+    status: str
+
+
+class LimitsOut(BaseModel):
+    """The limits that apply to the caller."""
+
+    rate_limit: str
+    monthly_quota: int | None
+
+
+class KeyOut(BaseModel):
+    """The credential used for this request (never its secret)."""
+
+    id: uuid.UUID
+    name: str
+    scopes: list[str]
+    expires_at: datetime | None
+
+
+class MeResponse(BaseModel):
+    """Who the caller is and what limits apply."""
+
+    tenant: TenantOut
+    limits: LimitsOut
+    key: KeyOut
+
+
+@router.get("/me", response_model=MeResponse, responses=problem_responses(401, 403, 429, 503))
+async def me(subject: TenantCredential, state: StateDep) -> MeResponse:
+    """Describe the caller's tenant, plan, limits and this key."""
+    tenant = subject.require_tenant()
+    return MeResponse(
+        tenant=TenantOut(id=tenant.id, name=tenant.name, plan=tenant.plan, status=tenant.status),
+        limits=LimitsOut(
+            rate_limit=tenant.rate_limit or state.settings.default_rate_limit,
+            monthly_quota=tenant.monthly_quota,
+        ),
+        key=KeyOut(
+            id=subject.key_id,
+            name=subject.key_name,
+            scopes=sorted(subject.scopes),
+            expires_at=subject.expires_at,
+        ),
+    )
+
+
+@router.get(
+    "/me/usage", response_model=UsageReport, responses=problem_responses(401, 403, 422, 429, 503)
+)
+async def my_usage(
+    subject: UsageScope,
+    session: SessionDep,
+    start: date | None = Query(default=None, description="First UTC day (YYYY-MM-DD)"),
+    end: date | None = Query(default=None, description="Last UTC day, inclusive"),
+) -> UsageReport:
+    """Report the caller's tenant usage by day and by model, with the quota position."""
+    tenant = await get_tenant(session, subject.require_tenant().id)
+    first, last = report_window(start, end)
+    return usage_report(await usage_summary(session, tenant, first, last))

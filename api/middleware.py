@@ -1,0 +1,70 @@
+"""Pure ASGI middleware (Starlette's BaseHTTPMiddleware costs a task per request): request ids,
+rate-limit headers and one log line per request. The body size limit is FastAPI's own
+``max_body_size``."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import structlog
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from auth.limits import RateLimitStatus
+
+logger = structlog.get_logger("modelgate.request")
+
+
+class RequestContextMiddleware:
+    """Gives every request an id (``X-Request-ID``, also the usage record's and the prediction's
+    id), adds ``X-RateLimit-*`` headers when a limit was checked, and logs one line per request
+    (never its body or credentials)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = str(uuid.uuid4())
+        state: dict[str, Any] = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode()))
+                limit: RateLimitStatus | None = state.get("rate_limit")
+                if limit is not None:
+                    headers.extend(
+                        [
+                            (b"x-ratelimit-limit", str(limit.limit).encode()),
+                            (b"x-ratelimit-remaining", str(limit.remaining).encode()),
+                            (b"x-ratelimit-reset", str(int(limit.reset_at)).encode()),
+                        ]
+                    )
+                message["headers"] = headers
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            self._log(scope, status, started)
+
+    @staticmethod
+    def _log(scope: Scope, status: int, started: float) -> None:
+        logger.info(
+            "request",
+            method=scope.get("method"),
+            path=scope.get("path"),  # the path only: query strings may carry data
+            status=status,
+            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        )

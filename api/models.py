@@ -1,0 +1,66 @@
+"""Model catalog routes: which models and versions are served, and their input schema."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict
+
+from api.deps import AnyCredential, StateDep
+from api.errors import problem_responses
+from ml import ModelInfo
+
+router = APIRouter(tags=["models"])
+
+
+class ModelVersionOut(BaseModel):
+    """One version of a model and whether it is being served."""
+
+    version: str
+    state: str
+    error: str | None
+
+
+class ModelOut(BaseModel):
+    """A model, its versions, the active one, and the input it expects."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    name: str
+    active_version: str | None
+    versions: list[ModelVersionOut]
+    n_features: int | None
+    feature_names: list[str]
+    class_names: list[str]
+
+
+class ModelList(BaseModel):
+    """Every model in the registry."""
+
+    models: list[ModelOut]
+
+
+def _model_out(info: ModelInfo) -> ModelOut:
+    return ModelOut(
+        name=info.name,
+        active_version=info.active_version,
+        versions=[
+            ModelVersionOut(version=v.version, state=v.state, error=v.error) for v in info.versions
+        ],
+        n_features=info.n_features,
+        feature_names=info.feature_names,
+        class_names=info.class_names,
+    )
+
+
+@router.get("/models", response_model=ModelList, responses=problem_responses(401, 429, 503))
+async def list_models(_subject: AnyCredential, state: StateDep) -> ModelList:
+    """List the registered models with their versions and input schema."""
+    return ModelList(models=[_model_out(info) for info in state.registry.models()])
+
+
+@router.get(
+    "/models/{name}", response_model=ModelOut, responses=problem_responses(401, 404, 429, 503)
+)
+async def get_model(name: str, _subject: AnyCredential, state: StateDep) -> ModelOut:
+    """Describe one model: versions, the active version and input schema."""
+    return _model_out(state.registry.model_info(name))

@@ -1,0 +1,171 @@
+"""Prediction routes: one instance or a batch, billed before the response is sent."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.deps import AutoCommitRoute, PredictScope, SessionDep, StateDep
+from api.errors import problem_responses
+from auth.authn import AuthSubject
+from auth.errors import InvalidRequest
+from auth.models import utcnow
+from auth.usage import UsageEvent, record_usage
+from ml import DEFAULT_MODEL, LoadedModel, Prediction
+
+router = APIRouter(route_class=AutoCommitRoute, tags=["predictions"])
+
+FiniteNumber = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+ModelName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$")]
+ModelVersion = Annotated[str, Field(min_length=1, max_length=50, pattern=r"^[A-Za-z0-9_.-]+$")]
+# A hard ceiling for parsing; the configured batch limit (default 100) is checked per request.
+MAX_FEATURES = 1000
+HARD_MAX_INSTANCES = 10_000
+
+
+class PredictRequest(BaseModel):
+    """One instance to predict."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    features: list[FiniteNumber] = Field(min_length=1, max_length=MAX_FEATURES)
+    model: ModelName = DEFAULT_MODEL
+    model_version: ModelVersion | None = None
+
+
+class PredictResponse(BaseModel):
+    """The prediction for one instance."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    prediction: int
+    probability: float
+    class_name: str
+    model: str
+    model_version: str
+    prediction_id: str
+    inference_time_ms: float
+    cached: bool
+
+
+class BatchPredictRequest(BaseModel):
+    """Several instances to predict with one model."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    instances: list[Annotated[list[FiniteNumber], Field(min_length=1, max_length=MAX_FEATURES)]]
+    model: ModelName = DEFAULT_MODEL
+    model_version: ModelVersion | None = None
+
+
+class BatchPrediction(BaseModel):
+    """One instance's result within a batch."""
+
+    prediction: int
+    probability: float
+    class_name: str
+
+
+class BatchPredictResponse(BaseModel):
+    """The predictions of a batch, in the order of its instances."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    predictions: list[BatchPrediction]
+    batch_size: int
+    model: str
+    model_version: str
+    prediction_id: str
+    total_time_ms: float
+
+
+async def _predict_and_bill(
+    request: Request,
+    session: SessionDep,
+    subject: AuthSubject,
+    model: LoadedModel,
+    rows: list[list[float]],
+) -> tuple[list[Prediction], float]:
+    """Run the model, then charge the tenant in the request's transaction (committed by the
+    route before the response is sent). Returns the predictions and the inference time."""
+    tenant = subject.require_tenant()
+    started = time.perf_counter()
+    predictions = await model.predict_async(rows)
+    inference_ms = (time.perf_counter() - started) * 1000
+    event = UsageEvent(
+        request_id=uuid.UUID(request.state.request_id),
+        tenant_id=tenant.id,
+        api_key_id=subject.key_id,
+        model=model.manifest.name,
+        model_version=model.manifest.version,
+        units=len(rows),
+        status_code=200,
+        latency_ms=inference_ms,
+        created_at=utcnow(),
+    )
+    await record_usage(session, event, tenant.monthly_quota)
+    return predictions, inference_ms
+
+
+PREDICT_ERRORS = problem_responses(401, 403, 404, 413, 422, 429, 503)
+
+
+@router.post("/predict", response_model=PredictResponse, responses=PREDICT_ERRORS)
+async def predict(
+    body: PredictRequest,
+    subject: PredictScope,
+    request: Request,
+    state: StateDep,
+    session: SessionDep,
+) -> PredictResponse:
+    """Predict the class of one instance (1 unit)."""
+    model = state.registry.get(body.model, body.model_version)
+    [result], inference_ms = await _predict_and_bill(
+        request, session, subject, model, [body.features]
+    )
+    return PredictResponse(
+        prediction=result.prediction,
+        probability=result.probability,
+        class_name=result.class_name,
+        model=model.manifest.name,
+        model_version=model.manifest.version,
+        prediction_id=request.state.request_id,
+        inference_time_ms=round(inference_ms, 3),
+        cached=False,
+    )
+
+
+@router.post("/predict/batch", response_model=BatchPredictResponse, responses=PREDICT_ERRORS)
+async def predict_batch(
+    body: BatchPredictRequest,
+    subject: PredictScope,
+    request: Request,
+    state: StateDep,
+    session: SessionDep,
+) -> BatchPredictResponse:
+    """Predict the classes of several instances (one unit per instance)."""
+    started = time.perf_counter()
+    limit = state.settings.max_batch_size
+    if not body.instances:
+        raise InvalidRequest("instances must not be empty")
+    if len(body.instances) > min(limit, HARD_MAX_INSTANCES):
+        raise InvalidRequest(f"a batch holds at most {limit} instances")
+    model = state.registry.get(body.model, body.model_version)
+    results, _ = await _predict_and_bill(request, session, subject, model, body.instances)
+    return BatchPredictResponse(
+        predictions=[
+            BatchPrediction(
+                prediction=r.prediction, probability=r.probability, class_name=r.class_name
+            )
+            for r in results
+        ],
+        batch_size=len(results),
+        model=model.manifest.name,
+        model_version=model.manifest.version,
+        prediction_id=request.state.request_id,
+        total_time_ms=round((time.perf_counter() - started) * 1000, 3),
+    )

@@ -1,0 +1,27 @@
+"""The long-lived components one server process holds, built in the app's lifespan."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from auth.authn import KeyAuthenticator
+from auth.limits import RateLimiter
+from auth.settings import Secrets, Settings
+from ml import ModelRegistry
+
+
+@dataclass
+class AppState:
+    """Everything a request may need beyond itself; stored on ``app.state.modelgate``."""
+
+    settings: Settings
+    secrets: Secrets
+    engine: AsyncEngine
+    sessionmaker: async_sessionmaker[AsyncSession]
+    authenticator: KeyAuthenticator
+    rate_limiter: RateLimiter
+    registry: ModelRegistry
+    started_at: float = field(default_factory=time.monotonic)

@@ -1,0 +1,1 @@
+"""Authentication, authorization and accounting: the system of record for modelgate."""

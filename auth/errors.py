@@ -1,0 +1,91 @@
+"""The project's own errors. Services raise these; the API turns them into problem JSON."""
+
+from __future__ import annotations
+
+
+class ModelgateError(Exception):
+    """Base of every error a client may see; ``detail`` is safe to show (no secrets)."""
+
+    status_code = 500
+    type = "internal-error"
+    title = "Internal server error"
+
+    def __init__(self, detail: str | None = None) -> None:
+        self.detail = detail or self.title
+        super().__init__(self.detail)
+
+
+class ConfigurationError(Exception):
+    """The configuration is unusable; the process must not start."""
+
+
+class Unauthenticated(ModelgateError):
+    """Missing, malformed, unknown, revoked or expired credential."""
+
+    status_code = 401
+    type = "unauthenticated"
+    title = "Unauthenticated"
+
+
+class Forbidden(ModelgateError):
+    """A valid credential without the needed scope."""
+
+    status_code = 403
+    type = "forbidden"
+    title = "Forbidden"
+
+
+class NotFound(ModelgateError):
+    """The resource does not exist, or is not the caller's to see."""
+
+    status_code = 404
+    type = "not-found"
+    title = "Not found"
+
+
+class Conflict(ModelgateError):
+    """The request conflicts with existing state (e.g. a duplicate name)."""
+
+    status_code = 409
+    type = "conflict"
+    title = "Conflict"
+
+
+class InvalidRequest(ModelgateError):
+    """A request that is well-formed JSON but semantically invalid."""
+
+    status_code = 422
+    type = "validation-error"
+    title = "Invalid request"
+
+
+class QuotaExceeded(ModelgateError):
+    """Serving the request would cross the tenant's monthly quota."""
+
+    status_code = 429
+    type = "quota-exceeded"
+    title = "Monthly quota exceeded"
+
+    def __init__(self, detail: str | None = None, retry_after: int = 3600) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
+class TenantSuspended(ModelgateError):
+    """The tenant is suspended by an operator."""
+
+    status_code = 403
+    type = "tenant-suspended"
+    title = "Tenant suspended"
+
+
+class DependencyUnavailable(ModelgateError):
+    """A dependency (Redis, the database, a model) is down; the client may retry."""
+
+    status_code = 503
+    type = "service-unavailable"
+    title = "Service unavailable"
+
+    def __init__(self, detail: str | None = None, retry_after: int = 1) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after

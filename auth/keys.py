@@ -1,0 +1,154 @@
+"""API keys: generation, checksum, peppered digest, issue and listing.
+
+A key is ``mg_`` + 43 base62 characters (256 random bits) + a 6-character base62 CRC-32 of the
+body. The checksum is not a security control: it lets a typo or a forged-looking string be refused
+before any database access. Only HMAC-SHA256(pepper, key) is stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import string
+import uuid
+import zlib
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from auth.errors import InvalidRequest, NotFound
+from auth.models import ApiKey, Tenant, utcnow
+
+KEY_PREFIX = "mg_"
+_ALPHABET = string.digits + string.ascii_letters
+_BODY_LENGTH = 43  # ceil(256 / log2(62))
+_CHECKSUM_LENGTH = 6  # ceil(32 / log2(62))
+KEY_LENGTH = len(KEY_PREFIX) + _BODY_LENGTH + _CHECKSUM_LENGTH
+_ALPHABET_SET = frozenset(_ALPHABET)
+# Enough of the key to recognise it in a list, far too little to matter to an attacker.
+DISPLAY_PREFIX_LENGTH = len(KEY_PREFIX) + 8
+
+TENANT_SCOPES = frozenset({"predict", "usage:read", "keys:manage"})
+ADMIN_SCOPE = "admin"
+DEFAULT_TENANT_SCOPES = ("predict", "usage:read")
+
+
+def _base62(number: int, width: int) -> str:
+    digits = []
+    for _ in range(width):
+        number, remainder = divmod(number, 62)
+        digits.append(_ALPHABET[remainder])
+    return "".join(reversed(digits))
+
+
+def _checksum(body: str) -> str:
+    return _base62(zlib.crc32(body.encode()), _CHECKSUM_LENGTH)
+
+
+def generate_key() -> str:
+    """A new random API key with its checksum."""
+    body = _base62(int.from_bytes(secrets.token_bytes(32), "big"), _BODY_LENGTH)
+    return KEY_PREFIX + body + _checksum(body)
+
+
+def looks_like_key(credential: str) -> bool:
+    """Whether the credential is meant to be an API key (rather than a JWT)."""
+    return credential.startswith(KEY_PREFIX)
+
+
+def has_valid_checksum(key: str) -> bool:
+    """Whether the key is well formed and its checksum matches; no database access."""
+    if len(key) != KEY_LENGTH or not key.startswith(KEY_PREFIX):
+        return False
+    body = key[len(KEY_PREFIX) : -_CHECKSUM_LENGTH]
+    checksum = key[-_CHECKSUM_LENGTH:]
+    if not _ALPHABET_SET.issuperset(body) or not _ALPHABET_SET.issuperset(checksum):
+        return False
+    return hmac.compare_digest(_checksum(body), checksum)
+
+
+def key_digest(pepper: bytes, key: str) -> str:
+    """The stored form of a key: hex HMAC-SHA256 under the server-side pepper."""
+    return hmac.new(pepper, key.encode(), hashlib.sha256).hexdigest()
+
+
+def normalize_scopes(scopes: Iterable[str], allowed: frozenset[str]) -> str:
+    """Validate scopes against what the owner may hold; returns the stored form."""
+    unique = sorted(set(scopes))
+    if not unique:
+        raise InvalidRequest("at least one scope is required")
+    unknown = [s for s in unique if s not in allowed]
+    if unknown:
+        raise InvalidRequest(f"unknown scopes: {', '.join(unknown)}")
+    return " ".join(unique)
+
+
+async def issue_tenant_key(
+    session: AsyncSession,
+    pepper: bytes,
+    *,
+    tenant_id: uuid.UUID,
+    name: str,
+    scopes: Sequence[str] = DEFAULT_TENANT_SCOPES,
+    expires_at: datetime | None = None,
+) -> tuple[ApiKey, str]:
+    """Create a key for a tenant; returns the row and the key, which is never retrievable again."""
+    if await session.get(Tenant, tenant_id) is None:
+        raise NotFound("tenant not found")
+    if expires_at is not None and expires_at <= utcnow():
+        raise InvalidRequest("expires_at must be in the future")
+    return await _insert_key(
+        session,
+        pepper,
+        name=name,
+        scopes=normalize_scopes(scopes, TENANT_SCOPES),
+        tenant_id=tenant_id,
+        expires_at=expires_at,
+    )
+
+
+async def issue_admin_key(
+    session: AsyncSession, pepper: bytes, *, admin_principal_id: uuid.UUID, name: str
+) -> tuple[ApiKey, str]:
+    """Create an admin key (scope ``admin``) for an operator principal."""
+    return await _insert_key(
+        session, pepper, name=name, scopes=ADMIN_SCOPE, admin_principal_id=admin_principal_id
+    )
+
+
+async def _insert_key(
+    session: AsyncSession,
+    pepper: bytes,
+    *,
+    name: str,
+    scopes: str,
+    tenant_id: uuid.UUID | None = None,
+    admin_principal_id: uuid.UUID | None = None,
+    expires_at: datetime | None = None,
+) -> tuple[ApiKey, str]:
+    key = generate_key()
+    row = ApiKey(
+        tenant_id=tenant_id,
+        admin_principal_id=admin_principal_id,
+        name=name,
+        display_prefix=key[:DISPLAY_PREFIX_LENGTH],
+        digest=key_digest(pepper, key),
+        scopes=scopes,
+        expires_at=expires_at,
+    )
+    session.add(row)
+    await session.flush()
+    return row, key
+
+
+async def list_tenant_keys(session: AsyncSession, tenant_id: uuid.UUID) -> Sequence[ApiKey]:
+    """A tenant's keys, newest first (metadata only; the digest never leaves this module)."""
+    if await session.get(Tenant, tenant_id) is None:
+        raise NotFound("tenant not found")
+    result = await session.scalars(
+        select(ApiKey).where(ApiKey.tenant_id == tenant_id).order_by(ApiKey.created_at.desc())
+    )
+    return result.all()

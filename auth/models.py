@@ -1,0 +1,188 @@
+"""Every table of modelgate, on one declarative ``Base``."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    TypeDecorator,
+    Uuid,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# SQLite has no 64-bit autoincrement type distinct from INTEGER PRIMARY KEY.
+BigIntPK = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp stored in UTC and always read back timezone-aware (SQLite drops the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetimes are not accepted; use timezone-aware UTC")
+        value = value.astimezone(UTC)
+        # SQLite stores text; keep it zone-free and UTC so string order is time order.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(
+        self,
+        value: datetime | None,
+        dialect: Dialect,  # noqa: ARG002 (SQLAlchemy's signature)
+    ) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    """The declarative base; its metadata carries the constraint naming convention."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UTCDateTime()}
+
+
+class Tenant(Base):
+    """A customer of the operator: owns API keys, a rate limit and a monthly quota."""
+
+    __tablename__ = "tenant"
+    __table_args__ = (CheckConstraint("status IN ('active', 'suspended')", name="status"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    plan: Mapped[str] = mapped_column(String(50), default="standard")
+    # None means the server's default rate limit applies.
+    rate_limit: Mapped[str | None] = mapped_column(String(64))
+    # Units per calendar month (UTC); None means unlimited.
+    monthly_quota: Mapped[int | None] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class AdminPrincipal(Base):
+    """An operator identity; admin API keys belong to one."""
+
+    __tablename__ = "admin_principal"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiKey(Base):
+    """An API key's metadata. The key itself is never stored: only HMAC-SHA256(pepper, key)."""
+
+    __tablename__ = "api_key"
+    __table_args__ = (
+        CheckConstraint(
+            "(tenant_id IS NULL) <> (admin_principal_id IS NULL)", name="exactly_one_owner"
+        ),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("tenant.id", ondelete="CASCADE"), index=True
+    )
+    admin_principal_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("admin_principal.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(200))
+    # The first characters of the key, enough for a person to recognise it in a list.
+    display_prefix: Mapped[str] = mapped_column(String(16))
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    # Space-separated, as in OAuth 2.0.
+    scopes: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column()
+    revoked_at: Mapped[datetime | None] = mapped_column()
+
+    @property
+    def scope_set(self) -> frozenset[str]:
+        """The key's scopes as a set."""
+        return frozenset(self.scopes.split())
+
+
+class UsageRecord(Base):
+    """One billable prediction request. ``request_id`` is unique so a retried write bills once."""
+
+    __tablename__ = "usage_record"
+    __table_args__ = (Index("ix_usage_record_tenant_id_created_at", "tenant_id", "created_at"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    request_id: Mapped[uuid.UUID] = mapped_column(Uuid, unique=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenant.id", ondelete="RESTRICT"))
+    api_key_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("api_key.id", ondelete="RESTRICT"), index=True
+    )
+    model: Mapped[str] = mapped_column(String(100))
+    model_version: Mapped[str] = mapped_column(String(50))
+    units: Mapped[int] = mapped_column(Integer)
+    status_code: Mapped[int] = mapped_column(SmallInteger)
+    latency_ms: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class MonthlyUsage(Base):
+    """Units used per tenant and UTC month: the counter the quota is enforced against atomically.
+
+    It is updated in the same transaction as each usage record, so it always equals the sum of
+    that month's records.
+    """
+
+    __tablename__ = "monthly_usage"
+
+    tenant_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("tenant.id", ondelete="CASCADE"), primary_key=True
+    )
+    month: Mapped[str] = mapped_column(String(7), primary_key=True)  # "YYYY-MM"
+    units: Mapped[int] = mapped_column(BigInteger, default=0)
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class AuditEvent(Base):
+    """Who did what to which tenant or key, when, from where."""
+
+    __tablename__ = "audit_event"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(200))  # "admin:<name>" or "cli"
+    actor_key_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    action: Mapped[str] = mapped_column(String(64))  # e.g. "tenant.create", "key.issue"
+    target_type: Mapped[str] = mapped_column(String(32))
+    target_id: Mapped[str] = mapped_column(String(64))
+    tenant_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, index=True)
+    remote_addr: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

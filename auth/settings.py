@@ -1,0 +1,129 @@
+"""Runtime configuration (``MODELGATE_*`` environment variables and ``.env``) and secrets."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from auth.errors import ConfigurationError
+
+# A secret shorter than this is refused in production: 32 bytes is HMAC-SHA256's block-size floor
+# recommended by RFC 2104 and the minimum PyJWT accepts for HS256 without warning.
+MIN_SECRET_LENGTH = 32
+
+
+class Settings(BaseSettings):
+    """Every setting the product reads; names and defaults follow the contract (shared/API.md)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MODELGATE_", env_file=".env", extra="ignore", protected_namespaces=()
+    )
+
+    env: Literal["development", "production"] = "development"
+    database_url: str = "sqlite+aiosqlite:///./var/modelgate.db"
+    redis_url: str = ""
+    jwt_secret: SecretStr | None = None
+    key_pepper: SecretStr | None = None
+    model_dir: Path = Path("./models")
+    cors_origins: str = ""
+    # Where development secrets are generated and the embedded database lives.
+    var_dir: Path = Path("./var")
+
+    default_rate_limit: str = "100/minute"
+    rate_limit_strategy: Literal["fixed-window", "moving-window", "sliding-window-counter"] = (
+        "fixed-window"
+    )
+    # How long a Redis call may take before the request fails closed with 503.
+    redis_timeout_seconds: float = Field(default=0.5, gt=0)
+    max_batch_size: int = Field(default=100, ge=1)
+    max_body_bytes: int = Field(default=256 * 1024, ge=1024)
+    log_level: str = "INFO"
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        """The configured CORS origins, without blanks."""
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+    @property
+    def is_production(self) -> bool:
+        """Whether the strict production checks apply."""
+        return self.env == "production"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()
+
+
+@dataclass(frozen=True)
+class Secrets:
+    """Key material: the pepper for API-key digests and the JWT signing secret."""
+
+    key_pepper: bytes
+    jwt_secret: bytes
+
+
+def _generated_secret(var_dir: Path, name: str) -> str:
+    """Read ``var/<name>``, creating it once (mode 0600) with a fresh random value if absent."""
+    var_dir.mkdir(parents=True, exist_ok=True)
+    path = var_dir / name
+    try:
+        # O_EXCL makes the first of several starting workers the only writer.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        value = path.read_text().strip()
+        if value:
+            return value
+        raise ConfigurationError(f"{path} is empty; delete it to generate a new secret") from None
+    value = secrets.token_urlsafe(48)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(value + "\n")
+    return value
+
+
+def load_secrets(settings: Settings) -> Secrets:
+    """Resolve the secrets; in development missing ones are generated once into ``var/``."""
+    resolved: dict[str, str] = {}
+    for name in ("key_pepper", "jwt_secret"):
+        configured: SecretStr | None = getattr(settings, name)
+        if configured is not None and configured.get_secret_value():
+            resolved[name] = configured.get_secret_value()
+        elif settings.is_production:
+            raise ConfigurationError(f"MODELGATE_{name.upper()} is required in production")
+        else:
+            resolved[name] = _generated_secret(settings.var_dir, name)
+    return Secrets(
+        key_pepper=resolved["key_pepper"].encode(), jwt_secret=resolved["jwt_secret"].encode()
+    )
+
+
+def check_production(settings: Settings, workers: int) -> None:
+    """Refuse to start in production with missing, weak or generated secrets, ``*`` CORS, or
+    several workers without a shared Redis."""
+    if not settings.is_production:
+        return
+    secrets_ = load_secrets(settings)
+    for name, value in (("KEY_PEPPER", secrets_.key_pepper), ("JWT_SECRET", secrets_.jwt_secret)):
+        if len(value) < MIN_SECRET_LENGTH:
+            raise ConfigurationError(
+                f"MODELGATE_{name} must be at least {MIN_SECRET_LENGTH} bytes in production"
+            )
+        generated = settings.var_dir / name.lower()
+        if generated.exists() and generated.read_text().strip().encode() == value:
+            raise ConfigurationError(
+                f"MODELGATE_{name} is the generated development secret; set a real one"
+            )
+    if "*" in settings.cors_origin_list:
+        raise ConfigurationError("MODELGATE_CORS_ORIGINS may not be '*' in production")
+    if workers > 1 and not settings.redis_url:
+        raise ConfigurationError(
+            "several workers need MODELGATE_REDIS_URL: in-process rate limits are per worker"
+        )

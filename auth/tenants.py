@@ -1,0 +1,90 @@
+"""Tenants and admin principals."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from auth.errors import Conflict, InvalidRequest, NotFound
+from auth.limits import parse_rate_limit
+from auth.models import AdminPrincipal, Tenant
+
+
+async def create_tenant(
+    session: AsyncSession,
+    *,
+    name: str,
+    rate_limit: str | None = None,
+    monthly_quota: int | None = None,
+) -> Tenant:
+    """Create an active tenant; the name must be unique."""
+    if rate_limit is not None:
+        parse_rate_limit(rate_limit)
+    if monthly_quota is not None and monthly_quota < 0:
+        raise InvalidRequest("monthly_quota must be zero or more")
+    if await session.scalar(select(Tenant.id).where(Tenant.name == name)) is not None:
+        raise Conflict(f"a tenant named {name!r} already exists")
+    tenant = Tenant(name=name, rate_limit=rate_limit, monthly_quota=monthly_quota)
+    session.add(tenant)
+    try:
+        await session.flush()
+    except IntegrityError:
+        # A concurrent create won the race for the unique name.
+        raise Conflict(f"a tenant named {name!r} already exists") from None
+    return tenant
+
+
+async def update_tenant(
+    session: AsyncSession, tenant_id: uuid.UUID, changes: dict[str, Any]
+) -> Tenant:
+    """Apply changes to a tenant. ``rate_limit``/``monthly_quota`` set to None restore the
+    default limit and unlimited usage; ``name`` and ``status`` cannot be None."""
+    tenant = await get_tenant(session, tenant_id)
+    if changes.get("rate_limit") is not None:
+        parse_rate_limit(changes["rate_limit"])
+    if changes.get("name") not in (None, tenant.name):
+        taken = await session.scalar(select(Tenant.id).where(Tenant.name == changes["name"]))
+        if taken is not None:
+            raise Conflict(f"a tenant named {changes['name']!r} already exists")
+    for field in ("name", "status"):
+        if field in changes and changes[field] is None:
+            raise InvalidRequest(f"{field} cannot be null")
+    for field, value in changes.items():
+        setattr(tenant, field, value)
+    try:
+        await session.flush()
+    except IntegrityError:
+        raise Conflict("the change conflicts with another tenant") from None
+    await session.refresh(tenant)
+    return tenant
+
+
+async def get_tenant(session: AsyncSession, tenant_id: uuid.UUID) -> Tenant:
+    """One tenant, or ``NotFound``."""
+    tenant = await session.get(Tenant, tenant_id)
+    if tenant is None:
+        raise NotFound("tenant not found")
+    return tenant
+
+
+async def list_tenants(session: AsyncSession, *, limit: int, offset: int) -> Sequence[Tenant]:
+    """Tenants in creation order."""
+    result = await session.scalars(
+        select(Tenant).order_by(Tenant.created_at, Tenant.id).limit(limit).offset(offset)
+    )
+    return result.all()
+
+
+async def get_or_create_admin(session: AsyncSession, name: str) -> AdminPrincipal:
+    """The admin principal with this name, created if absent."""
+    admin = await session.scalar(select(AdminPrincipal).where(AdminPrincipal.name == name))
+    if admin is None:
+        admin = AdminPrincipal(name=name)
+        session.add(admin)
+        await session.flush()
+    return admin

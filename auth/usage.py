@@ -1,0 +1,267 @@
+"""Usage accounting: the billable record of each prediction, the monthly quota, and reports."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
+
+from sqlalchemy import func, insert, select, true, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from auth.errors import InvalidRequest, QuotaExceeded
+from auth.models import MonthlyUsage, Tenant, UsageRecord, utcnow
+
+# A report may span at most this many days: the query stays bounded.
+MAX_REPORT_DAYS = 366
+
+
+def month_of(moment: datetime) -> str:
+    """The quota period ("YYYY-MM", UTC) a moment falls in."""
+    return moment.astimezone(UTC).strftime("%Y-%m")
+
+
+def _seconds_to_next_month(moment: datetime) -> int:
+    first = moment.astimezone(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    following = (first + timedelta(days=32)).replace(day=1)
+    return max(1, int((following - moment).total_seconds()))
+
+
+@dataclass(frozen=True)
+class UsageEvent:
+    """One successful prediction request, as it is billed."""
+
+    request_id: uuid.UUID
+    tenant_id: uuid.UUID
+    api_key_id: uuid.UUID
+    model: str
+    model_version: str
+    units: int
+    status_code: int
+    latency_ms: float
+    created_at: datetime
+
+
+def _insert_ignoring_conflict(session: AsyncSession, table: Any) -> Any:
+    dialect = session.get_bind().dialect.name
+    module = postgresql if dialect == "postgresql" else sqlite
+    return module.insert(table)
+
+
+async def record_usage(session: AsyncSession, event: UsageEvent, monthly_quota: int | None) -> None:
+    """Charge the event against the tenant's month and add its usage record, in the session's
+    transaction; raises ``QuotaExceeded`` (and charges nothing) if it would cross the quota.
+
+    The counter update is a single conditional ``UPDATE``, so concurrent requests can never
+    together exceed the quota: the row lock serialises them and each re-checks the bound.
+    """
+    month = month_of(event.created_at)
+    within_quota = (
+        MonthlyUsage.units + event.units <= monthly_quota if monthly_quota is not None else true()
+    )
+    charge = (
+        update(MonthlyUsage)
+        .where(MonthlyUsage.tenant_id == event.tenant_id, MonthlyUsage.month == month)
+        .where(within_quota)
+        .values(units=MonthlyUsage.units + event.units, requests=MonthlyUsage.requests + 1)
+    )
+    result: Any = await session.execute(charge)
+    if result.rowcount == 0:
+        # Either the month has no row yet, or the quota would be crossed: create the row (a
+        # no-op if a concurrent request just did) and try once more.
+        create = (
+            _insert_ignoring_conflict(session, MonthlyUsage)
+            .values(tenant_id=event.tenant_id, month=month, units=0, requests=0)
+            .on_conflict_do_nothing()
+        )
+        await session.execute(create)
+        result = await session.execute(charge)
+        if result.rowcount == 0:
+            raise QuotaExceeded(
+                f"this request needs {event.units} units and would exceed the monthly quota "
+                f"of {monthly_quota}",
+                retry_after=_seconds_to_next_month(event.created_at),
+            )
+    await session.execute(
+        insert(UsageRecord).values(
+            request_id=event.request_id,
+            tenant_id=event.tenant_id,
+            api_key_id=event.api_key_id,
+            model=event.model,
+            model_version=event.model_version,
+            units=event.units,
+            status_code=event.status_code,
+            latency_ms=event.latency_ms,
+            created_at=event.created_at,
+        )
+    )
+
+
+@dataclass(frozen=True)
+class QuotaStatus:
+    """The current month's quota position."""
+
+    monthly_quota: int | None
+    used: int
+    remaining: int | None
+
+
+async def quota_status(
+    session: AsyncSession, tenant_id: uuid.UUID, monthly_quota: int | None
+) -> QuotaStatus:
+    """Units used this month against the quota."""
+    used = await session.scalar(
+        select(MonthlyUsage.units).where(
+            MonthlyUsage.tenant_id == tenant_id, MonthlyUsage.month == month_of(utcnow())
+        )
+    )
+    used = int(used or 0)
+    remaining = None if monthly_quota is None else max(0, monthly_quota - used)
+    return QuotaStatus(monthly_quota=monthly_quota, used=used, remaining=remaining)
+
+
+def report_window(start: date | None, end: date | None) -> tuple[date, date]:
+    """Default to the current month so far; refuse inverted or oversized windows."""
+    today = utcnow().date()
+    end = end or today
+    start = start or end.replace(day=1)
+    if start > end:
+        raise InvalidRequest("start must not be after end")
+    if (end - start).days >= MAX_REPORT_DAYS:
+        raise InvalidRequest(f"a report spans at most {MAX_REPORT_DAYS} days")
+    return start, end
+
+
+def _day_bounds(start: date, end: date) -> tuple[datetime, datetime]:
+    return (
+        datetime.combine(start, time.min, tzinfo=UTC),
+        datetime.combine(end + timedelta(days=1), time.min, tzinfo=UTC),
+    )
+
+
+def _as_date(value: Any) -> date:
+    # Postgres returns a date; SQLite returns the text "YYYY-MM-DD".
+    return value if isinstance(value, date) else date.fromisoformat(str(value))
+
+
+@dataclass(frozen=True)
+class DayUsage:
+    """Requests and units on one UTC day."""
+
+    date: date
+    requests: int
+    units: int
+
+
+@dataclass(frozen=True)
+class ModelUsage:
+    """Requests and units for one model version."""
+
+    model: str
+    model_version: str
+    requests: int
+    units: int
+
+
+@dataclass(frozen=True)
+class UsageSummary:
+    """A tenant's usage over a window of days, plus its current quota position."""
+
+    tenant_id: uuid.UUID
+    start: date
+    end: date
+    total_requests: int
+    total_units: int
+    quota: QuotaStatus
+    by_day: list[DayUsage]
+    by_model: list[ModelUsage]
+
+
+async def usage_summary(
+    session: AsyncSession, tenant: Tenant | Any, start: date, end: date
+) -> UsageSummary:
+    """Aggregate a tenant's usage records between two UTC dates (inclusive)."""
+    lower, upper = _day_bounds(start, end)
+    in_window = (
+        UsageRecord.tenant_id == tenant.id,
+        UsageRecord.created_at >= lower,
+        UsageRecord.created_at < upper,
+    )
+    day = func.date(UsageRecord.created_at)
+    day_rows = await session.execute(
+        select(day, func.count(), func.sum(UsageRecord.units))
+        .where(*in_window)
+        .group_by(day)
+        .order_by(day)
+    )
+    by_day = [DayUsage(_as_date(d), int(r), int(u or 0)) for d, r, u in day_rows]
+    model_rows = await session.execute(
+        select(
+            UsageRecord.model, UsageRecord.model_version, func.count(), func.sum(UsageRecord.units)
+        )
+        .where(*in_window)
+        .group_by(UsageRecord.model, UsageRecord.model_version)
+        .order_by(UsageRecord.model, UsageRecord.model_version)
+    )
+    by_model = [ModelUsage(m, v, int(r), int(u or 0)) for m, v, r, u in model_rows]
+    return UsageSummary(
+        tenant_id=tenant.id,
+        start=start,
+        end=end,
+        total_requests=sum(d.requests for d in by_day),
+        total_units=sum(d.units for d in by_day),
+        quota=await quota_status(session, tenant.id, tenant.monthly_quota),
+        by_day=by_day,
+        by_model=by_model,
+    )
+
+
+@dataclass(frozen=True)
+class BillingRow:
+    """One row of the billing export: a tenant's usage of one model version on one day."""
+
+    tenant_id: uuid.UUID
+    tenant_name: str
+    date: date
+    model: str
+    model_version: str
+    requests: int
+    units: int
+
+
+def parse_month(value: str) -> tuple[date, date]:
+    """The first and last day of a ``YYYY-MM`` month."""
+    try:
+        first = datetime.strptime(value, "%Y-%m").date()
+    except ValueError:
+        raise InvalidRequest("month must be YYYY-MM") from None
+    following = (first + timedelta(days=32)).replace(day=1)
+    return first, following - timedelta(days=1)
+
+
+async def billing_rows(session: AsyncSession, month: str) -> AsyncIterator[BillingRow]:
+    """Stream the month's billing rows, ordered by tenant, day, model and version."""
+    start, end = parse_month(month)
+    lower, upper = _day_bounds(start, end)
+    day = func.date(UsageRecord.created_at)
+    statement = (
+        select(
+            Tenant.id,
+            Tenant.name,
+            day,
+            UsageRecord.model,
+            UsageRecord.model_version,
+            func.count(),
+            func.sum(UsageRecord.units),
+        )
+        .join(Tenant, Tenant.id == UsageRecord.tenant_id)
+        .where(UsageRecord.created_at >= lower, UsageRecord.created_at < upper)
+        .group_by(Tenant.id, Tenant.name, day, UsageRecord.model, UsageRecord.model_version)
+        .order_by(Tenant.name, Tenant.id, day, UsageRecord.model, UsageRecord.model_version)
+    )
+    result = await session.stream(statement)
+    async for tenant_id, name, d, model, version, requests, units in result:
+        yield BillingRow(tenant_id, name, _as_date(d), model, version, int(requests), int(units))

@@ -1,0 +1,36 @@
+"""Model layer of modelgate: registry, manifests, hash-verified loading and inference.
+
+Nothing here knows about HTTP; the API layer maps :class:`ModelError` subclasses to responses.
+"""
+
+from ml.errors import InvalidFeatures, ModelError, ModelNotFound, ModelUnavailable
+from ml.manifest import Manifest, read_manifest, sha256_file, write_manifest
+from ml.registry import (
+    DEFAULT_MODEL,
+    LoadedModel,
+    ModelInfo,
+    ModelRegistry,
+    Prediction,
+    VersionStatus,
+)
+from ml.train import has_model, register_model, train_default
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "InvalidFeatures",
+    "LoadedModel",
+    "Manifest",
+    "ModelError",
+    "ModelInfo",
+    "ModelNotFound",
+    "ModelRegistry",
+    "ModelUnavailable",
+    "Prediction",
+    "VersionStatus",
+    "has_model",
+    "read_manifest",
+    "register_model",
+    "sha256_file",
+    "train_default",
+    "write_manifest",
+]

@@ -1,0 +1,127 @@
+"""The manifest that describes one model version on disk, and safe file-writing helpers."""
+
+import contextlib
+import hashlib
+import os
+import secrets
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, BinaryIO
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MANIFEST_FILE = "manifest.json"
+ARTIFACT_FILE = "model.joblib"
+ACTIVE_FILE = "ACTIVE"
+
+# Names become directory names and appear in client-facing messages, so keep them boring.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+VERSION_PATTERN = r"^[1-9][0-9]{0,8}$"
+# A bare file name that starts with an alphanumeric: no separators, so no "../" escapes.
+ARTIFACT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+
+# A manifest is a few hundred bytes; refusing huge files keeps a corrupt one from eating memory.
+MAX_MANIFEST_BYTES = 1 << 20
+_CHUNK_SIZE = 1 << 20
+
+
+class Manifest(BaseModel):
+    """Metadata of one model version; ``sha256`` pins the exact artifact that may be unpickled."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    version: Annotated[str, Field(pattern=VERSION_PATTERN)]
+    artifact: Annotated[str, Field(pattern=ARTIFACT_PATTERN)] = ARTIFACT_FILE
+    sha256: Annotated[str, Field(pattern=SHA256_PATTERN)]
+    sklearn_version: Annotated[str, Field(min_length=1, max_length=64)]
+    n_features: Annotated[int, Field(ge=1)]
+    feature_names: list[str]
+    class_names: Annotated[list[str], Field(min_length=1)]
+    created_at: AwareDatetime
+
+    @field_validator("created_at")
+    @classmethod
+    def _to_utc(cls, value: datetime) -> datetime:
+        return value.astimezone(UTC)
+
+    @model_validator(mode="after")
+    def _feature_names_match_count(self) -> "Manifest":
+        if len(self.feature_names) != self.n_features:
+            raise ValueError("feature_names must have exactly n_features entries")
+        return self
+
+
+def sha256_fileobj(fileobj: BinaryIO) -> str:
+    """Hex SHA-256 of everything from the current position of a binary file, read in chunks."""
+    digest = hashlib.sha256()
+    while chunk := fileobj.read(_CHUNK_SIZE):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_file(path: Path | str) -> str:
+    """Hex SHA-256 of a file, streamed so large artifacts never sit in memory whole."""
+    with Path(path).open("rb") as fileobj:
+        return sha256_fileobj(fileobj)
+
+
+def read_manifest(path: Path) -> Manifest:
+    """Read and validate a manifest file.
+
+    Raises ``OSError`` if it cannot be read and ``ValueError`` (including pydantic's
+    ``ValidationError``) if it is too large or not a valid manifest.
+    """
+    with path.open("rb") as fileobj:
+        data = fileobj.read(MAX_MANIFEST_BYTES + 1)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ValueError("manifest file is too large")
+    return Manifest.model_validate_json(data)
+
+
+def write_manifest(path: Path, manifest: Manifest) -> None:
+    """Write a manifest as indented JSON, atomically."""
+    atomic_write_text(path, manifest.model_dump_json(indent=2) + "\n")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so readers see the old or the new content, never a mix.
+
+    The temporary file lives in the same directory because ``os.replace`` is only atomic within
+    one file system; it is fsynced before the rename so a crash cannot leave an empty file.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    # os.open with 0o666 honours the umask, unlike mkstemp's fixed 0600, so another service
+    # account can still read what we publish.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as fileobj:
+            fileobj.write(data)
+            fileobj.flush()
+            os.fsync(fileobj.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """UTF-8 text variant of :func:`atomic_write_bytes`."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory entry so a rename into it survives a crash (best effort off POSIX)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        # Some platforms and file systems refuse fsync on directories; durability there is
+        # whatever the OS gives us.
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)

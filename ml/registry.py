@@ -1,0 +1,452 @@
+"""The model registry: verified loading of model versions from disk, and inference.
+
+Layout on disk::
+
+    <model_dir>/<name>/<version>/manifest.json
+    <model_dir>/<name>/<version>/model.joblib
+    <model_dir>/<name>/ACTIVE              (the active version number)
+
+Thread-safety: :meth:`ModelRegistry.load` builds a complete new snapshot and swaps it in with a
+single assignment, so ``get``/``models`` may run concurrently with a reload and always see one
+consistent snapshot. :class:`LoadedModel` is immutable after loading and ``predict`` may be called
+from many threads at once (scikit-learn's ``predict_proba`` does not mutate the estimator).
+"""
+
+import asyncio
+import hmac
+import logging
+import math
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import joblib
+import numpy as np
+import numpy.typing as npt
+import sklearn
+
+from ml.errors import InvalidFeatures, ModelNotFound, ModelUnavailable
+from ml.manifest import (
+    ACTIVE_FILE,
+    MANIFEST_FILE,
+    NAME_PATTERN,
+    VERSION_PATTERN,
+    Manifest,
+    read_manifest,
+    sha256_fileobj,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "iris"
+
+_NAME_RE = re.compile(NAME_PATTERN)
+_VERSION_RE = re.compile(VERSION_PATTERN)
+# Only identifiers that look like ours are echoed back to clients; anything else could be
+# arbitrary client input.
+_ECHO_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_NUMBER_TYPES = (int, float, np.integer, np.floating)
+_BOOL_TYPES = (bool, np.bool_)
+_ROW_TYPES = (Sequence, np.ndarray)
+_TEXT_TYPES = (str, bytes, bytearray)
+_NOT_FINITE = "features must be finite numbers"
+
+FeatureMatrix = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """One prediction: the class index, its probability, and the class's name."""
+
+    prediction: int
+    probability: float
+    class_name: str
+
+
+class LoadedModel:
+    """A verified, warmed-up model version ready to predict."""
+
+    __slots__ = ("_class_names", "_estimator", "_n_features", "manifest")
+
+    def __init__(self, manifest: Manifest, estimator: Any) -> None:
+        self.manifest = manifest
+        self._estimator = estimator
+        self._n_features = manifest.n_features
+        self._class_names = tuple(manifest.class_names)
+
+    @property
+    def name(self) -> str:
+        """The model's name (``manifest.name``)."""
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        """The model's version (``manifest.version``)."""
+        return self.manifest.version
+
+    def predict(self, rows: Sequence[Sequence[float]]) -> list[Prediction]:
+        """Validate ``rows`` and predict them in one ``predict_proba`` call (blocking).
+
+        Raises :class:`InvalidFeatures` before touching the estimator if any row has the wrong
+        number of values or a value that is not a finite real number (bools are refused).
+        """
+        return self._infer(self._to_matrix(rows))
+
+    async def predict_async(self, rows: Sequence[Sequence[float]]) -> list[Prediction]:
+        """Like :meth:`predict`, but the estimator runs in a worker thread.
+
+        Validation is cheap and runs inline, so bad input never costs a thread hop; inference
+        takes milliseconds of CPU and would stall every other request if run on the event loop.
+        """
+        matrix = self._to_matrix(rows)
+        return await asyncio.to_thread(self._infer, matrix)
+
+    def _to_matrix(self, rows: Sequence[Sequence[float]]) -> FeatureMatrix:
+        n_features = self._n_features
+        if isinstance(rows, _TEXT_TYPES) or not isinstance(rows, _ROW_TYPES):
+            raise InvalidFeatures("features must be a list of rows of numbers")
+        if len(rows) == 0:
+            raise InvalidFeatures("at least one row of features is required")
+        batch = len(rows) > 1
+        for index, row in enumerate(rows):
+            # In a batch, say which instance is wrong; a single row needs no prefix.
+            where = f"instance {index}: " if batch else ""
+            if isinstance(row, _TEXT_TYPES) or not isinstance(row, _ROW_TYPES):
+                raise InvalidFeatures(f"{where}features must be a list of numbers")
+            if len(row) != n_features:
+                raise InvalidFeatures(f"{where}expected {n_features} features, got {len(row)}")
+            for value in row:
+                # bool is an int subclass, but True as a feature is a client bug, not 1.0.
+                if isinstance(value, _BOOL_TYPES) or not isinstance(value, _NUMBER_TYPES):
+                    raise InvalidFeatures(f"{where}{_NOT_FINITE}")
+                if isinstance(value, float | np.floating) and not math.isfinite(value):
+                    raise InvalidFeatures(f"{where}{_NOT_FINITE}")
+        try:
+            matrix = np.asarray(rows, dtype=np.float64)
+        except (OverflowError, TypeError, ValueError):
+            raise InvalidFeatures(_NOT_FINITE) from None
+        # Integers too large for float64 overflow to inf on conversion, so check once more.
+        if not np.isfinite(matrix).all():
+            raise InvalidFeatures(_NOT_FINITE)
+        return matrix
+
+    def _infer(self, matrix: FeatureMatrix) -> list[Prediction]:
+        proba = np.asarray(self._estimator.predict_proba(matrix), dtype=np.float64)
+        indices = proba.argmax(axis=1)
+        best = proba[np.arange(indices.shape[0]), indices]
+        names = self._class_names
+        return [
+            Prediction(prediction=index, probability=probability, class_name=names[index])
+            for index, probability in zip(indices.tolist(), best.tolist(), strict=True)
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class VersionStatus:
+    """Load outcome of one version; ``error`` is client-safe, ``manifest`` is None if untrusted."""
+
+    name: str
+    version: str
+    state: Literal["ready", "failed"]
+    error: str | None
+    manifest: Manifest | None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """Description of one model: its versions and input schema (from the active manifest)."""
+
+    name: str
+    active_version: str | None
+    versions: list[VersionStatus]
+    n_features: int | None
+    feature_names: list[str]
+    class_names: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class _ModelEntry:
+    name: str
+    statuses: dict[str, VersionStatus]
+    loaded: dict[str, LoadedModel]
+    active: str | None = field(default=None)
+
+
+class _LoadFailure(Exception):
+    """A version could not be loaded; ``reason`` is safe to show to clients."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ModelRegistry:
+    """All model versions under ``model_dir``, each verified by SHA-256 before unpickling."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = Path(model_dir)
+        self._entries: dict[str, _ModelEntry] = {}
+        # Two overlapping reloads would waste work and could publish the older scan last.
+        self._load_lock = threading.Lock()
+
+    def load(self) -> None:
+        """Scan ``model_dir`` and load every version (blocking: call it from a thread).
+
+        A version that fails (bad manifest, hash mismatch, unloadable artifact, failed warm-up)
+        is recorded as failed and does not stop the others. Calling it again reloads.
+        """
+        with self._load_lock:
+            entries = self._scan()
+            self._entries = entries
+        ready = sum(1 for entry in entries.values() if entry.active is not None)
+        logger.info(
+            "model registry loaded: %d model(s), %d with a ready version", len(entries), ready
+        )
+
+    def get(self, name: str, version: str | None = None) -> LoadedModel:
+        """The loaded model ``name`` at ``version``, or its active version if None.
+
+        Raises :class:`ModelNotFound` for an unknown name or version and
+        :class:`ModelUnavailable` for a failed version or a model with no ready version.
+        """
+        entry = self._entries.get(name)
+        if entry is None:
+            raise ModelNotFound(f"model {_echo(name)} not found")
+        if version is None:
+            if entry.active is None:
+                raise ModelUnavailable(f"model {_echo(name)} has no ready version")
+            return entry.loaded[entry.active]
+        if version not in entry.statuses:
+            raise ModelNotFound(f"model {_echo(name)} has no version {_echo(version)}")
+        model = entry.loaded.get(version)
+        if model is None:
+            raise ModelUnavailable(f"model {_echo(name)} version {_echo(version)} is unavailable")
+        return model
+
+    def models(self) -> list[ModelInfo]:
+        """Every model found on disk, by name, with versions and input schema."""
+        entries = self._entries
+        return [_describe(entries[name]) for name in sorted(entries)]
+
+    def model_info(self, name: str) -> ModelInfo:
+        """One model's description; raises :class:`ModelNotFound` if it is unknown."""
+        entry = self._entries.get(name)
+        if entry is None:
+            raise ModelNotFound(f"model {_echo(name)} not found")
+        return _describe(entry)
+
+    def active_version(self, name: str = DEFAULT_MODEL) -> str | None:
+        """The active ready version of ``name``, or None if it has none or is unknown."""
+        entry = self._entries.get(name)
+        return None if entry is None else entry.active
+
+    @property
+    def is_ready(self) -> bool:
+        """True if at least one model has an active, ready version."""
+        return any(entry.active is not None for entry in self._entries.values())
+
+    def failed_versions(self) -> list[VersionStatus]:
+        """Every version that failed to load, for readiness reporting."""
+        entries = self._entries
+        return [
+            status
+            for name in sorted(entries)
+            for status in _sorted_statuses(entries[name])
+            if status.state == "failed"
+        ]
+
+    def _scan(self) -> dict[str, _ModelEntry]:
+        try:
+            name_dirs = sorted(self.model_dir.iterdir())
+        except OSError:
+            logger.warning("model directory %s cannot be read; no models loaded", self.model_dir)
+            return {}
+        entries: dict[str, _ModelEntry] = {}
+        for name_dir in name_dirs:
+            if not name_dir.is_dir() or not _NAME_RE.fullmatch(name_dir.name):
+                continue
+            entry = self._scan_model(name_dir)
+            if entry is not None:
+                entries[entry.name] = entry
+        return entries
+
+    def _scan_model(self, name_dir: Path) -> _ModelEntry | None:
+        name = name_dir.name
+        try:
+            # Temp directories (".tmp-*") and stray files are not versions; skipping them is
+            # what makes an interrupted registration invisible.
+            version_dirs = [
+                path
+                for path in name_dir.iterdir()
+                if _VERSION_RE.fullmatch(path.name) and path.is_dir()
+            ]
+        except OSError:
+            logger.warning("model %s: directory cannot be read; skipped", name)
+            return None
+        if not version_dirs:
+            return None
+        statuses: dict[str, VersionStatus] = {}
+        loaded: dict[str, LoadedModel] = {}
+        for version_dir in sorted(version_dirs, key=lambda path: int(path.name)):
+            status, model = _load_version(name, version_dir)
+            statuses[status.version] = status
+            if model is not None:
+                loaded[status.version] = model
+        active = _choose_active(name_dir, loaded)
+        return _ModelEntry(name=name, statuses=statuses, loaded=loaded, active=active)
+
+
+def _load_version(name: str, version_dir: Path) -> tuple[VersionStatus, LoadedModel | None]:
+    version = version_dir.name
+    manifest: Manifest | None = None
+    try:
+        manifest = _read_matching_manifest(name, version, version_dir)
+        model = _load_verified(manifest, version_dir)
+    except _LoadFailure as failure:
+        # The reason is our own fixed text: never file contents, paths inside data, or digests.
+        logger.warning("model %s version %s failed to load: %s", name, version, failure.reason)
+        return VersionStatus(name, version, "failed", failure.reason, manifest), None
+    logger.info("model %s version %s loaded", name, version)
+    return VersionStatus(name, version, "ready", None, manifest), model
+
+
+def _read_matching_manifest(name: str, version: str, version_dir: Path) -> Manifest:
+    try:
+        manifest = read_manifest(version_dir / MANIFEST_FILE)
+    except FileNotFoundError:
+        raise _LoadFailure("manifest is missing") from None
+    except (OSError, ValueError):
+        raise _LoadFailure("manifest is unreadable or invalid") from None
+    # A manifest copied into the wrong directory would make the URL lie about what is served.
+    if manifest.name != name or manifest.version != version:
+        raise _LoadFailure("manifest name or version does not match its directory")
+    return manifest
+
+
+def _load_verified(manifest: Manifest, version_dir: Path) -> LoadedModel:
+    try:
+        fileobj = (version_dir / manifest.artifact).open("rb")
+    except OSError:
+        raise _LoadFailure("model artifact is missing or unreadable") from None
+    with fileobj:
+        # Hash and unpickle through the same open file, so swapping the file between the check
+        # and the load cannot smuggle in an unverified pickle.
+        try:
+            digest = sha256_fileobj(fileobj)
+            fileobj.seek(0)
+        except OSError:
+            raise _LoadFailure("model artifact is missing or unreadable") from None
+        if not hmac.compare_digest(digest, manifest.sha256):
+            raise _LoadFailure("model artifact does not match the SHA-256 in its manifest")
+        try:
+            # Unpickling is code execution: it is safe only because the SHA-256 of these exact
+            # bytes was verified against the manifest just above. (ruff's S301 does not flag
+            # joblib.load, so no noqa is needed; RUF100 would reject an unused one.)
+            estimator = joblib.load(fileobj)
+        except Exception as exc:
+            logger.warning(
+                "model %s version %s: unpickling raised %s",
+                manifest.name,
+                manifest.version,
+                type(exc).__name__,
+            )
+            raise _LoadFailure("model artifact could not be loaded") from None
+
+    if not callable(getattr(estimator, "predict_proba", None)):
+        raise _LoadFailure("model artifact is not a classifier with predict_proba")
+    n_in = getattr(estimator, "n_features_in_", None)
+    if n_in is None or int(n_in) != manifest.n_features:
+        raise _LoadFailure(
+            f"model expects {n_in} features but its manifest declares {manifest.n_features}"
+        )
+    classes = getattr(estimator, "classes_", None)
+    if classes is not None and len(classes) != len(manifest.class_names):
+        raise _LoadFailure(
+            f"model has {len(classes)} classes but its manifest names {len(manifest.class_names)}"
+        )
+    if manifest.sklearn_version != sklearn.__version__:
+        # Pickles usually survive patch releases; say so loudly rather than refuse to serve.
+        logger.warning(
+            "model %s version %s was saved with scikit-learn %s, running %s",
+            manifest.name,
+            manifest.version,
+            manifest.sklearn_version,
+            sklearn.__version__,
+        )
+
+    model = LoadedModel(manifest, estimator)
+    try:
+        # The first call pays one-off costs (lazy imports, allocations); pay them at startup.
+        model.predict([[0.0] * manifest.n_features])
+    except Exception as exc:
+        logger.warning(
+            "model %s version %s: warm-up raised %s",
+            manifest.name,
+            manifest.version,
+            type(exc).__name__,
+        )
+        raise _LoadFailure("warm-up prediction failed") from None
+    return model
+
+
+def _choose_active(name_dir: Path, loaded: dict[str, LoadedModel]) -> str | None:
+    requested = _read_active(name_dir)
+    if requested is not None and requested in loaded:
+        return requested
+    fallback = max(loaded, key=int) if loaded else None
+    if requested is not None:
+        logger.warning(
+            "model %s: ACTIVE version %s is not ready; serving %s instead",
+            name_dir.name,
+            requested,
+            fallback,
+        )
+    return fallback
+
+
+def _read_active(name_dir: Path) -> str | None:
+    try:
+        with (name_dir / ACTIVE_FILE).open("rb") as fileobj:
+            raw = fileobj.read(64)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        logger.warning("model %s: ACTIVE cannot be read", name_dir.name)
+        return None
+    text = raw.decode("ascii", errors="replace").strip()
+    if not _VERSION_RE.fullmatch(text):
+        logger.warning("model %s: ACTIVE does not hold a version number", name_dir.name)
+        return None
+    return text
+
+
+def _sorted_statuses(entry: _ModelEntry) -> list[VersionStatus]:
+    return [entry.statuses[version] for version in sorted(entry.statuses, key=int)]
+
+
+def _describe(entry: _ModelEntry) -> ModelInfo:
+    statuses = _sorted_statuses(entry)
+    # The schema comes from the active version; if nothing is ready, from the newest trusted
+    # manifest, so clients can still see what the model would expect.
+    reference: Manifest | None = None
+    if entry.active is not None:
+        reference = entry.loaded[entry.active].manifest
+    else:
+        trusted = [status.manifest for status in statuses if status.manifest is not None]
+        reference = trusted[-1] if trusted else None
+    return ModelInfo(
+        name=entry.name,
+        active_version=entry.active,
+        versions=statuses,
+        n_features=None if reference is None else reference.n_features,
+        feature_names=[] if reference is None else list(reference.feature_names),
+        class_names=[] if reference is None else list(reference.class_names),
+    )
+
+
+def _echo(value: str) -> str:
+    """Quote an identifier for a client-facing message, unless it could be arbitrary junk."""
+    return f"'{value}'" if _ECHO_RE.fullmatch(value) else "(invalid identifier)"

@@ -1,0 +1,163 @@
+"""Training the default model and registering model versions on disk."""
+
+import logging
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import joblib
+import sklearn
+from sklearn.datasets import load_iris
+from sklearn.ensemble import RandomForestClassifier
+
+from ml.manifest import (
+    ACTIVE_FILE,
+    ARTIFACT_FILE,
+    MANIFEST_FILE,
+    NAME_PATTERN,
+    VERSION_PATTERN,
+    Manifest,
+    atomic_write_text,
+    fsync_dir,
+    sha256_file,
+    write_manifest,
+)
+from ml.registry import DEFAULT_MODEL
+
+logger = logging.getLogger(__name__)
+
+_NAME_RE = re.compile(NAME_PATTERN)
+_VERSION_RE = re.compile(VERSION_PATTERN)
+# Concurrent registrations of the same model race for the next number; give up eventually.
+_MAX_VERSION_ATTEMPTS = 100
+
+
+def train_default(model_dir: Path) -> Manifest:
+    """Train the benchmark model (a 100-tree random forest on iris) and register it as ``iris``."""
+    iris = load_iris()
+    estimator = RandomForestClassifier(n_estimators=100, random_state=0)
+    estimator.fit(iris.data, iris.target)
+    manifest = register_model(
+        model_dir,
+        DEFAULT_MODEL,
+        estimator,
+        feature_names=[str(name) for name in iris.feature_names],
+        class_names=[str(name) for name in iris.target_names],
+    )
+    logger.info("trained model %s version %s", manifest.name, manifest.version)
+    return manifest
+
+
+def register_model(
+    model_dir: Path,
+    name: str,
+    estimator: Any,
+    feature_names: Sequence[str],
+    class_names: Sequence[str],
+) -> Manifest:
+    """Store a fitted classifier as the next version of ``name`` and make it the active one.
+
+    ``class_names[i]`` names ``estimator.classes_[i]`` (the column order of ``predict_proba``).
+    The version directory is assembled under a hidden temporary name and renamed into place, so
+    a reader never sees a half-written version; ``ACTIVE`` is then replaced atomically.
+    Raises ``ValueError`` if the name is invalid or the estimator does not fit the names given.
+    """
+    if not _NAME_RE.fullmatch(name):
+        raise ValueError(f"invalid model name {name!r}")
+    _check_estimator(estimator, len(feature_names), len(class_names))
+
+    name_dir = Path(model_dir) / name
+    name_dir.mkdir(parents=True, exist_ok=True)
+    # Hidden and not all digits, so the registry never mistakes it for a version.
+    staging = name_dir / f".tmp-{secrets.token_hex(8)}"
+    staging.mkdir()
+    try:
+        artifact = staging / ARTIFACT_FILE
+        with artifact.open("wb") as fileobj:
+            joblib.dump(estimator, fileobj)
+            fileobj.flush()
+            os.fsync(fileobj.fileno())
+        digest = sha256_file(artifact)
+        created_at = datetime.now(UTC)
+        for _ in range(_MAX_VERSION_ATTEMPTS):
+            version = str(_next_version(name_dir))
+            manifest = Manifest(
+                name=name,
+                version=version,
+                artifact=ARTIFACT_FILE,
+                sha256=digest,
+                sklearn_version=sklearn.__version__,
+                n_features=len(feature_names),
+                feature_names=list(feature_names),
+                class_names=list(class_names),
+                created_at=created_at,
+            )
+            write_manifest(staging / MANIFEST_FILE, manifest)
+            fsync_dir(staging)
+            try:
+                # Renaming onto an existing, non-empty directory fails, so a concurrent
+                # registration that took this number first is detected rather than clobbered.
+                staging.rename(name_dir / version)
+            except OSError:
+                if (name_dir / version).exists():
+                    continue
+                raise
+            break
+        else:
+            raise RuntimeError(f"could not allocate a version number for model {name!r}")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    fsync_dir(name_dir)
+    atomic_write_text(name_dir / ACTIVE_FILE, manifest.version + "\n")
+    logger.info("registered model %s version %s as active", name, manifest.version)
+    return manifest
+
+
+def has_model(model_dir: Path, name: str = DEFAULT_MODEL) -> bool:
+    """Whether ``name`` has at least one version directory with a manifest and an artifact.
+
+    This only looks at the files (no hash check); it answers "train if absent".
+    """
+    name_dir = Path(model_dir) / name
+    try:
+        candidates = list(name_dir.iterdir())
+    except OSError:
+        return False
+    return any(
+        _VERSION_RE.fullmatch(path.name)
+        and (path / MANIFEST_FILE).is_file()
+        and (path / ARTIFACT_FILE).is_file()
+        for path in candidates
+    )
+
+
+def _next_version(name_dir: Path) -> int:
+    """One more than the highest existing version directory (failed versions count too)."""
+    versions = [
+        int(path.name)
+        for path in name_dir.iterdir()
+        if path.is_dir() and _VERSION_RE.fullmatch(path.name)
+    ]
+    return max(versions, default=0) + 1
+
+
+def _check_estimator(estimator: Any, n_features: int, n_classes: int) -> None:
+    """Refuse to register something the registry would later mark failed."""
+    if not callable(getattr(estimator, "predict_proba", None)):
+        raise ValueError("estimator must be a fitted classifier with predict_proba")
+    n_in = getattr(estimator, "n_features_in_", None)
+    if n_in is None:
+        raise ValueError("estimator must be fitted (it has no n_features_in_)")
+    if int(n_in) != n_features:
+        raise ValueError(f"estimator expects {n_in} features but {n_features} names were given")
+    classes = getattr(estimator, "classes_", None)
+    if classes is not None and len(classes) != n_classes:
+        raise ValueError(
+            f"estimator has {len(classes)} classes but {n_classes} class names were given"
+        )
