@@ -9,6 +9,9 @@ import sys
 import structlog
 
 
+SQL_PARAMETER_LOGGERS = ("aiosqlite", "asyncpg", "sqlalchemy.engine", "sqlalchemy.pool")
+
+
 def configure_logging(level: str = "INFO") -> None:
     """Route stdlib and structlog records through one JSON renderer on stderr."""
     shared: list[structlog.types.Processor] = [
@@ -38,3 +41,7 @@ def configure_logging(level: str = "INFO") -> None:
     root.setLevel(level.upper())
     # uvicorn's access log would duplicate our request log line (and shows query strings).
     logging.getLogger("uvicorn.access").disabled = True
+    # These log SQL with its parameters at DEBUG, and a parameter can be a key's digest:
+    # they never log below WARNING, whatever the configured level.
+    for name in SQL_PARAMETER_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)

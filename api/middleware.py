@@ -1,9 +1,9 @@
 """Pure ASGI middleware (Starlette's BaseHTTPMiddleware costs a task per request): request ids,
-rate-limit headers and one log line per request. The body size limit is FastAPI's own
-``max_body_size``."""
+rate-limit headers, problem JSON for the body limit's 413, and one log line per request."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any
@@ -36,10 +36,22 @@ class RequestContextMiddleware:
         started = time.perf_counter()
         status = 500
 
+        replaced_body = False
+
         async def send_with_headers(message: Message) -> None:
-            nonlocal status
+            nonlocal status, replaced_body
+            if replaced_body:
+                return  # the plain-text body of a response already sent as problem JSON
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if status == 413 and not _is_problem(message):
+                    # Starlette's body limit answers in plain text; every error here is
+                    # problem JSON.
+                    replaced_body = True
+                    message = _too_large_start(request_id)
+                    await send(message)
+                    await send({"type": "http.response.body", "body": _too_large_body(request_id)})
+                    return
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode()))
                 limit: RateLimitStatus | None = state.get("rate_limit")
@@ -68,3 +80,36 @@ class RequestContextMiddleware:
             status=status,
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
         )
+
+
+def _is_problem(message: Message) -> bool:
+    return any(
+        name == b"content-type" and value.startswith(b"application/problem+json")
+        for name, value in message.get("headers", [])
+    )
+
+
+def _too_large_body(request_id: str) -> bytes:
+    return json.dumps(
+        {
+            "type": "payload-too-large",
+            "title": "Request body too large",
+            "status": 413,
+            "detail": "the request body exceeds the size limit",
+            "request_id": request_id,
+        }
+    ).encode()
+
+
+def _too_large_start(request_id: str) -> Message:
+    body_length = len(_too_large_body(request_id))
+    return {
+        "type": "http.response.start",
+        "status": 413,
+        "headers": [
+            (b"content-type", b"application/problem+json"),
+            (b"content-length", str(body_length).encode()),
+            (b"x-request-id", request_id.encode()),
+            (b"connection", b"close"),
+        ],
+    }

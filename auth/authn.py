@@ -98,7 +98,7 @@ class KeyAuthenticator:
             row = (await session.execute(statement)).first()
         if row is None:
             raise Unauthenticated("invalid credential")
-        key, tenant, admin = row.tuple()
+        key, tenant, admin = row
         # The lookup was by digest; compare again in constant time so that no code path
         # ever decides on a non-constant-time comparison of secret-derived material.
         if not hmac.compare_digest(key.digest, digest):

@@ -1,0 +1,260 @@
+"""Shared fixtures: every API test runs twice, on Postgres + Redis and on the embedded default
+(SQLite, in-process limiter). Each backend gets a freshly migrated database for the session;
+tests isolate themselves by creating their own tenants and keys."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+import redis
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from api.app import create_app
+from api.cli import upgrade_database
+from api.state import AppState
+from auth.keys import issue_admin_key, issue_tenant_key
+from auth.models import Tenant
+from auth.settings import Settings
+from auth.tenants import create_tenant, get_or_create_admin
+from ml import train_default
+
+POSTGRES_URL = os.environ.get(
+    "MODELGATE_TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+)
+REDIS_URL = os.environ.get("MODELGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+# In CI the services must be there: a missing one fails the run instead of skipping tests.
+REQUIRE_SERVICES = os.environ.get("MODELGATE_TEST_REQUIRE_SERVICES") == "1"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where one test configuration keeps its data."""
+
+    name: str
+    database_url: str
+    redis_url: str
+
+
+def _services_reachable() -> str | None:
+    async def check_postgres() -> None:
+        url = make_url(POSTGRES_URL)
+        connection = await asyncpg.connect(
+            host=url.host,
+            port=url.port or 5432,
+            user=url.username,
+            database=url.database,
+            password=url.password,
+            timeout=3,
+        )
+        await connection.close()
+
+    try:
+        asyncio.run(check_postgres())
+    except Exception as exc:
+        return f"Postgres at {POSTGRES_URL} unreachable: {type(exc).__name__}"
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_timeout=3).ping()
+    except Exception as exc:
+        return f"Redis at {REDIS_URL} unreachable: {type(exc).__name__}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def services_problem() -> str | None:
+    """Why the real services cannot be used (None when they can)."""
+    problem = _services_reachable()
+    if problem and REQUIRE_SERVICES:
+        pytest.fail(f"{problem} (MODELGATE_TEST_REQUIRE_SERVICES=1)", pytrace=False)
+    return problem
+
+
+async def _admin_connection() -> asyncpg.Connection:
+    url = make_url(POSTGRES_URL)
+    return await asyncpg.connect(
+        host=url.host,
+        port=url.port or 5432,
+        user=url.username,
+        database=url.database,
+        password=url.password,
+    )
+
+
+@contextmanager
+def new_postgres_database() -> Iterator[str]:
+    """Create an empty Postgres database; drop it on exit."""
+    name = f"modelgate_test_{uuid.uuid4().hex[:10]}"
+
+    async def run(sql: str) -> None:
+        connection = await _admin_connection()
+        try:
+            await connection.execute(sql)
+        finally:
+            await connection.close()
+
+    asyncio.run(run(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def postgres_database(services_problem: str | None) -> Iterator[str]:
+    """A fresh Postgres database for this session, dropped at the end."""
+    if services_problem:
+        pytest.skip(services_problem)
+    with new_postgres_database() as url:
+        yield url
+
+
+@pytest.fixture
+def empty_database(backend: Backend, tmp_path: Path) -> Iterator[str]:
+    """An empty database of the backend's kind, for a test that changes the schema."""
+    if backend.name == "postgres":
+        with new_postgres_database() as url:
+            yield url
+    else:
+        yield f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"
+
+
+@pytest.fixture(scope="session", params=["postgres", "sqlite"])
+def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Backend:
+    """Postgres + Redis, or the embedded default (SQLite, no Redis), freshly migrated."""
+    if request.param == "postgres":
+        database_url = request.getfixturevalue("postgres_database")
+        chosen = Backend("postgres", database_url, REDIS_URL)
+    else:
+        path = tmp_path_factory.mktemp("sqlite") / "modelgate.db"
+        chosen = Backend("sqlite", f"sqlite+aiosqlite:///{path}", "")
+    upgrade_database(chosen.database_url)
+    return chosen
+
+
+@pytest.fixture(scope="session")
+def served_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default iris model, trained once for the API tests."""
+    model_dir = tmp_path_factory.mktemp("served") / "models"
+    train_default(model_dir)
+    return model_dir
+
+
+def make_settings(backend: Backend, model_dir: Path, var_dir: Path, **overrides: Any) -> Settings:
+    """Settings for a test app; nothing is read from the environment or a .env file."""
+    values: dict[str, Any] = {
+        "database_url": backend.database_url,
+        "redis_url": backend.redis_url,
+        "model_dir": model_dir,
+        "var_dir": var_dir,
+        "key_pepper": "test-pepper-" + "x" * 32,
+        "jwt_secret": "test-jwt-secret-" + "y" * 32,
+        "default_rate_limit": "1000/minute",
+        "log_level": "WARNING",
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@dataclass
+class Harness:
+    """A running app (lifespan entered) and a client for it."""
+
+    client: httpx.AsyncClient
+    state: AppState
+    backend: Backend
+
+    @property
+    def sessionmaker(self) -> async_sessionmaker[AsyncSession]:
+        """Sessions on the app's database."""
+        return self.state.sessionmaker
+
+
+@asynccontextmanager
+async def running_app(settings: Settings, backend: Backend) -> AsyncIterator[Harness]:
+    """Build the app, enter its lifespan, and yield a client on it."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            yield Harness(client=client, state=app.state.modelgate, backend=backend)
+
+
+@pytest.fixture(scope="session")
+async def harness(
+    backend: Backend, served_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Harness]:
+    """The app on this backend, shared by the session's tests."""
+    settings = make_settings(backend, served_model_dir, tmp_path_factory.mktemp("var"))
+    async with running_app(settings, backend) as running:
+        yield running
+
+
+@pytest.fixture
+def client(harness: Harness) -> httpx.AsyncClient:
+    """The HTTP client of the running app."""
+    return harness.client
+
+
+def unique(prefix: str) -> str:
+    """A name no other test uses."""
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+async def create_tenant_with_key(
+    harness: Harness,
+    *,
+    scopes: tuple[str, ...] = ("predict", "usage:read"),
+    **tenant_overrides: Any,
+) -> tuple[Tenant, str]:
+    """A new tenant (unique name unless given) and one API key for it."""
+    tenant_overrides.setdefault("name", unique("tenant"))
+    async with harness.sessionmaker() as session:
+        tenant = await create_tenant(session, **tenant_overrides)
+        _, key = await issue_tenant_key(
+            session,
+            harness.state.secrets.key_pepper,
+            tenant_id=tenant.id,
+            name="test key",
+            scopes=scopes,
+        )
+        await session.commit()
+    return tenant, key
+
+
+async def create_admin_key(harness: Harness) -> str:
+    """A new admin principal's API key."""
+    async with harness.sessionmaker() as session:
+        admin = await get_or_create_admin(session, unique("admin"))
+        _, key = await issue_admin_key(
+            session, harness.state.secrets.key_pepper, admin_principal_id=admin.id, name="test"
+        )
+        await session.commit()
+    return key
+
+
+def bearer(key: str) -> dict[str, str]:
+    """The Authorization header for a credential."""
+    return {"Authorization": f"Bearer {key}"}
+
+
+IRIS_SETOSA = [5.1, 3.5, 1.4, 0.2]
+IRIS_VIRGINICA = [6.7, 3.0, 5.2, 2.3]
+
+
+@pytest.fixture
+def model_copy(served_model_dir: Path, tmp_path: Path) -> Path:
+    """A private copy of the trained model directory that a test may tamper with."""
+    copy = tmp_path / "models"
+    shutil.copytree(served_model_dir, copy)
+    return copy

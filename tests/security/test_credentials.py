@@ -1,0 +1,235 @@
+"""SECURITY.md, credentials (lines 1-3) and authorization (lines 9, 11, 12)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import update
+
+from auth.authn import KeyAuthenticator
+from auth.errors import Unauthenticated
+from auth.keys import generate_key, has_valid_checksum, key_digest
+from auth.models import ApiKey, utcnow
+from tests.conftest import (
+    IRIS_SETOSA,
+    Harness,
+    bearer,
+    create_admin_key,
+    create_tenant_with_key,
+)
+
+PREDICT = "/api/v1/predict"
+
+
+def _assert_401(response: object) -> None:
+    status = response.status_code  # type: ignore[attr-defined]
+    assert status == 401, response.text  # type: ignore[attr-defined]
+    assert response.headers["WWW-Authenticate"] == "Bearer"  # type: ignore[attr-defined]
+    body = response.json()  # type: ignore[attr-defined]
+    assert body["type"] == "unauthenticated"
+    assert response.headers["content-type"].startswith("application/problem+json")  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": ""},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Bearer "},
+        {"Authorization": "Basic dXNlcjpwYXNz"},
+        {"Authorization": "Token mg_abc"},
+        {"Authorization": "Bearer " + "a" * 9000},
+        {"Authorization": "Bearer mg_x mg_y"},
+        {"Authorization": "Bearer not-a-key-nor-a-jwt"},
+    ],
+)
+async def test_missing_or_malformed_credentials_are_401(
+    harness: Harness, headers: dict[str, str]
+) -> None:
+    response = await harness.client.post(PREDICT, json={"features": IRIS_SETOSA}, headers=headers)
+    _assert_401(response)
+
+
+def test_generated_keys_are_prefixed_long_and_checksummed() -> None:
+    keys = {generate_key() for _ in range(200)}
+    assert len(keys) == 200
+    for key in keys:
+        assert key.startswith("mg_")
+        assert len(key) == 52
+        assert has_valid_checksum(key)
+    key = next(iter(keys))
+    flipped = key[:10] + ("A" if key[10] != "A" else "B") + key[11:]
+    assert not has_valid_checksum(flipped)
+    assert not has_valid_checksum(key[:-1])
+    assert not has_valid_checksum(key + "0")
+
+
+def test_digest_is_an_hmac_under_the_pepper() -> None:
+    key = generate_key()
+    assert key_digest(b"pepper-one", key) != key_digest(b"pepper-two", key)
+    assert len(key_digest(b"pepper-one", key)) == 64
+    assert key not in key_digest(b"pepper-one", key)
+
+
+class _ExplodingSessionmaker:
+    """A sessionmaker that fails the test if anything asks it for a session."""
+
+    def __call__(self) -> object:
+        raise AssertionError("the database was touched")
+
+
+async def test_wrong_checksum_is_refused_without_touching_the_database() -> None:
+    authenticator = KeyAuthenticator(_ExplodingSessionmaker(), b"pepper")  # type: ignore[arg-type]
+    key = generate_key()
+    forged = key[:-1] + ("A" if key[-1] != "A" else "B")
+    with pytest.raises(Unauthenticated):
+        await authenticator.authenticate(forged)
+
+
+async def test_wrong_checksum_over_http_is_401(harness: Harness) -> None:
+    _, key = await create_tenant_with_key(harness)
+    forged = key[:-1] + ("A" if key[-1] != "A" else "B")
+    _assert_401(
+        await harness.client.post(PREDICT, json={"features": IRIS_SETOSA}, headers=bearer(forged))
+    )
+
+
+async def test_unknown_well_formed_key_is_401(harness: Harness) -> None:
+    _assert_401(
+        await harness.client.post(
+            PREDICT, json={"features": IRIS_SETOSA}, headers=bearer(generate_key())
+        )
+    )
+
+
+@pytest.mark.parametrize("column", ["revoked_at", "expires_at"])
+async def test_revoked_or_expired_key_is_401(harness: Harness, column: str) -> None:
+    _, key = await create_tenant_with_key(harness)
+    ok = await harness.client.post(PREDICT, json={"features": IRIS_SETOSA}, headers=bearer(key))
+    assert ok.status_code == 200
+    async with harness.sessionmaker() as session:
+        await session.execute(
+            update(ApiKey)
+            .where(ApiKey.digest == key_digest(harness.state.secrets.key_pepper, key))
+            .values({column: utcnow() - timedelta(seconds=1)})
+        )
+        await session.commit()
+    _assert_401(
+        await harness.client.post(PREDICT, json={"features": IRIS_SETOSA}, headers=bearer(key))
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/api/v1/admin/tenants"),
+        ("POST", "/api/v1/admin/tenants"),
+        ("GET", "/api/v1/admin/tenants/00000000-0000-0000-0000-000000000000"),
+        ("PATCH", "/api/v1/admin/tenants/00000000-0000-0000-0000-000000000000"),
+        ("POST", "/api/v1/admin/tenants/00000000-0000-0000-0000-000000000000/keys"),
+        ("GET", "/api/v1/admin/tenants/00000000-0000-0000-0000-000000000000/keys"),
+        ("GET", "/api/v1/admin/billing/export?month=2026-01"),
+    ],
+)
+async def test_tenant_key_on_admin_routes_is_403_and_no_credential_is_401(
+    harness: Harness, method: str, path: str
+) -> None:
+    _, key = await create_tenant_with_key(harness, scopes=("predict", "usage:read", "keys:manage"))
+    forbidden = await harness.client.request(method, path, headers=bearer(key), json={})
+    assert forbidden.status_code == 403, forbidden.text
+    assert forbidden.json()["type"] == "forbidden"
+    _assert_401(await harness.client.request(method, path, json={}))
+
+
+async def test_key_without_predict_scope_is_403(harness: Harness) -> None:
+    _, key = await create_tenant_with_key(harness, scopes=("usage:read",))
+    response = await harness.client.post(
+        PREDICT, json={"features": IRIS_SETOSA}, headers=bearer(key)
+    )
+    assert response.status_code == 403
+    assert "predict" in response.json()["detail"]
+
+
+async def test_key_without_usage_scope_cannot_read_usage(harness: Harness) -> None:
+    _, key = await create_tenant_with_key(harness, scopes=("predict",))
+    response = await harness.client.get("/api/v1/me/usage", headers=bearer(key))
+    assert response.status_code == 403
+
+
+async def test_admin_key_cannot_predict(harness: Harness) -> None:
+    admin = await create_admin_key(harness)
+    response = await harness.client.post(
+        PREDICT, json={"features": IRIS_SETOSA}, headers=bearer(admin)
+    )
+    assert response.status_code == 403
+
+
+async def test_suspended_tenant_is_refused(harness: Harness) -> None:
+    tenant, key = await create_tenant_with_key(harness)
+    admin = await create_admin_key(harness)
+    patched = await harness.client.patch(
+        f"/api/v1/admin/tenants/{tenant.id}", json={"status": "suspended"}, headers=bearer(admin)
+    )
+    assert patched.status_code == 200
+    response = await harness.client.post(
+        PREDICT, json={"features": IRIS_SETOSA}, headers=bearer(key)
+    )
+    assert response.status_code == 403
+    assert response.json()["type"] == "tenant-suspended"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"tenant_id": "00000000-0000-0000-0000-000000000000"},
+        {"scopes": ["admin"]},
+        {"rate_limit": "1000000/second"},
+        {"monthly_quota": 10**9},
+        {"is_admin": True},
+    ],
+)
+async def test_fields_a_tenant_may_not_set_are_422(
+    harness: Harness, extra: dict[str, object]
+) -> None:
+    _, key = await create_tenant_with_key(harness)
+    response = await harness.client.post(
+        PREDICT, json={"features": IRIS_SETOSA, **extra}, headers=bearer(key)
+    )
+    assert response.status_code == 422
+
+
+async def test_admin_cannot_issue_admin_scope_to_a_tenant_key(harness: Harness) -> None:
+    tenant, _ = await create_tenant_with_key(harness)
+    admin = await create_admin_key(harness)
+    response = await harness.client.post(
+        f"/api/v1/admin/tenants/{tenant.id}/keys",
+        json={"name": "sneaky", "scopes": ["predict", "admin"]},
+        headers=bearer(admin),
+    )
+    assert response.status_code == 422
+
+
+async def test_no_response_contains_a_digest_and_the_key_appears_once(harness: Harness) -> None:
+    tenant, _ = await create_tenant_with_key(harness)
+    admin = await create_admin_key(harness)
+    created = await harness.client.post(
+        f"/api/v1/admin/tenants/{tenant.id}/keys",
+        json={"name": "shown once"},
+        headers=bearer(admin),
+    )
+    assert created.status_code == 201
+    key = created.json()["key"]
+    digest = key_digest(harness.state.secrets.key_pepper, key)
+    assert digest not in created.text
+    listing = await harness.client.get(
+        f"/api/v1/admin/tenants/{tenant.id}/keys", headers=bearer(admin)
+    )
+    assert listing.status_code == 200
+    assert key not in listing.text
+    assert digest not in listing.text
+    assert "digest" not in listing.text
+    me = await harness.client.get("/api/v1/me", headers=bearer(key))
+    assert key not in me.text
+    assert digest not in me.text

@@ -1,0 +1,96 @@
+"""Settings, generated development secrets and the production refusals."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from auth.errors import ConfigurationError
+from auth.settings import Settings, check_production, load_secrets
+
+STRONG = "s" * 48
+
+
+def _settings(tmp_path: Path, **values: object) -> Settings:
+    return Settings(_env_file=None, var_dir=tmp_path / "var", **values)  # type: ignore[call-arg]
+
+
+def test_defaults_are_the_embedded_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("DATABASE_URL", "REDIS_URL", "ENV", "MODEL_DIR", "CORS_ORIGINS"):
+        monkeypatch.delenv(f"MODELGATE_{name}", raising=False)
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert settings.database_url == "sqlite+aiosqlite:///./var/modelgate.db"
+    assert settings.redis_url == ""
+    assert settings.env == "development"
+    assert settings.model_dir == Path("./models")
+    assert settings.cors_origin_list == []
+
+
+def test_environment_variables_use_the_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODELGATE_REDIS_URL", "redis://example:6379/0")
+    monkeypatch.setenv("MODELGATE_CORS_ORIGINS", "https://a.example, https://b.example")
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert settings.redis_url == "redis://example:6379/0"
+    assert settings.cors_origin_list == ["https://a.example", "https://b.example"]
+
+
+def test_development_secrets_are_generated_once_with_mode_0600(tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    first = load_secrets(settings)
+    second = load_secrets(settings)
+    assert first == second
+    assert len(first.key_pepper) >= 32
+    assert first.key_pepper != first.jwt_secret
+    for name in ("key_pepper", "jwt_secret"):
+        mode = stat.S_IMODE((tmp_path / "var" / name).stat().st_mode)
+        assert mode == 0o600
+
+
+def test_production_requires_secrets(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="KEY_PEPPER is required"):
+        check_production(_settings(tmp_path, env="production", jwt_secret=STRONG), workers=1)
+
+
+def test_production_refuses_weak_secrets(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, env="production", key_pepper="short", jwt_secret=STRONG)
+    with pytest.raises(ConfigurationError, match="at least 32 bytes"):
+        check_production(settings, workers=1)
+
+
+def test_production_refuses_the_generated_development_secrets(tmp_path: Path) -> None:
+    generated = load_secrets(_settings(tmp_path))
+    settings = _settings(
+        tmp_path,
+        env="production",
+        key_pepper=generated.key_pepper.decode(),
+        jwt_secret=STRONG,
+    )
+    with pytest.raises(ConfigurationError, match="generated development secret"):
+        check_production(settings, workers=1)
+
+
+def test_production_refuses_wildcard_cors(tmp_path: Path) -> None:
+    settings = _settings(
+        tmp_path, env="production", key_pepper=STRONG, jwt_secret=STRONG, cors_origins="*"
+    )
+    with pytest.raises(ConfigurationError, match="CORS"):
+        check_production(settings, workers=1)
+
+
+def test_production_refuses_several_workers_without_redis(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, env="production", key_pepper=STRONG, jwt_secret=STRONG)
+    check_production(settings, workers=1)
+    with pytest.raises(ConfigurationError, match="REDIS_URL"):
+        check_production(settings, workers=2)
+    check_production(
+        _settings(
+            tmp_path,
+            env="production",
+            key_pepper=STRONG,
+            jwt_secret=STRONG,
+            redis_url="redis://127.0.0.1:6379/0",
+        ),
+        workers=2,
+    )
