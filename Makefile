@@ -1,0 +1,41 @@
+# modelgate: `make run` and `make test` work on a fresh clone with Python 3.11+ and make.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: run test lint bench install clean
+
+$(BIN)/modelgate: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@touch $@
+
+install: $(BIN)/modelgate
+
+run: install
+	$(BIN)/modelgate db upgrade
+	$(BIN)/modelgate models train --if-absent
+	@echo ""
+	@echo "modelgate is starting on http://$(HOST):$(PORT) (embedded SQLite, in-process limiter)."
+	@echo "In another terminal, create an admin key with:"
+	@echo "    $(BIN)/modelgate admin create-key --name ops"
+	@echo "then follow the five-minute tour in README.md."
+	@echo ""
+	$(BIN)/modelgate serve --host $(HOST) --port $(PORT)
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+bench: install
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
