@@ -144,7 +144,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _database_error(request: Request, exc: Exception) -> JSONResponse:
     # The driver's message may include SQL with parameters: log the class only.
-    logger.warning("database unavailable", error=type(exc).__name__)
+    logger.warning("dependency unavailable", error=type(exc).__name__)
     return _from_error(request, DependencyUnavailable("database unavailable", retry_after=2))
 
 
@@ -166,7 +166,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(DBAPIError, _database_error)
     app.add_exception_handler(PoolTimeout, _database_error)
-    app.add_exception_handler(ConnectionError, _database_error)
+    # A refused or timed-out connection to a dependency is an outage, not a bug.
+    app.add_exception_handler(OSError, _database_error)
     app.add_exception_handler(Exception, _unexpected_error)
 
 

@@ -6,24 +6,16 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.conftest import Backend, new_postgres_database
+from tests.conftest import Backend
+from tests.e2e.servers import BIN, serve
 
 ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.e2e
 
 
@@ -36,69 +28,11 @@ def readme_tour() -> str:
     return match.group(1)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited with {process.returncode}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{url} not ready after {timeout} s")
-
-
-@pytest.fixture
-def tour_environment(
-    backend: Backend, served_model_dir: Path, tmp_path: Path
-) -> Iterator[dict[str, str]]:
-    """Environment for the server and the tour: a fresh database, its own var/ and models."""
-    models = tmp_path / "models"
-    shutil.copytree(served_model_dir, models)
-    environment = {
-        key: value for key, value in os.environ.items() if not key.startswith("MODELGATE_")
-    }
-    environment.update(
-        {
-            "PATH": f"{BIN}{os.pathsep}{environment.get('PATH', '')}",
-            "MODELGATE_MODEL_DIR": str(models),
-            "MODELGATE_VAR_DIR": str(tmp_path / "var"),
-            "MODELGATE_REDIS_URL": backend.redis_url,
-            "MODELGATE_LOG_LEVEL": "WARNING",
-        }
-    )
-    if backend.name == "postgres":
-        with new_postgres_database() as url:
-            environment["MODELGATE_DATABASE_URL"] = url
-            yield environment
-    else:
-        environment["MODELGATE_DATABASE_URL"] = f"sqlite+aiosqlite:///{tmp_path / 'tour.db'}"
-        yield environment
-
-
 def test_readme_tour_works_verbatim_against_a_real_server(
     backend: Backend, tour_environment: dict[str, str], tmp_path: Path
 ) -> None:
-    port = _free_port()
-    workers = "2" if backend.name == "postgres" else "1"
-    server = subprocess.Popen(
-        [str(BIN / "modelgate"), "serve", "--port", str(port), "--workers", workers],
-        cwd=tmp_path,
-        env=tour_environment,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        _wait_ready(f"http://127.0.0.1:{port}/api/v1/health/ready", server)
+    workers = 2 if backend.name == "postgres" else 1
+    with serve(tour_environment, tmp_path, workers) as port:
         # The tour activates ROOT/.venv; here the interpreter running the tests plays it.
         script = readme_tour().replace("source .venv/bin/activate\n", "")
         script = script.replace("localhost:8000", f"127.0.0.1:{port}")
@@ -142,13 +76,6 @@ def test_readme_tour_works_verbatim_against_a_real_server(
             check=True,
         )
         assert exported.stdout.strip().splitlines() == lines[3:]
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
 
 
 def test_cli_creates_tenants_and_keys_that_work(

@@ -1,0 +1,141 @@
+"""SECURITY.md lines 16 and 17: Redis or the database down means 503 with Retry-After, never a
+500 and never a served-but-unbilled prediction; service resumes by itself."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from api.cli import upgrade_database
+from auth.keys import generate_key
+from tests.conftest import (
+    IRIS_SETOSA,
+    Backend,
+    bearer,
+    create_tenant_with_key,
+    make_settings,
+    running_app,
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class PrivateRedis:
+    """A redis-server of this test's own, on a free port, that can be stopped and restarted."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                shutil.which("redis-server") or "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if redis.Redis.from_url(self.url, socket_timeout=0.5).ping():
+                    return
+            except redis.RedisError:
+                time.sleep(0.05)
+        raise AssertionError("private redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    """A private Redis, stopped at the end of the test whatever happens."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    server = PrivateRedis(_free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_redis_outage_fails_closed_then_recovers(
+    private_redis: PrivateRedis, served_model_dir: Path, tmp_path: Path
+) -> None:
+    backend = Backend("sqlite", f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}", private_redis.url)
+    # Alembic's env runs its own event loop: keep it off this one.
+    await asyncio.to_thread(upgrade_database, backend.database_url)
+    settings = make_settings(backend, served_model_dir, tmp_path, redis_timeout_seconds=0.5)
+    async with running_app(settings, backend) as app:
+        _, key = await create_tenant_with_key(app)
+        ok = await app.client.post(
+            "/api/v1/predict", json={"features": IRIS_SETOSA}, headers=bearer(key)
+        )
+        assert ok.status_code == 200
+
+        private_redis.stop()
+        started = time.monotonic()
+        down = await app.client.post(
+            "/api/v1/predict", json={"features": IRIS_SETOSA}, headers=bearer(key)
+        )
+        assert time.monotonic() - started < 2.0
+        assert down.status_code == 503, down.text
+        assert down.json()["type"] == "service-unavailable"
+        assert int(down.headers["Retry-After"]) >= 1
+        ready = await app.client.get("/api/v1/health/ready")
+        assert ready.status_code == 503
+        assert ready.json()["checks"]["redis"] == "unavailable"
+        assert ready.json()["checks"]["database"] == "ok"
+
+        private_redis.start()
+        recovered = await app.client.post(
+            "/api/v1/predict", json={"features": IRIS_SETOSA}, headers=bearer(key)
+        )
+        assert recovered.status_code == 200, recovered.text
+        assert (await app.client.get("/api/v1/health/ready")).status_code == 200
+        usage = await app.client.get("/api/v1/me/usage", headers=bearer(key))
+        assert usage.json()["total_requests"] == 2
+
+
+async def test_unreachable_database_is_503_not_500(served_model_dir: Path, tmp_path: Path) -> None:
+    closed_port = _free_port()  # nothing listens there
+    backend = Backend(
+        "postgres", f"postgresql+asyncpg://postgres@127.0.0.1:{closed_port}/nothing", ""
+    )
+    settings = make_settings(backend, served_model_dir, tmp_path)
+    async with running_app(settings, backend) as app:
+        response = await app.client.post(
+            "/api/v1/predict", json={"features": IRIS_SETOSA}, headers=bearer(generate_key())
+        )
+        assert response.status_code == 503, response.text
+        assert response.json()["type"] == "service-unavailable"
+        assert "Retry-After" in response.headers
+        ready = await app.client.get("/api/v1/health/ready")
+        assert ready.status_code == 503
+        assert ready.json()["checks"]["database"] == "unavailable"
