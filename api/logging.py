@@ -8,7 +8,6 @@ import sys
 
 import structlog
 
-
 SQL_PARAMETER_LOGGERS = ("aiosqlite", "asyncpg", "sqlalchemy.engine", "sqlalchemy.pool")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import date, datetime
+from typing import Annotated
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel
@@ -75,8 +76,8 @@ async def me(subject: TenantCredential, state: StateDep) -> MeResponse:
 async def my_usage(
     subject: UsageScope,
     session: SessionDep,
-    start: date | None = Query(default=None, description="First UTC day (YYYY-MM-DD)"),
-    end: date | None = Query(default=None, description="Last UTC day, inclusive"),
+    start: Annotated[date | None, Query(description="First UTC day (YYYY-MM-DD)")] = None,
+    end: Annotated[date | None, Query(description="Last UTC day, inclusive")] = None,
 ) -> UsageReport:
     """Report the caller's tenant usage by day and by model, with the quota position."""
     tenant = await get_tenant(session, subject.require_tenant().id)

@@ -181,7 +181,7 @@ class UsageSummary:
 
 
 async def usage_summary(
-    session: AsyncSession, tenant: Tenant | Any, start: date, end: date
+    session: AsyncSession, tenant: Tenant, start: date, end: date
 ) -> UsageSummary:
     """Aggregate a tenant's usage records between two UTC dates (inclusive)."""
     lower, upper = _day_bounds(start, end)
