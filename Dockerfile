@@ -14,7 +14,8 @@ COPY api ./api
 COPY auth ./auth
 COPY ml ./ml
 COPY migrations ./migrations
-RUN pip install .
+# Editable, so that alembic.ini and migrations/ beside the code are found at /app.
+RUN pip install -e .
 
 # The registry and var/ are volumes in compose; train the default model at build time so that a
 # bare `docker run` serves something.
