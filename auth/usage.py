@@ -58,6 +58,21 @@ async def record_usage(session: AsyncSession, event: UsageEvent, monthly_quota: 
     The counter update is a single conditional ``UPDATE``, so concurrent requests can never
     together exceed the quota: the row lock serialises them and each re-checks the bound.
     """
+    # The record goes first and the counter last: the counter's row lock is then held only
+    # from the UPDATE to the commit, the shortest window the tenant's requests serialise on.
+    await session.execute(
+        insert(UsageRecord).values(
+            request_id=event.request_id,
+            tenant_id=event.tenant_id,
+            api_key_id=event.api_key_id,
+            model=event.model,
+            model_version=event.model_version,
+            units=event.units,
+            status_code=event.status_code,
+            latency_ms=event.latency_ms,
+            created_at=event.created_at,
+        )
+    )
     month = month_of(event.created_at)
     within_quota = (
         MonthlyUsage.units + event.units <= monthly_quota if monthly_quota is not None else true()
@@ -80,24 +95,12 @@ async def record_usage(session: AsyncSession, event: UsageEvent, monthly_quota: 
         await session.execute(create)
         result = await session.execute(charge)
         if result.rowcount == 0:
+            # Raising makes the caller roll back, the usage record above included.
             raise QuotaExceeded(
                 f"this request needs {event.units} units and would exceed the monthly quota "
                 f"of {monthly_quota}",
                 retry_after=_seconds_to_next_month(event.created_at),
             )
-    await session.execute(
-        insert(UsageRecord).values(
-            request_id=event.request_id,
-            tenant_id=event.tenant_id,
-            api_key_id=event.api_key_id,
-            model=event.model,
-            model_version=event.model_version,
-            units=event.units,
-            status_code=event.status_code,
-            latency_ms=event.latency_ms,
-            created_at=event.created_at,
-        )
-    )
 
 
 @dataclass(frozen=True)
