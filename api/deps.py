@@ -21,8 +21,9 @@ from auth.settings import Settings
 _bearer_scheme = HTTPBearer(auto_error=False, description="An API key (mg_...) or a JWT")
 
 
-def get_app_state(request: Request) -> AppState:
-    """The process's components (engine, limiter, registry...)."""
+async def get_app_state(request: Request) -> AppState:
+    """The process's components (engine, limiter, registry...); async, so FastAPI does not
+    send it to the threadpool on every request."""
     state: AppState = request.app.state.modelgate
     return state
 
@@ -30,7 +31,7 @@ def get_app_state(request: Request) -> AppState:
 StateDep = Annotated[AppState, Depends(get_app_state)]
 
 
-def get_settings_dep(state: StateDep) -> Settings:
+async def get_settings_dep(state: StateDep) -> Settings:
     """The settings the app was built with."""
     return state.settings
 
