@@ -5,7 +5,9 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint bench install clean
+BENCH_ARGS ?=
+
+.PHONY: run test lint bench bench-deps install clean
 
 $(BIN)/modelgate: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +37,10 @@ lint: install
 	$(BIN)/mypy
 
 bench: install
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+bench-deps:  ## wrk, the load generator (Debian/Ubuntu, as root)
+	command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import signal
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import asyncpg
+import asyncpg  # type: ignore[import-untyped]
 import redis.asyncio as aioredis
 from sqlalchemy import delete, insert, select
 from sqlalchemy.engine import URL, make_url
@@ -40,6 +41,8 @@ SERVER_LOG_LEVEL = "WARNING"
 BENCH_RATE_LIMIT = "100000000/minute"
 HOST = "127.0.0.1"
 CONNECT_TIMEOUT_SECONDS = 5.0
+# Limiter ids the micro-benchmarks count against, registered so that cleanup can find them.
+MICRO_LIMITER_IDS: list[str] = []
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,9 @@ def resolve_database(raw_url: str) -> BenchDatabase:
     """Parse the configured URL (``postgresql://`` is accepted) into the admin and bench URLs."""
     url = make_url(raw_url)
     if url.get_backend_name() != "postgresql":
-        raise BenchError(f"MODELGATE_BENCH_DATABASE_URL must be a Postgres URL, got {url.drivername}")
+        raise BenchError(
+            f"MODELGATE_BENCH_DATABASE_URL must be a Postgres URL, got {url.drivername}"
+        )
     url = url.set(drivername="postgresql+asyncpg")
     admin_db = url.database or "postgres"
     return BenchDatabase(admin_url=url, url=url.set(database=f"{admin_db}_bench"))
@@ -129,7 +134,9 @@ async def drop_database(database: BenchDatabase) -> None:
     """Drop the bench database."""
     connection = await _pg_connect(database.admin_url)
     try:
-        await connection.execute(f"DROP DATABASE IF EXISTS {_quote_ident(database.name)} WITH (FORCE)")
+        await connection.execute(
+            f"DROP DATABASE IF EXISTS {_quote_ident(database.name)} WITH (FORCE)"
+        )
     finally:
         await connection.close()
 
@@ -197,8 +204,6 @@ def modelgate_cli(env: BenchEnvironment, *args: str, timeout: float = 180) -> st
 
 def provision(env: BenchEnvironment) -> None:
     """Migrate the fresh database, train the default model, create the tenant and its key."""
-    import json
-
     modelgate_cli(env, "db", "upgrade")
     modelgate_cli(env, "models", "train")
     tenant = json.loads(
@@ -247,10 +252,6 @@ async def _delete_redis_keys(env: BenchEnvironment) -> None:
                 await client.delete(name)
     finally:
         await client.aclose()
-
-
-# Limiter ids the micro-benchmarks count against, registered so that cleanup can find them.
-MICRO_LIMITER_IDS: list[str] = []
 
 
 async def _api_key_ids(env: BenchEnvironment) -> list[uuid.UUID]:
