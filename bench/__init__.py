@@ -9,6 +9,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"
+# One iris flower: the feature row every benchmark sends.
+IRIS_ROW = [5.1, 3.5, 1.4, 0.2]
 
 
 class BenchError(Exception):

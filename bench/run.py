@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import BenchError
+from bench import IRIS_ROW, BenchError
 from bench.load import Target, require_wrk, run_wrk
 from bench.micro import run_micro_sync
 from bench.report import (
@@ -44,7 +44,6 @@ from bench.services import (
 
 ENDPOINTS = ("echo", "predict", "jwt", "batch", "usage")
 MODELGATE_ENDPOINTS = ("predict", "jwt", "batch", "usage")
-IRIS_ROW = [5.1, 3.5, 1.4, 0.2]
 BATCH_ROWS = 10
 # Per startup, per cell: the fixed costs beyond warm-up + measurement, for the time estimate.
 STARTUP_ESTIMATE_S = 6.0

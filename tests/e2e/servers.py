@@ -59,3 +59,17 @@ def serve(environment: dict[str, str], cwd: Path, workers: int = 1) -> Iterator[
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+
+
+def run_cli(
+    environment: dict[str, str], cwd: Path, *args: str, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run ``modelgate ARGS`` and capture its output."""
+    return subprocess.run(
+        [str(BIN / "modelgate"), *args],
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        check=check,
+    )

@@ -5,28 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.conftest import IRIS_SETOSA, Backend
-from tests.e2e.servers import BIN, serve
+from tests.e2e.servers import run_cli, serve
 
 pytestmark = pytest.mark.e2e
 
 
 def _cli(environment: dict[str, str], cwd: Path, *args: str) -> str:
-    done = subprocess.run(
-        [str(BIN / "modelgate"), *args],
-        cwd=cwd,
-        env=environment,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return done.stdout
+    return run_cli(environment, cwd, *args).stdout
 
 
 async def _fire(port: int, key: str, count: int, spoof: bool) -> list[int]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Backend
-from tests.e2e.servers import BIN, serve
+from tests.e2e.servers import run_cli, serve
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
@@ -67,14 +67,7 @@ def test_readme_tour_works_verbatim_against_a_real_server(
 
         # The CLI's export has the same content as the HTTP one.
         month = billing[0]["date"][:7]
-        exported = subprocess.run(
-            [str(BIN / "modelgate"), "billing", "export", "--month", month],
-            cwd=tmp_path,
-            env=tour_environment,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
+        exported = run_cli(tour_environment, tmp_path, "billing", "export", "--month", month)
         assert exported.stdout.strip().splitlines() == lines[3:]
 
 
@@ -82,15 +75,7 @@ def test_cli_creates_tenants_and_keys_that_work(
     backend: Backend, tour_environment: dict[str, str], tmp_path: Path
 ) -> None:
     def modelgate(*args: str) -> str:
-        done = subprocess.run(
-            [str(BIN / "modelgate"), *args],
-            cwd=tmp_path,
-            env=tour_environment,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return done.stdout
+        return run_cli(tour_environment, tmp_path, *args).stdout
 
     modelgate("db", "upgrade")
     tenant = json.loads(modelgate("tenants", "create", "--name", "cli-co", "--monthly-quota", "3"))
@@ -101,14 +86,7 @@ def test_cli_creates_tenants_and_keys_that_work(
     admin = modelgate("admin", "create-key", "--name", "root").strip().splitlines()[-1]
     assert admin.startswith("mg_")
     assert admin != key
-    bad = subprocess.run(
-        [str(BIN / "modelgate"), "keys", "issue", "--tenant", "nope"],
-        cwd=tmp_path,
-        env=tour_environment,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    bad = run_cli(tour_environment, tmp_path, "keys", "issue", "--tenant", "nope", check=False)
     assert bad.returncode == 1
     assert "UUID" in bad.stderr
     assert "Traceback" not in bad.stderr
