@@ -12,7 +12,6 @@ from pydantic import BaseModel
 from api.deps import SessionDep, StateDep, TenantCredential, UsageScope
 from api.errors import problem_responses
 from api.usage_schemas import UsageReport, usage_report
-from auth.tenants import get_tenant
 from auth.usage import report_window, usage_summary
 
 router = APIRouter(tags=["me"])
@@ -80,6 +79,7 @@ async def my_usage(
     end: Annotated[date | None, Query(description="Last UTC day, inclusive")] = None,
 ) -> UsageReport:
     """Report the caller's tenant usage by day and by model, with the quota position."""
-    tenant = await get_tenant(session, subject.require_tenant().id)
+    # The tenant was read with the credential in this request: no need to read it again.
+    tenant = subject.require_tenant()
     first, last = report_window(start, end)
-    return usage_report(await usage_summary(session, tenant, first, last))
+    return usage_report(await usage_summary(session, tenant.id, tenant.monthly_quota, first, last))

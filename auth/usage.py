@@ -184,12 +184,16 @@ class UsageSummary:
 
 
 async def usage_summary(
-    session: AsyncSession, tenant: Tenant, start: date, end: date
+    session: AsyncSession,
+    tenant_id: uuid.UUID,
+    monthly_quota: int | None,
+    start: date,
+    end: date,
 ) -> UsageSummary:
     """Aggregate a tenant's usage records between two UTC dates (inclusive)."""
     lower, upper = _day_bounds(start, end)
     in_window = (
-        UsageRecord.tenant_id == tenant.id,
+        UsageRecord.tenant_id == tenant_id,
         UsageRecord.created_at >= lower,
         UsageRecord.created_at < upper,
     )
@@ -211,12 +215,12 @@ async def usage_summary(
     )
     by_model = [ModelUsage(m, v, int(r), int(u or 0)) for m, v, r, u in model_rows]
     return UsageSummary(
-        tenant_id=tenant.id,
+        tenant_id=tenant_id,
         start=start,
         end=end,
         total_requests=sum(d.requests for d in by_day),
         total_units=sum(d.units for d in by_day),
-        quota=await quota_status(session, tenant.id, tenant.monthly_quota),
+        quota=await quota_status(session, tenant_id, monthly_quota),
         by_day=by_day,
         by_model=by_model,
     )
