@@ -142,10 +142,19 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return problem_response(request, exc.status_code, slug, detail, detail, dict(exc.headers or {}))
 
 
-async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+def _outage(request: Request, exc: Exception, detail: str) -> JSONResponse:
     # The driver's message may include SQL with parameters: log the class only.
-    logger.warning("dependency unavailable", error=type(exc).__name__)
-    return _from_error(request, DependencyUnavailable("database unavailable", retry_after=2))
+    logger.warning(detail, error=type(exc).__name__)
+    return _from_error(request, DependencyUnavailable(detail, retry_after=2))
+
+
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    return _outage(request, exc, "database unavailable")
+
+
+async def _connection_error(request: Request, exc: Exception) -> JSONResponse:
+    # Raised below the drivers (a refused or timed-out socket): which dependency is unknown.
+    return _outage(request, exc, "a dependency is unavailable")
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
@@ -167,7 +176,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(DBAPIError, _database_error)
     app.add_exception_handler(PoolTimeout, _database_error)
     # A refused or timed-out connection to a dependency is an outage, not a bug.
-    app.add_exception_handler(OSError, _database_error)
+    app.add_exception_handler(OSError, _connection_error)
     app.add_exception_handler(Exception, _unexpected_error)
 
 

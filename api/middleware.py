@@ -48,9 +48,9 @@ class RequestContextMiddleware:
                     # Starlette's body limit answers in plain text; every error here is
                     # problem JSON.
                     replaced_body = True
-                    message = _too_large_start(request_id)
-                    await send(message)
-                    await send({"type": "http.response.body", "body": _too_large_body(request_id)})
+                    body = _too_large_body(request_id)
+                    await send(_too_large_start(request_id, len(body)))
+                    await send({"type": "http.response.body", "body": body})
                     return
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode()))
@@ -101,8 +101,7 @@ def _too_large_body(request_id: str) -> bytes:
     ).encode()
 
 
-def _too_large_start(request_id: str) -> Message:
-    body_length = len(_too_large_body(request_id))
+def _too_large_start(request_id: str, body_length: int) -> Message:
     return {
         "type": "http.response.start",
         "status": 413,
