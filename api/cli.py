@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import numpy as np
 import typer
 from alembic import command
 from alembic.config import Config
@@ -21,7 +22,7 @@ from auth.errors import ConfigurationError, ModelgateError
 from auth.keys import DEFAULT_TENANT_SCOPES, issue_admin_key, issue_tenant_key
 from auth.settings import Settings, check_production, get_settings, load_secrets
 from auth.tenants import create_tenant, get_or_create_admin
-from ml import DEFAULT_MODEL, has_model, train_default
+from ml import DEFAULT_MODEL, ConversionError, convert_version, has_model, train_default
 
 app = typer.Typer(help="modelgate: multi-tenant ML predictions.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
@@ -259,6 +260,44 @@ def models_train(
         return
     manifest = train_default(model_dir)
     typer.echo(f"registered {manifest.name} version {manifest.version} in {model_dir}")
+
+
+@models_app.command("convert")
+def models_convert(
+    name: Annotated[
+        str | None, typer.Option("--name", help="Only this model (default: every model).")
+    ] = None,
+    reference: Annotated[
+        Path | None,
+        typer.Option(
+            "--reference",
+            help="CSV of reference rows (e.g. the training data) the conversion must match.",
+        ),
+    ] = None,
+) -> None:
+    """Add ONNX files to registered versions that have only a pickle (served by ONNX Runtime)."""
+    model_dir = get_settings().model_dir
+    rows = None
+    if reference is not None:
+        try:
+            rows = np.loadtxt(reference, delimiter=",", dtype=np.float64, ndmin=2)
+        except (OSError, ValueError) as exc:
+            raise _fail(f"cannot read {reference}: {exc}") from None
+    failures = 0
+    for manifest_path in sorted(model_dir.glob("*/*/manifest.json")):
+        version_dir = manifest_path.parent
+        if name is not None and version_dir.parent.name != name:
+            continue
+        label = f"{version_dir.parent.name} version {version_dir.name}"
+        try:
+            manifest = convert_version(version_dir, rows)
+        except (ConversionError, OSError, ValueError) as exc:
+            failures += 1
+            typer.echo(f"{label}: not converted, stays on scikit-learn ({exc})", err=True)
+            continue
+        typer.echo(f"{label}: served by {manifest.runtime}")
+    if failures:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import AnyCredential, StateDep
 from api.errors import problem_responses
@@ -18,6 +20,10 @@ class ModelVersionOut(BaseModel):
     version: str
     state: str
     error: str | None
+    runtime: Literal["onnx", "sklearn"] | None = Field(
+        description="What serves this version: ONNX Runtime, or scikit-learn when the version "
+        "has no ONNX file; null while it is not ready"
+    )
 
 
 class ModelOut(BaseModel):
@@ -44,7 +50,8 @@ def _model_out(info: ModelInfo) -> ModelOut:
         name=info.name,
         active_version=info.active_version,
         versions=[
-            ModelVersionOut(version=v.version, state=v.state, error=v.error) for v in info.versions
+            ModelVersionOut(version=v.version, state=v.state, error=v.error, runtime=v.runtime)
+            for v in info.versions
         ],
         n_features=info.n_features,
         feature_names=info.feature_names,

@@ -5,6 +5,7 @@ Nothing here knows about HTTP; the API layer maps :class:`ModelError` subclasses
 
 from ml.errors import InvalidFeatures, ModelError, ModelNotFound, ModelUnavailable
 from ml.manifest import Manifest, read_manifest, sha256_file, write_manifest
+from ml.onnx_export import ConversionError
 from ml.registry import (
     DEFAULT_MODEL,
     LoadedModel,
@@ -13,10 +14,11 @@ from ml.registry import (
     Prediction,
     VersionStatus,
 )
-from ml.train import has_model, register_model, train_default
+from ml.train import convert_version, has_model, register_model, train_default
 
 __all__ = [
     "DEFAULT_MODEL",
+    "ConversionError",
     "InvalidFeatures",
     "LoadedModel",
     "Manifest",
@@ -27,6 +29,7 @@ __all__ = [
     "ModelUnavailable",
     "Prediction",
     "VersionStatus",
+    "convert_version",
     "has_model",
     "read_manifest",
     "register_model",

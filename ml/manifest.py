@@ -12,6 +12,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validato
 
 MANIFEST_FILE = "manifest.json"
 ARTIFACT_FILE = "model.joblib"
+ONNX_ARTIFACT_FILE = "model.onnx"
 ACTIVE_FILE = "ACTIVE"
 
 # Names become directory names and appear in client-facing messages, so keep them boring.
@@ -35,6 +36,9 @@ class Manifest(BaseModel):
     version: Annotated[str, Field(pattern=VERSION_PATTERN)]
     artifact: Annotated[str, Field(pattern=ARTIFACT_PATTERN)] = ARTIFACT_FILE
     sha256: Annotated[str, Field(pattern=SHA256_PATTERN)]
+    # The ONNX conversion of the artifact, when one exists: served instead of the pickle.
+    onnx_artifact: Annotated[str, Field(pattern=ARTIFACT_PATTERN)] | None = None
+    onnx_sha256: Annotated[str, Field(pattern=SHA256_PATTERN)] | None = None
     sklearn_version: Annotated[str, Field(min_length=1, max_length=64)]
     n_features: Annotated[int, Field(ge=1)]
     feature_names: list[str]
@@ -50,7 +54,14 @@ class Manifest(BaseModel):
     def _feature_names_match_count(self) -> "Manifest":
         if len(self.feature_names) != self.n_features:
             raise ValueError("feature_names must have exactly n_features entries")
+        if (self.onnx_artifact is None) != (self.onnx_sha256 is None):
+            raise ValueError("onnx_artifact and onnx_sha256 go together")
         return self
+
+    @property
+    def runtime(self) -> str:
+        """What serves this version: ``onnx`` when it has an ONNX file, else ``sklearn``."""
+        return "onnx" if self.onnx_artifact is not None else "sklearn"
 
 
 def sha256_fileobj(fileobj: BinaryIO) -> str:
@@ -59,6 +70,11 @@ def sha256_fileobj(fileobj: BinaryIO) -> str:
     while chunk := fileobj.read(_CHUNK_SIZE):
         digest.update(chunk)
     return digest.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex SHA-256 of bytes already in memory."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def sha256_file(path: Path | str) -> str:

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import joblib
+import numpy as np
+import numpy.typing as npt
 import sklearn
 from sklearn.datasets import load_iris
 from sklearn.ensemble import RandomForestClassifier
@@ -20,13 +22,18 @@ from ml.manifest import (
     ARTIFACT_FILE,
     MANIFEST_FILE,
     NAME_PATTERN,
+    ONNX_ARTIFACT_FILE,
     VERSION_PATTERN,
     Manifest,
+    atomic_write_bytes,
     atomic_write_text,
     fsync_dir,
+    read_manifest,
+    sha256_bytes,
     sha256_file,
     write_manifest,
 )
+from ml.onnx_export import ConversionError, convert
 from ml.registry import DEFAULT_MODEL
 
 logger = logging.getLogger(__name__)
@@ -48,6 +55,7 @@ def train_default(model_dir: Path) -> Manifest:
         estimator,
         feature_names=[str(name) for name in iris.feature_names],
         class_names=[str(name) for name in iris.target_names],
+        reference=iris.data,
     )
     logger.info("trained model %s version %s", manifest.name, manifest.version)
     return manifest
@@ -59,8 +67,13 @@ def register_model(
     estimator: Any,
     feature_names: Sequence[str],
     class_names: Sequence[str],
+    reference: npt.ArrayLike | None = None,
 ) -> Manifest:
     """Store a fitted classifier as the next version of ``name`` and make it the active one.
+
+    With ``reference`` rows (the training data, say), the classifier is also converted to ONNX
+    and the conversion is kept only if it matches scikit-learn on them; that version is then
+    served by ONNX Runtime. Without them, or if the conversion is refused, scikit-learn serves it.
 
     ``class_names[i]`` names ``estimator.classes_[i]`` (the column order of ``predict_proba``).
     The version directory is assembled under a hidden temporary name and renamed into place, so
@@ -83,6 +96,9 @@ def register_model(
             fileobj.flush()
             os.fsync(fileobj.fileno())
         digest = sha256_file(artifact)
+        onnx_digest = None
+        if reference is not None:
+            onnx_digest = _write_onnx(staging, name, estimator, reference)
         created_at = datetime.now(UTC)
         for _ in range(_MAX_VERSION_ATTEMPTS):
             version = str(_next_version(name_dir))
@@ -91,6 +107,8 @@ def register_model(
                 version=version,
                 artifact=ARTIFACT_FILE,
                 sha256=digest,
+                onnx_artifact=ONNX_ARTIFACT_FILE if onnx_digest else None,
+                onnx_sha256=onnx_digest,
                 sklearn_version=sklearn.__version__,
                 n_features=len(feature_names),
                 feature_names=list(feature_names),
@@ -117,6 +135,48 @@ def register_model(
     atomic_write_text(name_dir / ACTIVE_FILE, manifest.version + "\n")
     logger.info("registered model %s version %s as active", name, manifest.version)
     return manifest
+
+
+def _write_onnx(directory: Path, name: str, estimator: Any, reference: npt.ArrayLike) -> str | None:
+    """Convert and write ``model.onnx`` into ``directory``; its SHA-256, or None if refused."""
+    try:
+        model_bytes = convert(estimator, np.asarray(reference, dtype=np.float64))
+    except ConversionError as exc:
+        logger.warning("model %s stays on scikit-learn: %s", name, exc)
+        return None
+    atomic_write_bytes(directory / ONNX_ARTIFACT_FILE, model_bytes)
+    return sha256_bytes(model_bytes)
+
+
+def convert_version(version_dir: Path, reference: npt.ArrayLike | None = None) -> Manifest:
+    """Add an ONNX file to an existing (joblib-only) version, checked against ``reference``.
+
+    Without reference rows, 2,000 seeded random rows spread over [-10, 10] are used: a weaker
+    check than real data, so pass the training data when you have it. Raises
+    :class:`ConversionError` if the model cannot be converted faithfully, ``ValueError`` if the
+    pickle does not match its manifest.
+    """
+    manifest = read_manifest(version_dir / MANIFEST_FILE)
+    if manifest.onnx_artifact is not None:
+        return manifest
+    artifact = version_dir / manifest.artifact
+    data = artifact.read_bytes()
+    if sha256_bytes(data) != manifest.sha256:
+        raise ValueError(f"{artifact} does not match the SHA-256 in its manifest")
+    with artifact.open("rb") as fileobj:
+        # Verified just above; unpickling happens here, in an operator's command, never at serve
+        # time once the ONNX file exists.
+        estimator = joblib.load(fileobj)
+    if reference is None:
+        generator = np.random.default_rng(0)
+        reference = generator.uniform(-10, 10, size=(2000, manifest.n_features))
+    model_bytes = convert(estimator, np.asarray(reference, dtype=np.float64))
+    atomic_write_bytes(version_dir / ONNX_ARTIFACT_FILE, model_bytes)
+    updated = manifest.model_copy(
+        update={"onnx_artifact": ONNX_ARTIFACT_FILE, "onnx_sha256": sha256_bytes(model_bytes)}
+    )
+    write_manifest(version_dir / MANIFEST_FILE, updated)
+    return updated
 
 
 def has_model(model_dir: Path, name: str = DEFAULT_MODEL) -> bool:

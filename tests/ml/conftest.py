@@ -1,5 +1,6 @@
 """Fixtures for the model layer: the real iris model, trained once per session."""
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,19 @@ def model_dir(trained_model_dir: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "models"
     shutil.copytree(trained_model_dir, copy)
     return copy
+
+
+@pytest.fixture
+def pickle_model_dir(model_dir: Path) -> Path:
+    """The private copy with its ONNX file removed: version 1 is served by scikit-learn, as a
+    registry from before ONNX conversion is."""
+    version_dir = model_dir / "iris" / "1"
+    (version_dir / "model.onnx").unlink()
+    manifest = json.loads((version_dir / "manifest.json").read_text())
+    manifest.pop("onnx_artifact")
+    manifest.pop("onnx_sha256")
+    (version_dir / "manifest.json").write_text(json.dumps(manifest))
+    return model_dir
 
 
 @pytest.fixture(scope="session")

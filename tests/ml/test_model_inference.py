@@ -2,17 +2,31 @@
 
 import asyncio
 import threading
+from pathlib import Path
 from typing import Any
 
+import joblib
 import numpy as np
 import pytest
 
 from ml import InvalidFeatures, LoadedModel, ModelRegistry
+from ml.registry import INLINE_MAX_ROWS, Runtime
 
 
-def test_predictions_match_scikit_learn_on_iris(registry: ModelRegistry, iris: Any) -> None:
+@pytest.mark.parametrize(
+    ("directory", "runtime"),
+    [("model_dir", "onnx"), ("pickle_model_dir", "sklearn")],
+    ids=["onnx", "sklearn"],
+)
+def test_both_runtimes_match_scikit_learn_on_the_training_data(
+    directory: str, runtime: str, iris: Any, request: pytest.FixtureRequest
+) -> None:
+    model_dir: Path = request.getfixturevalue(directory)
+    registry = ModelRegistry(model_dir)
+    registry.load()
     model = registry.get("iris")
-    estimator = model._estimator
+    assert model.runtime == runtime
+    estimator = joblib.load(model_dir / "iris" / "1" / "model.joblib")
     rows = iris.data.tolist()
 
     predictions = model.predict(rows)
@@ -20,9 +34,22 @@ def test_predictions_match_scikit_learn_on_iris(registry: ModelRegistry, iris: A
     expected = estimator.predict(iris.data)
     expected_proba = estimator.predict_proba(iris.data).max(axis=1)
     assert [p.prediction for p in predictions] == expected.tolist()
-    assert [p.probability for p in predictions] == pytest.approx(expected_proba.tolist())
+    assert [p.probability for p in predictions] == pytest.approx(expected_proba.tolist(), abs=1e-6)
     assert [p.class_name for p in predictions] == [iris.target_names[i] for i in expected]
     assert all(type(p.prediction) is int and type(p.probability) is float for p in predictions)
+
+
+def test_onnx_version_is_served_without_unpickling(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*_args: Any, **_kwargs: Any) -> Any:
+        pytest.fail("a version with an ONNX file was unpickled")
+
+    monkeypatch.setattr("ml.registry.joblib.load", refuse)
+    registry = ModelRegistry(model_dir)
+    registry.load()
+    assert registry.get("iris").runtime == "onnx"
+    assert registry.get("iris").predict([[6.7, 3.0, 5.2, 2.3]])[0].class_name == "virginica"
 
 
 def test_single_row_predicts_its_class(registry: ModelRegistry) -> None:
@@ -51,13 +78,17 @@ class _ThreadRecordingEstimator:
         return self._estimator.predict_proba(matrix)
 
 
-@pytest.mark.asyncio
-async def test_predict_async_runs_the_estimator_off_the_event_loop_thread(
-    registry: ModelRegistry,
-) -> None:
+def _recorded(registry: ModelRegistry, model_dir: Path, runtime: Runtime) -> Any:
     loaded = registry.get("iris")
-    recorder = _ThreadRecordingEstimator(loaded._estimator)
-    model = LoadedModel(loaded.manifest, recorder)
+    recorder = _ThreadRecordingEstimator(joblib.load(model_dir / "iris" / "1" / "model.joblib"))
+    return recorder, LoadedModel(loaded.manifest, recorder.predict_proba, runtime)
+
+
+@pytest.mark.asyncio
+async def test_predict_async_runs_scikit_learn_off_the_event_loop_thread(
+    registry: ModelRegistry, model_dir: Path
+) -> None:
+    recorder, model = _recorded(registry, model_dir, "sklearn")
 
     predictions = await model.predict_async([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]])
 
@@ -67,12 +98,24 @@ async def test_predict_async_runs_the_estimator_off_the_event_loop_thread(
 
 
 @pytest.mark.asyncio
-async def test_predict_async_rejects_bad_features_without_calling_the_estimator(
-    registry: ModelRegistry,
+async def test_predict_async_runs_onnx_inline_unless_the_batch_is_large(
+    registry: ModelRegistry, model_dir: Path
 ) -> None:
-    loaded = registry.get("iris")
-    recorder = _ThreadRecordingEstimator(loaded._estimator)
-    model = LoadedModel(loaded.manifest, recorder)
+    recorder, model = _recorded(registry, model_dir, "onnx")
+
+    await model.predict_async([[5.1, 3.5, 1.4, 0.2]] * INLINE_MAX_ROWS)
+    await model.predict_async([[5.1, 3.5, 1.4, 0.2]] * (INLINE_MAX_ROWS + 1))
+
+    inline, threaded = recorder.threads
+    assert inline == threading.get_ident()
+    assert threaded != threading.get_ident()
+
+
+@pytest.mark.asyncio
+async def test_predict_async_rejects_bad_features_without_calling_the_estimator(
+    registry: ModelRegistry, model_dir: Path
+) -> None:
+    recorder, model = _recorded(registry, model_dir, "sklearn")
     with pytest.raises(InvalidFeatures, match="expected 4 features, got 3"):
         await model.predict_async([[1.0, 2.0, 3.0]])
     assert recorder.threads == []

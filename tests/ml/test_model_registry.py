@@ -32,11 +32,12 @@ def _append_bytes(path: Path) -> None:
 
 @pytest.mark.parametrize("tamper", [_flip_a_byte, _append_bytes], ids=["flip", "append"])
 def test_tampered_artifact_is_refused_before_unpickling(
-    model_dir: Path,
+    pickle_model_dir: Path,
     register_second_version: Callable[[], str],
     monkeypatch: pytest.MonkeyPatch,
     tamper: Callable[[Path], None],
 ) -> None:
+    model_dir = pickle_model_dir
     register_second_version()
     tampered_dir = model_dir / "iris" / "2"
     tamper(tampered_dir / "model.joblib")
@@ -68,8 +69,9 @@ def test_tampered_artifact_is_refused_before_unpickling(
 
 
 def test_hash_is_compared_in_constant_time(
-    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+    pickle_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    model_dir = pickle_model_dir
     calls: list[tuple[str, str]] = []
     real_compare = hmac.compare_digest
 
@@ -83,7 +85,10 @@ def test_hash_is_compared_in_constant_time(
     assert calls == [(expected, expected)]
 
 
-def test_model_with_only_failed_versions_is_unavailable_and_not_ready(model_dir: Path) -> None:
+def test_model_with_only_failed_versions_is_unavailable_and_not_ready(
+    pickle_model_dir: Path,
+) -> None:
+    model_dir = pickle_model_dir
     _flip_a_byte(model_dir / "iris" / "1" / "model.joblib")
     registry = _load(model_dir)
 
@@ -111,11 +116,12 @@ def test_model_with_only_failed_versions_is_unavailable_and_not_ready(model_dir:
     ids=["no-artifact", "no-manifest", "bad-json", "incomplete-manifest"],
 )
 def test_broken_version_is_failed_with_a_safe_message(
-    model_dir: Path,
+    pickle_model_dir: Path,
     register_second_version: Callable[[], str],
     damage: Callable[[Path], object],
     error: str,
 ) -> None:
+    model_dir = pickle_model_dir
     register_second_version()
     damage(model_dir / "iris" / "1")
     registry = _load(model_dir)
@@ -127,7 +133,8 @@ def test_broken_version_is_failed_with_a_safe_message(
     assert registry.get("iris", "2").version == "2"
 
 
-def test_artifact_that_is_not_a_pickle_is_failed(model_dir: Path) -> None:
+def test_artifact_that_is_not_a_pickle_is_failed(pickle_model_dir: Path) -> None:
+    model_dir = pickle_model_dir
     version_dir = model_dir / "iris" / "1"
     (version_dir / "model.joblib").write_bytes(b"not a pickle at all")
     _rewrite_manifest(version_dir, sha256=sha256_file(version_dir / "model.joblib"))
@@ -136,7 +143,8 @@ def test_artifact_that_is_not_a_pickle_is_failed(model_dir: Path) -> None:
     assert status.error == "model artifact could not be loaded"
 
 
-def test_manifest_declaring_a_different_feature_count_is_failed(model_dir: Path) -> None:
+def test_manifest_declaring_a_different_feature_count_is_failed(pickle_model_dir: Path) -> None:
+    model_dir = pickle_model_dir
     _rewrite_manifest(model_dir / "iris" / "1", n_features=3, feature_names=["a", "b", "c"])
     registry = _load(model_dir)
     [status] = registry.failed_versions()

@@ -22,6 +22,8 @@ def test_training_writes_artifact_and_manifest_with_matching_sha256(model_dir: P
     assert manifest["version"] == "1"
     assert manifest["artifact"] == "model.joblib"
     assert manifest["sha256"] == sha256_file(version_dir / "model.joblib")
+    assert manifest["onnx_artifact"] == "model.onnx"
+    assert manifest["onnx_sha256"] == sha256_file(version_dir / "model.onnx")
     assert manifest["sklearn_version"] == sklearn.__version__
     assert manifest["n_features"] == 4
     assert len(manifest["feature_names"]) == 4
@@ -34,6 +36,7 @@ def test_training_leaves_no_temporary_files(model_dir: Path) -> None:
     assert sorted(p.name for p in (model_dir / "iris" / "1").iterdir()) == [
         "manifest.json",
         "model.joblib",
+        "model.onnx",
     ]
 
 
