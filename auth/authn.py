@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -75,11 +77,30 @@ def bearer_credential(authorization: str | None) -> str:
 
 
 class KeyAuthenticator:
-    """Verifies API keys against the database."""
+    """Verifies API keys against the database, through a short-lived per-process cache.
 
-    def __init__(self, sessionmaker: async_sessionmaker[AsyncSession], pepper: bytes) -> None:
+    A verified key is remembered by its digest for at most ``cache_ttl`` seconds (never past
+    its expiry or a scheduled revocation), so that the steady state costs no database round
+    trip while revocation, expiry, suspension and limit changes still reach every worker within
+    that time. Failures are never cached: an unknown key costs a lookup each time it is tried
+    (its checksum must be valid first). Concurrent misses of one digest share one lookup.
+    """
+
+    def __init__(
+        self,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        pepper: bytes,
+        *,
+        cache_ttl: float = 1.0,
+        cache_size: int = 10_000,
+    ) -> None:
         self._sessionmaker = sessionmaker
         self._pepper = pepper
+        self._cache_ttl = cache_ttl
+        self._cache_size = cache_size
+        # digest -> (monotonic deadline, subject); insertion order is age order.
+        self._cache: dict[str, tuple[float, AuthSubject]] = {}
+        self._lookups: dict[str, asyncio.Future[AuthSubject]] = {}
 
     async def authenticate(self, credential: str) -> AuthSubject:
         """The subject for a credential; 401 for anything that is not a live key."""
@@ -87,6 +108,44 @@ class KeyAuthenticator:
             # Checked before any database access: garbage never costs a query.
             raise Unauthenticated("invalid credential")
         digest = key_digest(self._pepper, credential)
+        cached = self._cache.get(digest)
+        if cached is not None:
+            if cached[0] > time.monotonic():
+                return cached[1]
+            del self._cache[digest]
+        pending = self._lookups.get(digest)
+        if pending is not None:
+            # shield: one waiter being cancelled must not cancel the lookup the others share.
+            return await asyncio.shield(pending)
+        lookup = asyncio.ensure_future(self._verify(digest))
+        self._lookups[digest] = lookup
+        try:
+            return await asyncio.shield(lookup)
+        finally:
+            if lookup.done():
+                self._lookups.pop(digest, None)
+            else:
+                lookup.add_done_callback(lambda _: self._lookups.pop(digest, None))
+
+    def forget(self) -> None:
+        """Drop every cached key (tests, and after an operator changes keys in bulk)."""
+        self._cache.clear()
+
+    async def _verify(self, digest: str) -> AuthSubject:
+        started = time.monotonic()
+        subject, valid_until = await self._lookup(digest)
+        deadline = started + self._cache_ttl
+        if valid_until is not None:
+            # Never serve a key from the cache past its expiry or scheduled revocation.
+            deadline = min(deadline, started + (valid_until - utcnow()).total_seconds())
+        if len(self._cache) >= self._cache_size:
+            # Full: drop the oldest entry (dicts keep insertion order).
+            del self._cache[next(iter(self._cache))]
+        self._cache[digest] = (deadline, subject)
+        return subject
+
+    async def _lookup(self, digest: str) -> tuple[AuthSubject, datetime | None]:
+        """The live key with this digest and the moment it stops being valid, or 401."""
         statement = (
             select(ApiKey, Tenant, AdminPrincipal)
             .outerjoin(Tenant, ApiKey.tenant_id == Tenant.id)
@@ -108,6 +167,7 @@ class KeyAuthenticator:
             raise Unauthenticated("credential revoked")
         if key.expires_at is not None and key.expires_at <= now:
             raise Unauthenticated("credential expired")
+        ends = [moment for moment in (key.revoked_at, key.expires_at) if moment is not None]
         tenant_info = None
         if tenant is not None:
             tenant_info = TenantInfo(
@@ -118,7 +178,7 @@ class KeyAuthenticator:
                 monthly_quota=tenant.monthly_quota,
                 status=tenant.status,
             )
-        return AuthSubject(
+        subject = AuthSubject(
             key_id=key.id,
             key_name=key.name,
             scopes=key.scope_set,
@@ -127,6 +187,7 @@ class KeyAuthenticator:
             admin_principal_id=admin.id if admin is not None else None,
             admin_name=admin.name if admin is not None else None,
         )
+        return subject, min(ends, default=None)
 
 
 def authorize(subject: AuthSubject, required_scopes: frozenset[str]) -> None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from math import floor, inf
 from typing import Any
 
 from limits import RateLimitItem, parse
@@ -22,6 +24,8 @@ from limits.aio.strategies import (
     SlidingWindowCounterRateLimiter,
 )
 from limits.storage import storage_from_string
+from limits.util import WindowStats
+from redis.exceptions import NoScriptError
 from slowapi import Limiter
 from slowapi.errors import RateLimitExceeded
 from slowapi.wrappers import Limit
@@ -73,13 +77,123 @@ _ASYNC_STRATEGIES: dict[
 }
 
 
+def _sliding_window_stats(item: RateLimitItem, window: Any, now: float) -> WindowStats:
+    """The remaining count and reset time of a sliding window counter, from the reply of
+    limits' ``sliding_window`` script, as ``SlidingWindowCounterRateLimiter`` computes them."""
+    previous_count, previous_ttl, current_count, current_ttl = 0, 0.0, 0, 0.0
+    if window:
+        previous_count, current_count = int(window[0] or 0), int(window[2] or 0)
+        previous_ttl = max(0.0, float(window[1] or 0)) / 1000
+        current_ttl = max(0.0, float(window[3] or 0)) / 1000
+    expiry = item.get_expiry()
+    weighted = previous_count * previous_ttl / expiry + current_count
+    remaining = max(0, item.amount - floor(weighted))
+    if not (previous_count or current_count):
+        return WindowStats(now, remaining)
+    previous_reset, current_reset = inf, inf
+    if previous_count:
+        previous_reset = previous_ttl % (expiry / previous_count)
+    if current_count:
+        current_reset = current_ttl % expiry
+    return WindowStats(now + min(previous_reset, current_reset), remaining)
+
+
 def _subject_key(request: Any) -> str:
     # slowapi requires a key function; the limiter is only ever checked per API key id.
     return str(request.state.subject.key_id)
 
 
+RedisCommand = Callable[[Any], Any]
+
+
+class _PipelinedRedis:
+    """Sends the limit checks of concurrent requests to Redis in one pipeline per event-loop
+    turn: the per-call overhead of the client, not Redis itself, is what a request would
+    otherwise pay, so it is paid once for everything that arrived together."""
+
+    def __init__(self, client: Any, scripts: Sequence[Any]) -> None:
+        self._client = client
+        self._scripts = scripts
+        self._pending: list[tuple[list[RedisCommand], asyncio.Future[list[Any]]]] = []
+        self._flush_scheduled = False
+        self._in_flight: set[asyncio.Task[None]] = set()
+
+    async def run(self, commands: list[RedisCommand]) -> list[Any]:
+        """Queue ``commands`` (each adds one call to a pipeline) and await their replies."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Any]] = loop.create_future()
+        self._pending.append((commands, future))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            # call_soon runs after every callback already ready in this turn, so the checks of
+            # all requests that reached this point together go out together.
+            loop.call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        batch, self._pending = self._pending, []
+        task = asyncio.ensure_future(self._send(batch))
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+
+    async def _send(
+        self, batch: list[tuple[list[RedisCommand], asyncio.Future[list[Any]]]]
+    ) -> None:
+        try:
+            try:
+                replies = await self._execute(batch)
+            except NoScriptError:
+                # Redis restarted (or was flushed) and forgot the scripts: load them, once.
+                for script in self._scripts:
+                    await self._client.script_load(script.script)
+                replies = await self._execute(batch)
+        except Exception as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        position = 0
+        for commands, future in batch:
+            mine = replies[position : position + len(commands)]
+            position += len(commands)
+            if future.done():
+                continue  # the request timed out or went away
+            error = next((reply for reply in mine if isinstance(reply, Exception)), None)
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(mine)
+
+    async def _execute(
+        self, batch: list[tuple[list[RedisCommand], asyncio.Future[list[Any]]]]
+    ) -> list[Any]:
+        # No MULTI: each check is atomic by itself (a Lua script), and a transaction would add
+        # work on the server without making the limit any more exact.
+        pipeline = self._client.pipeline(transaction=False)
+        for commands, _ in batch:
+            for command in commands:
+                command(pipeline)
+        replies: list[Any] = await pipeline.execute(raise_on_error=False)
+        if any(isinstance(reply, NoScriptError) for reply in replies):
+            raise NoScriptError("script not loaded")
+        return replies
+
+
+def _evalsha(script: Any, keys: list[str], args: list[Any]) -> RedisCommand:
+    # EVALSHA rather than the Script object: a pipeline holding Script objects first asks Redis
+    # whether they exist, a second round trip on every request.
+    return lambda pipeline: pipeline.evalsha(script.sha, len(keys), *keys, *args)
+
+
 class RateLimiter:
-    """Checks per-key limits on Redis (``async+redis://``) or in process memory."""
+    """Checks per-key limits on Redis (``async+redis://``) or in process memory.
+
+    On Redis a check is one round trip, shared by the concurrent requests of an event-loop turn:
+    the strategy's own Lua scripts from ``limits`` (the hit, then the window it leaves) go out
+    in one pipeline, and the ``X-RateLimit-*`` figures are computed from that answer as
+    ``limits`` computes its window statistics.
+    """
 
     def __init__(self, settings: Settings) -> None:
         storage_uri = settings.redis_url or "memory://"
@@ -92,6 +206,7 @@ class RateLimiter:
         )
         self.default_limit: str = settings.default_rate_limit
         self.storage_uri = storage_uri
+        self.strategy_name = settings.rate_limit_strategy
         self.uses_redis = bool(settings.redis_url)
         self._timeout = settings.redis_timeout_seconds
         options: dict[str, Any] = {}
@@ -107,6 +222,20 @@ class RateLimiter:
             raise TypeError(f"{self.storage_uri!r} did not yield an asyncio storage")
         self._storage = storage
         self._strategy = _ASYNC_STRATEGIES[settings.rate_limit_strategy](storage)
+        self._redis: _PipelinedRedis | None = None
+        if self.uses_redis:
+            bridge = storage.bridge  # type: ignore[attr-defined]
+            self._bridge = bridge
+            self._redis = _PipelinedRedis(
+                bridge.get_connection(),
+                [
+                    bridge.lua_acquire_sliding_window,
+                    bridge.lua_sliding_window,
+                    bridge.lua_acquire_moving_window,
+                    bridge.lua_moving_window,
+                    bridge.lua_incr_expire,
+                ],
+            )
 
     async def hit(self, key_id: str, rate_limit: str | None, cost: int = 1) -> RateLimitStatus:
         """Count one request against the key's limit; raises ``KeyRateLimitExceeded`` when over.
@@ -117,8 +246,11 @@ class RateLimiter:
         item = parse_rate_limit(rate_limit or self.default_limit)
         try:
             async with asyncio.timeout(self._timeout):
-                allowed = await self._strategy.hit(item, _NAMESPACE, key_id, cost=cost)
-                stats = await self._strategy.get_window_stats(item, _NAMESPACE, key_id)
+                if self._redis is not None:
+                    allowed, stats = await self._hit_redis(self._redis, item, key_id, cost)
+                else:
+                    allowed = await self._strategy.hit(item, _NAMESPACE, key_id, cost=cost)
+                    stats = await self._strategy.get_window_stats(item, _NAMESPACE, key_id)
         except (TimeoutError, ConnectionError, OSError) as exc:
             raise DependencyUnavailable("rate limiter unavailable") from exc
         except Exception as exc:
@@ -133,6 +265,47 @@ class RateLimiter:
             wrapper = Limit(item, _subject_key, None, False, None, None, None, cost, False)
             raise KeyRateLimitExceeded(wrapper, status)
         return status
+
+    async def _hit_redis(
+        self, redis: _PipelinedRedis, item: RateLimitItem, key_id: str, cost: int
+    ) -> tuple[bool, WindowStats]:
+        bridge = self._bridge
+        key = item.key_for(_NAMESPACE, key_id)
+        expiry = item.get_expiry()
+        now = time.time()
+        if self.strategy_name == "sliding-window-counter":
+            keys = [
+                bridge.prefixed_key(self._storage._previous_window_key(key)),  # type: ignore[attr-defined]
+                bridge.prefixed_key(self._storage._current_window_key(key)),  # type: ignore[attr-defined]
+            ]
+            acquired, window = await redis.run(
+                [
+                    _evalsha(bridge.lua_acquire_sliding_window, keys, [item.amount, expiry, cost]),
+                    _evalsha(bridge.lua_sliding_window, keys, [expiry]),
+                ]
+            )
+            return bool(acquired), _sliding_window_stats(item, window, now)
+        key = bridge.prefixed_key(key)
+        if self.strategy_name == "moving-window":
+            acquired, window = await redis.run(
+                [
+                    _evalsha(
+                        bridge.lua_acquire_moving_window, [key], [now, item.amount, expiry, cost]
+                    ),
+                    _evalsha(bridge.lua_moving_window, [key], [now - expiry, item.amount]),
+                ]
+            )
+            start, count = (float(window[0]), int(window[1])) if window else (now, 0)
+            return bool(acquired), WindowStats(start + expiry, item.amount - count)
+        count, ttl = await redis.run(
+            [
+                _evalsha(bridge.lua_incr_expire, [key], [expiry, cost]),
+                lambda pipeline: pipeline.ttl(key),
+            ]
+        )
+        return int(count) <= item.amount, WindowStats(
+            now + max(int(ttl), 0), max(0, item.amount - int(count))
+        )
 
     async def is_healthy(self) -> bool:
         """Whether the storage answers within the timeout."""

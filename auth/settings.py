@@ -37,11 +37,18 @@ class Settings(BaseSettings):
     var_dir: Path = Path("./var")
 
     default_rate_limit: str = "100/minute"
+    # An exact strategy by default: a fixed window lets twice the limit through around its
+    # edge. The moving window stores one entry per request, so its cost grows with the limit.
     rate_limit_strategy: Literal["fixed-window", "moving-window", "sliding-window-counter"] = (
-        "fixed-window"
+        "sliding-window-counter"
     )
     # How long a Redis call may take before the request fails closed with 503.
     redis_timeout_seconds: float = Field(default=0.5, gt=0)
+    # How long a verified key is trusted without asking the database again. Revocation,
+    # expiry, suspension and limit changes take effect on every worker within this time, so
+    # it may not exceed the 1 second that the contract promises.
+    key_cache_ttl_seconds: float = Field(default=1.0, gt=0, le=1.0)
+    key_cache_size: int = Field(default=10_000, ge=1)
     max_batch_size: int = Field(default=100, ge=1)
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     log_level: str = "INFO"

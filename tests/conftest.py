@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -250,6 +251,24 @@ def bearer(key: str) -> dict[str, str]:
 
 IRIS_SETOSA = [5.1, 3.5, 1.4, 0.2]
 IRIS_VIRGINICA = [6.7, 3.0, 5.2, 2.3]
+
+
+async def refused_within(
+    harness: Harness, key: str, seconds: float, path: str = "/api/v1/predict"
+) -> float:
+    """Predict with ``key`` until it is refused (401 or 403); fail if that takes longer than
+    ``seconds`` (the key cache's promise). Returns how long it took."""
+    started = time.monotonic()
+    while True:
+        response = await harness.client.post(
+            path, json={"features": IRIS_SETOSA}, headers=bearer(key)
+        )
+        elapsed = time.monotonic() - started
+        if response.status_code in (401, 403):
+            return elapsed
+        assert response.status_code == 200, response.text
+        assert elapsed <= seconds, f"still served {elapsed:.2f} s after the change"
+        await asyncio.sleep(0.05)
 
 
 @pytest.fixture

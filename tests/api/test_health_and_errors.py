@@ -103,7 +103,7 @@ async def test_tampered_model_is_failed_reported_and_503(
     backend: Backend, model_copy: Path, tmp_path: Path
 ) -> None:
     """SECURITY.md line 19: never unpickled (tests/ml proves that), readiness says so, 503."""
-    artifact = model_copy / "iris" / "1" / "model.joblib"
+    artifact = model_copy / "iris" / "1" / "model.onnx"
     artifact.write_bytes(artifact.read_bytes() + b"tampered")
     settings = make_settings(backend, model_copy, tmp_path)
     async with running_app(settings, backend) as app:

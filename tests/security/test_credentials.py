@@ -17,6 +17,7 @@ from tests.conftest import (
     bearer,
     create_admin_key,
     create_tenant_with_key,
+    refused_within,
 )
 
 PREDICT = "/api/v1/predict"
@@ -116,6 +117,9 @@ async def test_revoked_or_expired_key_is_401(harness: Harness, column: str) -> N
             .values({column: utcnow() - timedelta(seconds=1)})
         )
         await session.commit()
+    # The key was verified a moment ago and is cached; the change must still hold within the
+    # cache's 1 second, and from then on.
+    await refused_within(harness, key, seconds=1.0)
     _assert_401(
         await harness.client.post(PREDICT, json={"features": IRIS_SETOSA}, headers=bearer(key))
     )
