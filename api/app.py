@@ -21,6 +21,7 @@ from auth.authn import KeyAuthenticator
 from auth.db import create_engine, create_sessionmaker
 from auth.limits import RateLimiter
 from auth.settings import Settings, get_settings, load_secrets
+from auth.usage_writer import UsageWriter
 from ml import ModelRegistry
 
 logger = structlog.get_logger(__name__)
@@ -48,18 +49,33 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logger.warning(
             "no model is ready; run `modelgate models train`", dir=str(settings.model_dir)
         )
+    usage_writer = UsageWriter(
+        engine,
+        max_batch=settings.usage_flush_max_records,
+        max_wait_seconds=settings.usage_flush_wait_ms / 1000,
+        timeout_seconds=settings.usage_flush_timeout_seconds,
+    )
+    usage_writer.start()
     app.state.modelgate = AppState(
         settings=settings,
         secrets=secrets,
         engine=engine,
         sessionmaker=sessionmaker,
-        authenticator=KeyAuthenticator(sessionmaker, secrets.key_pepper),
+        authenticator=KeyAuthenticator(
+            sessionmaker,
+            secrets.key_pepper,
+            cache_ttl=settings.key_cache_ttl_seconds,
+            cache_size=settings.key_cache_size,
+        ),
         rate_limiter=rate_limiter,
         registry=registry,
+        usage_writer=usage_writer,
     )
     try:
         yield
     finally:
+        # Pending usage is committed before the engine goes away.
+        await usage_writer.close()
         await rate_limiter.close()
         await engine.dispose()
 

@@ -11,6 +11,7 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from api.metering import BILLABLE
 from api.state import AppState
 from auth.authn import AuthSubject, authorize, bearer_credential
 from auth.errors import Forbidden
@@ -71,9 +72,14 @@ class Authenticator:
     """The one way in for identity: verifies the bearer credential, checks the scopes, and
     counts the request against the key's rate limit."""
 
-    def __init__(self, required_scopes: set[str], *, tenant_only: bool = False) -> None:
+    def __init__(
+        self, required_scopes: set[str], *, tenant_only: bool = False, billable: bool = False
+    ) -> None:
         self.required_scopes = frozenset(required_scopes)
         self.tenant_only = tenant_only
+        # A billable route may answer 2xx only after api.metering.charge (the middleware
+        # enforces it).
+        self.billable = billable
 
     async def __call__(
         self,
@@ -91,6 +97,8 @@ class Authenticator:
         if self.tenant_only and subject.tenant is None:
             raise Forbidden("this route is for tenant credentials")
         authorize(subject, self.required_scopes)
+        if self.billable:
+            setattr(request.state, BILLABLE, True)
         rate_limit = subject.tenant.rate_limit if subject.tenant else None
         try:
             request.state.rate_limit = await state.rate_limiter.hit(str(subject.key_id), rate_limit)
@@ -103,7 +111,9 @@ class Authenticator:
 
 require_admin = Authenticator({"admin"})
 
-PredictScope = Annotated[AuthSubject, Depends(Authenticator({"predict"}, tenant_only=True))]
+PredictScope = Annotated[
+    AuthSubject, Depends(Authenticator({"predict"}, tenant_only=True, billable=True))
+]
 UsageScope = Annotated[AuthSubject, Depends(Authenticator({"usage:read"}, tenant_only=True))]
 TenantCredential = Annotated[AuthSubject, Depends(Authenticator(set(), tenant_only=True))]
 AnyCredential = Annotated[AuthSubject, Depends(Authenticator(set()))]

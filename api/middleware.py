@@ -11,6 +11,7 @@ from typing import Any
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.metering import BILLABLE, BILLED
 from auth.limits import RateLimitStatus
 
 logger = structlog.get_logger("modelgate.request")
@@ -48,8 +49,29 @@ class RequestContextMiddleware:
                     # Starlette's body limit answers in plain text; every error here is
                     # problem JSON.
                     replaced_body = True
-                    body = _too_large_body(request_id)
-                    await send(_too_large_start(request_id, len(body)))
+                    body = _problem_body(
+                        request_id,
+                        413,
+                        "payload-too-large",
+                        "Request body too large",
+                        "the request body exceeds the size limit",
+                    )
+                    await send(_problem_start(request_id, 413, len(body)))
+                    await send({"type": "http.response.body", "body": body})
+                    return
+                if status < 400 and state.get(BILLABLE) and not state.get(BILLED):
+                    # A billable route tried to answer without a committed usage record: that
+                    # is a bug, and the client gets a 503 rather than a free prediction.
+                    logger.error("billable response without a usage record; answered 503")
+                    replaced_body = True
+                    body = _problem_body(
+                        request_id,
+                        503,
+                        "service-unavailable",
+                        "Service unavailable",
+                        "usage could not be recorded",
+                    )
+                    await send(_problem_start(request_id, 503, len(body)))
                     await send({"type": "http.response.body", "body": body})
                     return
                 headers = list(message.get("headers", []))
@@ -89,22 +111,22 @@ def _is_problem(message: Message) -> bool:
     )
 
 
-def _too_large_body(request_id: str) -> bytes:
+def _problem_body(request_id: str, status: int, type_: str, title: str, detail: str) -> bytes:
     return json.dumps(
         {
-            "type": "payload-too-large",
-            "title": "Request body too large",
-            "status": 413,
-            "detail": "the request body exceeds the size limit",
+            "type": type_,
+            "title": title,
+            "status": status,
+            "detail": detail,
             "request_id": request_id,
         }
     ).encode()
 
 
-def _too_large_start(request_id: str, body_length: int) -> Message:
+def _problem_start(request_id: str, status: int, body_length: int) -> Message:
     return {
         "type": "http.response.start",
-        "status": 413,
+        "status": status,
         "headers": [
             (b"content-type", b"application/problem+json"),
             (b"content-length", str(body_length).encode()),

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import AutoCommitRoute, PredictScope, SessionDep, StateDep
+from api.deps import PredictScope, StateDep
 from api.errors import problem_responses
+from api.metering import charge
+from api.state import AppState
 from auth.authn import AuthSubject
 from auth.errors import InvalidRequest
-from auth.models import utcnow
-from auth.usage import UsageEvent, record_usage
 from ml import DEFAULT_MODEL, LoadedModel, Prediction
 
-router = APIRouter(route_class=AutoCommitRoute, tags=["predictions"])
+# No database session here: usage goes through the usage writer (api.metering.charge).
+router = APIRouter(tags=["predictions"])
 
 FiniteNumber = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 ModelName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$")]
@@ -85,29 +85,25 @@ class BatchPredictResponse(BaseModel):
 
 async def _predict_and_bill(
     request: Request,
-    session: SessionDep,
+    state: AppState,
     subject: AuthSubject,
     model: LoadedModel,
     rows: list[list[float]],
 ) -> tuple[list[Prediction], float]:
-    """Run the model, then charge the tenant in the request's transaction (committed by the
-    route before the response is sent). Returns the predictions and the inference time."""
-    tenant = subject.require_tenant()
+    """Run the model, then bill the tenant through the usage writer (the response is sent only
+    once the record is committed). Returns the predictions and the inference time."""
     started = time.perf_counter()
     predictions = await model.predict_async(rows)
     inference_ms = (time.perf_counter() - started) * 1000
-    event = UsageEvent(
-        request_id=uuid.UUID(request.state.request_id),
-        tenant_id=tenant.id,
-        api_key_id=subject.key_id,
+    await charge(
+        request,
+        state,
+        subject,
         model=model.manifest.name,
         model_version=model.manifest.version,
         units=len(rows),
-        status_code=200,
         latency_ms=inference_ms,
-        created_at=utcnow(),
     )
-    await record_usage(session, event, tenant.monthly_quota)
     return predictions, inference_ms
 
 
@@ -120,12 +116,11 @@ async def predict(
     subject: PredictScope,
     request: Request,
     state: StateDep,
-    session: SessionDep,
 ) -> PredictResponse:
     """Predict the class of one instance (1 unit)."""
     model = state.registry.get(body.model, body.model_version)
     [result], inference_ms = await _predict_and_bill(
-        request, session, subject, model, [body.features]
+        request, state, subject, model, [body.features]
     )
     return PredictResponse(
         prediction=result.prediction,
@@ -145,7 +140,6 @@ async def predict_batch(
     subject: PredictScope,
     request: Request,
     state: StateDep,
-    session: SessionDep,
 ) -> BatchPredictResponse:
     """Predict the classes of several instances (one unit per instance)."""
     started = time.perf_counter()
@@ -155,7 +149,7 @@ async def predict_batch(
     if len(body.instances) > min(limit, HARD_MAX_INSTANCES):
         raise InvalidRequest(f"a batch holds at most {limit} instances")
     model = state.registry.get(body.model, body.model_version)
-    results, _ = await _predict_and_bill(request, session, subject, model, body.instances)
+    results, _ = await _predict_and_bill(request, state, subject, model, body.instances)
     return BatchPredictResponse(
         predictions=[
             BatchPrediction(

@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from auth.authn import KeyAuthenticator
 from auth.limits import RateLimiter
 from auth.settings import Secrets, Settings
+from auth.usage_writer import UsageWriter
 from ml import ModelRegistry
 
 
@@ -24,4 +25,5 @@ class AppState:
     authenticator: KeyAuthenticator
     rate_limiter: RateLimiter
     registry: ModelRegistry
+    usage_writer: UsageWriter
     started_at: float = field(default_factory=time.monotonic)

@@ -49,6 +49,13 @@ class Settings(BaseSettings):
     # it may not exceed the 1 second that the contract promises.
     key_cache_ttl_seconds: float = Field(default=1.0, gt=0, le=1.0)
     key_cache_size: int = Field(default=10_000, ge=1)
+    # Group commit of usage (auth.usage_writer): at most this many records per transaction,
+    # and how long the writer may wait for more before it flushes (0: flush as soon as the
+    # previous commit is done, which already batches everything that arrived meanwhile).
+    usage_flush_max_records: int = Field(default=500, ge=1, le=5000)
+    usage_flush_wait_ms: float = Field(default=0.0, ge=0, le=100)
+    # A flush that takes longer fails: its requests get 503 instead of hanging.
+    usage_flush_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
     max_batch_size: int = Field(default=100, ge=1)
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     log_level: str = "INFO"

@@ -1,4 +1,6 @@
-"""Usage accounting: the billable record of each prediction, the monthly quota, and reports."""
+"""Usage accounting: the billable event of each prediction, the monthly quota, and reports.
+
+Records are written by ``auth.usage_writer.UsageWriter`` (group commit), the one write path."""
 
 from __future__ import annotations
 
@@ -8,11 +10,10 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
-from sqlalchemy import func, insert, select, true, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from auth.errors import InvalidRequest, QuotaExceeded
+from auth.errors import InvalidRequest
 from auth.models import MonthlyUsage, Tenant, UsageRecord, utcnow
 
 # A report may span at most this many days: the query stays bounded.
@@ -24,7 +25,8 @@ def month_of(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m")
 
 
-def _seconds_to_next_month(moment: datetime) -> int:
+def seconds_to_next_month(moment: datetime) -> int:
+    """Whole seconds from ``moment`` until the next UTC month (the quota's reset)."""
     first = moment.astimezone(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     following = (first + timedelta(days=32)).replace(day=1)
     return max(1, int((following - moment).total_seconds()))
@@ -43,64 +45,6 @@ class UsageEvent:
     status_code: int
     latency_ms: float
     created_at: datetime
-
-
-def _insert_ignoring_conflict(session: AsyncSession, table: Any) -> Any:
-    dialect = session.get_bind().dialect.name
-    module = postgresql if dialect == "postgresql" else sqlite
-    return module.insert(table)
-
-
-async def record_usage(session: AsyncSession, event: UsageEvent, monthly_quota: int | None) -> None:
-    """Charge the event against the tenant's month and add its usage record, in the session's
-    transaction; raises ``QuotaExceeded`` (and charges nothing) if it would cross the quota.
-
-    The counter update is a single conditional ``UPDATE``, so concurrent requests can never
-    together exceed the quota: the row lock serialises them and each re-checks the bound.
-    """
-    # The record goes first and the counter last: the counter's row lock is then held only
-    # from the UPDATE to the commit, the shortest window the tenant's requests serialise on.
-    await session.execute(
-        insert(UsageRecord).values(
-            request_id=event.request_id,
-            tenant_id=event.tenant_id,
-            api_key_id=event.api_key_id,
-            model=event.model,
-            model_version=event.model_version,
-            units=event.units,
-            status_code=event.status_code,
-            latency_ms=event.latency_ms,
-            created_at=event.created_at,
-        )
-    )
-    month = month_of(event.created_at)
-    within_quota = (
-        MonthlyUsage.units + event.units <= monthly_quota if monthly_quota is not None else true()
-    )
-    charge = (
-        update(MonthlyUsage)
-        .where(MonthlyUsage.tenant_id == event.tenant_id, MonthlyUsage.month == month)
-        .where(within_quota)
-        .values(units=MonthlyUsage.units + event.units, requests=MonthlyUsage.requests + 1)
-    )
-    result: Any = await session.execute(charge)
-    if result.rowcount == 0:
-        # Either the month has no row yet, or the quota would be crossed: create the row (a
-        # no-op if a concurrent request just did) and try once more.
-        create = (
-            _insert_ignoring_conflict(session, MonthlyUsage)
-            .values(tenant_id=event.tenant_id, month=month, units=0, requests=0)
-            .on_conflict_do_nothing()
-        )
-        await session.execute(create)
-        result = await session.execute(charge)
-        if result.rowcount == 0:
-            # Raising makes the caller roll back, the usage record above included.
-            raise QuotaExceeded(
-                f"this request needs {event.units} units and would exceed the monthly quota "
-                f"of {monthly_quota}",
-                retry_after=_seconds_to_next_month(event.created_at),
-            )
 
 
 @dataclass(frozen=True)
