@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -84,11 +85,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the application; ``uvicorn --factory api.app:create_app`` calls this per worker."""
     settings = settings or get_settings()
     configure_logging(settings.log_level)
+    # FastAPI's native OpenTelemetry asks the global providers whether they are configured on
+    # every request (an environment lookup each time); when no OTEL_* variable is set at start
+    # there is nothing to report to, so it is switched off and costs nothing.
+    otel = any(name.startswith("OTEL_") for name in os.environ)
     app = FastAPI(
         title="modelgate",
         version="0.1.0",
         summary="Multi-tenant machine-learning predictions, metered and rate-limited.",
         lifespan=lifespan,
+        telemetry={"tracing": otel, "metrics": otel, "logs": otel},
     )
     app.state.settings = settings
     install_error_handlers(app)

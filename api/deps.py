@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import structlog
 from fastapi import Depends, Request, Response
 from fastapi.routing import APIRoute
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.metering import BILLABLE
@@ -17,9 +17,6 @@ from auth.authn import AuthSubject, authorize, bearer_credential
 from auth.errors import Forbidden
 from auth.limits import KeyRateLimitExceeded
 from auth.settings import Settings
-
-# Declared for OpenAPI (the "Authorize" button); parsing and errors are ours.
-_bearer_scheme = HTTPBearer(auto_error=False, description="An API key (mg_...) or a JWT")
 
 
 async def get_app_state(request: Request) -> AppState:
@@ -68,25 +65,31 @@ class AutoCommitRoute(APIRoute):
         return handler_then_commit
 
 
-class Authenticator:
+class Authenticator(HTTPBearer):
     """The one way in for identity: verifies the bearer credential, checks the scopes, and
-    counts the request against the key's rate limit."""
+    counts the request against the key's rate limit.
+
+    It is an ``HTTPBearer`` so that OpenAPI shows the scheme (the "Authorize" button) without a
+    second dependency to solve on every request; parsing and errors are ours.
+    """
 
     def __init__(
         self, required_scopes: set[str], *, tenant_only: bool = False, billable: bool = False
     ) -> None:
+        super().__init__(
+            auto_error=False,
+            scheme_name="HTTPBearer",
+            description="An API key (mg_...) or a JWT",
+        )
         self.required_scopes = frozenset(required_scopes)
         self.tenant_only = tenant_only
         # A billable route may answer 2xx only after api.metering.charge (the middleware
         # enforces it).
         self.billable = billable
 
-    async def __call__(
-        self,
-        request: Request,
-        state: StateDep,
-        _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer_scheme)],
-    ) -> AuthSubject:
+    async def __call__(self, request: Request) -> AuthSubject:  # type: ignore[override]
+        # Read directly rather than through StateDep: one dependency less on the hot path.
+        state: AppState = request.app.state.modelgate
         credential = bearer_credential(request.headers.get("authorization"))
         subject = await state.authenticator.authenticate(credential)
         structlog.contextvars.bind_contextvars(

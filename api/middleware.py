@@ -4,6 +4,7 @@ rate-limit headers, problem JSON for the body limit's 413, and one log line per 
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from typing import Any
@@ -15,6 +16,7 @@ from api.metering import BILLABLE, BILLED
 from auth.limits import RateLimitStatus
 
 logger = structlog.get_logger("modelgate.request")
+_REQUEST_LOG = logging.getLogger("modelgate.request")
 
 
 class RequestContextMiddleware:
@@ -95,6 +97,8 @@ class RequestContextMiddleware:
 
     @staticmethod
     def _log(scope: Scope, status: int, started: float) -> None:
+        if not _REQUEST_LOG.isEnabledFor(logging.INFO):
+            return  # under load the level is usually WARNING: skip building the event
         logger.info(
             "request",
             method=scope.get("method"),

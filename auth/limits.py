@@ -34,6 +34,8 @@ from auth.errors import DependencyUnavailable, InvalidRequest
 from auth.settings import Settings
 
 _NAMESPACE = "mg:key"
+# Redis key names remembered per (key id, limit); cleared when this many are held.
+_KEY_NAMES_CACHED = 10_000
 
 
 @dataclass(frozen=True)
@@ -223,6 +225,7 @@ class RateLimiter:
         self._storage = storage
         self._strategy = _ASYNC_STRATEGIES[settings.rate_limit_strategy](storage)
         self._redis: _PipelinedRedis | None = None
+        self._key_names: dict[tuple[str, int, int], list[str]] = {}
         if self.uses_redis:
             bridge = storage.bridge  # type: ignore[attr-defined]
             self._bridge = bridge
@@ -245,12 +248,13 @@ class RateLimiter:
         """
         item = parse_rate_limit(rate_limit or self.default_limit)
         try:
-            async with asyncio.timeout(self._timeout):
-                if self._redis is not None:
-                    allowed, stats = await self._hit_redis(self._redis, item, key_id, cost)
-                else:
-                    allowed = await self._strategy.hit(item, _NAMESPACE, key_id, cost=cost)
-                    stats = await self._strategy.get_window_stats(item, _NAMESPACE, key_id)
+            if self._redis is not None:
+                # Bounded by the client's socket timeouts (connect and read), which are the
+                # configured Redis timeout: no asyncio timer per request is needed.
+                allowed, stats = await self._hit_redis(self._redis, item, key_id, cost)
+            else:
+                allowed = await self._strategy.hit(item, _NAMESPACE, key_id, cost=cost)
+                stats = await self._strategy.get_window_stats(item, _NAMESPACE, key_id)
         except (TimeoutError, ConnectionError, OSError) as exc:
             raise DependencyUnavailable("rate limiter unavailable") from exc
         except Exception as exc:
@@ -270,14 +274,10 @@ class RateLimiter:
         self, redis: _PipelinedRedis, item: RateLimitItem, key_id: str, cost: int
     ) -> tuple[bool, WindowStats]:
         bridge = self._bridge
-        key = item.key_for(_NAMESPACE, key_id)
         expiry = item.get_expiry()
         now = time.time()
+        keys = self._redis_keys(item, key_id)
         if self.strategy_name == "sliding-window-counter":
-            keys = [
-                bridge.prefixed_key(self._storage._previous_window_key(key)),  # type: ignore[attr-defined]
-                bridge.prefixed_key(self._storage._current_window_key(key)),  # type: ignore[attr-defined]
-            ]
             acquired, window = await redis.run(
                 [
                     _evalsha(bridge.lua_acquire_sliding_window, keys, [item.amount, expiry, cost]),
@@ -285,7 +285,7 @@ class RateLimiter:
                 ]
             )
             return bool(acquired), _sliding_window_stats(item, window, now)
-        key = bridge.prefixed_key(key)
+        [key] = keys
         if self.strategy_name == "moving-window":
             acquired, window = await redis.run(
                 [
@@ -306,6 +306,26 @@ class RateLimiter:
         return int(count) <= item.amount, WindowStats(
             now + max(int(ttl), 0), max(0, item.amount - int(count))
         )
+
+    def _redis_keys(self, item: RateLimitItem, key_id: str) -> list[str]:
+        """The Redis keys limits uses for this key id and limit (remembered: they are the same
+        on every request of a key)."""
+        cache_key = (key_id, item.amount, item.get_expiry())
+        keys = self._key_names.get(cache_key)
+        if keys is None:
+            bridge, key = self._bridge, item.key_for(_NAMESPACE, key_id)
+            if self.strategy_name == "sliding-window-counter":
+                storage: Any = self._storage
+                keys = [
+                    bridge.prefixed_key(storage._previous_window_key(key)),
+                    bridge.prefixed_key(storage._current_window_key(key)),
+                ]
+            else:
+                keys = [bridge.prefixed_key(key)]
+            if len(self._key_names) >= _KEY_NAMES_CACHED:
+                self._key_names.clear()
+            self._key_names[cache_key] = keys
+        return keys
 
     async def is_healthy(self) -> bool:
         """Whether the storage answers within the timeout."""

@@ -16,24 +16,28 @@ previous one was in flight.
   and the writer goes on with the next batch: it recovers by itself when the database does.
 - Every record keeps its request id under a unique index, so a write that is retried can never
   bill twice.
+
+The writer keeps one connection of its own and speaks to it through the driver (asyncpg or
+aiosqlite) with two fixed statements: SQLAlchemy's execution layer cost about 1 ms of CPU per
+flush, several times the database's own work (measured by ``bench``). Values still go through
+the columns' SQLAlchemy bind processors, so they are stored exactly as the ORM stores them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from sqlalchemy import insert
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from auth.errors import DependencyUnavailable, QuotaExceeded
-from auth.models import MonthlyUsage, UsageRecord
+from auth.models import UsageRecord
 from auth.usage import UsageEvent, month_of, seconds_to_next_month
 
 logger = structlog.get_logger(__name__)
@@ -44,6 +48,57 @@ class _Pending:
     event: UsageEvent
     monthly_quota: int | None
     future: asyncio.Future[None] = field(repr=False)
+
+
+# The writer's statements in Postgres' parameter style; SQLite's "?" is derived from them.
+# Adding units to a tenant's month (creating the row if needed):
+_ADD = (
+    "INSERT INTO monthly_usage (tenant_id, month, units, requests) VALUES ($1, $2, $3, $4) "
+    "ON CONFLICT (tenant_id, month) DO UPDATE SET "
+    "units = monthly_usage.units + excluded.units, "
+    "requests = monthly_usage.requests + excluded.requests"
+)
+# The same only if the month stays within the quota ($5). A new row is only ever created with
+# units <= quota (the caller checks), so the bound matters on conflict only.
+_ADD_WITHIN_QUOTA = _ADD + " WHERE monthly_usage.units + excluded.units <= $5"
+_INSERT_RECORDS = (
+    "INSERT INTO usage_record (request_id, tenant_id, api_key_id, model, model_version, units, "
+    "status_code, latency_ms, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+)
+_RECORD_COLUMNS = (
+    "request_id",
+    "tenant_id",
+    "api_key_id",
+    "model",
+    "model_version",
+    "units",
+    "status_code",
+    "latency_ms",
+    "created_at",
+)
+
+
+@dataclass(frozen=True)
+class _Statements:
+    """The writer's SQL in one dialect's parameter style."""
+
+    add: str
+    add_within_quota: str
+    insert_records: str
+
+    @classmethod
+    def for_dialect(cls, dialect: str) -> _Statements:
+        if dialect not in ("postgresql", "sqlite"):
+            raise ValueError(f"the usage writer does not support {dialect}")
+
+        def styled(sql: str) -> str:
+            return sql if dialect == "postgresql" else re.sub(r"\$\d+", "?", sql)
+
+        return cls(
+            add=styled(_ADD + " RETURNING units"),
+            add_within_quota=styled(_ADD_WITHIN_QUOTA + " RETURNING units"),
+            insert_records=styled(_INSERT_RECORDS),
+        )
 
 
 class UsageWriter:
@@ -65,8 +120,13 @@ class UsageWriter:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        dialect = engine.dialect.name
-        self._dialect_insert: Any = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        self._dialect = engine.dialect.name
+        self._sql = _Statements.for_dialect(self._dialect)
+        columns = UsageRecord.__table__.c
+        self._processors = [
+            columns[name].type.bind_processor(engine.dialect) for name in _RECORD_COLUMNS
+        ]
+        self._connection: AsyncConnection | None = None
 
     def start(self) -> None:
         """Start the background flush loop (in the running event loop)."""
@@ -74,13 +134,14 @@ class UsageWriter:
             self._task = asyncio.create_task(self._run(), name="usage-writer")
 
     async def close(self) -> None:
-        """Flush what is queued, then stop."""
+        """Flush what is queued, then stop and return the connection."""
         self._closing = True
         self._wakeup.set()
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        await self._drop_connection()
 
     async def charge(self, event: UsageEvent, monthly_quota: int | None) -> None:
         """Record ``event`` against the tenant's month and wait until it is committed.
@@ -95,8 +156,9 @@ class UsageWriter:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(event, monthly_quota, future))
         self._wakeup.set()
-        # shield: a client that goes away must not cancel a commit that others share.
-        await asyncio.shield(future)
+        # A request cancelled while waiting cancels only its own future: a batch already being
+        # written is unaffected, and one still queued is dropped (nothing was served).
+        await future
 
     async def _run(self) -> None:
         while True:
@@ -106,9 +168,10 @@ class UsageWriter:
                 if self._max_wait > 0 and len(self._queue) < self._max_batch:
                     # Optional: trade a little latency for bigger batches.
                     await asyncio.sleep(self._max_wait)
-                batch = self._queue[: self._max_batch]
+                batch = [p for p in self._queue[: self._max_batch] if not p.future.done()]
                 del self._queue[: self._max_batch]
-                await self._flush(batch)
+                if batch:
+                    await self._flush(batch)
             if self._closing:
                 return
 
@@ -117,6 +180,8 @@ class UsageWriter:
             async with asyncio.timeout(self._timeout):
                 refused = await self._write(batch)
         except Exception as exc:
+            # The connection's state is unknown: start the next batch on a fresh one.
+            await self._drop_connection()
             # The driver's message may carry SQL parameters: log the class only.
             logger.warning("usage flush failed", error=type(exc).__name__, records=len(batch))
             for pending in batch:
@@ -134,6 +199,21 @@ class UsageWriter:
             else:
                 pending.future.set_result(None)
 
+    async def _driver(self) -> Any:
+        """The driver connection (asyncpg or aiosqlite) the writer keeps for itself."""
+        if self._connection is None:
+            self._connection = await self._engine.connect()
+        raw = await self._connection.get_raw_connection()
+        return raw.driver_connection
+
+    async def _drop_connection(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.invalidate()
+            with contextlib.suppress(Exception):
+                await connection.close()
+
     async def _write(self, batch: list[_Pending]) -> set[_Pending]:
         """One transaction: charge every tenant's month, insert the accepted records, commit.
         Returns the events refused for their quota."""
@@ -141,42 +221,55 @@ class UsageWriter:
         for pending in batch:
             key = (pending.event.tenant_id, month_of(pending.event.created_at))
             groups.setdefault(key, []).append(pending)
+        driver = await self._driver()
+        if self._dialect == "postgresql":
+            async with driver.transaction():
+                return await self._charge_and_insert(driver, groups)
+        try:
+            refused = await self._charge_and_insert(driver, groups)
+            await driver.commit()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await driver.rollback()
+            raise
+        return refused
+
+    async def _charge_and_insert(
+        self, driver: Any, groups: dict[tuple[uuid.UUID, str], list[_Pending]]
+    ) -> set[_Pending]:
         refused: set[_Pending] = set()
-        async with self._engine.begin() as connection:
-            for tenant_id, month in sorted(groups, key=lambda key: (str(key[0]), key[1])):
-                members = groups[(tenant_id, month)]
-                refused.update(await self._charge_month(connection, tenant_id, month, members))
-            rows = [_record(p.event) for p in batch if p not in refused]
-            if rows:
-                await connection.execute(insert(UsageRecord), rows)
+        for tenant_id, month in sorted(groups, key=lambda key: (str(key[0]), key[1])):
+            members = groups[(tenant_id, month)]
+            refused.update(await self._charge_month(driver, tenant_id, month, members))
+        rows = [
+            self._row(p.event) for members in groups.values() for p in members if p not in refused
+        ]
+        if rows:
+            await driver.executemany(self._sql.insert_records, rows)
         return refused
 
     async def _charge_month(
-        self,
-        connection: AsyncConnection,
-        tenant_id: uuid.UUID,
-        month: str,
-        members: Sequence[_Pending],
+        self, driver: Any, tenant_id: uuid.UUID, month: str, members: Sequence[_Pending]
     ) -> list[_Pending]:
         quotas = [p.monthly_quota for p in members if p.monthly_quota is not None]
         quota = min(quotas) if quotas else None
         units = sum(p.event.units for p in members)
-        if quota is None or units <= quota:
-            charged = await self._add(connection, tenant_id, month, units, len(members), quota)
-            if charged:
-                return []
+        if (quota is None or units <= quota) and await self._add(
+            driver, tenant_id, month, units, len(members), quota
+        ):
+            return []
         # The batch as a whole would cross the quota: decide request by request, in order.
         refused = []
         for pending in members:
             if not await self._add(
-                connection, tenant_id, month, pending.event.units, 1, pending.monthly_quota
+                driver, tenant_id, month, pending.event.units, 1, pending.monthly_quota
             ):
                 refused.append(pending)
         return refused
 
     async def _add(
         self,
-        connection: AsyncConnection,
+        driver: Any,
         tenant_id: uuid.UUID,
         month: str,
         units: int,
@@ -188,35 +281,42 @@ class UsageWriter:
         One statement whether or not the month has a row yet (an upsert). The caller has
         ensured ``units <= quota``, so creating the row can never cross it either.
         """
-        statement = self._dialect_insert(MonthlyUsage).values(
-            tenant_id=tenant_id, month=month, units=units, requests=requests
+        tenant = self._processors[1]
+        parameters: tuple[Any, ...] = (
+            tenant(tenant_id) if tenant else tenant_id,
+            month,
+            units,
+            requests,
         )
-        statement = statement.on_conflict_do_update(
-            index_elements=[MonthlyUsage.tenant_id, MonthlyUsage.month],
-            set_={
-                "units": MonthlyUsage.units + statement.excluded.units,
-                "requests": MonthlyUsage.requests + statement.excluded.requests,
-            },
-            where=(MonthlyUsage.units + statement.excluded.units <= quota)
-            if quota is not None
-            else None,
-        ).returning(MonthlyUsage.units)
-        result = await connection.execute(statement)
-        return result.first() is not None
+        if quota is None:
+            return await self._fetch_one(driver, self._sql.add, parameters)
+        return await self._fetch_one(driver, self._sql.add_within_quota, (*parameters, quota))
 
+    async def _fetch_one(self, driver: Any, sql: str, parameters: tuple[Any, ...]) -> bool:
+        if self._dialect == "postgresql":
+            return await driver.fetchrow(sql, *parameters) is not None
+        cursor = await driver.execute(sql, parameters)
+        try:
+            return await cursor.fetchone() is not None
+        finally:
+            await cursor.close()
 
-def _record(event: UsageEvent) -> dict[str, Any]:
-    return {
-        "request_id": event.request_id,
-        "tenant_id": event.tenant_id,
-        "api_key_id": event.api_key_id,
-        "model": event.model,
-        "model_version": event.model_version,
-        "units": event.units,
-        "status_code": event.status_code,
-        "latency_ms": event.latency_ms,
-        "created_at": event.created_at,
-    }
+    def _row(self, event: UsageEvent) -> tuple[Any, ...]:
+        values = (
+            event.request_id,
+            event.tenant_id,
+            event.api_key_id,
+            event.model,
+            event.model_version,
+            event.units,
+            event.status_code,
+            event.latency_ms,
+            event.created_at,
+        )
+        return tuple(
+            process(value) if process else value
+            for process, value in zip(self._processors, values, strict=True)
+        )
 
 
 def _quota_exceeded(event: UsageEvent, monthly_quota: int) -> QuotaExceeded:

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import joblib
 from fastapi import FastAPI
 from sqlalchemy import text
 
@@ -26,9 +27,10 @@ from auth.keys import has_valid_checksum, key_digest
 from auth.limits import RateLimiter
 from auth.models import utcnow
 from auth.settings import Settings
-from auth.usage import UsageEvent, record_usage
+from auth.usage import UsageEvent
 from bench import IRIS_ROW
 from bench.services import BENCH_RATE_LIMIT, MICRO_LIMITER_IDS, SERVER_LOG_LEVEL, BenchEnvironment
+from ml import LoadedModel
 
 REPEATS = 5
 # Each repeat runs for about this long; the iteration count is calibrated per benchmark.
@@ -88,6 +90,38 @@ async def time_async(
             await operation()
         per_op.append((time.perf_counter_ns() - started) / iterations / 1000)
     return _result(name, description, per_op, iterations)
+
+
+async def time_amortized(
+    name: str,
+    description: str,
+    operation: Callable[[], Awaitable[object]],
+    concurrency: int = 64,
+) -> MicroResult:
+    """Time ``concurrency`` concurrent calls and report the time per call: what batching
+    (a shared pipeline or commit) costs each request under load."""
+
+    async def gathered() -> None:
+        await asyncio.gather(*(operation() for _ in range(concurrency)))
+
+    result = await time_async(name, description, gathered)
+    scale = 1 / concurrency
+    return MicroResult(
+        name=result.name,
+        description=result.description,
+        us_per_op=round((result.us_per_op or 0) * scale, 2),
+        min_us_per_op=round((result.min_us_per_op or 0) * scale, 2),
+        max_us_per_op=round((result.max_us_per_op or 0) * scale, 2),
+        iterations=result.iterations * concurrency,
+        repeats=result.repeats,
+    )
+
+
+def _sklearn_runtime(model: LoadedModel, env: BenchEnvironment) -> LoadedModel:
+    """The served version on scikit-learn (its verified pickle), for comparison."""
+    version_dir = env.model_dir / model.name / model.version
+    estimator = joblib.load(version_dir / model.manifest.artifact)
+    return LoadedModel(model.manifest, estimator.predict_proba, "sklearn")
 
 
 def _result(name: str, description: str, per_op: list[float], iterations: int) -> MicroResult:
@@ -180,8 +214,20 @@ async def run_micro(env: BenchEnvironment, log: Callable[[str], None]) -> list[M
         add(
             await time_async(
                 "key.authenticate",
-                "KeyAuthenticator.authenticate: checksum, digest, Postgres lookup",
+                "KeyAuthenticator.authenticate, cached (the steady state)",
                 lambda: state.authenticator.authenticate(key),
+            )
+        )
+
+        async def uncached() -> object:
+            state.authenticator.forget()
+            return await state.authenticator.authenticate(key)
+
+        add(
+            await time_async(
+                "key.authenticate.miss",
+                "KeyAuthenticator.authenticate, cache miss: Postgres lookup (once a second)",
+                uncached,
             )
         )
         subject = await state.authenticator.authenticate(key)
@@ -214,10 +260,33 @@ async def run_micro(env: BenchEnvironment, log: Callable[[str], None]) -> list[M
         add(
             await time_async(
                 "limiter.hit.redis",
-                "RateLimiter.hit on Redis (hit + window stats)",
+                f"RateLimiter.hit on Redis, one round trip ({settings.rate_limit_strategy})",
                 lambda: state.rate_limiter.hit(limiter_id, BENCH_RATE_LIMIT),
             )
         )
+        add(
+            await time_amortized(
+                "limiter.hit.redis.x64",
+                "the same, 64 concurrent checks (one pipeline), per check",
+                lambda: state.rate_limiter.hit(limiter_id, BENCH_RATE_LIMIT),
+            )
+        )
+        for strategy in ("moving-window", "fixed-window"):
+            other = RateLimiter(bench_settings(env, rate_limit_strategy=strategy))
+            other_id = f"bench-micro-{uuid.uuid4()}"
+            MICRO_LIMITER_IDS.append(other_id)
+            try:
+                add(
+                    await time_async(
+                        f"limiter.hit.redis.{strategy}",
+                        f"RateLimiter.hit on Redis with {strategy} (limit {BENCH_RATE_LIMIT})",
+                        lambda other=other, other_id=other_id: other.hit(  # type: ignore[misc]
+                            other_id, BENCH_RATE_LIMIT
+                        ),
+                    )
+                )
+            finally:
+                await other.close()
         memory_limiter = RateLimiter(bench_settings(env, redis_url=""))
         try:
             add(
@@ -232,42 +301,79 @@ async def run_micro(env: BenchEnvironment, log: Callable[[str], None]) -> list[M
 
         tenant = subject.require_tenant()
 
-        async def write_usage() -> None:
-            async with state.sessionmaker() as session:
-                event = UsageEvent(
-                    request_id=uuid.uuid4(),
-                    tenant_id=tenant.id,
-                    api_key_id=subject.key_id,
-                    model="iris",
-                    model_version="1",
-                    units=1,
-                    status_code=200,
-                    latency_ms=1.0,
-                    created_at=utcnow(),
-                )
-                await record_usage(session, event, tenant.monthly_quota)
-                await session.commit()
+        def usage_event() -> UsageEvent:
+            return UsageEvent(
+                request_id=uuid.uuid4(),
+                tenant_id=tenant.id,
+                api_key_id=subject.key_id,
+                model="iris",
+                model_version="1",
+                units=1,
+                status_code=200,
+                latency_ms=1.0,
+                created_at=utcnow(),
+            )
 
+        writer = state.usage_writer
         add(
             await time_async(
-                "usage.write", "record_usage + commit on Postgres (own session)", write_usage
+                "usage.write",
+                "UsageWriter.charge alone: one record, its quota update and commit",
+                lambda: writer.charge(usage_event(), tenant.monthly_quota),
+            )
+        )
+        add(
+            await time_amortized(
+                "usage.write.x64",
+                "the same, 64 concurrent requests (group commit), per record",
+                lambda: writer.charge(usage_event(), tenant.monthly_quota),
             )
         )
 
         model = state.registry.get("iris")
         one = [IRIS_ROW]
         ten = [IRIS_ROW] * 10
-        add(time_sync("model.predict.1", "LoadedModel.predict, 1 row", lambda: model.predict(one)))
         add(
             time_sync(
-                "model.predict.10", "LoadedModel.predict, 10 rows", lambda: model.predict(ten)
+                "model.predict.1",
+                f"LoadedModel.predict, 1 row ({model.runtime})",
+                lambda: model.predict(one),
+            )
+        )
+        add(
+            time_sync(
+                "model.predict.10",
+                f"LoadedModel.predict, 10 rows ({model.runtime})",
+                lambda: model.predict(ten),
             )
         )
         add(
             await time_async(
                 "model.predict_async.1",
-                "LoadedModel.predict_async, 1 row (with the thread hop)",
+                f"LoadedModel.predict_async, 1 row ({model.runtime}: inline)",
                 lambda: model.predict_async(one),
+            )
+        )
+        add(
+            await time_async(
+                "model.predict_thread.1",
+                f"LoadedModel.predict in a thread, 1 row ({model.runtime}: the hop it avoids)",
+                lambda: asyncio.to_thread(model.predict, one),
+            )
+        )
+        sklearn_model = _sklearn_runtime(model, env)
+        add(
+            time_sync(
+                "model.predict.sklearn.1",
+                "the same version on scikit-learn, 1 row",
+                lambda: sklearn_model.predict(one),
+            )
+        )
+        add(
+            time_sync(
+                "model.predict.sklearn.10",
+                "the same version on scikit-learn, 10 rows",
+                lambda: sklearn_model.predict(ten),
             )
         )
     return results

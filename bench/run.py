@@ -28,6 +28,7 @@ from bench.report import (
     write_json,
 )
 from bench.services import (
+    BENCH_MONTHLY_QUOTA,
     BENCH_RATE_LIMIT,
     SERVER_LOG_LEVEL,
     BenchEnvironment,
@@ -244,6 +245,7 @@ def run(options: RunOptions, on_table: Callable[[str], None] = print) -> int:
                 "endpoints": list(options.only),
                 "server_log_level": SERVER_LOG_LEVEL,
                 "tenant_rate_limit": BENCH_RATE_LIMIT,
+                "tenant_monthly_quota": BENCH_MONTHLY_QUOTA,
                 "usage_records_seeded": options.usage_records,
                 "batch_rows": BATCH_ROWS,
                 "load_generator": "wrk (bench/lua/request.lua), on the same machine",

@@ -39,6 +39,8 @@ SERVER_LOG_LEVEL = "WARNING"
 # A limit no benchmark run can reach, so that the limiter is checked on every request (as in
 # production) but never refuses one.
 BENCH_RATE_LIMIT = "100000000/minute"
+# Likewise a monthly quota that is checked on every request but never reached.
+BENCH_MONTHLY_QUOTA = 10**15
 HOST = "127.0.0.1"
 CONNECT_TIMEOUT_SECONDS = 5.0
 # Limiter ids the micro-benchmarks count against, registered so that cleanup can find them.
@@ -207,7 +209,17 @@ def provision(env: BenchEnvironment) -> None:
     modelgate_cli(env, "db", "upgrade")
     modelgate_cli(env, "models", "train")
     tenant = json.loads(
-        modelgate_cli(env, "tenants", "create", "--name", "bench", "--rate-limit", BENCH_RATE_LIMIT)
+        modelgate_cli(
+            env,
+            "tenants",
+            "create",
+            "--name",
+            "bench",
+            "--rate-limit",
+            BENCH_RATE_LIMIT,
+            "--monthly-quota",
+            str(BENCH_MONTHLY_QUOTA),
+        )
     )
     env.tenant_id = tenant["id"]
     output = modelgate_cli(
