@@ -48,6 +48,9 @@ def create_engine(url: str, **overrides: Any) -> AsyncEngine:
         "pool_size": 10,
         "max_overflow": 10,
         "pool_timeout": 5,
+        # A connection the server dropped (restart, failover, idle kill) is replaced at
+        # checkout instead of failing the request that drew it.
+        "pool_pre_ping": True,
         # Dates in usage reports are UTC days whatever the server's time zone is.
         "connect_args": {"server_settings": {"timezone": "UTC"}, "timeout": 5},
     }

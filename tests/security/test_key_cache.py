@@ -1,0 +1,117 @@
+"""The per-process key cache (SECURITY.md line 3): no database round trip in the steady state,
+yet nothing is trusted for longer than 1 second, past its expiry, or after a failure."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import update
+
+from auth.authn import KeyAuthenticator
+from auth.errors import Unauthenticated
+from auth.keys import DISPLAY_PREFIX_LENGTH, generate_key, key_digest
+from auth.models import ApiKey, Tenant, utcnow
+from tests.conftest import IRIS_SETOSA, Harness, bearer, create_tenant_with_key, refused_within
+
+
+class CountingSessions:
+    """A sessionmaker that counts the sessions (database lookups) it hands out."""
+
+    def __init__(self, sessionmaker: Any) -> None:
+        self._sessionmaker = sessionmaker
+        self.opened = 0
+
+    def __call__(self) -> Any:
+        self.opened += 1
+        return self._sessionmaker()
+
+
+def _authenticator(harness: Harness, **options: Any) -> tuple[KeyAuthenticator, CountingSessions]:
+    sessions = CountingSessions(harness.sessionmaker)
+    pepper = harness.state.secrets.key_pepper
+    return KeyAuthenticator(sessions, pepper, **options), sessions  # type: ignore[arg-type]
+
+
+async def test_steady_state_costs_no_database_round_trip(harness: Harness) -> None:
+    _, key = await create_tenant_with_key(harness)
+    authenticator, sessions = _authenticator(harness)
+    # Concurrent misses of one key share a single lookup.
+    await asyncio.gather(*[authenticator.authenticate(key) for _ in range(20)])
+    for _ in range(100):
+        await authenticator.authenticate(key)
+    assert sessions.opened == 1
+
+
+async def test_cached_key_is_looked_up_again_after_the_ttl(harness: Harness) -> None:
+    _, key = await create_tenant_with_key(harness)
+    authenticator, sessions = _authenticator(harness, cache_ttl=0.2)
+    await authenticator.authenticate(key)
+    await asyncio.sleep(0.25)
+    await authenticator.authenticate(key)
+    assert sessions.opened == 2
+
+
+async def test_failures_are_never_cached(harness: Harness) -> None:
+    tenant, _ = await create_tenant_with_key(harness)
+    key = generate_key()
+    authenticator, sessions = _authenticator(harness)
+    for _ in range(3):
+        with pytest.raises(Unauthenticated):
+            await authenticator.authenticate(key)
+    assert sessions.opened == 3
+    # The same key becomes valid: it is accepted at once, not after a negative entry expires.
+    async with harness.sessionmaker() as session:
+        session.add(
+            ApiKey(
+                tenant_id=tenant.id,
+                name="late",
+                display_prefix=key[:DISPLAY_PREFIX_LENGTH],
+                digest=key_digest(harness.state.secrets.key_pepper, key),
+                scopes="predict",
+            )
+        )
+        await session.commit()
+    subject = await authenticator.authenticate(key)
+    assert subject.tenant is not None
+    assert subject.tenant.id == tenant.id
+
+
+async def test_cache_never_outlives_the_keys_expiry(harness: Harness) -> None:
+    _, key = await create_tenant_with_key(harness)
+    async with harness.sessionmaker() as session:
+        await session.execute(
+            update(ApiKey)
+            .where(ApiKey.digest == key_digest(harness.state.secrets.key_pepper, key))
+            .values(expires_at=utcnow() + timedelta(seconds=0.4))
+        )
+        await session.commit()
+    authenticator, _ = _authenticator(harness, cache_ttl=1.0)
+    await authenticator.authenticate(key)
+    await asyncio.sleep(0.45)
+    with pytest.raises(Unauthenticated):
+        await authenticator.authenticate(key)
+
+
+async def test_cache_is_bounded(harness: Harness) -> None:
+    authenticator, _ = _authenticator(harness, cache_size=2)
+    keys = [(await create_tenant_with_key(harness))[1] for _ in range(3)]
+    for key in keys:
+        await authenticator.authenticate(key)
+    assert len(authenticator._cache) == 2
+
+
+async def test_suspending_the_tenant_takes_effect_within_a_second(harness: Harness) -> None:
+    tenant, key = await create_tenant_with_key(harness)
+    warm = await harness.client.post(
+        "/api/v1/predict", json={"features": IRIS_SETOSA}, headers=bearer(key)
+    )
+    assert warm.status_code == 200  # the key is now cached by the app's authenticator
+    async with harness.sessionmaker() as session:
+        await session.execute(
+            update(Tenant).where(Tenant.id == tenant.id).values(status="suspended")
+        )
+        await session.commit()
+    await refused_within(harness, key, seconds=1.0)
