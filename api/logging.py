@@ -4,11 +4,20 @@ contextvars; credentials, digests and request bodies are never logged."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import structlog
 
 SQL_PARAMETER_LOGGERS = ("aiosqlite", "asyncpg", "sqlalchemy.engine", "sqlalchemy.pool")
+
+
+def _add_process_id(
+    _logger: object, _method: str, event_dict: structlog.types.EventDict
+) -> structlog.types.EventDict:
+    # With several workers, which process answered is part of every story a log tells.
+    event_dict["pid"] = os.getpid()
+    return event_dict
 
 
 def configure_logging(level: str = "INFO") -> None:
@@ -17,6 +26,7 @@ def configure_logging(level: str = "INFO") -> None:
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
+        _add_process_id,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     structlog.configure(

@@ -38,15 +38,19 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 60) 
 
 
 @contextmanager
-def serve(environment: dict[str, str], cwd: Path, workers: int = 1) -> Iterator[int]:
-    """Run ``modelgate serve`` until ready; yields its port and stops it (whole group) on exit."""
+def serve(
+    environment: dict[str, str], cwd: Path, workers: int = 1, log_path: Path | None = None
+) -> Iterator[int]:
+    """Run ``modelgate serve`` until ready; yields its port and stops it (whole group) on exit.
+    With ``log_path``, the server's log (stderr) is written there."""
     port = free_port()
+    log = log_path.open("wb") if log_path is not None else None
     server = subprocess.Popen(
         [str(BIN / "modelgate"), "serve", "--port", str(port), "--workers", str(workers)],
         cwd=cwd,
         env=environment,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=log if log is not None else subprocess.DEVNULL,
         start_new_session=True,
     )
     try:
@@ -59,6 +63,8 @@ def serve(environment: dict[str, str], cwd: Path, workers: int = 1) -> Iterator[
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+        if log is not None:
+            log.close()
 
 
 def run_cli(
