@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import PredictScope, StateDep
@@ -107,6 +107,13 @@ async def _predict_and_bill(
     return predictions, inference_ms
 
 
+def _json(body: BaseModel) -> Response:
+    """The response, serialized once by its own model: FastAPI would otherwise validate the
+    model it was just built from again against ``response_model`` (which stays declared for
+    the OpenAPI document)."""
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
 PREDICT_ERRORS = problem_responses(401, 403, 404, 413, 422, 429, 503)
 
 
@@ -116,21 +123,23 @@ async def predict(
     subject: PredictScope,
     request: Request,
     state: StateDep,
-) -> PredictResponse:
+) -> Response:
     """Predict the class of one instance (1 unit)."""
     model = state.registry.get(body.model, body.model_version)
     [result], inference_ms = await _predict_and_bill(
         request, state, subject, model, [body.features]
     )
-    return PredictResponse(
-        prediction=result.prediction,
-        probability=result.probability,
-        class_name=result.class_name,
-        model=model.manifest.name,
-        model_version=model.manifest.version,
-        prediction_id=request.state.request_id,
-        inference_time_ms=round(inference_ms, 3),
-        cached=False,
+    return _json(
+        PredictResponse(
+            prediction=result.prediction,
+            probability=result.probability,
+            class_name=result.class_name,
+            model=model.manifest.name,
+            model_version=model.manifest.version,
+            prediction_id=request.state.request_id,
+            inference_time_ms=round(inference_ms, 3),
+            cached=False,
+        )
     )
 
 
@@ -140,7 +149,7 @@ async def predict_batch(
     subject: PredictScope,
     request: Request,
     state: StateDep,
-) -> BatchPredictResponse:
+) -> Response:
     """Predict the classes of several instances (one unit per instance)."""
     started = time.perf_counter()
     limit = state.settings.max_batch_size
@@ -150,16 +159,18 @@ async def predict_batch(
         raise InvalidRequest(f"a batch holds at most {limit} instances")
     model = state.registry.get(body.model, body.model_version)
     results, _ = await _predict_and_bill(request, state, subject, model, body.instances)
-    return BatchPredictResponse(
-        predictions=[
-            BatchPrediction(
-                prediction=r.prediction, probability=r.probability, class_name=r.class_name
-            )
-            for r in results
-        ],
-        batch_size=len(results),
-        model=model.manifest.name,
-        model_version=model.manifest.version,
-        prediction_id=request.state.request_id,
-        total_time_ms=round((time.perf_counter() - started) * 1000, 3),
+    return _json(
+        BatchPredictResponse(
+            predictions=[
+                BatchPrediction(
+                    prediction=r.prediction, probability=r.probability, class_name=r.class_name
+                )
+                for r in results
+            ],
+            batch_size=len(results),
+            model=model.manifest.name,
+            model_version=model.manifest.version,
+            prediction_id=request.state.request_id,
+            total_time_ms=round((time.perf_counter() - started) * 1000, 3),
+        )
     )

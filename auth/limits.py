@@ -182,6 +182,32 @@ class _PipelinedRedis:
         return replies
 
 
+def _as_function(name: str, script: str | bytes) -> str:
+    # A limits script, unchanged, as a local Lua function of its own KEYS and ARGV.
+    text = script.decode() if isinstance(script, bytes) else script
+    return f"local function {name}(KEYS, ARGV)\n{text}\nend\n"
+
+
+def _hit_and_window_scripts(bridge: Any) -> dict[str, str]:
+    """Per strategy, one Lua script that runs limits' own "hit" script and then the script that
+    reads the window it leaves: one EVALSHA per check, whose answer carries the headers."""
+    return {
+        "sliding-window-counter": _as_function("hit", bridge.SCRIPT_ACQUIRE_SLIDING_WINDOW)
+        + _as_function("window", bridge.SCRIPT_SLIDING_WINDOW)
+        # ARGV: limit, expiry, cost
+        + "local allowed = hit(KEYS, {ARGV[1], ARGV[2], ARGV[3]})\n"
+        + "return {allowed and 1 or 0, window(KEYS, {ARGV[2]})}\n",
+        "moving-window": _as_function("hit", bridge.SCRIPT_ACQUIRE_MOVING_WINDOW)
+        + _as_function("window", bridge.SCRIPT_MOVING_WINDOW)
+        # ARGV: now, limit, expiry, cost, now - expiry
+        + "local allowed = hit(KEYS, {ARGV[1], ARGV[2], ARGV[3], ARGV[4]})\n"
+        + "return {allowed and 1 or 0, window(KEYS, {ARGV[5], ARGV[2]})}\n",
+        "fixed-window": _as_function("hit", bridge.SCRIPT_INCR_EXPIRE)
+        # ARGV: expiry, cost
+        + "return {hit(KEYS, ARGV), redis.call('ttl', KEYS[1])}\n",
+    }
+
+
 def _evalsha(script: Any, keys: list[str], args: list[Any]) -> RedisCommand:
     # EVALSHA rather than the Script object: a pipeline holding Script objects first asks Redis
     # whether they exist, a second round trip on every request.
@@ -191,10 +217,11 @@ def _evalsha(script: Any, keys: list[str], args: list[Any]) -> RedisCommand:
 class RateLimiter:
     """Checks per-key limits on Redis (``async+redis://``) or in process memory.
 
-    On Redis a check is one round trip, shared by the concurrent requests of an event-loop turn:
-    the strategy's own Lua scripts from ``limits`` (the hit, then the window it leaves) go out
-    in one pipeline, and the ``X-RateLimit-*`` figures are computed from that answer as
-    ``limits`` computes its window statistics.
+    On Redis a check is one EVALSHA, and the checks of concurrent requests of an event-loop turn
+    share one pipeline (one round trip). The script is the strategy's own Lua from ``limits``
+    (the hit, then the read of the window it leaves) wrapped in one call, and the
+    ``X-RateLimit-*`` figures are computed from its answer as ``limits`` computes its window
+    statistics.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -229,16 +256,10 @@ class RateLimiter:
         if self.uses_redis:
             bridge = storage.bridge  # type: ignore[attr-defined]
             self._bridge = bridge
-            self._redis = _PipelinedRedis(
-                bridge.get_connection(),
-                [
-                    bridge.lua_acquire_sliding_window,
-                    bridge.lua_sliding_window,
-                    bridge.lua_acquire_moving_window,
-                    bridge.lua_moving_window,
-                    bridge.lua_incr_expire,
-                ],
-            )
+            client = bridge.get_connection()
+            script = _hit_and_window_scripts(bridge)[self.strategy_name]
+            self._script = client.register_script(script)
+            self._redis = _PipelinedRedis(client, [self._script])
 
     async def hit(self, key_id: str, rate_limit: str | None, cost: int = 1) -> RateLimitStatus:
         """Count one request against the key's limit; raises ``KeyRateLimitExceeded`` when over.
@@ -273,36 +294,21 @@ class RateLimiter:
     async def _hit_redis(
         self, redis: _PipelinedRedis, item: RateLimitItem, key_id: str, cost: int
     ) -> tuple[bool, WindowStats]:
-        bridge = self._bridge
         expiry = item.get_expiry()
         now = time.time()
         keys = self._redis_keys(item, key_id)
         if self.strategy_name == "sliding-window-counter":
-            acquired, window = await redis.run(
-                [
-                    _evalsha(bridge.lua_acquire_sliding_window, keys, [item.amount, expiry, cost]),
-                    _evalsha(bridge.lua_sliding_window, keys, [expiry]),
-                ]
+            [[acquired, window]] = await redis.run(
+                [_evalsha(self._script, keys, [item.amount, expiry, cost])]
             )
             return bool(acquired), _sliding_window_stats(item, window, now)
-        [key] = keys
         if self.strategy_name == "moving-window":
-            acquired, window = await redis.run(
-                [
-                    _evalsha(
-                        bridge.lua_acquire_moving_window, [key], [now, item.amount, expiry, cost]
-                    ),
-                    _evalsha(bridge.lua_moving_window, [key], [now - expiry, item.amount]),
-                ]
+            [[acquired, window]] = await redis.run(
+                [_evalsha(self._script, keys, [now, item.amount, expiry, cost, now - expiry])]
             )
             start, count = (float(window[0]), int(window[1])) if window else (now, 0)
             return bool(acquired), WindowStats(start + expiry, item.amount - count)
-        count, ttl = await redis.run(
-            [
-                _evalsha(bridge.lua_incr_expire, [key], [expiry, cost]),
-                lambda pipeline: pipeline.ttl(key),
-            ]
-        )
+        [[count, ttl]] = await redis.run([_evalsha(self._script, keys, [expiry, cost])])
         return int(count) <= item.amount, WindowStats(
             now + max(int(ttl), 0), max(0, item.amount - int(count))
         )

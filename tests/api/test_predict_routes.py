@@ -117,7 +117,7 @@ async def test_invalid_features_are_422_problems(
     assert await _usage_rows(harness, tenant.id) == []
 
 
-@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e300", "-3.5e38"])
 async def test_non_finite_features_are_refused(harness: Harness, literal: str) -> None:
     _, key = await create_tenant_with_key(harness)
     response = await harness.client.post(

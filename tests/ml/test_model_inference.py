@@ -140,6 +140,9 @@ def test_concurrent_predictions_from_many_threads_agree(registry: ModelRegistry,
         ([[]], "expected 4 features, got 0"),
         ([[1.0, 2.0, 3.0, float("nan")]], "features must be finite numbers"),
         ([[1.0, 2.0, 3.0, float("inf")]], "features must be finite numbers"),
+        # Finite in JSON and float64, infinite in the float32 that scikit-learn's trees use.
+        ([[1e300, 2.0, 3.0, 4.0]], "features must be finite numbers"),
+        ([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, -1e39, 4.0]], "instance 1: features must be finite"),
         ([[1.0, 2.0, 3.0, float("-inf")]], "features must be finite numbers"),
         ([[1.0, 2.0, 3.0, np.float32("nan")]], "features must be finite numbers"),
         ([[1.0, 2.0, 3.0, 10**400]], "features must be finite numbers"),
@@ -165,3 +168,22 @@ def test_batch_error_names_the_offending_instance(registry: ModelRegistry) -> No
     rows = [[5.1, 3.5, 1.4, 0.2], [5.1, 3.5, 1.4]]
     with pytest.raises(InvalidFeatures, match=r"^instance 1: expected 4 features, got 3$"):
         registry.get("iris").predict(rows)
+
+
+@pytest.mark.asyncio
+async def test_concurrent_onnx_requests_share_one_call_and_keep_their_own_rows(
+    registry: ModelRegistry, model_dir: Path
+) -> None:
+    recorder, model = _recorded(registry, model_dir, "onnx")
+    rows = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3], [5.9, 3.0, 4.2, 1.5]]
+
+    single, pair, other = await asyncio.gather(
+        model.predict_async([rows[0]]),
+        model.predict_async([rows[1], rows[2]]),
+        model.predict_async([rows[2]]),
+    )
+
+    assert len(recorder.threads) == 1  # one runtime call for the three requests
+    assert [p.class_name for p in single] == ["setosa"]
+    assert [p.class_name for p in pair] == ["virginica", "versicolor"]
+    assert [p.class_name for p in other] == ["versicolor"]
