@@ -24,7 +24,7 @@ from pathlib import Path
 
 import asyncpg  # type: ignore[import-untyped]
 import redis.asyncio as aioredis
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, insert, select, text
 from sqlalchemy.engine import URL, make_url
 
 from auth.db import create_engine
@@ -309,6 +309,12 @@ async def seed_usage(env: BenchEnvironment, records: int) -> int:
             ]
             for start in range(0, len(rows), 5000):
                 await connection.execute(insert(UsageRecord), rows[start : start + 5000])
+        # The prediction cells before this one wrote (and this function deleted) tens of
+        # thousands of rows; without a vacuum /me/usage would wade through their dead tuples and
+        # measure the bench's own churn.
+        async with engine.connect() as connection:
+            autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
+            await autocommit.execute(text("VACUUM ANALYZE usage_record"))
         return records
     finally:
         await engine.dispose()
