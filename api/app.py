@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -72,6 +73,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry=registry,
         usage_writer=usage_writer,
     )
+    # Everything loaded so far (models, libraries, metadata) lives as long as the process: move
+    # it out of the collector's reach. Otherwise every full collection walks those millions of
+    # objects and stalls every request in flight (p99 at 16 connections went from ~200 ms to
+    # ~35 ms in the bench).
+    gc.collect()
+    gc.freeze()
     try:
         yield
     finally:

@@ -127,6 +127,8 @@ class UsageWriter:
             columns[name].type.bind_processor(engine.dialect) for name in _RECORD_COLUMNS
         ]
         self._connection: AsyncConnection | None = None
+        # Flushes whose first attempt failed (retried or answered 503): for operators and tests.
+        self.interrupted_flushes = 0
 
     def start(self) -> None:
         """Start the background flush loop (in the running event loop)."""
@@ -178,7 +180,16 @@ class UsageWriter:
     async def _flush(self, batch: list[_Pending]) -> None:
         try:
             async with asyncio.timeout(self._timeout):
-                refused = await self._write(batch)
+                try:
+                    refused = await self._write(batch)
+                except Exception as first:
+                    self.interrupted_flushes += 1
+                    # Usually a connection the server dropped while it sat idle: retry once on a
+                    # fresh one. Safe even if the first attempt did commit: its request ids are
+                    # unique, so the retry fails whole instead of billing twice.
+                    await self._drop_connection()
+                    logger.info("usage flush retried", error=type(first).__name__)
+                    refused = await self._write(batch)
         except Exception as exc:
             # The connection's state is unknown: start the next batch on a fresh one.
             await self._drop_connection()

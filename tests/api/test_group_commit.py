@@ -235,7 +235,10 @@ async def test_failed_commit_serves_nothing_and_the_writer_recovers(
 
 
 async def test_database_killed_mid_flush_never_leaves_a_2xx_unbilled(
-    backend: Backend, private_database: str, served_model_dir: Path, tmp_path: Path
+    backend: Backend,
+    private_database: str,
+    served_model_dir: Path,
+    tmp_path: Path,
 ) -> None:
     if backend.name != "postgres":
         pytest.skip("the server's connections are killed with pg_terminate_backend")
@@ -272,7 +275,8 @@ async def test_database_killed_mid_flush_never_leaves_a_2xx_unbilled(
         responses, _ = await asyncio.gather(load(), kill_connections())
         statuses = [r.status_code for r in responses]
         assert set(statuses) <= {200, 503}, statuses
-        assert 503 in statuses, "no flush was interrupted: the test proved nothing"
+        # Flushes were interrupted (then retried, or failed with 503s): the test did something.
+        assert harness.state.usage_writer.interrupted_flushes > 0
         served = {r.json()["prediction_id"] for r in responses if r.status_code == 200}
         billed = {str(r.request_id) for r in await _records(harness, tenant.id)}
         assert served <= billed
