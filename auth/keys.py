@@ -7,7 +7,6 @@ before any database access. Only HMAC-SHA256(pepper, key) is stored.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import secrets
 import string
@@ -72,7 +71,8 @@ def has_valid_checksum(key: str) -> bool:
 
 def key_digest(pepper: bytes, key: str) -> str:
     """The stored form of a key: hex HMAC-SHA256 under the server-side pepper."""
-    return hmac.new(pepper, key.encode(), hashlib.sha256).hexdigest()
+    # hmac.digest is the one-shot C path: the same value as hmac.new(...).hexdigest(), faster.
+    return hmac.digest(pepper, key.encode(), "sha256").hex()
 
 
 def normalize_scopes(scopes: Iterable[str], allowed: frozenset[str]) -> str:

@@ -22,7 +22,8 @@ MAX_REPORT_DAYS = 366
 
 def month_of(moment: datetime) -> str:
     """The quota period ("YYYY-MM", UTC) a moment falls in."""
-    return moment.astimezone(UTC).strftime("%Y-%m")
+    utc = moment if moment.tzinfo is UTC else moment.astimezone(UTC)
+    return f"{utc.year:04d}-{utc.month:02d}"
 
 
 def seconds_to_next_month(moment: datetime) -> int:

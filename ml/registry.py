@@ -163,6 +163,7 @@ class LoadedModel:
         if len(rows) == 0:
             raise InvalidFeatures("at least one row of features is required")
         batch = len(rows) > 1
+        unchecked = False
         for index, row in enumerate(rows):
             # In a batch, say which instance is wrong; a single row needs no prefix.
             where = f"instance {index}: " if batch else ""
@@ -172,20 +173,26 @@ class LoadedModel:
                 raise InvalidFeatures(f"{where}expected {n_features} features, got {len(row)}")
             for value in row:
                 if type(value) is float:
-                    continue  # the common case; range and finiteness are checked below
+                    # The common case, checked here: NaN fails both comparisons.
+                    if not -FLOAT32_MAX <= value <= FLOAT32_MAX:
+                        raise InvalidFeatures(f"{where}{_NOT_FINITE}")
+                    continue
                 # bool is an int subclass, but True as a feature is a client bug, not 1.0.
                 if isinstance(value, _BOOL_TYPES) or not isinstance(value, _NUMBER_TYPES):
                     raise InvalidFeatures(f"{where}{_NOT_FINITE}")
+                unchecked = True
         try:
             matrix = np.asarray(rows, dtype=np.float64)
         except (OverflowError, TypeError, ValueError):
             raise InvalidFeatures(_NOT_FINITE) from None
-        # One vectorised check: NaN and infinities fail it, and so do values beyond float32's
-        # range (scikit-learn's trees compute in float32, where they would become infinite).
-        in_range = (np.abs(matrix) <= FLOAT32_MAX).all(axis=1)
-        if not in_range.all():
-            where = f"instance {int(np.argmin(in_range))}: " if batch else ""
-            raise InvalidFeatures(f"{where}{_NOT_FINITE}")
+        if unchecked:
+            # Integers and numpy scalars, checked once converted. Values beyond float32's range
+            # are refused as well as NaN and infinities: scikit-learn's trees compute in
+            # float32, where they would become infinite.
+            in_range = (np.abs(matrix) <= FLOAT32_MAX).all(axis=1)
+            if not in_range.all():
+                where = f"instance {int(np.argmin(in_range))}: " if batch else ""
+                raise InvalidFeatures(f"{where}{_NOT_FINITE}")
         return matrix
 
     def _infer(self, matrix: FeatureMatrix) -> list[Prediction]:
