@@ -19,11 +19,17 @@ from auth.limits import KeyRateLimitExceeded
 from auth.settings import Settings
 
 
-async def get_app_state(request: Request) -> AppState:
-    """The process's components (engine, limiter, registry...); async, so FastAPI does not
-    send it to the threadpool on every request."""
+def app_state(request: Request) -> AppState:
+    """The process's components (engine, limiter, registry...). The prediction routes call it
+    directly: on the hot path every declared dependency costs FastAPI's solver a visit."""
     state: AppState = request.app.state.modelgate
     return state
+
+
+async def get_app_state(request: Request) -> AppState:
+    """``app_state`` as a dependency; async, so FastAPI does not send it to the threadpool on
+    every request."""
+    return app_state(request)
 
 
 StateDep = Annotated[AppState, Depends(get_app_state)]
@@ -89,7 +95,7 @@ class Authenticator(HTTPBearer):
 
     async def __call__(self, request: Request) -> AuthSubject:  # type: ignore[override]
         # Read directly rather than through StateDep: one dependency less on the hot path.
-        state: AppState = request.app.state.modelgate
+        state = app_state(request)
         credential = bearer_credential(request.headers.get("authorization"))
         subject = await state.authenticator.authenticate(credential)
         structlog.contextvars.bind_contextvars(

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import PredictScope, StateDep
+from api.deps import PredictScope, app_state
 from api.errors import problem_responses
 from api.metering import charge
 from api.state import AppState
@@ -122,9 +122,9 @@ async def predict(
     body: PredictRequest,
     subject: PredictScope,
     request: Request,
-    state: StateDep,
 ) -> Response:
     """Predict the class of one instance (1 unit)."""
+    state = app_state(request)
     model = state.registry.get(body.model, body.model_version)
     [result], inference_ms = await _predict_and_bill(
         request, state, subject, model, [body.features]
@@ -148,9 +148,9 @@ async def predict_batch(
     body: BatchPredictRequest,
     subject: PredictScope,
     request: Request,
-    state: StateDep,
 ) -> Response:
     """Predict the classes of several instances (one unit per instance)."""
+    state = app_state(request)
     started = time.perf_counter()
     limit = state.settings.max_batch_size
     if not body.instances:
