@@ -17,6 +17,14 @@ from auth.limits import RateLimitStatus
 
 logger = structlog.get_logger("modelgate.request")
 _REQUEST_LOG = logging.getLogger("modelgate.request")
+# Responses the middleware answers in place of the app's: status, type, title, detail.
+_TOO_LARGE = (
+    413,
+    "payload-too-large",
+    "Request body too large",
+    "the request body exceeds the size limit",
+)
+_UNBILLED = (503, "service-unavailable", "Service unavailable", "usage could not be recorded")
 
 
 class RequestContextMiddleware:
@@ -47,33 +55,20 @@ class RequestContextMiddleware:
                 return  # the plain-text body of a response already sent as problem JSON
             if message["type"] == "http.response.start":
                 status = message["status"]
+                replacement: tuple[int, str, str, str] | None = None
                 if status == 413 and not _is_problem(message):
                     # Starlette's body limit answers in plain text; every error here is
                     # problem JSON.
-                    replaced_body = True
-                    body = _problem_body(
-                        request_id,
-                        413,
-                        "payload-too-large",
-                        "Request body too large",
-                        "the request body exceeds the size limit",
-                    )
-                    await send(_problem_start(request_id, 413, len(body)))
-                    await send({"type": "http.response.body", "body": body})
-                    return
-                if status < 400 and state.get(BILLABLE) and not state.get(BILLED):
+                    replacement = _TOO_LARGE
+                elif status < 400 and state.get(BILLABLE) and not state.get(BILLED):
                     # A billable route tried to answer without a committed usage record: that
                     # is a bug, and the client gets a 503 rather than a free prediction.
                     logger.error("billable response without a usage record; answered 503")
+                    replacement = _UNBILLED
+                if replacement is not None:
                     replaced_body = True
-                    body = _problem_body(
-                        request_id,
-                        503,
-                        "service-unavailable",
-                        "Service unavailable",
-                        "usage could not be recorded",
-                    )
-                    await send(_problem_start(request_id, 503, len(body)))
+                    body = _problem_body(request_id, *replacement)
+                    await send(_problem_start(request_id, replacement[0], len(body)))
                     await send({"type": "http.response.body", "body": body})
                     return
                 headers = list(message.get("headers", []))

@@ -10,6 +10,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from ml import (
+    Manifest,
     ModelRegistry,
     ModelUnavailable,
     convert_version,
@@ -84,11 +85,7 @@ def test_convert_adds_onnx_to_a_pickle_only_version(pickle_model_dir: Path, iris
     assert [p.prediction for p in model.predict(iris.data)] == estimator.predict(iris.data).tolist()
 
 
-def test_unfaithful_conversion_keeps_scikit_learn(
-    model_dir: Path, iris: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A tolerance no conversion can meet stands in for a converter that changes the results.
-    monkeypatch.setattr(onnx_export, "PROBABILITY_TOLERANCE", -1.0)
+def _register_logistic_regression(model_dir: Path, iris: Any) -> tuple[Any, Manifest]:
     estimator = LogisticRegression(max_iter=1000).fit(iris.data, iris.target)
     manifest = register_model(
         model_dir,
@@ -98,21 +95,22 @@ def test_unfaithful_conversion_keeps_scikit_learn(
         class_names=list(iris.target_names),
         reference=iris.data,
     )
+    return estimator, manifest
+
+
+def test_unfaithful_conversion_keeps_scikit_learn(
+    model_dir: Path, iris: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A tolerance no conversion can meet stands in for a converter that changes the results.
+    monkeypatch.setattr(onnx_export, "PROBABILITY_TOLERANCE", -1.0)
+    _, manifest = _register_logistic_regression(model_dir, iris)
     assert manifest.onnx_artifact is None
     assert not (model_dir / "iris" / manifest.version / "model.onnx").exists()
     assert _load(model_dir).get("iris", manifest.version).runtime == "sklearn"
 
 
 def test_logistic_regression_converts_faithfully(model_dir: Path, iris: Any) -> None:
-    estimator = LogisticRegression(max_iter=1000).fit(iris.data, iris.target)
-    manifest = register_model(
-        model_dir,
-        "iris",
-        estimator,
-        feature_names=list(iris.feature_names),
-        class_names=list(iris.target_names),
-        reference=iris.data,
-    )
+    estimator, manifest = _register_logistic_regression(model_dir, iris)
     model = _load(model_dir).get("iris", manifest.version)
     assert model.runtime == "onnx"
     expected = estimator.predict_proba(iris.data).max(axis=1)
