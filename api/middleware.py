@@ -1,5 +1,6 @@
 """Pure ASGI middleware (Starlette's BaseHTTPMiddleware costs a task per request): request ids,
-rate-limit headers, problem JSON for the body limit's 413, and one log line per request."""
+rate-limit headers, problem JSON for the body limit's 413, the billing guarantee (no 2xx for a
+billable request without its usage record), and one log line per request."""
 
 from __future__ import annotations
 
