@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import structlog
-from fastapi import APIRouter, FastAPI
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
@@ -106,13 +106,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
 
-    api = APIRouter(prefix=API_PREFIX)
-    api.include_router(health.router)
-    api.include_router(predict.router)
-    api.include_router(models.router)
-    api.include_router(me.router)
-    api.include_router(admin_router)
-    app.include_router(api)
+    # Included straight into the app (not through an /api/v1 router of their own): every level
+    # of nesting is one more router a request walks through. Predictions come first.
+    for router in (predict.router, health.router, models.router, me.router, admin_router):
+        app.include_router(router, prefix=API_PREFIX)
 
     origins = settings.cors_origin_list
     if origins:
