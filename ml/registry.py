@@ -238,7 +238,7 @@ class _ModelEntry:
     active: str | None = field(default=None)
 
 
-class _LoadFailure(Exception):
+class _LoadFailure(ValueError):
     """A version could not be loaded; ``reason`` is safe to show to clients."""
 
     def __init__(self, reason: str) -> None:
@@ -448,7 +448,12 @@ def _load_onnx(manifest: Manifest, version_dir: Path, artifact: str, sha256: str
     return LoadedModel(manifest, predict_proba, "onnx")
 
 
-def _load_pickle(manifest: Manifest, version_dir: Path) -> LoadedModel:
+def load_verified_estimator(manifest: Manifest, version_dir: Path) -> Any:
+    """Unpickle a version's artifact, only if its bytes match the manifest's SHA-256.
+
+    Raises ``ValueError`` (with a client-safe reason) if the file is missing, differs from the
+    manifest or cannot be unpickled.
+    """
     try:
         fileobj = (version_dir / manifest.artifact).open("rb")
     except OSError:
@@ -467,7 +472,7 @@ def _load_pickle(manifest: Manifest, version_dir: Path) -> LoadedModel:
             # Unpickling is code execution: it is safe only because the SHA-256 of these exact
             # bytes was verified against the manifest just above. (ruff's S301 does not flag
             # joblib.load, so no noqa is needed; RUF100 would reject an unused one.)
-            estimator = joblib.load(fileobj)
+            return joblib.load(fileobj)
         except Exception as exc:
             logger.warning(
                 "model %s version %s: unpickling raised %s",
@@ -477,6 +482,9 @@ def _load_pickle(manifest: Manifest, version_dir: Path) -> LoadedModel:
             )
             raise _LoadFailure("model artifact could not be loaded") from None
 
+
+def _load_pickle(manifest: Manifest, version_dir: Path) -> LoadedModel:
+    estimator = load_verified_estimator(manifest, version_dir)
     if not callable(getattr(estimator, "predict_proba", None)):
         raise _LoadFailure("model artifact is not a classifier with predict_proba")
     n_in = getattr(estimator, "n_features_in_", None)

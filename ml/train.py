@@ -34,7 +34,7 @@ from ml.manifest import (
     write_manifest,
 )
 from ml.onnx_export import ConversionError, convert
-from ml.registry import DEFAULT_MODEL
+from ml.registry import DEFAULT_MODEL, load_verified_estimator
 
 logger = logging.getLogger(__name__)
 
@@ -159,14 +159,9 @@ def convert_version(version_dir: Path, reference: npt.ArrayLike | None = None) -
     manifest = read_manifest(version_dir / MANIFEST_FILE)
     if manifest.onnx_artifact is not None:
         return manifest
-    artifact = version_dir / manifest.artifact
-    data = artifact.read_bytes()
-    if sha256_bytes(data) != manifest.sha256:
-        raise ValueError(f"{artifact} does not match the SHA-256 in its manifest")
-    with artifact.open("rb") as fileobj:
-        # Verified just above; unpickling happens here, in an operator's command, never at serve
-        # time once the ONNX file exists.
-        estimator = joblib.load(fileobj)
+    # Unpickled here, in an operator's command, through the registry's hash check; never at
+    # serve time once the ONNX file exists.
+    estimator = load_verified_estimator(manifest, version_dir)
     if reference is None:
         generator = np.random.default_rng(0)
         reference = generator.uniform(-10, 10, size=(2000, manifest.n_features))

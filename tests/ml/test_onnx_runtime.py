@@ -117,3 +117,18 @@ def test_logistic_regression_converts_faithfully(model_dir: Path, iris: Any) -> 
     assert [p.probability for p in model.predict(iris.data)] == pytest.approx(
         expected.tolist(), abs=1e-6
     )
+
+
+def test_convert_refuses_a_tampered_pickle_without_unpickling_it(
+    pickle_model_dir: Path, iris: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    version_dir = pickle_model_dir / "iris" / "1"
+    with (version_dir / "model.joblib").open("ab") as fileobj:
+        fileobj.write(b"tampered")
+    monkeypatch.setattr(
+        "ml.registry.joblib.load", lambda *_a, **_k: pytest.fail("a tampered pickle was loaded")
+    )
+
+    with pytest.raises(ValueError, match="does not match the SHA-256"):
+        convert_version(version_dir, iris.data)
+    assert not (version_dir / "model.onnx").exists()
