@@ -128,7 +128,7 @@ class KeyAuthenticator:
                 lookup.add_done_callback(lambda _: self._lookups.pop(digest, None))
 
     def forget(self) -> None:
-        """Drop every cached key (tests, and after an operator changes keys in bulk)."""
+        """Drop every cached key (the benchmark uses it to time a cache miss)."""
         self._cache.clear()
 
     async def _verify(self, digest: str) -> AuthSubject:

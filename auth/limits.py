@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from math import floor, inf
@@ -105,26 +104,28 @@ def _subject_key(request: Any) -> str:
     return str(request.state.subject.key_id)
 
 
-RedisCommand = Callable[[Any], Any]
+# One check waiting for its pipeline: the script's keys and arguments, and where the reply goes.
+_Check = tuple[list[str], list[Any], "asyncio.Future[Any]"]
 
 
 class _PipelinedRedis:
-    """Sends the limit checks of concurrent requests to Redis in one pipeline per event-loop
-    turn: the per-call overhead of the client, not Redis itself, is what a request would
-    otherwise pay, so it is paid once for everything that arrived together."""
+    """Runs one Lua script per limit check, sending the checks of concurrent requests to Redis in
+    one pipeline per event-loop turn: the per-call overhead of the client, not Redis itself, is
+    what a request would otherwise pay, so it is paid once for everything that arrived
+    together."""
 
-    def __init__(self, client: Any, scripts: Sequence[Any]) -> None:
+    def __init__(self, client: Any, script: Any) -> None:
         self._client = client
-        self._scripts = scripts
-        self._pending: list[tuple[list[RedisCommand], asyncio.Future[list[Any]]]] = []
+        self._script = script
+        self._pending: list[_Check] = []
         self._flush_scheduled = False
         self._in_flight: set[asyncio.Task[None]] = set()
 
-    async def run(self, commands: list[RedisCommand]) -> list[Any]:
-        """Queue ``commands`` (each adds one call to a pipeline) and await their replies."""
+    async def run(self, keys: list[str], args: list[Any]) -> Any:
+        """Queue one run of the script and await its reply."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[Any]] = loop.create_future()
-        self._pending.append((commands, future))
+        future: asyncio.Future[Any] = loop.create_future()
+        self._pending.append((keys, args, future))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             # call_soon runs after every callback already ready in this turn, so the checks of
@@ -139,43 +140,35 @@ class _PipelinedRedis:
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
 
-    async def _send(
-        self, batch: list[tuple[list[RedisCommand], asyncio.Future[list[Any]]]]
-    ) -> None:
+    async def _send(self, batch: list[_Check]) -> None:
         try:
             try:
                 replies = await self._execute(batch)
             except NoScriptError:
-                # Redis restarted (or was flushed) and forgot the scripts: load them, once.
-                for script in self._scripts:
-                    await self._client.script_load(script.script)
+                # Redis restarted (or was flushed) and forgot the script: load it, once.
+                await self._client.script_load(self._script.script)
                 replies = await self._execute(batch)
         except Exception as exc:
-            for _, future in batch:
+            for _, _, future in batch:
                 if not future.done():
                     future.set_exception(exc)
             return
-        position = 0
-        for commands, future in batch:
-            mine = replies[position : position + len(commands)]
-            position += len(commands)
+        for (_, _, future), reply in zip(batch, replies, strict=True):
             if future.done():
-                continue  # the request timed out or went away
-            error = next((reply for reply in mine if isinstance(reply, Exception)), None)
-            if error is not None:
-                future.set_exception(error)
+                continue  # the request went away
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
             else:
-                future.set_result(mine)
+                future.set_result(reply)
 
-    async def _execute(
-        self, batch: list[tuple[list[RedisCommand], asyncio.Future[list[Any]]]]
-    ) -> list[Any]:
+    async def _execute(self, batch: list[_Check]) -> list[Any]:
         # No MULTI: each check is atomic by itself (a Lua script), and a transaction would add
-        # work on the server without making the limit any more exact.
+        # work on the server without making the limit any more exact. EVALSHA rather than the
+        # Script object: a pipeline holding Script objects first asks Redis whether they exist,
+        # a second round trip every time.
         pipeline = self._client.pipeline(transaction=False)
-        for commands, _ in batch:
-            for command in commands:
-                command(pipeline)
+        for keys, args, _ in batch:
+            pipeline.evalsha(self._script.sha, len(keys), *keys, *args)
         replies: list[Any] = await pipeline.execute(raise_on_error=False)
         if any(isinstance(reply, NoScriptError) for reply in replies):
             raise NoScriptError("script not loaded")
@@ -206,12 +199,6 @@ def _hit_and_window_scripts(bridge: Any) -> dict[str, str]:
         # ARGV: expiry, cost
         + "return {hit(KEYS, ARGV), redis.call('ttl', KEYS[1])}\n",
     }
-
-
-def _evalsha(script: Any, keys: list[str], args: list[Any]) -> RedisCommand:
-    # EVALSHA rather than the Script object: a pipeline holding Script objects first asks Redis
-    # whether they exist, a second round trip on every request.
-    return lambda pipeline: pipeline.evalsha(script.sha, len(keys), *keys, *args)
 
 
 class RateLimiter:
@@ -258,8 +245,7 @@ class RateLimiter:
             self._bridge = bridge
             client = bridge.get_connection()
             script = _hit_and_window_scripts(bridge)[self.strategy_name]
-            self._script = client.register_script(script)
-            self._redis = _PipelinedRedis(client, [self._script])
+            self._redis = _PipelinedRedis(client, client.register_script(script))
 
     async def hit(self, key_id: str, rate_limit: str | None, cost: int = 1) -> RateLimitStatus:
         """Count one request against the key's limit; raises ``KeyRateLimitExceeded`` when over.
@@ -298,17 +284,13 @@ class RateLimiter:
         now = time.time()
         keys = self._redis_keys(item, key_id)
         if self.strategy_name == "sliding-window-counter":
-            [[acquired, window]] = await redis.run(
-                [_evalsha(self._script, keys, [item.amount, expiry, cost])]
-            )
+            acquired, window = await redis.run(keys, [item.amount, expiry, cost])
             return bool(acquired), _sliding_window_stats(item, window, now)
         if self.strategy_name == "moving-window":
-            [[acquired, window]] = await redis.run(
-                [_evalsha(self._script, keys, [now, item.amount, expiry, cost, now - expiry])]
-            )
+            acquired, window = await redis.run(keys, [now, item.amount, expiry, cost, now - expiry])
             start, count = (float(window[0]), int(window[1])) if window else (now, 0)
             return bool(acquired), WindowStats(start + expiry, item.amount - count)
-        [[count, ttl]] = await redis.run([_evalsha(self._script, keys, [expiry, cost])])
+        count, ttl = await redis.run(keys, [expiry, cost])
         return int(count) <= item.amount, WindowStats(
             now + max(int(ttl), 0), max(0, item.amount - int(count))
         )

@@ -292,9 +292,9 @@ class UsageWriter:
         One statement whether or not the month has a row yet (an upsert). The caller has
         ensured ``units <= quota``, so creating the row can never cross it either.
         """
-        tenant = self._processors[1]
+        process_tenant = self._processors[_RECORD_COLUMNS.index("tenant_id")]
         parameters: tuple[Any, ...] = (
-            tenant(tenant_id) if tenant else tenant_id,
+            process_tenant(tenant_id) if process_tenant else tenant_id,
             month,
             units,
             requests,
