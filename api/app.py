@@ -22,7 +22,7 @@ from api.state import AppState
 from auth.authn import KeyAuthenticator
 from auth.db import create_engine, create_sessionmaker
 from auth.limits import RateLimiter
-from auth.settings import Settings, get_settings, load_secrets
+from auth.settings import Settings, check_production, declared_workers, get_settings, load_secrets
 from auth.usage_writer import UsageWriter
 from ml import ModelRegistry
 
@@ -36,7 +36,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Open the database engine and the limiter's storage, load the models; close on exit."""
     settings: Settings = app.state.settings
     secrets = load_secrets(settings)
-    engine = create_engine(settings.database_url)
+    engine = create_engine(
+        settings.database_url, statement_timeout_seconds=settings.database_timeout_seconds
+    )
     sessionmaker = create_sessionmaker(engine)
     registry = ModelRegistry(settings.model_dir)
     # Hash checks, unpickling and warm-up take a while: keep the event loop free.
@@ -92,6 +94,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the application; ``uvicorn --factory api.app:create_app`` calls this per worker."""
     settings = settings or get_settings()
     configure_logging(settings.log_level)
+    # Here rather than only in `modelgate serve`: every way of starting the app (uvicorn or
+    # gunicorn with --factory, a test) refuses the same production configurations.
+    check_production(settings, declared_workers())
     # FastAPI's native OpenTelemetry asks the global providers whether they are configured on
     # every request (an environment lookup each time); when no OTEL_* variable is set at start
     # there is nothing to report to, so it is switched off and costs nothing.

@@ -80,7 +80,12 @@ class Authenticator(HTTPBearer):
     """
 
     def __init__(
-        self, required_scopes: set[str], *, tenant_only: bool = False, billable: bool = False
+        self,
+        required_scopes: set[str],
+        *,
+        tenant_only: bool = False,
+        admin_only: bool = False,
+        billable: bool = False,
     ) -> None:
         super().__init__(
             auto_error=False,
@@ -89,6 +94,7 @@ class Authenticator(HTTPBearer):
         )
         self.required_scopes = frozenset(required_scopes)
         self.tenant_only = tenant_only
+        self.admin_only = admin_only
         # A billable route may answer 2xx only after api.metering.charge (the middleware
         # enforces it).
         self.billable = billable
@@ -105,6 +111,10 @@ class Authenticator(HTTPBearer):
         request.state.subject = subject
         if self.tenant_only and subject.tenant is None:
             raise Forbidden("this route is for tenant credentials")
+        if self.admin_only and not subject.is_admin:
+            # The scope alone is not enough: a key whose row somehow carried "admin" but
+            # belongs to a tenant must never reach an operator route.
+            raise Forbidden("this route is for operator credentials")
         authorize(subject, self.required_scopes)
         if self.billable:
             setattr(request.state, BILLABLE, True)
@@ -118,7 +128,7 @@ class Authenticator(HTTPBearer):
         return subject
 
 
-require_admin = Authenticator({"admin"})
+require_admin = Authenticator({"admin"}, admin_only=True)
 
 PredictScope = Annotated[
     AuthSubject, Depends(Authenticator({"predict"}, tenant_only=True, billable=True))

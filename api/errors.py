@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 from fastapi import FastAPI, Request
@@ -10,11 +10,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from slowapi.errors import RateLimitExceeded
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.middleware import log_unexpected
 from auth.errors import (
+    Conflict,
     DependencyUnavailable,
     InvalidRequest,
     ModelgateError,
@@ -73,8 +75,13 @@ def _from_error(request: Request, error: ModelgateError) -> JSONResponse:
     retry_after = getattr(error, "retry_after", None)
     if retry_after is not None:
         headers["Retry-After"] = str(retry_after)
+    extra: dict[str, Any] = {}
+    if error.status_code == 422:
+        # Every 422 names what was wrong, whether the schema or a service refused it.
+        loc = list(error.loc) if isinstance(error, InvalidRequest) else []
+        extra["errors"] = [{"loc": loc, "msg": error.detail, "type": "value_error"}]
     return problem_response(
-        request, error.status_code, error.type, error.title, error.detail, headers
+        request, error.status_code, error.type, error.title, error.detail, headers, **extra
     )
 
 
@@ -148,20 +155,62 @@ def _outage(request: Request, exc: Exception, detail: str) -> JSONResponse:
     return _from_error(request, DependencyUnavailable(detail, retry_after=2))
 
 
+# SQLSTATE classes (the first two characters) that mean the database or the way to it is
+# unwell, not that the request or the code is wrong: connection exception, transaction
+# rollback (serialization, deadlock), insufficient resources, operator intervention (a
+# cancelled statement: the statement timeout), system error.
+_OUTAGE_CLASSES = frozenset({"08", "40", "53", "57", "58"})
+
+
+def _sqlstate(exc: DBAPIError) -> str:
+    return str(getattr(exc.orig, "sqlstate", None) or "")
+
+
+def classify_database_error(exc: DBAPIError) -> Literal["data", "conflict", "outage", "bug"]:
+    """What a database error means for the client: a value it sent that the database refused
+    (422), a constraint (409), an outage (503), or a bug in our SQL (500)."""
+    state = _sqlstate(exc)
+    if isinstance(exc, DataError) or state.startswith("22"):
+        return "data"
+    if isinstance(exc, IntegrityError) or state.startswith("23"):
+        return "conflict"
+    if (
+        exc.connection_invalidated
+        or state[:2] in _OUTAGE_CLASSES
+        or (not state and isinstance(exc, OperationalError | InterfaceError))
+    ):
+        return "outage"
+    return "bug"
+
+
 async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    if isinstance(exc, PoolTimeout):
+        return _outage(request, exc, "database unavailable")
+    if not isinstance(exc, DBAPIError):
+        raise exc
+    kind = classify_database_error(exc)
+    # Only the class is logged: a driver's message can quote the parameter it refused.
+    if kind == "data":
+        logger.warning("database refused a value", error=type(exc).__name__)
+        return _from_error(request, InvalidRequest("a value is out of the range this field holds"))
+    if kind == "conflict":
+        logger.warning("database constraint refused a write", error=type(exc).__name__)
+        return _from_error(request, Conflict("the request conflicts with existing data"))
+    if kind == "bug":
+        raise exc
     return _outage(request, exc, "database unavailable")
+
+
+async def _overflow(request: Request, exc: Exception) -> JSONResponse:
+    # Every value is bounded where it is parsed, so this is a bound missing somewhere (SQLite
+    # raises it for an integer past 64 bits): still the value's fault, and worth a log line.
+    log_unexpected(exc)
+    return _from_error(request, InvalidRequest("a number is out of the range this field holds"))
 
 
 async def _connection_error(request: Request, exc: Exception) -> JSONResponse:
     # Raised below the drivers (a refused or timed-out socket): which dependency is unknown.
     return _outage(request, exc, "a dependency is unavailable")
-
-
-async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    logger.error("unhandled error", error=type(exc).__name__, exc_info=exc)
-    return problem_response(
-        request, 500, "internal-error", "Internal server error", "an unexpected error occurred"
-    )
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -177,7 +226,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(PoolTimeout, _database_error)
     # A refused or timed-out connection to a dependency is an outage, not a bug.
     app.add_exception_handler(OSError, _connection_error)
-    app.add_exception_handler(Exception, _unexpected_error)
+    app.add_exception_handler(OverflowError, _overflow)
+    # Anything else is answered 500 by RequestContextMiddleware, inside the request's context.
 
 
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:

@@ -6,12 +6,13 @@ import asyncio
 import time
 from typing import Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import text
 
 from api.deps import StateDep
+from api.errors import PROBLEM_MEDIA_TYPE, Problem, problem_response
 from api.state import AppState
 
 router = APIRouter(tags=["health"])
@@ -56,6 +57,13 @@ class ReadinessResponse(BaseModel):
     failed_model_versions: list[str]
 
 
+class ReadinessProblem(Problem):
+    """Not ready: a problem JSON body with each dependency's state."""
+
+    checks: ReadinessChecks
+    failed_model_versions: list[str]
+
+
 @router.get("/health", response_model=HealthResponse)
 async def health(state: StateDep) -> HealthResponse:
     """Summarise the service's health and the default model's version."""
@@ -86,9 +94,15 @@ async def _database_ok(state: AppState) -> bool:
 @router.get(
     "/health/ready",
     response_model=ReadinessResponse,
-    responses={503: {"model": ReadinessResponse, "description": "A dependency is not ready"}},
+    responses={
+        503: {
+            "model": ReadinessProblem,
+            "description": "A dependency is not ready",
+            "content": {PROBLEM_MEDIA_TYPE: {}},
+        }
+    },
 )
-async def ready(state: StateDep) -> JSONResponse:
+async def ready(state: StateDep, request: Request) -> JSONResponse:
     """Report whether the database, Redis (if configured) and models are ready."""
     database_ok, redis_ok = await asyncio.gather(
         _database_ok(state), state.rate_limiter.is_healthy()
@@ -100,10 +114,18 @@ async def ready(state: StateDep) -> JSONResponse:
         else "not_configured",
         models="ok" if state.registry.is_ready else "unavailable",
     )
-    is_ready = all(value != "unavailable" for value in checks.model_dump().values())
-    body = ReadinessResponse(
-        status="ready" if is_ready else "unavailable",
-        checks=checks,
-        failed_model_versions=[f"{v.name}/{v.version}" for v in state.registry.failed_versions()],
+    failed = [f"{v.name}/{v.version}" for v in state.registry.failed_versions()]
+    down = [name for name, value in checks.model_dump().items() if value == "unavailable"]
+    if not down:
+        body = ReadinessResponse(status="ready", checks=checks, failed_model_versions=failed)
+        return JSONResponse(body.model_dump())
+    return problem_response(
+        request,
+        503,
+        "service-unavailable",
+        "Service unavailable",
+        f"not ready: {', '.join(down)} unavailable",
+        {"Retry-After": "2"},
+        checks=checks.model_dump(),
+        failed_model_versions=failed,
     )
-    return JSONResponse(body.model_dump(), status_code=200 if is_ready else 503)

@@ -20,6 +20,10 @@ def _add_process_id(
     return event_dict
 
 
+class _ModelgateHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The JSON handler on stderr; a class of its own so that it can be found again."""
+
+
 def configure_logging(level: str = "INFO") -> None:
     """Route stdlib and structlog records through one JSON renderer on stderr."""
     shared: list[structlog.types.Processor] = [
@@ -48,10 +52,13 @@ def configure_logging(level: str = "INFO") -> None:
             structlog.processors.JSONRenderer(),
         ],
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _ModelgateHandler(sys.stderr)
     handler.setFormatter(formatter)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    # Replace our own handler (the app may be built more than once in a process), and leave
+    # handlers others installed (a test's log capture) alone.
+    root.handlers[:] = [h for h in root.handlers if not isinstance(h, _ModelgateHandler)]
+    root.addHandler(handler)
     root.setLevel(level.upper())
     # uvicorn's access log would duplicate our request log line (and shows query strings).
     logging.getLogger("uvicorn.access").disabled = True

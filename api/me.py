@@ -11,6 +11,7 @@ from pydantic import BaseModel
 
 from api.deps import SessionDep, StateDep, TenantCredential, UsageScope
 from api.errors import problem_responses
+from api.fields import DAY_BOUNDS, DAY_RANGE
 from api.usage_schemas import UsageReport, usage_report
 from auth.usage import report_window, usage_summary
 
@@ -75,8 +76,12 @@ async def me(subject: TenantCredential, state: StateDep) -> MeResponse:
 async def my_usage(
     subject: UsageScope,
     session: SessionDep,
-    start: Annotated[date | None, Query(description="First UTC day (YYYY-MM-DD)")] = None,
-    end: Annotated[date | None, Query(description="Last UTC day, inclusive")] = None,
+    start: Annotated[
+        date | None, Query(description=f"First day: {DAY_RANGE}", **DAY_BOUNDS)
+    ] = None,
+    end: Annotated[
+        date | None, Query(description=f"Last day, inclusive: {DAY_RANGE}", **DAY_BOUNDS)
+    ] = None,
 ) -> UsageReport:
     """Report the caller's tenant usage by day and by model, with the quota position."""
     # The tenant was read with the credential in this request: no need to read it again.

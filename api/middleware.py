@@ -1,12 +1,14 @@
 """Pure ASGI middleware (Starlette's BaseHTTPMiddleware costs a task per request): request ids,
-rate-limit headers, problem JSON for the body limit's 413, the billing guarantee (no 2xx for a
-billable request without its usage record), and one log line per request."""
+rate-limit headers, problem JSON for the body limit's 413 and for unexpected errors, the billing
+guarantee (no 2xx for a billable request without its usage record), and one log line per
+request."""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
+import traceback
 import uuid
 from typing import Any
 
@@ -26,6 +28,7 @@ _TOO_LARGE = (
     "the request body exceeds the size limit",
 )
 _UNBILLED = (503, "service-unavailable", "Service unavailable", "usage could not be recorded")
+_INTERNAL = (500, "internal-error", "Internal server error", "an unexpected error occurred")
 
 
 class RequestContextMiddleware:
@@ -47,14 +50,15 @@ class RequestContextMiddleware:
         structlog.contextvars.bind_contextvars(request_id=request_id)
         started = time.perf_counter()
         status = 500
-
+        response_started = False
         replaced_body = False
 
         async def send_with_headers(message: Message) -> None:
-            nonlocal status, replaced_body
+            nonlocal status, replaced_body, response_started
             if replaced_body:
                 return  # the plain-text body of a response already sent as problem JSON
             if message["type"] == "http.response.start":
+                response_started = True
                 status = message["status"]
                 replacement: tuple[int, str, str, str] | None = None
                 if status == 413 and not _is_problem(message):
@@ -88,6 +92,17 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive, send_with_headers)
+        except Exception as exc:
+            # Answered here, inside the request's context, rather than by Starlette's outermost
+            # handler: the 500 then carries X-Request-ID, and the exception is not re-raised to
+            # the server, whose log line would print its message (a driver's message can hold
+            # SQL parameters, such as a key's digest).
+            log_unexpected(exc)
+            status = 500
+            if not response_started:
+                body = _problem_body(request_id, *_INTERNAL)
+                await send(_problem_start(request_id, 500, len(body)))
+                await send({"type": "http.response.body", "body": body})
         finally:
             self._log(scope, status, started)
 
@@ -102,6 +117,17 @@ class RequestContextMiddleware:
             status=status,
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
         )
+
+
+def log_unexpected(exc: BaseException) -> None:
+    """Log an unexpected error without its message or locals: its type and where it was raised
+    (file, line, function of each frame) are enough to find the bug, and nothing a client sent
+    or a driver echoed (SQL parameters, a digest) can reach the log that way."""
+    frames = [
+        f"{frame.filename}:{frame.lineno} in {frame.name}"
+        for frame in traceback.extract_tb(exc.__traceback__)
+    ]
+    logger.error("unhandled error", error=type(exc).__name__, frames=frames[-8:])
 
 
 def _is_problem(message: Message) -> bool:

@@ -26,6 +26,13 @@ class ModelVersionOut(BaseModel):
     )
 
 
+class FeatureRangeOut(BaseModel):
+    """The closed interval of one feature's values."""
+
+    min: float
+    max: float
+
+
 class ModelOut(BaseModel):
     """A model, its versions, the active one, and the input it expects."""
 
@@ -37,6 +44,14 @@ class ModelOut(BaseModel):
     n_features: int | None
     feature_names: list[str]
     class_names: list[str]
+    input_range: list[FeatureRangeOut] = Field(
+        description="Per feature, the values a prediction may send (others are refused with "
+        "422 naming the feature)"
+    )
+    training_range: list[FeatureRangeOut] | None = Field(
+        description="Per feature, the values the training data held (not enforced); null when "
+        "not recorded"
+    )
 
 
 class ModelList(BaseModel):
@@ -56,6 +71,10 @@ def _model_out(info: ModelInfo) -> ModelOut:
         n_features=info.n_features,
         feature_names=info.feature_names,
         class_names=info.class_names,
+        input_range=[FeatureRangeOut(min=r.min, max=r.max) for r in info.input_range],
+        training_range=None
+        if info.training_range is None
+        else [FeatureRangeOut(min=r.min, max=r.max) for r in info.training_range],
     )
 
 

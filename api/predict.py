@@ -14,7 +14,7 @@ from api.metering import charge
 from api.state import AppState
 from auth.authn import AuthSubject
 from auth.errors import InvalidRequest
-from ml import DEFAULT_MODEL, LoadedModel, Prediction
+from ml import DEFAULT_MODEL, InvalidFeatures, LoadedModel, Prediction
 
 # No database session here: usage goes through the usage writer (api.metering.charge).
 router = APIRouter(tags=["predictions"])
@@ -89,11 +89,16 @@ async def _predict_and_bill(
     subject: AuthSubject,
     model: LoadedModel,
     rows: list[list[float]],
+    field: str,
 ) -> tuple[list[Prediction], float]:
     """Run the model, then bill the tenant through the usage writer (the response is sent only
-    once the record is committed). Returns the predictions and the inference time."""
+    once the record is committed). Returns the predictions and the inference time. ``field``
+    names the body member that holds ``rows``, for the 422 that locates a refused value."""
     started = time.perf_counter()
-    predictions = await model.predict_async(rows)
+    try:
+        predictions = await model.predict_async(rows)
+    except InvalidFeatures as exc:
+        raise InvalidRequest(exc.message, loc=_feature_loc(field, exc)) from None
     inference_ms = (time.perf_counter() - started) * 1000
     await charge(
         request,
@@ -105,6 +110,15 @@ async def _predict_and_bill(
         latency_ms=inference_ms,
     )
     return predictions, inference_ms
+
+
+def _feature_loc(field: str, exc: InvalidFeatures) -> tuple[str | int, ...]:
+    loc: tuple[str | int, ...] = ("body", field)
+    if field == "instances" and exc.row is not None:
+        loc += (exc.row,)
+    if exc.feature is not None:
+        loc += (exc.feature,)
+    return loc
 
 
 def _json(body: BaseModel) -> Response:
@@ -127,7 +141,7 @@ async def predict(
     state = app_state(request)
     model = state.registry.get(body.model, body.model_version)
     [result], inference_ms = await _predict_and_bill(
-        request, state, subject, model, [body.features]
+        request, state, subject, model, [body.features], "features"
     )
     return _json(
         PredictResponse(
@@ -154,11 +168,13 @@ async def predict_batch(
     started = time.perf_counter()
     limit = state.settings.max_batch_size
     if not body.instances:
-        raise InvalidRequest("instances must not be empty")
+        raise InvalidRequest("instances must not be empty", loc=("body", "instances"))
     if len(body.instances) > min(limit, HARD_MAX_INSTANCES):
-        raise InvalidRequest(f"a batch holds at most {limit} instances")
+        raise InvalidRequest(f"a batch holds at most {limit} instances", loc=("body", "instances"))
     model = state.registry.get(body.model, body.model_version)
-    results, _ = await _predict_and_bill(request, state, subject, model, body.instances)
+    results, _ = await _predict_and_bill(
+        request, state, subject, model, body.instances, "instances"
+    )
     return _json(
         BatchPredictResponse(
             predictions=[

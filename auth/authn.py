@@ -47,7 +47,11 @@ class AuthSubject:
     @property
     def is_admin(self) -> bool:
         """Whether this is an operator's credential."""
-        return ADMIN_SCOPE in self.scopes and self.admin_principal_id is not None
+        return (
+            ADMIN_SCOPE in self.scopes
+            and self.admin_principal_id is not None
+            and self.tenant is None
+        )
 
     def require_tenant(self) -> TenantInfo:
         """The caller's tenant; a 403 for an admin credential on a tenant route."""

@@ -26,11 +26,18 @@ def _prepare_sqlite_path(url: str) -> None:
         Path(database).parent.mkdir(parents=True, exist_ok=True)
 
 
-def create_engine(url: str, **overrides: Any) -> AsyncEngine:
-    """An engine tuned for its backend: WAL and a busy timeout on SQLite, UTC on Postgres."""
+def create_engine(
+    url: str, *, statement_timeout_seconds: float | None = None, **overrides: Any
+) -> AsyncEngine:
+    """An engine tuned for its backend: WAL and a busy timeout on SQLite, UTC and (when given)
+    a statement timeout on Postgres.
+
+    SQL parameters never appear in the engine's error messages (``hide_parameters``): such a
+    message may reach a log, and a parameter may be a key's digest.
+    """
     if is_sqlite(url):
         _prepare_sqlite_path(url)
-        engine = create_async_engine(url, **overrides)
+        engine = create_async_engine(url, hide_parameters=True, **overrides)
 
         @event.listens_for(engine.sync_engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -44,6 +51,16 @@ def create_engine(url: str, **overrides: Any) -> AsyncEngine:
             cursor.close()
 
         return engine
+    # Dates in usage reports are UTC days whatever the server's time zone is.
+    server_settings = {"timezone": "UTC"}
+    connect_args: dict[str, Any] = {"server_settings": server_settings, "timeout": 5}
+    if statement_timeout_seconds is not None:
+        # Two bounds: the server cancels a statement that runs too long, and the driver gives
+        # up on a server that stops answering at all (a hung host, a stalled network), which
+        # no server-side setting can catch. The driver's is a little longer, so that a slow
+        # statement ends with the server's clean cancellation.
+        server_settings["statement_timeout"] = str(int(statement_timeout_seconds * 1000))
+        connect_args["command_timeout"] = statement_timeout_seconds + 1
     options: dict[str, Any] = {
         "pool_size": 10,
         "max_overflow": 10,
@@ -51,8 +68,8 @@ def create_engine(url: str, **overrides: Any) -> AsyncEngine:
         # A connection the server dropped (restart, failover, idle kill) is replaced at
         # checkout instead of failing the request that drew it.
         "pool_pre_ping": True,
-        # Dates in usage reports are UTC days whatever the server's time zone is.
-        "connect_args": {"server_settings": {"timezone": "UTC"}, "timeout": 5},
+        "hide_parameters": True,
+        "connect_args": connect_args,
     }
     options.update(overrides)
     return create_async_engine(url, **options)

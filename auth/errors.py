@@ -52,11 +52,16 @@ class Conflict(ModelgateError):
 
 
 class InvalidRequest(ModelgateError):
-    """A request that is well-formed JSON but semantically invalid."""
+    """A request that is well-formed JSON but semantically invalid; ``loc`` names the field
+    (as a validation error's ``loc`` does: ``("body", "expires_at")``) when one is to blame."""
 
     status_code = 422
     type = "validation-error"
     title = "Invalid request"
+
+    def __init__(self, detail: str | None = None, loc: tuple[str | int, ...] = ()) -> None:
+        super().__init__(detail)
+        self.loc = loc
 
 
 class QuotaExceeded(ModelgateError):

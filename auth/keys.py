@@ -13,7 +13,7 @@ import string
 import uuid
 import zlib
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -33,6 +33,9 @@ DISPLAY_PREFIX_LENGTH = len(KEY_PREFIX) + 8
 TENANT_SCOPES = frozenset({"predict", "usage:read", "keys:manage"})
 ADMIN_SCOPE = "admin"
 DEFAULT_TENANT_SCOPES = ("predict", "usage:read")
+# Keys expire before this moment or never: a later expiry is no expiry, and every date before
+# it converts to any time zone without overflowing.
+LATEST_EXPIRY = datetime(3000, 1, 1, tzinfo=UTC)
 
 
 def _base62(number: int, width: int) -> str:
@@ -79,10 +82,10 @@ def normalize_scopes(scopes: Iterable[str], allowed: frozenset[str]) -> str:
     """Validate scopes against what the owner may hold; returns the stored form."""
     unique = sorted(set(scopes))
     if not unique:
-        raise InvalidRequest("at least one scope is required")
+        raise InvalidRequest("at least one scope is required", loc=("scopes",))
     unknown = [s for s in unique if s not in allowed]
     if unknown:
-        raise InvalidRequest(f"unknown scopes: {', '.join(unknown)}")
+        raise InvalidRequest(f"unknown scopes: {', '.join(unknown)}", loc=("scopes",))
     return " ".join(unique)
 
 
@@ -99,7 +102,11 @@ async def issue_tenant_key(
     if await session.get(Tenant, tenant_id) is None:
         raise NotFound("tenant not found")
     if expires_at is not None and expires_at <= utcnow():
-        raise InvalidRequest("expires_at must be in the future")
+        raise InvalidRequest("expires_at must be in the future", loc=("expires_at",))
+    if expires_at is not None and expires_at >= LATEST_EXPIRY:
+        raise InvalidRequest(
+            f"expires_at must be before {LATEST_EXPIRY:%Y-%m-%d}", loc=("expires_at",)
+        )
     return await _insert_key(
         session,
         pepper,

@@ -65,7 +65,9 @@ def parse_rate_limit(value: str) -> RateLimitItem:
     try:
         return parse(value)
     except ValueError as exc:
-        raise InvalidRequest(f"invalid rate limit {value!r}; expected e.g. '100/minute'") from exc
+        raise InvalidRequest(
+            "invalid rate limit; expected e.g. '100/minute'", loc=("rate_limit",)
+        ) from exc
 
 
 _ASYNC_STRATEGIES: dict[

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import secrets
 from dataclasses import dataclass
@@ -56,6 +57,11 @@ class Settings(BaseSettings):
     usage_flush_wait_ms: float = Field(default=0.0, ge=0, le=100)
     # A flush that takes longer fails: its requests get 503 instead of hanging.
     usage_flush_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    # The longest a database statement may run (Postgres: the server's statement_timeout, and
+    # the driver's own timeout for a server that stops answering). The slowest statement of a
+    # request is the usage report, a few milliseconds; the default leaves room for a loaded
+    # database while still bounding every request that waits on it.
+    database_timeout_seconds: float = Field(default=5.0, gt=0, le=300)
     max_batch_size: int = Field(default=100, ge=1)
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     log_level: str = "INFO"
@@ -117,6 +123,19 @@ def load_secrets(settings: Settings) -> Secrets:
     return Secrets(
         key_pepper=resolved["key_pepper"].encode(), jwt_secret=resolved["jwt_secret"].encode()
     )
+
+
+def declared_workers() -> int:
+    """How many worker processes this one is likely to be among, as far as a worker can tell:
+    ``WEB_CONCURRENCY`` (which uvicorn and gunicorn read for their worker count), or at least
+    two when a multiprocessing parent (uvicorn's supervisor) started this process."""
+    try:
+        declared = int(os.environ.get("WEB_CONCURRENCY", "1"))
+    except ValueError:
+        declared = 1
+    if multiprocessing.parent_process() is not None:
+        declared = max(declared, 2)
+    return max(declared, 1)
 
 
 def check_production(settings: Settings, workers: int) -> None:

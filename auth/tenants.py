@@ -14,6 +14,17 @@ from auth.errors import Conflict, InvalidRequest, NotFound
 from auth.limits import parse_rate_limit
 from auth.models import AdminPrincipal, Tenant
 
+# A monthly quota larger than this is not a limit; it also keeps every sum of units far
+# inside a 64-bit column.
+MAX_MONTHLY_QUOTA = 10**12
+
+
+def _check_quota(monthly_quota: int | None) -> None:
+    if monthly_quota is not None and not 0 <= monthly_quota <= MAX_MONTHLY_QUOTA:
+        raise InvalidRequest(
+            f"monthly_quota must be between 0 and {MAX_MONTHLY_QUOTA}", loc=("monthly_quota",)
+        )
+
 
 async def create_tenant(
     session: AsyncSession,
@@ -25,8 +36,7 @@ async def create_tenant(
     """Create an active tenant; the name must be unique."""
     if rate_limit is not None:
         parse_rate_limit(rate_limit)
-    if monthly_quota is not None and monthly_quota < 0:
-        raise InvalidRequest("monthly_quota must be zero or more")
+    _check_quota(monthly_quota)
     if await session.scalar(select(Tenant.id).where(Tenant.name == name)) is not None:
         raise Conflict(f"a tenant named {name!r} already exists")
     tenant = Tenant(name=name, rate_limit=rate_limit, monthly_quota=monthly_quota)
@@ -47,13 +57,14 @@ async def update_tenant(
     tenant = await get_tenant(session, tenant_id)
     if changes.get("rate_limit") is not None:
         parse_rate_limit(changes["rate_limit"])
+    _check_quota(changes.get("monthly_quota"))
     if changes.get("name") not in (None, tenant.name):
         taken = await session.scalar(select(Tenant.id).where(Tenant.name == changes["name"]))
         if taken is not None:
             raise Conflict(f"a tenant named {changes['name']!r} already exists")
     for field in ("name", "status"):
         if field in changes and changes[field] is None:
-            raise InvalidRequest(f"{field} cannot be null")
+            raise InvalidRequest(f"{field} cannot be null", loc=(field,))
     for field, value in changes.items():
         setattr(tenant, field, value)
     try:

@@ -18,6 +18,10 @@ from auth.models import MonthlyUsage, Tenant, UsageRecord, utcnow
 
 # A report may span at most this many days: the query stays bounded.
 MAX_REPORT_DAYS = 366
+# The calendar usage can be asked about. Every day in it, and the day after, is a valid date
+# and timestamp on both databases, so no report's arithmetic can overflow.
+EARLIEST_DAY = date(2000, 1, 1)
+LATEST_DAY = date(2999, 12, 31)
 
 
 def month_of(moment: datetime) -> str:
@@ -76,10 +80,15 @@ def report_window(start: date | None, end: date | None) -> tuple[date, date]:
     today = utcnow().date()
     end = end or today
     start = start or end.replace(day=1)
+    for name, day in (("start", start), ("end", end)):
+        if not EARLIEST_DAY <= day <= LATEST_DAY:
+            raise InvalidRequest(
+                f"{name} must be between {EARLIEST_DAY} and {LATEST_DAY}", loc=(name,)
+            )
     if start > end:
-        raise InvalidRequest("start must not be after end")
+        raise InvalidRequest("start must not be after end", loc=("start",))
     if (end - start).days >= MAX_REPORT_DAYS:
-        raise InvalidRequest(f"a report spans at most {MAX_REPORT_DAYS} days")
+        raise InvalidRequest(f"a report spans at most {MAX_REPORT_DAYS} days", loc=("start",))
     return start, end
 
 
@@ -189,7 +198,11 @@ def parse_month(value: str) -> tuple[date, date]:
     try:
         first = datetime.strptime(value, "%Y-%m").date()
     except ValueError:
-        raise InvalidRequest("month must be YYYY-MM") from None
+        raise InvalidRequest("month must be YYYY-MM", loc=("month",)) from None
+    if not EARLIEST_DAY <= first <= LATEST_DAY:
+        raise InvalidRequest(
+            f"month must be between {EARLIEST_DAY:%Y-%m} and {LATEST_DAY:%Y-%m}", loc=("month",)
+        )
     following = (first + timedelta(days=32)).replace(day=1)
     return first, following - timedelta(days=1)
 

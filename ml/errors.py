@@ -22,4 +22,10 @@ class ModelUnavailable(ModelError):
 
 
 class InvalidFeatures(ModelError):
-    """The feature rows do not fit the model: wrong count, wrong type or not finite."""
+    """The feature rows do not fit the model: wrong count, wrong type, not finite or out of the
+    version's input range. ``row`` and ``feature`` locate the offending value when known."""
+
+    def __init__(self, message: str, row: int | None = None, feature: int | None = None) -> None:
+        super().__init__(message)
+        self.row = row
+        self.feature = feature

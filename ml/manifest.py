@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, BinaryIO
 
+import numpy as np
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MANIFEST_FILE = "manifest.json"
@@ -22,9 +23,31 @@ VERSION_PATTERN = r"^[1-9][0-9]{0,8}$"
 ARTIFACT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 
+# The largest magnitude a feature may have by default: what a float32 holds. scikit-learn's
+# trees compute in float32, where anything larger becomes infinite.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 # A manifest is a few hundred bytes; refusing huge files keeps a corrupt one from eating memory.
 MAX_MANIFEST_BYTES = 1 << 20
 _CHUNK_SIZE = 1 << 20
+
+
+class FeatureRange(BaseModel):
+    """The closed interval of values one feature takes (or may take)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min: Annotated[float, Field(ge=-FLOAT32_MAX, le=FLOAT32_MAX, allow_inf_nan=False)]
+    max: Annotated[float, Field(ge=-FLOAT32_MAX, le=FLOAT32_MAX, allow_inf_nan=False)]
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "FeatureRange":
+        if self.min > self.max:
+            raise ValueError("min must not exceed max")
+        return self
+
+
+DEFAULT_FEATURE_RANGE = FeatureRange(min=-FLOAT32_MAX, max=FLOAT32_MAX)
 
 
 class Manifest(BaseModel):
@@ -44,6 +67,12 @@ class Manifest(BaseModel):
     feature_names: list[str]
     class_names: Annotated[list[str], Field(min_length=1)]
     created_at: AwareDatetime
+    # What a prediction may send, per feature: set by the operator at registration, or else
+    # what the model's float32 input holds. Enforced.
+    input_range: list[FeatureRange] | None = None
+    # What the training data held, per feature: published so that clients can see when they
+    # leave it, never enforced.
+    training_range: list[FeatureRange] | None = None
 
     @field_validator("created_at")
     @classmethod
@@ -56,7 +85,16 @@ class Manifest(BaseModel):
             raise ValueError("feature_names must have exactly n_features entries")
         if (self.onnx_artifact is None) != (self.onnx_sha256 is None):
             raise ValueError("onnx_artifact and onnx_sha256 go together")
+        for field in ("input_range", "training_range"):
+            ranges = getattr(self, field)
+            if ranges is not None and len(ranges) != self.n_features:
+                raise ValueError(f"{field} must have exactly n_features entries")
         return self
+
+    @property
+    def accepted_range(self) -> list[FeatureRange]:
+        """The range each feature must be in for a prediction to be served."""
+        return list(self.input_range or [DEFAULT_FEATURE_RANGE] * self.n_features)
 
     @property
     def runtime(self) -> str:

@@ -34,6 +34,7 @@ from ml.manifest import (
     MANIFEST_FILE,
     NAME_PATTERN,
     VERSION_PATTERN,
+    FeatureRange,
     Manifest,
     read_manifest,
     sha256_bytes,
@@ -54,8 +55,7 @@ _NUMBER_TYPES = (int, float, np.integer, np.floating)
 _BOOL_TYPES = (bool, np.bool_)
 _ROW_TYPES = (Sequence, np.ndarray)
 _TEXT_TYPES = (str, bytes, bytearray)
-_NOT_FINITE = "features must be finite numbers"
-FLOAT32_MAX = float(np.finfo(np.float32).max)
+_NOT_NUMBERS = "features must be finite numbers"
 
 FeatureMatrix = npt.NDArray[np.float64]
 Runtime = Literal["onnx", "sklearn"]
@@ -79,9 +79,11 @@ class LoadedModel:
 
     __slots__ = (
         "_class_names",
+        "_lower",
         "_n_features",
         "_pending",
         "_predict_proba",
+        "_upper",
         "manifest",
         "runtime",
     )
@@ -97,6 +99,9 @@ class LoadedModel:
         self._predict_proba = predict_proba
         self._n_features = manifest.n_features
         self._class_names = tuple(manifest.class_names)
+        accepted = manifest.accepted_range
+        self._lower = np.array([r.min for r in accepted], dtype=np.float64)
+        self._upper = np.array([r.max for r in accepted], dtype=np.float64)
         # Rows of concurrent requests waiting for this event-loop turn's ONNX call.
         self._pending: list[tuple[FeatureMatrix, asyncio.Future[list[Prediction]]]] = []
 
@@ -163,37 +168,43 @@ class LoadedModel:
         if len(rows) == 0:
             raise InvalidFeatures("at least one row of features is required")
         batch = len(rows) > 1
-        unchecked = False
         for index, row in enumerate(rows):
             # In a batch, say which instance is wrong; a single row needs no prefix.
             where = f"instance {index}: " if batch else ""
             if isinstance(row, _TEXT_TYPES) or not isinstance(row, _ROW_TYPES):
-                raise InvalidFeatures(f"{where}features must be a list of numbers")
+                raise InvalidFeatures(f"{where}features must be a list of numbers", row=index)
             if len(row) != n_features:
-                raise InvalidFeatures(f"{where}expected {n_features} features, got {len(row)}")
-            for value in row:
+                raise InvalidFeatures(
+                    f"{where}expected {n_features} features, got {len(row)}", row=index
+                )
+            for position, value in enumerate(row):
                 if type(value) is float:
-                    # The common case, checked here: NaN fails both comparisons.
-                    if not -FLOAT32_MAX <= value <= FLOAT32_MAX:
-                        raise InvalidFeatures(f"{where}{_NOT_FINITE}")
-                    continue
+                    continue  # the common case; its range is checked below, with the rest
                 # bool is an int subclass, but True as a feature is a client bug, not 1.0.
                 if isinstance(value, _BOOL_TYPES) or not isinstance(value, _NUMBER_TYPES):
-                    raise InvalidFeatures(f"{where}{_NOT_FINITE}")
-                unchecked = True
+                    raise InvalidFeatures(f"{where}{_NOT_NUMBERS}", row=index, feature=position)
         try:
             matrix = np.asarray(rows, dtype=np.float64)
         except (OverflowError, TypeError, ValueError):
-            raise InvalidFeatures(_NOT_FINITE) from None
-        if unchecked:
-            # Integers and numpy scalars, checked once converted. Values beyond float32's range
-            # are refused as well as NaN and infinities: scikit-learn's trees compute in
-            # float32, where they would become infinite.
-            in_range = (np.abs(matrix) <= FLOAT32_MAX).all(axis=1)
-            if not in_range.all():
-                where = f"instance {int(np.argmin(in_range))}: " if batch else ""
-                raise InvalidFeatures(f"{where}{_NOT_FINITE}")
+            raise InvalidFeatures(_NOT_NUMBERS) from None
+        # One comparison for every value against its feature's accepted range; NaN fails it.
+        in_range = (matrix >= self._lower) & (matrix <= self._upper)
+        if not in_range.all():
+            row_index, feature = (int(i) for i in np.argwhere(~in_range)[0])
+            raise self._out_of_range(row_index if batch else None, feature)
         return matrix
+
+    def _out_of_range(self, row: int | None, feature: int) -> InvalidFeatures:
+        where = "" if row is None else f"instance {row}: "
+        name = self.manifest.feature_names[feature]
+        lower, upper = self._lower[feature], self._upper[feature]
+        return InvalidFeatures(
+            # The name is the operator's (from the manifest), never the client's.
+            f"{where}feature {feature} ('{name}') must be a finite number "
+            f"between {lower:.9g} and {upper:.9g}",
+            row=row or 0,
+            feature=feature,
+        )
 
     def _infer(self, matrix: FeatureMatrix) -> list[Prediction]:
         proba = np.asarray(self._predict_proba(matrix), dtype=np.float64)
@@ -228,6 +239,9 @@ class ModelInfo:
     n_features: int | None
     feature_names: list[str]
     class_names: list[str]
+    # Per feature: what a prediction may send (enforced), and what training saw (published).
+    input_range: list[FeatureRange]
+    training_range: list[FeatureRange] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,7 +411,8 @@ def _load_verified(manifest: Manifest, version_dir: Path) -> LoadedModel:
         model = _load_pickle(manifest, version_dir)
     try:
         # The first call pays one-off costs (lazy imports, allocations); pay them at startup.
-        model.predict([[0.0] * manifest.n_features])
+        # Zero, or the nearest value the version accepts.
+        model.predict([[min(max(0.0, r.min), r.max) for r in manifest.accepted_range]])
     except Exception as exc:
         logger.warning(
             "model %s version %s: warm-up raised %s",
@@ -561,6 +576,8 @@ def _describe(entry: _ModelEntry) -> ModelInfo:
         n_features=None if reference is None else reference.n_features,
         feature_names=[] if reference is None else list(reference.feature_names),
         class_names=[] if reference is None else list(reference.class_names),
+        input_range=[] if reference is None else reference.accepted_range,
+        training_range=None if reference is None else reference.training_range,
     )
 
 

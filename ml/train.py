@@ -24,6 +24,7 @@ from ml.manifest import (
     NAME_PATTERN,
     ONNX_ARTIFACT_FILE,
     VERSION_PATTERN,
+    FeatureRange,
     Manifest,
     atomic_write_bytes,
     atomic_write_text,
@@ -68,8 +69,13 @@ def register_model(
     feature_names: Sequence[str],
     class_names: Sequence[str],
     reference: npt.ArrayLike | None = None,
+    input_range: Sequence[tuple[float, float]] | None = None,
 ) -> Manifest:
     """Store a fitted classifier as the next version of ``name`` and make it the active one.
+
+    ``input_range`` (one ``(min, max)`` per feature) is what predictions may send; values
+    outside it are refused. Without it, anything a float32 holds is accepted. The range of the
+    ``reference`` rows is recorded as the training range, published but not enforced.
 
     With ``reference`` rows (the training data, say), the classifier is also converted to ONNX
     and the conversion is kept only if it matches scikit-learn on them; that version is then
@@ -83,6 +89,12 @@ def register_model(
     if not _NAME_RE.fullmatch(name):
         raise ValueError(f"invalid model name {name!r}")
     _check_estimator(estimator, len(feature_names), len(class_names))
+    accepted = (
+        None
+        if input_range is None
+        else [FeatureRange(min=low, max=high) for low, high in input_range]
+    )
+    seen = None if reference is None else _observed_range(reference)
 
     name_dir = Path(model_dir) / name
     name_dir.mkdir(parents=True, exist_ok=True)
@@ -114,6 +126,8 @@ def register_model(
                 feature_names=list(feature_names),
                 class_names=list(class_names),
                 created_at=created_at,
+                input_range=accepted,
+                training_range=seen,
             )
             write_manifest(staging / MANIFEST_FILE, manifest)
             fsync_dir(staging)
@@ -135,6 +149,15 @@ def register_model(
     atomic_write_text(name_dir / ACTIVE_FILE, manifest.version + "\n")
     logger.info("registered model %s version %s as active", name, manifest.version)
     return manifest
+
+
+def _observed_range(rows: npt.ArrayLike) -> list[FeatureRange]:
+    """Each feature's smallest and largest value in ``rows``."""
+    matrix = np.asarray(rows, dtype=np.float64)
+    return [
+        FeatureRange(min=float(low), max=float(high))
+        for low, high in zip(matrix.min(axis=0), matrix.max(axis=0), strict=True)
+    ]
 
 
 def _write_onnx(directory: Path, name: str, estimator: Any, reference: npt.ArrayLike) -> str | None:

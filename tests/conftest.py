@@ -9,7 +9,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +19,7 @@ import asyncpg
 import httpx
 import pytest
 import redis
+from fastapi import FastAPI
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -182,9 +183,16 @@ class Harness:
 
 
 @asynccontextmanager
-async def running_app(settings: Settings, backend: Backend) -> AsyncIterator[Harness]:
-    """Build the app, enter its lifespan, and yield a client on it."""
+async def running_app(
+    settings: Settings,
+    backend: Backend,
+    customize: Callable[[FastAPI], None] | None = None,
+) -> AsyncIterator[Harness]:
+    """Build the app (``customize`` may add test routes), enter its lifespan, and yield a client
+    on it."""
     app = create_app(settings)
+    if customize is not None:
+        customize(app)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:

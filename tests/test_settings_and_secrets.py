@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from api.app import create_app
 from auth.errors import ConfigurationError
 from auth.settings import Settings, check_production, load_secrets
 
@@ -94,3 +95,31 @@ def test_production_refuses_several_workers_without_redis(tmp_path: Path) -> Non
         ),
         workers=2,
     )
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"jwt_secret": STRONG},  # no pepper
+        {"jwt_secret": STRONG, "key_pepper": "short"},
+        {"jwt_secret": STRONG, "key_pepper": STRONG, "cors_origins": "*"},
+    ],
+)
+def test_the_app_factory_refuses_what_serve_refuses(
+    tmp_path: Path, overrides: dict[str, str]
+) -> None:
+    """`uvicorn --factory api.app:create_app` must not start what `modelgate serve` refuses."""
+    settings = _settings(tmp_path, env="production", **overrides)
+    with pytest.raises(ConfigurationError):
+        create_app(settings)
+
+
+def test_the_app_factory_counts_workers_from_web_concurrency(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = _settings(tmp_path, env="production", jwt_secret=STRONG, key_pepper=STRONG)
+    create_app(settings)  # one worker, no Redis: allowed
+    monkeypatch.setenv("WEB_CONCURRENCY", "4")
+    with pytest.raises(ConfigurationError, match="REDIS_URL"):
+        create_app(settings)
+    create_app(settings.model_copy(update={"redis_url": "redis://r:6379/0"}))

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.deps import SessionDep
 from api.errors import problem_responses
+from api.fields import BillingMonth
 from auth.usage import BillingRow, billing_rows, parse_month
 
 router = APIRouter(tags=["admin"])
@@ -77,7 +78,7 @@ async def billing_lines(session: AsyncSession, month: str, fmt: ExportFormat) ->
 )
 async def export_billing(
     session: SessionDep,
-    month: Annotated[str, Query(pattern=r"^\d{4}-\d{2}$", description="YYYY-MM (UTC)")],
+    month: Annotated[BillingMonth, Query()],
     format: Annotated[ExportFormat, Query()] = "csv",
 ) -> StreamingResponse:
     """Stream a month's billing rows per tenant, model, version and day as CSV or JSON Lines."""

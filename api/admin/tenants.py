@@ -7,10 +7,11 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import AdminScope, AutoCommitRoute, SessionDep, StateDep
 from api.errors import problem_responses
+from api.fields import KeyExpiry, MonthlyQuota, Name, PageLimit, PageOffset, RateLimitText
 from auth.audit import record_event
 from auth.keys import issue_tenant_key, list_tenant_keys
 from auth.models import ApiKey, Tenant
@@ -18,8 +19,6 @@ from auth.tenants import create_tenant, get_tenant, list_tenants, update_tenant
 
 router = APIRouter(route_class=AutoCommitRoute, tags=["admin"])
 
-TenantName = Annotated[str, Field(min_length=1, max_length=200)]
-RateLimitText = Annotated[str, Field(min_length=3, max_length=64, examples=["100/minute"])]
 TenantScope = Literal["predict", "usage:read", "keys:manage"]
 
 
@@ -28,9 +27,9 @@ class TenantCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: TenantName
+    name: Name
     rate_limit: RateLimitText | None = None
-    monthly_quota: Annotated[int, Field(ge=0)] | None = None
+    monthly_quota: MonthlyQuota | None = None
 
 
 class TenantUpdate(BaseModel):
@@ -38,9 +37,9 @@ class TenantUpdate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: TenantName | None = None
+    name: Name | None = None
     rate_limit: RateLimitText | None = None
-    monthly_quota: Annotated[int, Field(ge=0)] | None = None
+    monthly_quota: MonthlyQuota | None = None
     status: Literal["active", "suspended"] | None = None
 
 
@@ -68,9 +67,11 @@ class KeyCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: Annotated[str, Field(min_length=1, max_length=200)]
-    scopes: list[TenantScope] = Field(default=["predict", "usage:read"], min_length=1)
-    expires_at: AwareDatetime | None = None
+    name: Name
+    scopes: list[TenantScope] = Field(default=["predict", "usage:read"], min_length=1, max_length=3)
+    expires_at: KeyExpiry | None = Field(
+        default=None, description="when the key stops working; omitted: never"
+    )
 
 
 class KeyOut(BaseModel):
@@ -149,8 +150,8 @@ async def create_tenant_route(
 @router.get("/tenants", response_model=TenantList, responses=problem_responses(401, 403, 429))
 async def list_tenants_route(
     session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[PageLimit, Query()] = 100,
+    offset: Annotated[PageOffset, Query()] = 0,
 ) -> TenantList:
     """List tenants in creation order."""
     tenants = await list_tenants(session, limit=limit, offset=offset)

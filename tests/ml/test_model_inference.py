@@ -8,8 +8,9 @@ from typing import Any
 import joblib
 import numpy as np
 import pytest
+from sklearn.linear_model import LogisticRegression
 
-from ml import InvalidFeatures, LoadedModel, ModelRegistry
+from ml import InvalidFeatures, LoadedModel, ModelRegistry, register_model
 from ml.registry import INLINE_MAX_ROWS, Runtime
 
 
@@ -138,13 +139,19 @@ def test_concurrent_predictions_from_many_threads_agree(registry: ModelRegistry,
         ([[1.0, 2.0, 3.0]], "expected 4 features, got 3"),
         ([[1.0, 2.0, 3.0, 4.0, 5.0]], "expected 4 features, got 5"),
         ([[]], "expected 4 features, got 0"),
-        ([[1.0, 2.0, 3.0, float("nan")]], "features must be finite numbers"),
-        ([[1.0, 2.0, 3.0, float("inf")]], "features must be finite numbers"),
+        ([[1.0, 2.0, 3.0, float("nan")]], r"feature \d \(.*\) must be a finite number between"),
+        ([[1.0, 2.0, 3.0, float("inf")]], r"feature \d \(.*\) must be a finite number between"),
         # Finite in JSON and float64, infinite in the float32 that scikit-learn's trees use.
-        ([[1e300, 2.0, 3.0, 4.0]], "features must be finite numbers"),
-        ([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, -1e39, 4.0]], "instance 1: features must be finite"),
-        ([[1.0, 2.0, 3.0, float("-inf")]], "features must be finite numbers"),
-        ([[1.0, 2.0, 3.0, np.float32("nan")]], "features must be finite numbers"),
+        ([[1e300, 2.0, 3.0, 4.0]], r"feature \d \(.*\) must be a finite number between"),
+        (
+            [[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, -1e39, 4.0]],
+            r"instance 1: feature 2 \(.*\) must be a finite number",
+        ),
+        ([[1.0, 2.0, 3.0, float("-inf")]], r"feature \d \(.*\) must be a finite number between"),
+        (
+            [[1.0, 2.0, 3.0, np.float32("nan")]],
+            r"feature \d \(.*\) must be a finite number between",
+        ),
         ([[1.0, 2.0, 3.0, 10**400]], "features must be finite numbers"),
         ([[1.0, 2.0, 3.0, "4.0"]], "features must be finite numbers"),
         ([[1.0, 2.0, 3.0, None]], "features must be finite numbers"),
@@ -187,3 +194,52 @@ async def test_concurrent_onnx_requests_share_one_call_and_keep_their_own_rows(
     assert [p.class_name for p in single] == ["setosa"]
     assert [p.class_name for p in pair] == ["virginica", "versicolor"]
     assert [p.class_name for p in other] == ["versicolor"]
+
+
+def test_training_range_is_recorded_and_not_enforced(registry: ModelRegistry, iris: Any) -> None:
+    model = registry.get("iris")
+    recorded = model.manifest.training_range
+    assert recorded is not None
+    assert [r.min for r in recorded] == [float(v) for v in iris.data.min(axis=0)]
+    assert [r.max for r in recorded] == [float(v) for v in iris.data.max(axis=0)]
+    # Far outside what training saw, inside what the model's input holds: served.
+    assert model.predict([[100.0, -100.0, 1e30, 0.0]])[0].class_name in iris.target_names
+
+
+def test_operator_input_range_is_enforced_per_feature(model_dir: Path, iris: Any) -> None:
+    estimator = LogisticRegression(max_iter=1000).fit(iris.data, iris.target)
+    bounds = [(0.0, 10.0), (0.0, 10.0), (0.5, 8.0), (0.0, 3.0)]
+    register_model(
+        model_dir,
+        "iris",
+        estimator,
+        feature_names=list(iris.feature_names),
+        class_names=list(iris.target_names),
+        input_range=bounds,
+    )
+    registry = ModelRegistry(model_dir)
+    registry.load()
+    model = registry.get("iris", "2")
+    assert [(r.min, r.max) for r in model.manifest.accepted_range] == bounds
+    assert model.predict([[5.0, 3.0, 0.5, 3.0]])  # the edges are inside
+    with pytest.raises(InvalidFeatures, match=r"feature 2 \('petal length \(cm\)'\)") as caught:
+        model.predict([[5.0, 3.0, 1.4, 0.2], [5.0, 3.0, 0.4, 0.2]])
+    assert (caught.value.row, caught.value.feature) == (1, 2)
+    with pytest.raises(InvalidFeatures, match="between 0 and 3"):
+        model.predict([[5.0, 3.0, 1.4, 3.01]])
+    # The first version keeps its own (default) range.
+    assert registry.get("iris", "1").predict([[5.0, 3.0, 0.4, 3.5]])
+
+
+def test_input_range_must_fit_the_float32_input(model_dir: Path, iris: Any) -> None:
+    estimator = LogisticRegression(max_iter=1000).fit(iris.data, iris.target)
+    for bounds in ([(0.0, 1e39)] * 4, [(2.0, 1.0)] * 4, [(0.0, 1.0)] * 3):
+        with pytest.raises(ValueError, match=r"less than or equal|n_features|min must not"):
+            register_model(
+                model_dir,
+                "iris",
+                estimator,
+                feature_names=list(iris.feature_names),
+                class_names=list(iris.target_names),
+                input_range=bounds,
+            )

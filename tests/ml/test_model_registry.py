@@ -145,7 +145,9 @@ def test_artifact_that_is_not_a_pickle_is_failed(pickle_model_dir: Path) -> None
 
 def test_manifest_declaring_a_different_feature_count_is_failed(pickle_model_dir: Path) -> None:
     model_dir = pickle_model_dir
-    _rewrite_manifest(model_dir / "iris" / "1", n_features=3, feature_names=["a", "b", "c"])
+    _rewrite_manifest(
+        model_dir / "iris" / "1", n_features=3, feature_names=["a", "b", "c"], training_range=None
+    )
     registry = _load(model_dir)
     [status] = registry.failed_versions()
     assert status.error == "model expects 4 features but its manifest declares 3"
