@@ -70,6 +70,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             secrets.key_pepper,
             cache_ttl=settings.key_cache_ttl_seconds,
             cache_size=settings.key_cache_size,
+            lookup_timeout=settings.database_timeout_seconds,
         ),
         rate_limiter=rate_limiter,
         registry=registry,

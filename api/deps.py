@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Annotated, Any
 
@@ -14,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from api.metering import BILLABLE
 from api.state import AppState
 from auth.authn import AuthSubject, authorize, bearer_credential
-from auth.errors import Forbidden
+from auth.errors import DependencyUnavailable, Forbidden
 from auth.limits import KeyRateLimitExceeded
 from auth.settings import Settings
 
@@ -44,7 +45,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 
 
 async def get_session(request: Request, state: StateDep) -> AsyncIterator[AsyncSession]:
-    """One session per request. ``AutoCommitRoute`` commits it before the response is sent;
+    """One session per request. ``DatabaseRoute`` commits it before the response is sent;
     this teardown only closes it (rolling back whatever was not committed)."""
     async with state.sessionmaker() as session:
         request.state.session = session
@@ -54,21 +55,37 @@ async def get_session(request: Request, state: StateDep) -> AsyncIterator[AsyncS
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 
 
-class AutoCommitRoute(APIRoute):
-    """Commits the request's session after the endpoint returns and before the response is
-    sent, so that a 2xx response always means its writes are durable."""
+class DatabaseRoute(APIRoute):
+    """A route that works on the database: the whole request (its credential check included)
+    gets ``database_timeout_seconds`` for its database work, answered 503 past it, and the
+    request's session is committed after the endpoint returns and before the response is sent,
+    so that a 2xx response always means its writes are durable."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
-        async def handler_then_commit(request: Request) -> Response:
-            response = await handler(request)
-            session: AsyncSession | None = getattr(request.state, "session", None)
-            if session is not None and session.in_transaction() and response.status_code < 400:
-                await session.commit()
+        async def bounded_handler_then_commit(request: Request) -> Response:
+            # One deadline for the request rather than one per statement: a database that
+            # stalls would otherwise cost the connection check, the reconnect and each
+            # statement a timeout of its own.
+            timeout = app_state(request).settings.database_timeout_seconds
+            try:
+                async with asyncio.timeout(timeout):
+                    response = await handler(request)
+                    session: AsyncSession | None = getattr(request.state, "session", None)
+                    if (
+                        session is not None
+                        and session.in_transaction()
+                        and response.status_code < 400
+                    ):
+                        await session.commit()
+            except TimeoutError:
+                raise DependencyUnavailable(
+                    "the database did not answer in time", retry_after=2
+                ) from None
             return response
 
-        return handler_then_commit
+        return bounded_handler_then_commit
 
 
 class Authenticator(HTTPBearer):

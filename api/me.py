@@ -9,13 +9,13 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from pydantic import BaseModel
 
-from api.deps import SessionDep, StateDep, TenantCredential, UsageScope
+from api.deps import DatabaseRoute, SessionDep, StateDep, TenantCredential, UsageScope
 from api.errors import problem_responses
 from api.fields import DAY_BOUNDS, DAY_RANGE
 from api.usage_schemas import UsageReport, usage_report
 from auth.usage import report_window, usage_summary
 
-router = APIRouter(tags=["me"])
+router = APIRouter(route_class=DatabaseRoute, tags=["me"])
 
 
 class TenantOut(BaseModel):

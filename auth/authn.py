@@ -12,7 +12,7 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from auth.errors import Forbidden, TenantSuspended, Unauthenticated
+from auth.errors import DependencyUnavailable, Forbidden, TenantSuspended, Unauthenticated
 from auth.keys import ADMIN_SCOPE, has_valid_checksum, key_digest, looks_like_key
 from auth.models import AdminPrincipal, ApiKey, Tenant, utcnow
 
@@ -97,8 +97,10 @@ class KeyAuthenticator:
         *,
         cache_ttl: float = 1.0,
         cache_size: int = 10_000,
+        lookup_timeout: float | None = None,
     ) -> None:
         self._sessionmaker = sessionmaker
+        self._lookup_timeout = lookup_timeout
         self._pepper = pepper
         self._cache_ttl = cache_ttl
         self._cache_size = cache_size
@@ -120,16 +122,29 @@ class KeyAuthenticator:
         pending = self._lookups.get(digest)
         if pending is not None:
             # shield: one waiter being cancelled must not cancel the lookup the others share.
-            return await asyncio.shield(pending)
+            return await self._bounded(asyncio.shield(pending))
         lookup = asyncio.ensure_future(self._verify(digest))
         self._lookups[digest] = lookup
         try:
-            return await asyncio.shield(lookup)
+            return await self._bounded(asyncio.shield(lookup))
         finally:
             if lookup.done():
                 self._lookups.pop(digest, None)
             else:
                 lookup.add_done_callback(lambda _: self._lookups.pop(digest, None))
+
+    async def _bounded(self, lookup: asyncio.Future[AuthSubject]) -> AuthSubject:
+        """Wait for a lookup at most ``lookup_timeout`` seconds; past it the database is
+        unavailable (503), whatever the connection check and reconnect would still cost."""
+        if self._lookup_timeout is None:
+            return await lookup
+        try:
+            async with asyncio.timeout(self._lookup_timeout):
+                return await lookup
+        except TimeoutError:
+            raise DependencyUnavailable(
+                "the database did not answer in time", retry_after=2
+            ) from None
 
     def forget(self) -> None:
         """Drop every cached key (the benchmark uses it to time a cache miss)."""

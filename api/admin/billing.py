@@ -12,12 +12,12 @@ from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.deps import SessionDep
+from api.deps import DatabaseRoute, SessionDep
 from api.errors import problem_responses
 from api.fields import BillingMonth
 from auth.usage import BillingRow, billing_rows, parse_month
 
-router = APIRouter(tags=["admin"])
+router = APIRouter(route_class=DatabaseRoute, tags=["admin"])
 
 BILLING_COLUMNS = (
     "tenant_id",

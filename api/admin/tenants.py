@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import AdminScope, AutoCommitRoute, SessionDep, StateDep
+from api.deps import AdminScope, DatabaseRoute, SessionDep, StateDep
 from api.errors import problem_responses
 from api.fields import KeyExpiry, MonthlyQuota, Name, PageLimit, PageOffset, RateLimitText
 from auth.audit import record_event
@@ -17,7 +17,7 @@ from auth.keys import issue_tenant_key, list_tenant_keys
 from auth.models import ApiKey, Tenant
 from auth.tenants import create_tenant, get_tenant, list_tenants, update_tenant
 
-router = APIRouter(route_class=AutoCommitRoute, tags=["admin"])
+router = APIRouter(route_class=DatabaseRoute, tags=["admin"])
 
 TenantScope = Literal["predict", "usage:read", "keys:manage"]
 
