@@ -8,7 +8,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, BinaryIO
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    field_validator,
+    model_validator,
+)
 
 MANIFEST_FILE = "manifest.json"
 ARTIFACT_FILE = "model.joblib"
@@ -44,6 +52,11 @@ class Manifest(BaseModel):
     feature_names: list[str]
     class_names: Annotated[list[str], Field(min_length=1)]
     created_at: AwareDatetime
+    # What the artifact is (the estimator's class name) and its hyperparameters (JSON-safe),
+    # recorded when it is registered so that describing a version never needs its pickle.
+    # Manifests written before these fields existed have neither.
+    model_type: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    parameters: dict[str, JsonValue] | None = None
 
     @field_validator("created_at")
     @classmethod

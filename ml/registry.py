@@ -20,6 +20,7 @@ import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -82,6 +83,7 @@ class LoadedModel:
         "_n_features",
         "_pending",
         "_predict_proba",
+        "loaded_at",
         "manifest",
         "runtime",
     )
@@ -94,6 +96,8 @@ class LoadedModel:
     ) -> None:
         self.manifest = manifest
         self.runtime: Runtime = runtime
+        # When this process loaded the version (the tutorial's ``loaded_at``).
+        self.loaded_at = datetime.now(UTC)
         self._predict_proba = predict_proba
         self._n_features = manifest.n_features
         self._class_names = tuple(manifest.class_names)
