@@ -67,10 +67,11 @@ INLINE_MAX_ROWS = 16
 
 @dataclass(frozen=True, slots=True)
 class Prediction:
-    """One prediction: the class index, its probability, and the class's name."""
+    """One prediction: the most probable class's index, every class's probability (in the
+    manifest's ``class_names`` order), and the predicted class's name."""
 
     prediction: int
-    probability: float
+    probability: list[float]
     class_name: str
 
 
@@ -201,12 +202,11 @@ class LoadedModel:
 
     def _infer(self, matrix: FeatureMatrix) -> list[Prediction]:
         proba = np.asarray(self._predict_proba(matrix), dtype=np.float64)
-        indices = proba.argmax(axis=1)
-        best = proba[np.arange(indices.shape[0]), indices]
         names = self._class_names
+        # Two C-level conversions to Python lists, then one object per row.
         return [
-            Prediction(prediction=index, probability=probability, class_name=names[index])
-            for index, probability in zip(indices.tolist(), best.tolist(), strict=True)
+            Prediction(prediction=index, probability=row, class_name=names[index])
+            for index, row in zip(proba.argmax(axis=1).tolist(), proba.tolist(), strict=True)
         ]
 
 

@@ -131,10 +131,9 @@ def test_logistic_regression_converts_faithfully(model_dir: Path, iris: Any) -> 
     estimator, manifest = _register_logistic_regression(model_dir, iris)
     model = _load(model_dir).get("iris", manifest.version)
     assert model.runtime == "onnx"
-    expected = estimator.predict_proba(iris.data).max(axis=1)
-    assert [p.probability for p in model.predict(iris.data)] == pytest.approx(
-        expected.tolist(), abs=1e-6
-    )
+    expected = estimator.predict_proba(iris.data)
+    for prediction, row in zip(model.predict(iris.data), expected.tolist(), strict=True):
+        assert prediction.probability == pytest.approx(row, abs=1e-6)
 
 
 def test_convert_refuses_a_tampered_pickle_without_unpickling_it(
