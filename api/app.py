@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
-from api import health, me, models, predict
+from api import health, me, models, predict, root
 from api.admin import router as admin_router
 from api.errors import install_error_handlers
 from api.logging import configure_logging
@@ -116,6 +116,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # of nesting is one more router a request walks through. Predictions come first.
     for router in (predict.router, health.router, models.router, me.router, admin_router):
         app.include_router(router, prefix=API_PREFIX)
+    app.include_router(root.router)
 
     origins = settings.cors_origin_list
     if origins:

@@ -240,6 +240,7 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         413: "Request body too large",
         422: "Invalid request",
         429: "Rate limit or monthly quota exceeded",
+        500: "Unexpected error (never a stack trace)",
         503: "A dependency (database, Redis, model) is unavailable",
     }
     return {

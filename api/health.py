@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime
 from typing import Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import text
 
 from api.deps import StateDep
-from api.errors import PROBLEM_MEDIA_TYPE, Problem, problem_response
+from api.errors import PROBLEM_MEDIA_TYPE, Problem, problem_response, problem_responses
 from api.state import AppState
 
 router = APIRouter(tags=["health"])
@@ -30,6 +31,7 @@ class HealthResponse(BaseModel):
     model_loaded: bool
     model_version: str | None
     uptime_seconds: float
+    timestamp: datetime = Field(description="The server's time (UTC, ISO 8601)")
 
 
 class LiveResponse(BaseModel):
@@ -64,7 +66,7 @@ class ReadinessProblem(Problem):
     failed_model_versions: list[str]
 
 
-@router.get("/health", response_model=HealthResponse)
+@router.get("/health", response_model=HealthResponse, responses=problem_responses(500))
 async def health(state: StateDep) -> HealthResponse:
     """Summarise the service's health and the default model's version."""
     version = state.registry.active_version()
@@ -73,6 +75,7 @@ async def health(state: StateDep) -> HealthResponse:
         model_loaded=version is not None,
         model_version=version,
         uptime_seconds=round(time.monotonic() - state.started_at, 3),
+        timestamp=datetime.now(UTC),
     )
 
 

@@ -1,15 +1,17 @@
-"""Model catalog routes: which models and versions are served, and their input schema."""
+"""Model catalog routes: which models and versions are served, their input schema, and the
+tutorial's view of the default model."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Literal
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from api.deps import AnyCredential, StateDep
 from api.errors import problem_responses
-from ml import ModelInfo
+from ml import DEFAULT_MODEL, ModelInfo, ModelNotFound, ModelUnavailable
 
 router = APIRouter(tags=["models"])
 
@@ -60,6 +62,31 @@ class ModelList(BaseModel):
     models: list[ModelOut]
 
 
+# What /model/info says of a version registered before manifests recorded these.
+UNKNOWN_MODEL_TYPE = "unknown"
+
+
+class DefaultModelInfo(BaseModel):
+    """The default model's active version, as the tutorial describes a model."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_name: str
+    model_version: str
+    model_type: str = Field(
+        description="The estimator's class name, recorded at registration; "
+        f"`{UNKNOWN_MODEL_TYPE}` for versions registered before modelgate recorded it"
+    )
+    loaded_at: datetime = Field(
+        description="When the worker that answers loaded this version (UTC, ISO 8601)"
+    )
+    parameters: dict[str, JsonValue] = Field(
+        description="The estimator's hyperparameters, recorded at registration (never read "
+        "from the pickle at serve time); empty for versions registered before modelgate "
+        "recorded them"
+    )
+
+
 def _model_out(info: ModelInfo) -> ModelOut:
     return ModelOut(
         name=info.name,
@@ -90,3 +117,25 @@ async def list_models(_subject: AnyCredential, state: StateDep) -> ModelList:
 async def get_model(name: str, _subject: AnyCredential, state: StateDep) -> ModelOut:
     """Describe one model: versions, the active version and input schema."""
     return _model_out(state.registry.model_info(name))
+
+
+@router.get(
+    "/model/info",
+    response_model=DefaultModelInfo,
+    responses=problem_responses(401, 403, 429, 503),
+)
+async def default_model_info(_subject: AnyCredential, state: StateDep) -> DefaultModelInfo:
+    """Describe the default model's active version: type, hyperparameters, when it was loaded."""
+    try:
+        model = state.registry.get(DEFAULT_MODEL)
+    except ModelNotFound:
+        # No default model on disk at all is the same outage as one that failed to load.
+        raise ModelUnavailable(f"model '{DEFAULT_MODEL}' is not loaded") from None
+    manifest = model.manifest
+    return DefaultModelInfo(
+        model_name=manifest.name,
+        model_version=manifest.version,
+        model_type=manifest.model_type or UNKNOWN_MODEL_TYPE,
+        loaded_at=model.loaded_at,
+        parameters=manifest.parameters or {},
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Request, Response
@@ -38,17 +39,23 @@ class PredictRequest(BaseModel):
 
 
 class PredictResponse(BaseModel):
-    """The prediction for one instance."""
+    """The prediction for one instance: the tutorial's fields, then modelgate's own."""
 
     model_config = ConfigDict(protected_namespaces=())
 
-    prediction: int
-    probability: float
-    class_name: str
+    prediction: int = Field(description="Index of the most probable class")
+    probability: list[float] = Field(
+        description="Every class's probability, in the model's class order (`class_names` of "
+        "`GET /models/{name}`)"
+    )
+    class_name: str = Field(description="Name of the most probable class")
     model: str
     model_version: str
-    prediction_id: str
-    inference_time_ms: float
+    prediction_id: str = Field(
+        description="Unique id of this prediction; for `/predict` the request's `X-Request-ID`"
+    )
+    timestamp: datetime = Field(description="When the prediction was made (UTC, ISO 8601)")
+    inference_time_ms: float = Field(description="Time of the model call that computed it")
     cached: bool
 
 
@@ -62,25 +69,20 @@ class BatchPredictRequest(BaseModel):
     model_version: ModelVersion | None = None
 
 
-class BatchPrediction(BaseModel):
-    """One instance's result within a batch."""
-
-    prediction: int
-    probability: float
-    class_name: str
-
-
 class BatchPredictResponse(BaseModel):
     """The predictions of a batch, in the order of its instances."""
 
     model_config = ConfigDict(protected_namespaces=())
 
-    predictions: list[BatchPrediction]
+    predictions: list[PredictResponse] = Field(
+        description="One full prediction per instance; each `prediction_id` is the request's "
+        "`X-Request-ID`, a hyphen and the instance's 0-based index"
+    )
     batch_size: int
+    total_time_ms: float
     model: str
     model_version: str
-    prediction_id: str
-    total_time_ms: float
+    prediction_id: str = Field(description="The request's `X-Request-ID`")
 
 
 async def _predict_and_bill(
@@ -151,6 +153,7 @@ async def predict(
             model=model.manifest.name,
             model_version=model.manifest.version,
             prediction_id=request.state.request_id,
+            timestamp=datetime.now(UTC),
             inference_time_ms=round(inference_ms, 3),
             cached=False,
         )
@@ -172,21 +175,34 @@ async def predict_batch(
     if len(body.instances) > min(limit, HARD_MAX_INSTANCES):
         raise InvalidRequest(f"a batch holds at most {limit} instances", loc=("body", "instances"))
     model = state.registry.get(body.model, body.model_version)
-    results, _ = await _predict_and_bill(
+    results, inference_ms = await _predict_and_bill(
         request, state, subject, model, body.instances, "instances"
     )
+    request_id: str = request.state.request_id
+    name, version = model.manifest.name, model.manifest.version
+    # One call computed every row: each prediction shares its time and timestamp.
+    timestamp = datetime.now(UTC)
+    inference_time_ms = round(inference_ms, 3)
     return _json(
         BatchPredictResponse(
             predictions=[
-                BatchPrediction(
-                    prediction=r.prediction, probability=r.probability, class_name=r.class_name
+                PredictResponse(
+                    prediction=r.prediction,
+                    probability=r.probability,
+                    class_name=r.class_name,
+                    model=name,
+                    model_version=version,
+                    prediction_id=f"{request_id}-{index}",
+                    timestamp=timestamp,
+                    inference_time_ms=inference_time_ms,
+                    cached=False,
                 )
-                for r in results
+                for index, r in enumerate(results)
             ],
             batch_size=len(results),
-            model=model.manifest.name,
-            model_version=model.manifest.version,
-            prediction_id=request.state.request_id,
             total_time_ms=round((time.perf_counter() - started) * 1000, 3),
+            model=name,
+            model_version=version,
+            prediction_id=request_id,
         )
     )

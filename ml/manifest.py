@@ -9,7 +9,15 @@ from pathlib import Path
 from typing import Annotated, BinaryIO
 
 import numpy as np
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    field_validator,
+    model_validator,
+)
 
 MANIFEST_FILE = "manifest.json"
 ARTIFACT_FILE = "model.joblib"
@@ -73,6 +81,11 @@ class Manifest(BaseModel):
     # What the training data held, per feature: published so that clients can see when they
     # leave it, never enforced.
     training_range: list[FeatureRange] | None = None
+    # What the artifact is (the estimator's class name) and its hyperparameters (JSON-safe),
+    # recorded when it is registered so that describing a version never needs its pickle.
+    # Manifests written before these fields existed have neither.
+    model_type: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    parameters: dict[str, JsonValue] | None = None
 
     @field_validator("created_at")
     @classmethod

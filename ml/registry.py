@@ -20,6 +20,7 @@ import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -66,10 +67,11 @@ INLINE_MAX_ROWS = 16
 
 @dataclass(frozen=True, slots=True)
 class Prediction:
-    """One prediction: the class index, its probability, and the class's name."""
+    """One prediction: the most probable class's index, every class's probability (in the
+    manifest's ``class_names`` order), and the predicted class's name."""
 
     prediction: int
-    probability: float
+    probability: list[float]
     class_name: str
 
 
@@ -84,6 +86,7 @@ class LoadedModel:
         "_pending",
         "_predict_proba",
         "_upper",
+        "loaded_at",
         "manifest",
         "runtime",
     )
@@ -96,6 +99,8 @@ class LoadedModel:
     ) -> None:
         self.manifest = manifest
         self.runtime: Runtime = runtime
+        # When this process loaded the version (the tutorial's ``loaded_at``).
+        self.loaded_at = datetime.now(UTC)
         self._predict_proba = predict_proba
         self._n_features = manifest.n_features
         self._class_names = tuple(manifest.class_names)
@@ -208,12 +213,11 @@ class LoadedModel:
 
     def _infer(self, matrix: FeatureMatrix) -> list[Prediction]:
         proba = np.asarray(self._predict_proba(matrix), dtype=np.float64)
-        indices = proba.argmax(axis=1)
-        best = proba[np.arange(indices.shape[0]), indices]
         names = self._class_names
+        # Two C-level conversions to Python lists, then one object per row.
         return [
-            Prediction(prediction=index, probability=probability, class_name=names[index])
-            for index, probability in zip(indices.tolist(), best.tolist(), strict=True)
+            Prediction(prediction=index, probability=row, class_name=names[index])
+            for index, row in zip(proba.argmax(axis=1).tolist(), proba.tolist(), strict=True)
         ]
 
 

@@ -1,6 +1,8 @@
 """Training the default model and registering model versions on disk."""
 
+import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -14,6 +16,7 @@ import joblib
 import numpy as np
 import numpy.typing as npt
 import sklearn
+from pydantic import JsonValue
 from sklearn.datasets import load_iris
 from sklearn.ensemble import RandomForestClassifier
 
@@ -43,6 +46,13 @@ _NAME_RE = re.compile(NAME_PATTERN)
 _VERSION_RE = re.compile(VERSION_PATTERN)
 # Concurrent registrations of the same model race for the next number; give up eventually.
 _MAX_VERSION_ATTEMPTS = 100
+# Bounds on the hyperparameters recorded in a manifest (read back whole, at most 1 MiB): a
+# parameter whose JSON is longer than _MAX_PARAMETER_CHARS is recorded as its clipped repr.
+_MAX_PARAMETERS = 500
+_MAX_PARAMETER_CHARS = 1000
+_MAX_TEXT_CHARS = 200
+_MAX_ITEMS = 100
+_MAX_DEPTH = 3
 
 
 def train_default(model_dir: Path) -> Manifest:
@@ -111,6 +121,7 @@ def register_model(
         onnx_digest = None
         if reference is not None:
             onnx_digest = _write_onnx(staging, name, estimator, reference)
+        model_type, parameters = describe_estimator(estimator)
         created_at = datetime.now(UTC)
         for _ in range(_MAX_VERSION_ATTEMPTS):
             version = str(_next_version(name_dir))
@@ -128,6 +139,8 @@ def register_model(
                 created_at=created_at,
                 input_range=accepted,
                 training_range=seen,
+                model_type=model_type,
+                parameters=parameters,
             )
             write_manifest(staging / MANIFEST_FILE, manifest)
             fsync_dir(staging)
@@ -190,11 +203,76 @@ def convert_version(version_dir: Path, reference: npt.ArrayLike | None = None) -
         reference = generator.uniform(-10, 10, size=(2000, manifest.n_features))
     model_bytes = convert(estimator, np.asarray(reference, dtype=np.float64))
     atomic_write_bytes(version_dir / ONNX_ARTIFACT_FILE, model_bytes)
-    updated = manifest.model_copy(
-        update={"onnx_artifact": ONNX_ARTIFACT_FILE, "onnx_sha256": sha256_bytes(model_bytes)}
-    )
+    update: dict[str, Any] = {
+        "onnx_artifact": ONNX_ARTIFACT_FILE,
+        "onnx_sha256": sha256_bytes(model_bytes),
+    }
+    if manifest.model_type is None:
+        # A manifest older than these fields: the estimator is at hand, so describe it now.
+        update["model_type"], update["parameters"] = describe_estimator(estimator)
+    updated = manifest.model_copy(update=update)
     write_manifest(version_dir / MANIFEST_FILE, updated)
     return updated
+
+
+def describe_estimator(estimator: Any) -> tuple[str, dict[str, JsonValue]]:
+    """The estimator's class name and its hyperparameters (``get_params()``) as JSON-safe
+    values, for the manifest: serving reads them from there and never unpickles to describe a
+    version.
+
+    Numbers, strings, booleans and None are kept (numpy scalars and small arrays become their
+    Python equivalents, NaN and infinities their names), lists, tuples and dicts are converted
+    item by item, and anything else (a nested estimator, a random state) becomes its clipped
+    ``repr``. An estimator without ``get_params`` is described by its type alone.
+    """
+    model_type = type(estimator).__name__
+    get_params = getattr(estimator, "get_params", None)
+    if not callable(get_params):
+        return model_type, {}
+    try:
+        raw = get_params()
+    except Exception as exc:
+        logger.warning(
+            "%s.get_params raised %s; no parameters recorded", model_type, type(exc).__name__
+        )
+        return model_type, {}
+    if not isinstance(raw, dict):
+        return model_type, {}
+    parameters: dict[str, JsonValue] = {}
+    for key in sorted(raw, key=str)[:_MAX_PARAMETERS]:
+        value = _json_safe(raw[key], 0)
+        if len(json.dumps(value)) > _MAX_PARAMETER_CHARS:
+            value = _clipped_repr(raw[key])
+        parameters[str(key)] = value
+    return model_type, parameters
+
+
+def _json_safe(value: Any, depth: int) -> JsonValue:
+    if isinstance(value, np.generic):
+        value = value.item()
+    elif isinstance(value, np.ndarray) and value.size <= _MAX_ITEMS:
+        value = value.tolist()
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, float):
+        # JSON has no NaN or infinity.
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, str):
+        return value[:_MAX_TEXT_CHARS]
+    if depth < _MAX_DEPTH:
+        if isinstance(value, list | tuple) and len(value) <= _MAX_ITEMS:
+            return [_json_safe(item, depth + 1) for item in value]
+        if isinstance(value, dict) and len(value) <= _MAX_ITEMS:
+            return {str(key): _json_safe(item, depth + 1) for key, item in value.items()}
+    return _clipped_repr(value)
+
+
+def _clipped_repr(value: Any) -> str:
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= _MAX_TEXT_CHARS else text[: _MAX_TEXT_CHARS - 3] + "..."
 
 
 def has_model(model_dir: Path, name: str = DEFAULT_MODEL) -> bool:

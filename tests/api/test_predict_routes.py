@@ -39,12 +39,16 @@ async def test_predict_returns_the_contract_shape_and_bills_one_unit(harness: Ha
         "model",
         "model_version",
         "prediction_id",
+        "timestamp",
         "inference_time_ms",
         "cached",
     }
     assert body["class_name"] == "setosa"
     assert body["prediction"] == 0
-    assert 0.5 < body["probability"] <= 1.0
+    # Every class's probability, in the model's class order.
+    assert len(body["probability"]) == 3
+    assert 0.5 < body["probability"][0] <= 1.0
+    assert max(body["probability"]) == body["probability"][0]
     assert body["model"] == "iris"
     assert body["model_version"] == "1"
     assert body["cached"] is False
@@ -71,6 +75,13 @@ async def test_predict_batch_bills_one_unit_per_instance(harness: Harness) -> No
     assert body["batch_size"] == 3
     assert [p["class_name"] for p in body["predictions"]] == ["setosa", "virginica", "setosa"]
     assert body["total_time_ms"] > 0
+    request_id = response.headers["X-Request-ID"]
+    assert body["prediction_id"] == request_id
+    assert [p["prediction_id"] for p in body["predictions"]] == [
+        f"{request_id}-0",
+        f"{request_id}-1",
+        f"{request_id}-2",
+    ]
     [record] = await _usage_rows(harness, tenant.id)
     assert record.units == 3
 

@@ -49,17 +49,25 @@ def test_readme_tour_works_verbatim_against_a_real_server(
         lines = result.stdout.strip().splitlines()
         prediction = json.loads(lines[0])
         assert prediction["class_name"] == "setosa"
+        assert len(prediction["probability"]) == 3
         batch = json.loads(lines[1])
         assert [p["class_name"] for p in batch["predictions"]] == [
             "setosa",
             "virginica",
             "versicolor",
         ]
-        usage = json.loads(lines[2])
+        assert [p["prediction_id"] for p in batch["predictions"]] == [
+            f"{batch['prediction_id']}-{index}" for index in range(3)
+        ]
+        info = json.loads(lines[2])
+        assert (info["model_name"], info["model_type"]) == ("iris", "RandomForestClassifier")
+        health = json.loads(lines[3])
+        assert (health["status"], health["model_version"]) == ("ok", info["model_version"])
+        usage = json.loads(lines[4])
         assert usage["total_requests"] == 2
         assert usage["total_units"] == 4
         assert usage["quota"] == {"monthly_quota": 10000, "used": 4, "remaining": 9996}
-        billing = list(csv.DictReader(io.StringIO("\n".join(lines[3:]))))
+        billing = list(csv.DictReader(io.StringIO("\n".join(lines[5:]))))
         assert len(billing) == 1
         assert billing[0]["tenant_name"] == "acme"
         assert billing[0]["tenant_id"] == usage["tenant_id"]
@@ -68,7 +76,7 @@ def test_readme_tour_works_verbatim_against_a_real_server(
         # The CLI's export has the same content as the HTTP one.
         month = billing[0]["date"][:7]
         exported = run_cli(tour_environment, tmp_path, "billing", "export", "--month", month)
-        assert exported.stdout.strip().splitlines() == lines[3:]
+        assert exported.stdout.strip().splitlines() == lines[5:]
 
 
 def test_cli_creates_tenants_and_keys_that_work(

@@ -33,11 +33,14 @@ def test_both_runtimes_match_scikit_learn_on_the_training_data(
     predictions = model.predict(rows)
 
     expected = estimator.predict(iris.data)
-    expected_proba = estimator.predict_proba(iris.data).max(axis=1)
+    expected_proba = estimator.predict_proba(iris.data)
     assert [p.prediction for p in predictions] == expected.tolist()
-    assert [p.probability for p in predictions] == pytest.approx(expected_proba.tolist(), abs=1e-6)
+    # Every class's probability, in the estimator's class order.
+    for prediction, row in zip(predictions, expected_proba.tolist(), strict=True):
+        assert prediction.probability == pytest.approx(row, abs=1e-6)
     assert [p.class_name for p in predictions] == [iris.target_names[i] for i in expected]
-    assert all(type(p.prediction) is int and type(p.probability) is float for p in predictions)
+    assert all(type(p.prediction) is int for p in predictions)
+    assert all(type(v) is float for p in predictions for v in p.probability)
 
 
 def test_onnx_version_is_served_without_unpickling(
@@ -56,7 +59,10 @@ def test_onnx_version_is_served_without_unpickling(
 def test_single_row_predicts_its_class(registry: ModelRegistry) -> None:
     [prediction] = registry.get("iris").predict([[6.7, 3.0, 5.2, 2.3]])
     assert (prediction.prediction, prediction.class_name) == (2, "virginica")
-    assert 0.5 < prediction.probability <= 1.0
+    assert len(prediction.probability) == 3
+    assert sum(prediction.probability) == pytest.approx(1.0)
+    assert max(prediction.probability) == prediction.probability[2]
+    assert 0.5 < prediction.probability[2] <= 1.0
 
 
 def test_numpy_and_integer_values_are_accepted(registry: ModelRegistry) -> None:

@@ -42,6 +42,23 @@ def test_manifest_round_trips_through_a_file(tmp_path: Path) -> None:
     assert read_manifest(path) == manifest
 
 
+def test_manifest_from_before_model_type_and_parameters_still_loads(tmp_path: Path) -> None:
+    path = tmp_path / "manifest.json"
+    path.write_text(Manifest(**_fields()).model_dump_json(exclude={"model_type", "parameters"}))
+    manifest = read_manifest(path)
+    assert (manifest.model_type, manifest.parameters) == (None, None)
+
+
+def test_manifest_keeps_model_type_and_json_parameters(tmp_path: Path) -> None:
+    parameters = {"n_estimators": 100, "max_depth": None, "class_weight": {"0": 1.5}}
+    manifest = Manifest(**_fields(model_type="RandomForestClassifier", parameters=parameters))
+    path = tmp_path / "manifest.json"
+    write_manifest(path, manifest)
+    assert read_manifest(path).parameters == parameters
+    with pytest.raises(ValidationError):
+        Manifest(**_fields(parameters={"estimator": object()}))
+
+
 def test_manifest_rejects_unknown_fields() -> None:
     with pytest.raises(ValidationError):
         Manifest(**_fields(extra_field=1))

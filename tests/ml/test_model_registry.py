@@ -4,6 +4,7 @@ import hmac
 import json
 import shutil
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -258,3 +259,10 @@ def _rewrite_manifest(version_dir: Path, **changes: Any) -> None:
     data = json.loads(path.read_text())
     data.update(changes)
     path.write_text(json.dumps(data))
+
+
+def test_loaded_model_records_when_this_process_loaded_it(model_dir: Path) -> None:
+    before = datetime.now(UTC)
+    model = _load(model_dir).get("iris")
+    assert before <= model.loaded_at <= datetime.now(UTC)
+    assert model.loaded_at.utcoffset() == timedelta(0)

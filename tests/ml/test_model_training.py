@@ -7,11 +7,16 @@ from pathlib import Path
 from typing import Any
 
 import joblib
+import numpy as np
 import pytest
 import sklearn
 from sklearn.ensemble import RandomForestClassifier
+from sklearn.impute import SimpleImputer
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
 
 from ml import ModelRegistry, has_model, register_model, sha256_file, train_default
+from ml.train import describe_estimator
 
 
 def test_training_writes_artifact_and_manifest_with_matching_sha256(model_dir: Path) -> None:
@@ -45,6 +50,42 @@ def test_train_default_returns_utc_manifest(tmp_path: Path) -> None:
     assert manifest.version == "1"
     assert manifest.created_at.tzinfo is not None
     assert manifest.created_at.utcoffset() == UTC.utcoffset(None)
+
+
+def test_manifest_records_the_estimator_type_and_hyperparameters(model_dir: Path) -> None:
+    manifest = json.loads((model_dir / "iris" / "1" / "manifest.json").read_text())
+    assert manifest["model_type"] == "RandomForestClassifier"
+    parameters = manifest["parameters"]
+    assert parameters == RandomForestClassifier(n_estimators=100, random_state=0).get_params()
+    assert (parameters["n_estimators"], parameters["random_state"]) == (100, 0)
+
+
+def test_described_parameters_are_json_safe_and_bounded() -> None:
+    imputer = SimpleImputer(missing_values=np.nan, fill_value=np.float32(1.5))
+    pipeline = make_pipeline(imputer, LogisticRegression(C=np.float64(0.5), class_weight={0: 2}))
+    model_type, parameters = describe_estimator(pipeline)
+    assert model_type == "Pipeline"
+    # Strict JSON: no NaN, no numpy types, no objects.
+    json.dumps(parameters, allow_nan=False)
+    assert parameters["simpleimputer__missing_values"] == "nan"
+    assert parameters["simpleimputer__fill_value"] == 1.5
+    assert parameters["logisticregression__C"] == 0.5
+    assert parameters["logisticregression__class_weight"] == {"0": 2}
+    assert (
+        parameters["logisticregression"]
+        == "LogisticRegression(C=np.float64(0.5), class_weight={0: 2})"
+    )
+    assert parameters["steps"][0] == ["simpleimputer", repr(imputer)]
+
+    class Odd:
+        def get_params(self) -> dict[str, Any]:
+            return {"big": list(range(10_000)), "long": "x" * 10_000, "inf": float("-inf")}
+
+    assert describe_estimator(Odd()) == (
+        "Odd",
+        {"big": repr(list(range(10_000)))[:197] + "...", "inf": "-inf", "long": "x" * 200},
+    )
+    assert describe_estimator(object()) == ("object", {})
 
 
 def test_default_model_is_the_100_tree_random_forest_benchmark(model_dir: Path) -> None:

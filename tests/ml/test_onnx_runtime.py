@@ -2,6 +2,7 @@
 that is not faithful is never served."""
 
 import hmac
+import json
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,23 @@ def test_convert_adds_onnx_to_a_pickle_only_version(pickle_model_dir: Path, iris
     assert [p.prediction for p in model.predict(iris.data)] == estimator.predict(iris.data).tolist()
 
 
+def test_convert_describes_a_version_whose_manifest_predates_model_type(
+    pickle_model_dir: Path, iris: Any
+) -> None:
+    version_dir = pickle_model_dir / "iris" / "1"
+    old = json.loads((version_dir / "manifest.json").read_text())
+    old.pop("model_type")
+    old.pop("parameters")
+    (version_dir / "manifest.json").write_text(json.dumps(old))
+
+    manifest = convert_version(version_dir, iris.data)
+
+    assert manifest.model_type == "RandomForestClassifier"
+    assert manifest.parameters is not None
+    assert manifest.parameters["n_estimators"] == 100
+    assert read_manifest(version_dir / "manifest.json") == manifest
+
+
 def _register_logistic_regression(model_dir: Path, iris: Any) -> tuple[Any, Manifest]:
     estimator = LogisticRegression(max_iter=1000).fit(iris.data, iris.target)
     manifest = register_model(
@@ -113,10 +131,9 @@ def test_logistic_regression_converts_faithfully(model_dir: Path, iris: Any) -> 
     estimator, manifest = _register_logistic_regression(model_dir, iris)
     model = _load(model_dir).get("iris", manifest.version)
     assert model.runtime == "onnx"
-    expected = estimator.predict_proba(iris.data).max(axis=1)
-    assert [p.probability for p in model.predict(iris.data)] == pytest.approx(
-        expected.tolist(), abs=1e-6
-    )
+    expected = estimator.predict_proba(iris.data)
+    for prediction, row in zip(model.predict(iris.data), expected.tolist(), strict=True):
+        assert prediction.probability == pytest.approx(row, abs=1e-6)
 
 
 def test_convert_refuses_a_tampered_pickle_without_unpickling_it(
