@@ -18,6 +18,7 @@ from api.admin import router as admin_router
 from api.errors import install_error_handlers
 from api.logging import configure_logging
 from api.middleware import RequestContextMiddleware
+from api.openapi import install_openapi
 from api.state import AppState
 from auth.authn import KeyAuthenticator
 from auth.db import create_engine, create_sessionmaker
@@ -111,6 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     install_error_handlers(app)
+    install_openapi(app)
 
     # Included straight into the app (not through an /api/v1 router of their own): every level
     # of nesting is one more router a request walks through. Predictions come first.

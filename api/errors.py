@@ -142,11 +142,31 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     if not isinstance(exc, StarletteHTTPException):
         raise exc
+    headers = dict(exc.headers or {})
+    if exc.status_code == 400:
+        # The framework could not parse the body at all (bytes that are not UTF-8 JSON): as
+        # invalid as a body that parses to the wrong shape, and answered the same way.
+        return _from_error(
+            request, InvalidRequest("the request body is not valid JSON", loc=("body",))
+        )
+    if exc.status_code == 405:
+        # Starlette lists the methods of the first route that matched the path; a path served
+        # by several routes (GET and POST) supports all of theirs.
+        headers["Allow"] = ", ".join(_allowed_methods(request))
     slug = {404: "not-found", 405: "method-not-allowed", 413: "payload-too-large"}.get(
         exc.status_code, "http-error"
     )
     detail = exc.detail if isinstance(exc.detail, str) else "request refused"
-    return problem_response(request, exc.status_code, slug, detail, detail, dict(exc.headers or {}))
+    return problem_response(request, exc.status_code, slug, detail, detail, headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in request.app.routes:
+        path_regex = getattr(route, "path_regex", None)
+        if path_regex is not None and path_regex.match(request.url.path):
+            methods.update(getattr(route, "methods", None) or ())
+    return sorted(methods)
 
 
 def _outage(request: Request, exc: Exception, detail: str) -> JSONResponse:
@@ -230,24 +250,26 @@ def install_error_handlers(app: FastAPI) -> None:
     # Anything else is answered 500 by RequestContextMiddleware, inside the request's context.
 
 
+PROBLEM_DESCRIPTIONS = {
+    401: "Missing or invalid credential",
+    403: "Credential lacks the required scope, or tenant suspended",
+    404: "Not found",
+    409: "Conflict",
+    413: "Request body too large",
+    422: "Invalid request",
+    429: "Rate limit or monthly quota exceeded",
+    500: "Unexpected error (never a stack trace)",
+    503: "A dependency (database, Redis, model) is unavailable",
+}
+
+
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` entries documenting a route's problem responses."""
-    descriptions = {
-        401: "Missing or invalid credential",
-        403: "Credential lacks the required scope, or tenant suspended",
-        404: "Not found",
-        409: "Conflict",
-        413: "Request body too large",
-        422: "Invalid request",
-        429: "Rate limit or monthly quota exceeded",
-        500: "Unexpected error (never a stack trace)",
-        503: "A dependency (database, Redis, model) is unavailable",
-    }
+    """OpenAPI ``responses`` entries for the problems particular to a route (api.openapi adds
+    those every credential, parameter or body can cause)."""
     return {
         status: {
             "model": ValidationProblem if status == 422 else Problem,
-            "description": descriptions.get(status, "Error"),
-            "content": {PROBLEM_MEDIA_TYPE: {}},
+            "description": PROBLEM_DESCRIPTIONS.get(status, "Error"),
         }
         for status in statuses
     }

@@ -13,7 +13,7 @@ from api.deps import DatabaseRoute, SessionDep, StateDep, TenantCredential, Usag
 from api.errors import problem_responses
 from api.fields import DAY_BOUNDS, DAY_RANGE
 from api.usage_schemas import UsageReport, usage_report
-from auth.usage import report_window, usage_summary
+from auth.usage import MAX_REPORT_DAYS, report_window, usage_summary
 
 router = APIRouter(route_class=DatabaseRoute, tags=["me"])
 
@@ -77,10 +77,16 @@ async def my_usage(
     subject: UsageScope,
     session: SessionDep,
     start: Annotated[
-        date | None, Query(description=f"First day: {DAY_RANGE}", **DAY_BOUNDS)
+        date | None,
+        Query(
+            description=f"First day: {DAY_RANGE}; default: the first of end's month. The "
+            f"window spans at most {MAX_REPORT_DAYS} days and start may not follow end.",
+            **DAY_BOUNDS,
+        ),
     ] = None,
     end: Annotated[
-        date | None, Query(description=f"Last day, inclusive: {DAY_RANGE}", **DAY_BOUNDS)
+        date | None,
+        Query(description=f"Last day, inclusive: {DAY_RANGE}; default: today", **DAY_BOUNDS),
     ] = None,
 ) -> UsageReport:
     """Report the caller's tenant usage by day and by model, with the quota position."""

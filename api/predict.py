@@ -15,25 +15,38 @@ from api.metering import charge
 from api.state import AppState
 from auth.authn import AuthSubject
 from auth.errors import InvalidRequest
-from ml import DEFAULT_MODEL, InvalidFeatures, LoadedModel, Prediction
+from ml import DEFAULT_MODEL, FLOAT32_MAX, InvalidFeatures, LoadedModel, Prediction
 
 # No database session here: usage goes through the usage writer (api.metering.charge).
 router = APIRouter(tags=["predictions"])
 
-FiniteNumber = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+# What any model's float32 input holds; a version may accept less (its input_range in
+# GET /models/{name}), refused with 422 naming the feature.
+FeatureValue = Annotated[
+    float, Field(strict=True, allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)
+]
 ModelName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$")]
 ModelVersion = Annotated[str, Field(min_length=1, max_length=50, pattern=r"^[A-Za-z0-9_.-]+$")]
 # A hard ceiling for parsing; the configured batch limit (default 100) is checked per request.
 MAX_FEATURES = 1000
-HARD_MAX_INSTANCES = 10_000
+HARD_MAX_INSTANCES = 1000
 
 
 class PredictRequest(BaseModel):
     """One instance to predict."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(
+        extra="forbid",
+        protected_namespaces=(),
+        json_schema_extra={"examples": [{"features": [5.1, 3.5, 1.4, 0.2]}]},
+    )
 
-    features: list[FiniteNumber] = Field(min_length=1, max_length=MAX_FEATURES)
+    features: list[FeatureValue] = Field(
+        min_length=1,
+        max_length=MAX_FEATURES,
+        description="One value per feature of the model, within its input_range "
+        "(GET /models/{name})",
+    )
     model: ModelName = DEFAULT_MODEL
     model_version: ModelVersion | None = None
 
@@ -62,9 +75,22 @@ class PredictResponse(BaseModel):
 class BatchPredictRequest(BaseModel):
     """Several instances to predict with one model."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(
+        extra="forbid",
+        protected_namespaces=(),
+        json_schema_extra={
+            "examples": [{"instances": [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]}]
+        },
+    )
 
-    instances: list[Annotated[list[FiniteNumber], Field(min_length=1, max_length=MAX_FEATURES)]]
+    instances: list[Annotated[list[FeatureValue], Field(min_length=1, max_length=MAX_FEATURES)]] = (
+        Field(
+            min_length=1,
+            max_length=HARD_MAX_INSTANCES,
+            description="Rows of feature values, as for /predict; at most the server's "
+            "MODELGATE_MAX_BATCH_SIZE rows (100 by default)",
+        )
+    )
     model: ModelName = DEFAULT_MODEL
     model_version: ModelVersion | None = None
 
@@ -170,8 +196,6 @@ async def predict_batch(
     state = app_state(request)
     started = time.perf_counter()
     limit = state.settings.max_batch_size
-    if not body.instances:
-        raise InvalidRequest("instances must not be empty", loc=("body", "instances"))
     if len(body.instances) > min(limit, HARD_MAX_INSTANCES):
         raise InvalidRequest(f"a batch holds at most {limit} instances", loc=("body", "instances"))
     model = state.registry.get(body.model, body.model_version)

@@ -4,7 +4,7 @@ Nothing here knows about HTTP; the API layer maps :class:`ModelError` subclasses
 """
 
 from ml.errors import InvalidFeatures, ModelError, ModelNotFound, ModelUnavailable
-from ml.manifest import Manifest, read_manifest, sha256_file, write_manifest
+from ml.manifest import FLOAT32_MAX, Manifest, read_manifest, sha256_file, write_manifest
 from ml.onnx_export import ConversionError
 from ml.registry import (
     DEFAULT_MODEL,
@@ -18,6 +18,7 @@ from ml.train import convert_version, has_model, register_model, train_default
 
 __all__ = [
     "DEFAULT_MODEL",
+    "FLOAT32_MAX",
     "ConversionError",
     "InvalidFeatures",
     "LoadedModel",

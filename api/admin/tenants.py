@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 
 from api.deps import AdminScope, DatabaseRoute, SessionDep, StateDep
 from api.errors import problem_responses
@@ -33,14 +34,17 @@ class TenantCreate(BaseModel):
 
 
 class TenantUpdate(BaseModel):
-    """Fields to change on a tenant; omitted fields stay as they are."""
+    """Fields to change on a tenant; omitted fields stay as they are. ``rate_limit`` and
+    ``monthly_quota`` set to null restore the default limit and unlimited usage; ``name`` and
+    ``status`` cannot be null."""
 
     model_config = ConfigDict(extra="forbid")
 
-    name: Name | None = None
+    # Optional but not nullable: the schema shows no null, and the service refuses one.
+    name: Name | SkipJsonSchema[None] = None
     rate_limit: RateLimitText | None = None
     monthly_quota: MonthlyQuota | None = None
-    status: Literal["active", "suspended"] | None = None
+    status: Literal["active", "suspended"] | SkipJsonSchema[None] = None
 
 
 class TenantOut(BaseModel):
