@@ -182,6 +182,11 @@ def _outage(request: Request, exc: Exception, detail: str) -> JSONResponse:
 _OUTAGE_CLASSES = frozenset({"08", "40", "53", "57", "58"})
 
 
+# SQLite's result codes for the same idea: busy, locked, out of memory, I/O error, corrupt,
+# full, cannot open. Anything else (SQLITE_ERROR: bad SQL, a function's error) is ours.
+_SQLITE_OUTAGE_CODES = frozenset({5, 6, 7, 10, 11, 13, 14})
+
+
 def _sqlstate(exc: DBAPIError) -> str:
     return str(getattr(exc.orig, "sqlstate", None) or "")
 
@@ -194,6 +199,10 @@ def classify_database_error(exc: DBAPIError) -> Literal["data", "conflict", "out
         return "data"
     if isinstance(exc, IntegrityError) or state.startswith("23"):
         return "conflict"
+    sqlite_code = getattr(exc.orig, "sqlite_errorcode", None)
+    if sqlite_code is not None:
+        # The primary result code is the low byte of an extended one.
+        return "outage" if sqlite_code & 0xFF in _SQLITE_OUTAGE_CODES else "bug"
     if (
         exc.connection_invalidated
         or state[:2] in _OUTAGE_CLASSES
