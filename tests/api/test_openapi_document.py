@@ -23,3 +23,24 @@ def test_every_route_has_a_description_and_documented_errors(tmp_path: Path) -> 
             if path not in PUBLIC:
                 assert "401" in operation["responses"], where
                 assert operation.get("security"), where
+
+
+def test_every_error_response_is_documented_as_problem_json(tmp_path: Path) -> None:
+    """What the fuzzer checks at run time, checked on the document itself."""
+    spec = create_app(Settings(_env_file=None, var_dir=tmp_path)).openapi()  # type: ignore[call-arg]
+    schemas = spec["components"]["schemas"]
+    assert {"Problem", "ValidationProblem"} <= set(schemas)
+    assert "HTTPValidationError" not in schemas
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            where = f"{method.upper()} {path}"
+            responses = operation["responses"]
+            for code, response in responses.items():
+                if int(code) >= 400:
+                    assert list(response["content"]) == ["application/problem+json"], where
+            if operation.get("security"):
+                assert {"401", "403", "429", "503"} <= set(responses), where
+            if "requestBody" in operation:
+                assert {"413", "422"} <= set(responses), where
+                ref = responses["422"]["content"]["application/problem+json"]["schema"]["$ref"]
+                assert ref.endswith("/ValidationProblem"), where
