@@ -28,9 +28,35 @@ from api.cli import upgrade_database
 from api.state import AppState
 from auth.keys import issue_admin_key, issue_tenant_key
 from auth.models import Tenant
-from auth.settings import Settings
+from auth.settings import Settings, get_settings
 from auth.tenants import create_tenant, get_or_create_admin
 from ml import train_default
+
+TEST_VARIABLE_PREFIX = "MODELGATE_TEST_"
+
+
+def is_product_setting(name: str) -> bool:
+    """Whether an environment variable configures modelgate itself (pydantic-settings matches
+    ``MODELGATE_*`` names in any case) rather than this suite (``MODELGATE_TEST_*``)."""
+    upper = name.upper()
+    if upper.startswith(TEST_VARIABLE_PREFIX):
+        return False
+    # WEB_CONCURRENCY is how the app factory counts its workers (auth.settings.declared_workers).
+    return upper.startswith("MODELGATE_") or upper == "WEB_CONCURRENCY"
+
+
+# The suite is hermetic: the caller's shell chooses the test services (MODELGATE_TEST_*) and
+# nothing else. An operator's exported settings (production secrets, MODELGATE_ENV=production, a
+# real database URL, WEB_CONCURRENCY...) must neither break the tests nor be used by them, so they
+# leave this process, and every server or CLI process it starts, before anything reads them. A
+# test that needs one sets it itself (monkeypatch, or the environment it gives a subprocess).
+for _name in [name for name in os.environ if is_product_setting(name)]:
+    del os.environ[_name]
+# Nor is a .env file read from the working directory: tests pass every setting explicitly
+# (make_settings), and a Settings() built anywhere in this process (get_settings, the migrations'
+# fallback) sees the embedded defaults. Subprocesses run in a fresh tmp_path (tests/e2e/servers.py).
+Settings.model_config["env_file"] = None
+get_settings.cache_clear()
 
 POSTGRES_URL = os.environ.get(
     "MODELGATE_TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
