@@ -9,11 +9,11 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import asyncpg
 import httpx
@@ -64,6 +64,68 @@ POSTGRES_URL = os.environ.get(
 REDIS_URL = os.environ.get("MODELGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 # In CI the services must be there: a missing one fails the run instead of skipping tests.
 REQUIRE_SERVICES = os.environ.get("MODELGATE_TEST_REQUIRE_SERVICES") == "1"
+
+# tests/test_hermetic_suite.py runs pytest on small test files to prove the hooks below.
+pytest_plugins = ["pytester"]
+
+NOT_APPLICABLE = "not applicable: "
+
+
+def not_applicable(reason: str) -> NoReturn:
+    """Skip the current test because it does not apply to this configuration (a Postgres-only
+    mechanism on SQLite, say): the one kind of skip that MODELGATE_TEST_REQUIRE_SERVICES=1
+    allows. Better still, do not generate the test where it does not apply (``only_on``);
+    ``pytest.mark.skipif(..., reason=NOT_APPLICABLE + "...")`` is the marker form."""
+    pytest.skip(NOT_APPLICABLE + reason)
+
+
+def only_on(*backends: str) -> pytest.MarkDecorator:
+    """Run the test on these backends only (``@only_on("postgres")``): no test is generated for
+    the others, to which it does not apply."""
+    return pytest.mark.parametrize("backend", backends, indirect=True)
+
+
+def _skip_reason(report: pytest.CollectReport | pytest.TestReport) -> str:
+    if isinstance(report.longrepr, tuple):
+        return str(report.longrepr[2]).removeprefix("Skipped: ")
+    return str(report.longrepr)
+
+
+def _fail_a_needless_skip(report: pytest.CollectReport | pytest.TestReport) -> None:
+    """Under MODELGATE_TEST_REQUIRE_SERVICES=1 everything a test needs (Postgres, Redis, a
+    redis-server or Postgres binary, an optional module) must be there: a skip for anything
+    but ``not_applicable`` is turned into a failure, so that CI never passes by doing less."""
+    if not (REQUIRE_SERVICES and report.skipped) or hasattr(report, "wasxfail"):
+        return
+    reason = _skip_reason(report)
+    if reason.startswith(NOT_APPLICABLE):
+        return
+    report.outcome = "failed"
+    report.longrepr = (
+        f"skipped ({reason}), but MODELGATE_TEST_REQUIRE_SERVICES=1 requires everything a test "
+        "needs; a test that does not apply here is generated only where it does (only_on) or "
+        "skips with not_applicable()"
+    )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Skips in setup, call or teardown (pytest.skip, skipif, importorskip)."""
+    report = yield
+    _fail_a_needless_skip(report)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(
+    collector: pytest.Collector,
+) -> Generator[None, pytest.CollectReport, pytest.CollectReport]:
+    """Skips of a whole module (pytest.importorskip or skip(allow_module_level=True) at import)."""
+    report = yield
+    _fail_a_needless_skip(report)
+    return report
 
 
 @dataclass(frozen=True)
