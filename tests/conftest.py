@@ -1,16 +1,23 @@
 """Shared fixtures: every API test runs twice, on Postgres + Redis and on the embedded default
-(SQLite, in-process limiter). Each backend gets a freshly migrated database for the session;
-tests isolate themselves by creating their own tenants and keys."""
+(SQLite, in-process limiter).
+
+Isolation: each backend's schema is migrated once per session into a template, and every test
+module gets a database of its own copied from it (Postgres: CREATE DATABASE ... TEMPLATE; SQLite:
+a copy of the file), dropped after the module; the module's tests share it and its app, and
+create their own tenants and keys. No test sees another module's rows, so neither the order nor
+the number of the tests can change an outcome. Redis is shared: what the app keeps there is keyed
+by API-key id (random), and no test flushes it or counts its keys."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import shutil
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -18,6 +25,7 @@ from typing import Any, NoReturn
 import asyncpg
 import httpx
 import pytest
+import pytest_asyncio
 import redis
 from fastapi import FastAPI
 from sqlalchemy.engine import make_url
@@ -182,8 +190,9 @@ async def _admin_connection() -> asyncpg.Connection:
 
 
 @contextmanager
-def new_postgres_database() -> Iterator[str]:
-    """Create an empty Postgres database; drop it on exit."""
+def new_postgres_database(template: str | None = None) -> Iterator[str]:
+    """Create a Postgres database, empty or a copy of the database named ``template``; drop it
+    on exit."""
     name = f"modelgate_test_{uuid.uuid4().hex[:10]}"
 
     async def run(sql: str) -> None:
@@ -193,7 +202,8 @@ def new_postgres_database() -> Iterator[str]:
         finally:
             await connection.close()
 
-    asyncio.run(run(f'CREATE DATABASE "{name}"'))
+    copy = f' TEMPLATE "{template}"' if template else ""
+    asyncio.run(run(f'CREATE DATABASE "{name}"{copy}'))
     try:
         yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
     finally:
@@ -201,11 +211,39 @@ def new_postgres_database() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def postgres_database(services_problem: str | None) -> Iterator[str]:
-    """A fresh Postgres database for this session, dropped at the end."""
+def postgres_template(services_problem: str | None) -> Iterator[str]:
+    """The name of a Postgres database migrated once for the session, which nothing connects
+    to: the template of every module's database."""
     if services_problem:
         pytest.skip(services_problem)
     with new_postgres_database() as url:
+        upgrade_database(url)  # its engine is disposed: no session is left on the template
+        yield str(make_url(url).database)
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite file migrated once for the session: the template of every module's database."""
+    path = tmp_path_factory.mktemp("sqlite-template") / "modelgate.db"
+    upgrade_database(f"sqlite+aiosqlite:///{path}")
+    return path
+
+
+def copy_sqlite_database(template: Path, target: Path) -> None:
+    """A consistent copy of a SQLite database (SQLite's backup API: pages still in the
+    write-ahead log are included)."""
+    with (
+        closing(sqlite3.connect(template)) as source,
+        closing(sqlite3.connect(target)) as copy,
+    ):
+        source.backup(copy)
+
+
+@pytest.fixture(scope="module")
+def postgres_database(postgres_template: str) -> Iterator[str]:
+    """A fresh Postgres database for this module, migrated (a copy of the session's template),
+    dropped after the module."""
+    with new_postgres_database(template=postgres_template) as url:
         yield url
 
 
@@ -219,17 +257,15 @@ def empty_database(backend: Backend, tmp_path: Path) -> Iterator[str]:
         yield f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"
 
 
-@pytest.fixture(scope="session", params=["postgres", "sqlite"])
+@pytest.fixture(scope="module", params=["postgres", "sqlite"])
 def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Backend:
-    """Postgres + Redis, or the embedded default (SQLite, no Redis), freshly migrated."""
+    """Postgres + Redis, or the embedded default (SQLite, no Redis), with a freshly migrated
+    database of this module's own."""
     if request.param == "postgres":
-        database_url = request.getfixturevalue("postgres_database")
-        chosen = Backend("postgres", database_url, REDIS_URL)
-    else:
-        path = tmp_path_factory.mktemp("sqlite") / "modelgate.db"
-        chosen = Backend("sqlite", f"sqlite+aiosqlite:///{path}", "")
-    upgrade_database(chosen.database_url)
-    return chosen
+        return Backend("postgres", request.getfixturevalue("postgres_database"), REDIS_URL)
+    path = tmp_path_factory.mktemp("sqlite") / "modelgate.db"
+    copy_sqlite_database(request.getfixturevalue("sqlite_template"), path)
+    return Backend("sqlite", f"sqlite+aiosqlite:///{path}", "")
 
 
 @pytest.fixture(scope="session")
@@ -287,11 +323,14 @@ async def running_app(
             yield Harness(client=client, state=app.state.modelgate, backend=backend)
 
 
-@pytest.fixture(scope="session")
+# Module-scoped like its database, on the session's event loop: the tests run on that loop
+# (asyncio_default_test_loop_scope), and the app's engine and pools belong to the loop that
+# opened them.
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def harness(
     backend: Backend, served_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Harness]:
-    """The app on this backend, shared by the session's tests."""
+    """The app on this backend and this module's database, shared by the module's tests."""
     settings = make_settings(backend, served_model_dir, tmp_path_factory.mktemp("var"))
     async with running_app(settings, backend) as running:
         yield running
