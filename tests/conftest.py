@@ -1,23 +1,31 @@
 """Shared fixtures: every API test runs twice, on Postgres + Redis and on the embedded default
-(SQLite, in-process limiter). Each backend gets a freshly migrated database for the session;
-tests isolate themselves by creating their own tenants and keys."""
+(SQLite, in-process limiter).
+
+Isolation: each backend's schema is migrated once per session into a template, and every test
+module gets a database of its own copied from it (Postgres: CREATE DATABASE ... TEMPLATE; SQLite:
+a copy of the file), dropped after the module; the module's tests share it and its app, and
+create their own tenants and keys. No test sees another module's rows, so neither the order nor
+the number of the tests can change an outcome. Redis is shared: what the app keeps there is keyed
+by API-key id (random), and no test flushes it or counts its keys."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import shutil
+import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from contextlib import asynccontextmanager, closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import asyncpg
 import httpx
 import pytest
+import pytest_asyncio
 import redis
 from fastapi import FastAPI
 from sqlalchemy.engine import make_url
@@ -28,9 +36,35 @@ from api.cli import upgrade_database
 from api.state import AppState
 from auth.keys import issue_admin_key, issue_tenant_key
 from auth.models import Tenant
-from auth.settings import Settings
+from auth.settings import Settings, get_settings
 from auth.tenants import create_tenant, get_or_create_admin
 from ml import train_default
+
+TEST_VARIABLE_PREFIX = "MODELGATE_TEST_"
+
+
+def is_product_setting(name: str) -> bool:
+    """Whether an environment variable configures modelgate itself (pydantic-settings matches
+    ``MODELGATE_*`` names in any case) rather than this suite (``MODELGATE_TEST_*``)."""
+    upper = name.upper()
+    if upper.startswith(TEST_VARIABLE_PREFIX):
+        return False
+    # WEB_CONCURRENCY is how the app factory counts its workers (auth.settings.declared_workers).
+    return upper.startswith("MODELGATE_") or upper == "WEB_CONCURRENCY"
+
+
+# The suite is hermetic: the caller's shell chooses the test services (MODELGATE_TEST_*) and
+# nothing else. An operator's exported settings (production secrets, MODELGATE_ENV=production, a
+# real database URL, WEB_CONCURRENCY...) must neither break the tests nor be used by them, so they
+# leave this process, and every server or CLI process it starts, before anything reads them. A
+# test that needs one sets it itself (monkeypatch, or the environment it gives a subprocess).
+for _name in [name for name in os.environ if is_product_setting(name)]:
+    del os.environ[_name]
+# Nor is a .env file read from the working directory: tests pass every setting explicitly
+# (make_settings), and a Settings() built anywhere in this process (get_settings, the migrations'
+# fallback) sees the embedded defaults. Subprocesses run in a fresh tmp_path (tests/e2e/servers.py).
+Settings.model_config["env_file"] = None
+get_settings.cache_clear()
 
 POSTGRES_URL = os.environ.get(
     "MODELGATE_TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -38,6 +72,68 @@ POSTGRES_URL = os.environ.get(
 REDIS_URL = os.environ.get("MODELGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 # In CI the services must be there: a missing one fails the run instead of skipping tests.
 REQUIRE_SERVICES = os.environ.get("MODELGATE_TEST_REQUIRE_SERVICES") == "1"
+
+# tests/test_hermetic_suite.py runs pytest on small test files to prove the hooks below.
+pytest_plugins = ["pytester"]
+
+NOT_APPLICABLE = "not applicable: "
+
+
+def not_applicable(reason: str) -> NoReturn:
+    """Skip the current test because it does not apply to this configuration (a Postgres-only
+    mechanism on SQLite, say): the one kind of skip that MODELGATE_TEST_REQUIRE_SERVICES=1
+    allows. Better still, do not generate the test where it does not apply (``only_on``);
+    ``pytest.mark.skipif(..., reason=NOT_APPLICABLE + "...")`` is the marker form."""
+    pytest.skip(NOT_APPLICABLE + reason)
+
+
+def only_on(*backends: str) -> pytest.MarkDecorator:
+    """Run the test on these backends only (``@only_on("postgres")``): no test is generated for
+    the others, to which it does not apply."""
+    return pytest.mark.parametrize("backend", backends, indirect=True)
+
+
+def _skip_reason(report: pytest.CollectReport | pytest.TestReport) -> str:
+    if isinstance(report.longrepr, tuple):
+        return str(report.longrepr[2]).removeprefix("Skipped: ")
+    return str(report.longrepr)
+
+
+def _fail_a_needless_skip(report: pytest.CollectReport | pytest.TestReport) -> None:
+    """Under MODELGATE_TEST_REQUIRE_SERVICES=1 everything a test needs (Postgres, Redis, a
+    redis-server or Postgres binary, an optional module) must be there: a skip for anything
+    but ``not_applicable`` is turned into a failure, so that CI never passes by doing less."""
+    if not (REQUIRE_SERVICES and report.skipped) or hasattr(report, "wasxfail"):
+        return
+    reason = _skip_reason(report)
+    if reason.startswith(NOT_APPLICABLE):
+        return
+    report.outcome = "failed"
+    report.longrepr = (
+        f"skipped ({reason}), but MODELGATE_TEST_REQUIRE_SERVICES=1 requires everything a test "
+        "needs; a test that does not apply here is generated only where it does (only_on) or "
+        "skips with not_applicable()"
+    )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Skips in setup, call or teardown (pytest.skip, skipif, importorskip)."""
+    report = yield
+    _fail_a_needless_skip(report)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(
+    collector: pytest.Collector,
+) -> Generator[None, pytest.CollectReport, pytest.CollectReport]:
+    """Skips of a whole module (pytest.importorskip or skip(allow_module_level=True) at import)."""
+    report = yield
+    _fail_a_needless_skip(report)
+    return report
 
 
 @dataclass(frozen=True)
@@ -94,8 +190,9 @@ async def _admin_connection() -> asyncpg.Connection:
 
 
 @contextmanager
-def new_postgres_database() -> Iterator[str]:
-    """Create an empty Postgres database; drop it on exit."""
+def new_postgres_database(template: str | None = None) -> Iterator[str]:
+    """Create a Postgres database, empty or a copy of the database named ``template``; drop it
+    on exit."""
     name = f"modelgate_test_{uuid.uuid4().hex[:10]}"
 
     async def run(sql: str) -> None:
@@ -105,7 +202,8 @@ def new_postgres_database() -> Iterator[str]:
         finally:
             await connection.close()
 
-    asyncio.run(run(f'CREATE DATABASE "{name}"'))
+    copy = f' TEMPLATE "{template}"' if template else ""
+    asyncio.run(run(f'CREATE DATABASE "{name}"{copy}'))
     try:
         yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
     finally:
@@ -113,11 +211,39 @@ def new_postgres_database() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def postgres_database(services_problem: str | None) -> Iterator[str]:
-    """A fresh Postgres database for this session, dropped at the end."""
+def postgres_template(services_problem: str | None) -> Iterator[str]:
+    """The name of a Postgres database migrated once for the session, which nothing connects
+    to: the template of every module's database."""
     if services_problem:
         pytest.skip(services_problem)
     with new_postgres_database() as url:
+        upgrade_database(url)  # its engine is disposed: no session is left on the template
+        yield str(make_url(url).database)
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite file migrated once for the session: the template of every module's database."""
+    path = tmp_path_factory.mktemp("sqlite-template") / "modelgate.db"
+    upgrade_database(f"sqlite+aiosqlite:///{path}")
+    return path
+
+
+def copy_sqlite_database(template: Path, target: Path) -> None:
+    """A consistent copy of a SQLite database (SQLite's backup API: pages still in the
+    write-ahead log are included)."""
+    with (
+        closing(sqlite3.connect(template)) as source,
+        closing(sqlite3.connect(target)) as copy,
+    ):
+        source.backup(copy)
+
+
+@pytest.fixture(scope="module")
+def postgres_database(postgres_template: str) -> Iterator[str]:
+    """A fresh Postgres database for this module, migrated (a copy of the session's template),
+    dropped after the module."""
+    with new_postgres_database(template=postgres_template) as url:
         yield url
 
 
@@ -131,17 +257,15 @@ def empty_database(backend: Backend, tmp_path: Path) -> Iterator[str]:
         yield f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"
 
 
-@pytest.fixture(scope="session", params=["postgres", "sqlite"])
+@pytest.fixture(scope="module", params=["postgres", "sqlite"])
 def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Backend:
-    """Postgres + Redis, or the embedded default (SQLite, no Redis), freshly migrated."""
+    """Postgres + Redis, or the embedded default (SQLite, no Redis), with a freshly migrated
+    database of this module's own."""
     if request.param == "postgres":
-        database_url = request.getfixturevalue("postgres_database")
-        chosen = Backend("postgres", database_url, REDIS_URL)
-    else:
-        path = tmp_path_factory.mktemp("sqlite") / "modelgate.db"
-        chosen = Backend("sqlite", f"sqlite+aiosqlite:///{path}", "")
-    upgrade_database(chosen.database_url)
-    return chosen
+        return Backend("postgres", request.getfixturevalue("postgres_database"), REDIS_URL)
+    path = tmp_path_factory.mktemp("sqlite") / "modelgate.db"
+    copy_sqlite_database(request.getfixturevalue("sqlite_template"), path)
+    return Backend("sqlite", f"sqlite+aiosqlite:///{path}", "")
 
 
 @pytest.fixture(scope="session")
@@ -199,11 +323,14 @@ async def running_app(
             yield Harness(client=client, state=app.state.modelgate, backend=backend)
 
 
-@pytest.fixture(scope="session")
+# Module-scoped like its database, on the session's event loop: the tests run on that loop
+# (asyncio_default_test_loop_scope), and the app's engine and pools belong to the loop that
+# opened them.
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def harness(
     backend: Backend, served_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Harness]:
-    """The app on this backend, shared by the session's tests."""
+    """The app on this backend and this module's database, shared by the module's tests."""
     settings = make_settings(backend, served_model_dir, tmp_path_factory.mktemp("var"))
     async with running_app(settings, backend) as running:
         yield running

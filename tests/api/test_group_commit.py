@@ -27,6 +27,7 @@ from tests.conftest import (
     create_tenant_with_key,
     make_settings,
     new_postgres_database,
+    only_on,
     running_app,
 )
 
@@ -234,14 +235,14 @@ async def test_failed_commit_serves_nothing_and_the_writer_recovers(
         assert await _counter(harness, tenant.id) == 1
 
 
+# The server's connections are killed with pg_terminate_backend.
+@only_on("postgres")
 async def test_database_killed_mid_flush_never_leaves_a_2xx_unbilled(
     backend: Backend,
     private_database: str,
     served_model_dir: Path,
     tmp_path: Path,
 ) -> None:
-    if backend.name != "postgres":
-        pytest.skip("the server's connections are killed with pg_terminate_backend")
     settings = make_settings(
         Backend(backend.name, private_database, backend.redis_url), served_model_dir, tmp_path
     )

@@ -23,6 +23,14 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def hermetic_cwd(cwd: Path) -> Path:
+    """``cwd`` for a ``modelgate`` process, checked: its settings come from the environment the
+    test gives it and from a ``.env`` in its working directory, which must therefore not exist
+    (a fresh ``tmp_path`` has none; the repository's own ``.env`` must never be read)."""
+    assert not (cwd / ".env").exists(), f"{cwd}/.env would configure the server under test"
+    return cwd
+
+
 def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -47,7 +55,7 @@ def serve(
     log = log_path.open("wb") if log_path is not None else None
     server = subprocess.Popen(
         [str(BIN / "modelgate"), "serve", "--port", str(port), "--workers", str(workers)],
-        cwd=cwd,
+        cwd=hermetic_cwd(cwd),
         env=environment,
         stdout=subprocess.DEVNULL,
         stderr=log if log is not None else subprocess.DEVNULL,
@@ -73,7 +81,7 @@ def run_cli(
     """Run ``modelgate ARGS`` and capture its output."""
     return subprocess.run(
         [str(BIN / "modelgate"), *args],
-        cwd=cwd,
+        cwd=hermetic_cwd(cwd),
         env=environment,
         capture_output=True,
         text=True,

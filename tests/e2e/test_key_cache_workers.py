@@ -13,7 +13,7 @@ import httpx
 import pytest
 from sqlalchemy.engine import make_url
 
-from tests.conftest import IRIS_SETOSA, Backend
+from tests.conftest import IRIS_SETOSA, Backend, only_on
 from tests.e2e.servers import run_cli, serve
 
 pytestmark = pytest.mark.e2e
@@ -74,6 +74,8 @@ def _until_both_workers(port: int, key: str, log_path: Path, status: int) -> set
     raise AssertionError("only one worker answered: the test would prove nothing")
 
 
+# Two workers need Postgres and Redis.
+@only_on("postgres")
 @pytest.mark.parametrize(
     ("change", "refused_with"),
     [
@@ -89,8 +91,6 @@ def test_cached_key_is_refused_within_a_second_on_both_workers(
     change: str,
     refused_with: int,
 ) -> None:
-    if backend.name != "postgres":
-        pytest.skip("two workers need Postgres and Redis")
     environment = {**tour_environment, "MODELGATE_LOG_LEVEL": "INFO"}
     run_cli(environment, tmp_path, "db", "upgrade")
     tenant = json.loads(
