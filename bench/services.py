@@ -29,6 +29,7 @@ from sqlalchemy.engine import URL, make_url
 
 from auth.db import create_engine
 from auth.models import ApiKey, UsageRecord
+from auth.tenants import MAX_MONTHLY_QUOTA
 from bench import ROOT, BenchError
 
 DEFAULT_DATABASE_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -39,8 +40,9 @@ SERVER_LOG_LEVEL = "WARNING"
 # A limit no benchmark run can reach, so that the limiter is checked on every request (as in
 # production) but never refuses one.
 BENCH_RATE_LIMIT = "100000000/minute"
-# Likewise a monthly quota that is checked on every request but never reached.
-BENCH_MONTHLY_QUOTA = 10**15
+# Likewise a monthly quota that is checked on every request but never reached (the largest a
+# tenant may have).
+BENCH_MONTHLY_QUOTA = MAX_MONTHLY_QUOTA
 HOST = "127.0.0.1"
 CONNECT_TIMEOUT_SECONDS = 5.0
 # Limiter ids the micro-benchmarks count against, registered so that cleanup can find them.
