@@ -80,6 +80,7 @@ class LoadedModel:
     version has an ONNX file and by scikit-learn otherwise."""
 
     __slots__ = (
+        "_bounds",
         "_class_names",
         "_lower",
         "_n_features",
@@ -107,6 +108,8 @@ class LoadedModel:
         accepted = manifest.accepted_range
         self._lower = np.array([r.min for r in accepted], dtype=np.float64)
         self._upper = np.array([r.max for r in accepted], dtype=np.float64)
+        # The same bounds as Python floats, for the common case checked value by value.
+        self._bounds = tuple((r.min, r.max) for r in accepted)
         # Rows of concurrent requests waiting for this event-loop turn's ONNX call.
         self._pending: list[tuple[FeatureMatrix, asyncio.Future[list[Prediction]]]] = []
 
@@ -173,6 +176,8 @@ class LoadedModel:
         if len(rows) == 0:
             raise InvalidFeatures("at least one row of features is required")
         batch = len(rows) > 1
+        bounds = self._bounds
+        unchecked = False
         for index, row in enumerate(rows):
             # In a batch, say which instance is wrong; a single row needs no prefix.
             where = f"instance {index}: " if batch else ""
@@ -182,21 +187,28 @@ class LoadedModel:
                 raise InvalidFeatures(
                     f"{where}expected {n_features} features, got {len(row)}", row=index
                 )
-            for position, value in enumerate(row):
+            for position, (value, (lower, upper)) in enumerate(zip(row, bounds, strict=True)):
                 if type(value) is float:
-                    continue  # the common case; its range is checked below, with the rest
+                    # The common case (what JSON parses to), checked here: NaN fails both
+                    # comparisons. A few comparisons cost less than numpy's call overhead.
+                    if not lower <= value <= upper:
+                        raise self._out_of_range(index if batch else None, position)
+                    continue
                 # bool is an int subclass, but True as a feature is a client bug, not 1.0.
                 if isinstance(value, _BOOL_TYPES) or not isinstance(value, _NUMBER_TYPES):
                     raise InvalidFeatures(f"{where}{_NOT_NUMBERS}", row=index, feature=position)
+                unchecked = True
         try:
             matrix = np.asarray(rows, dtype=np.float64)
         except (OverflowError, TypeError, ValueError):
             raise InvalidFeatures(_NOT_NUMBERS) from None
-        # One comparison for every value against its feature's accepted range; NaN fails it.
-        in_range = (matrix >= self._lower) & (matrix <= self._upper)
-        if not in_range.all():
-            row_index, feature = (int(i) for i in np.argwhere(~in_range)[0])
-            raise self._out_of_range(row_index if batch else None, feature)
+        if unchecked:
+            # Integers and numpy scalars, checked once converted: every value against its
+            # feature's range in one comparison.
+            in_range = (matrix >= self._lower) & (matrix <= self._upper)
+            if not in_range.all():
+                row_index, feature = (int(i) for i in np.argwhere(~in_range)[0])
+                raise self._out_of_range(row_index if batch else None, feature)
         return matrix
 
     def _out_of_range(self, row: int | None, feature: int) -> InvalidFeatures:
