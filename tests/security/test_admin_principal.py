@@ -11,6 +11,7 @@ from tests.conftest import Harness, bearer, create_admin_key, create_tenant_with
 async def test_a_tenant_key_carrying_the_admin_scope_is_still_403_on_admin_routes(
     harness: Harness,
 ) -> None:
+    """SECURITY.md line 9: the admin scope on a tenant's key opens no operator route."""
     tenant, key = await create_tenant_with_key(harness)
     # The API never issues "admin" to a tenant key; a row that carries it anyway (a bad
     # migration, a hand edit) must still not open the operator routes.

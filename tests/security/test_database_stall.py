@@ -84,6 +84,8 @@ async def stalling_proxy(database_url: str) -> AsyncIterator[tuple[StallingProxy
 async def test_a_stalled_database_is_503_within_the_timeout_and_service_resumes(
     postgres_database: str, served_model_dir: Path, tmp_path: Path
 ) -> None:
+    """SECURITY.md lines 16 and 17: a database that stalls costs a request at most the timeout
+    (503 with Retry-After, never a served-but-unbilled prediction) and service resumes."""
     await asyncio.to_thread(upgrade_database, postgres_database)
     async with stalling_proxy(postgres_database) as (proxy, url):
         backend = Backend("postgres", url, "")

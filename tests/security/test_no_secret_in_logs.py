@@ -61,6 +61,7 @@ async def test_error_paths_log_no_key_digest_or_secret(
     caplog: pytest.LogCaptureFixture,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
+    """SECURITY.md line 20: the error paths log no credential, digest or secret."""
     await asyncio.to_thread(upgrade_database, empty_database)
     database = Backend(backend.name, empty_database, backend.redis_url)
     settings = make_settings(database, served_model_dir, tmp_path, log_level="DEBUG")
