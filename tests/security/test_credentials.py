@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import uuid
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from auth.authn import KeyAuthenticator
 from auth.errors import Unauthenticated
@@ -69,9 +72,30 @@ def test_generated_keys_are_prefixed_long_and_checksummed() -> None:
 
 def test_digest_is_an_hmac_under_the_pepper() -> None:
     key = generate_key()
+    for pepper in (b"pepper-one", b"pepper-two"):
+        # Computed here, independently of auth.keys: the hex HMAC-SHA256 of the key under the
+        # pepper, and nothing else (not a plain hash, not the pepper appended or prepended).
+        assert key_digest(pepper, key) == hmac.new(pepper, key.encode(), hashlib.sha256).hexdigest()
     assert key_digest(b"pepper-one", key) != key_digest(b"pepper-two", key)
-    assert len(key_digest(b"pepper-one", key)) == 64
-    assert key not in key_digest(b"pepper-one", key)
+    assert key_digest(b"pepper-one", key) != key_digest(b"pepper-one", generate_key())
+
+
+async def test_an_issued_key_is_stored_only_as_its_hmac(harness: Harness) -> None:
+    tenant, _ = await create_tenant_with_key(harness)
+    admin = await create_admin_key(harness)
+    created = await harness.client.post(
+        f"/api/v1/admin/tenants/{tenant.id}/keys", json={"name": "stored"}, headers=bearer(admin)
+    )
+    assert created.status_code == 201, created.text
+    key, key_id = created.json()["key"], created.json()["id"]
+    async with harness.sessionmaker() as session:
+        row = await session.scalar(select(ApiKey).where(ApiKey.id == uuid.UUID(key_id)))
+    assert row is not None
+    pepper = harness.state.secrets.key_pepper
+    assert row.digest == hmac.new(pepper, key.encode(), hashlib.sha256).hexdigest()
+    assert row.display_prefix == key[:11]
+    stored = [str(getattr(row, column.key)) for column in ApiKey.__table__.columns]
+    assert not any(key[11:20] in value for value in stored), stored
 
 
 class _ExplodingSessionmaker:
