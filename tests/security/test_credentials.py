@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 from sqlalchemy import select, update
@@ -147,6 +147,57 @@ async def test_revoked_or_expired_key_is_401(harness: Harness, column: str) -> N
     _assert_401(
         await harness.client.post(PREDICT, json={"features": IRIS_SETOSA}, headers=bearer(key))
     )
+
+
+async def test_key_with_a_future_expiry_is_accepted(harness: Harness) -> None:
+    tenant, _ = await create_tenant_with_key(harness)
+    admin = await create_admin_key(harness)
+    expires_at = utcnow() + timedelta(minutes=10)
+    created = await harness.client.post(
+        f"/api/v1/admin/tenants/{tenant.id}/keys",
+        json={"name": "expiring", "expires_at": expires_at.isoformat()},
+        headers=bearer(admin),
+    )
+    assert created.status_code == 201, created.text
+    key = created.json()["key"]
+    # Twice: the first is a database lookup, the second is served from the key cache.
+    for _ in range(2):
+        response = await harness.client.post(
+            PREDICT, json={"features": IRIS_SETOSA}, headers=bearer(key)
+        )
+        assert response.status_code == 200, response.text
+    me = await harness.client.get("/api/v1/me", headers=bearer(key))
+    assert me.status_code == 200, me.text
+    assert datetime.fromisoformat(me.json()["key"]["expires_at"]) == expires_at
+    # An existing key given an expiry in the future (not the past) keeps working too.
+    _, other = await create_tenant_with_key(harness)
+    async with harness.sessionmaker() as session:
+        await session.execute(
+            update(ApiKey)
+            .where(ApiKey.digest == key_digest(harness.state.secrets.key_pepper, other))
+            .values(expires_at=utcnow() + timedelta(seconds=30))
+        )
+        await session.commit()
+    response = await harness.client.post(
+        PREDICT, json={"features": IRIS_SETOSA}, headers=bearer(other)
+    )
+    assert response.status_code == 200, response.text
+
+
+async def test_key_cannot_be_issued_already_expired(harness: Harness) -> None:
+    tenant, _ = await create_tenant_with_key(harness)
+    admin = await create_admin_key(harness)
+    response = await harness.client.post(
+        f"/api/v1/admin/tenants/{tenant.id}/keys",
+        json={"name": "stale", "expires_at": (utcnow() - timedelta(seconds=1)).isoformat()},
+        headers=bearer(admin),
+    )
+    assert response.status_code == 422, response.text
+    assert "expires_at" in response.json()["detail"]
+    listing = await harness.client.get(
+        f"/api/v1/admin/tenants/{tenant.id}/keys", headers=bearer(admin)
+    )
+    assert [k["name"] for k in listing.json()["keys"]] == ["test key"]
 
 
 @pytest.mark.parametrize(
