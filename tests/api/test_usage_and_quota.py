@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 from sqlalchemy import func, select
 
@@ -24,28 +25,48 @@ async def test_me_describes_tenant_limits_and_key(harness: Harness) -> None:
 
 async def test_me_usage_reports_by_day_and_model_with_quota(harness: Harness) -> None:
     tenant, key = await create_tenant_with_key(harness, monthly_quota=100)
+    # Read before the requests (and again after the last one), so that the test holds when
+    # midnight or a month's end passes while it runs.
+    before = utcnow()
     await harness.client.post(
         "/api/v1/predict", json={"features": IRIS_SETOSA}, headers=bearer(key)
     )
     await harness.client.post(
         "/api/v1/predict/batch", json={"instances": [IRIS_SETOSA] * 4}, headers=bearer(key)
     )
-    response = await harness.client.get("/api/v1/me/usage", headers=bearer(key))
-    assert response.status_code == 200, response.text
-    body = response.json()
-    today = utcnow().date().isoformat()
+    default = await harness.client.get("/api/v1/me/usage", headers=bearer(key))
+    start, end = before.date(), before.date() + timedelta(days=1)
+    window = await harness.client.get(
+        f"/api/v1/me/usage?start={start}&end={end}", headers=bearer(key)
+    )
+    after = utcnow()
+    assert default.status_code == 200, default.text
+    assert window.status_code == 200, window.text
+    body = window.json()
     assert body["tenant_id"] == str(tenant.id)
+    assert (body["start"], body["end"]) == (start.isoformat(), end.isoformat())
     assert body["total_requests"] == 2
     assert body["total_units"] == 5
-    assert body["quota"] == {"monthly_quota": 100, "used": 5, "remaining": 95}
-    assert body["by_day"] == [{"date": today, "requests": 2, "units": 5}]
     assert body["by_model"] == [{"model": "iris", "model_version": "1", "requests": 2, "units": 5}]
-    window = await harness.client.get(
+    days = {before.date().isoformat(), after.date().isoformat()}
+    assert {d["date"] for d in body["by_day"]} <= days
+    assert sum(d["requests"] for d in body["by_day"]) == 2
+    assert sum(d["units"] for d in body["by_day"]) == 5
+    if before.strftime("%Y-%m") == after.strftime("%Y-%m"):
+        # No month's end passed: the default window (this month so far) holds the same, and
+        # the quota counts all five units.
+        assert default.json()["by_model"] == body["by_model"]
+        assert default.json()["total_units"] == 5
+        assert body["quota"] == {"monthly_quota": 100, "used": 5, "remaining": 95}
+    if len(days) == 1:
+        assert body["by_day"] == [{"date": start.isoformat(), "requests": 2, "units": 5}]
+    empty = await harness.client.get(
         "/api/v1/me/usage?start=2001-01-01&end=2001-01-31", headers=bearer(key)
     )
-    assert window.json()["total_requests"] == 0
+    assert empty.json()["total_requests"] == 0
+    assert empty.json()["by_day"] == []
     inverted = await harness.client.get(
-        f"/api/v1/me/usage?start={today}&end=2001-01-01", headers=bearer(key)
+        f"/api/v1/me/usage?start={start}&end=2001-01-01", headers=bearer(key)
     )
     assert inverted.status_code == 422
 
