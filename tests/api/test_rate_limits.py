@@ -1,12 +1,16 @@
-"""Per-key rate limits (SECURITY.md line 13, in one process)."""
+"""Per-key rate limits (SECURITY.md line 13, in one process). Claims that a limit is per key
+are proved with requests from varying socket addresses and X-Forwarded-For values."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy import func, select
 
@@ -22,29 +26,53 @@ from tests.conftest import (
 )
 
 
-async def test_rate_limit_holds_per_key_and_sets_headers(harness: Harness) -> None:
-    _, key = await create_tenant_with_key(harness, rate_limit="3/minute")
-    statuses = []
-    for _ in range(4):
-        response = await harness.client.post(
+@asynccontextmanager
+async def _client_from(harness: Harness, host: str) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the same app whose requests come from the socket address ``host``."""
+    app = harness.client._transport.app  # type: ignore[attr-defined]
+    transport = httpx.ASGITransport(app=app, client=(host, 50000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        yield client
+
+
+async def _predict_from(
+    harness: Harness, key: str, host: str, forwarded_for: str
+) -> httpx.Response:
+    async with _client_from(harness, host) as client:
+        return await client.post(
             "/api/v1/predict",
             json={"features": IRIS_SETOSA},
-            headers={**bearer(key), "X-Forwarded-For": "10.0.0.1"},
+            headers={**bearer(key), "X-Forwarded-For": forwarded_for},
         )
-        statuses.append(response.status_code)
-    assert statuses == [200, 200, 200, 429]
-    assert response.json()["type"] == "rate-limited"
-    assert 1 <= int(response.headers["Retry-After"]) <= 60
-    assert response.headers["X-RateLimit-Limit"] == "3"
-    assert response.headers["X-RateLimit-Remaining"] == "0"
-    assert int(response.headers["X-RateLimit-Reset"]) > 0
-    # Another key has its own budget.
-    _, other = await create_tenant_with_key(harness, rate_limit="3/minute")
-    fresh = await harness.client.post(
-        "/api/v1/predict", json={"features": IRIS_SETOSA}, headers=bearer(other)
-    )
-    assert fresh.status_code == 200
-    assert fresh.headers["X-RateLimit-Remaining"] == "2"
+
+
+async def test_one_key_behind_many_addresses_shares_one_limit(harness: Harness) -> None:
+    """A limit keyed on the socket address or on X-Forwarded-For would let every request of
+    this key through: each one comes from another address and claims another origin."""
+    _, key = await create_tenant_with_key(harness, rate_limit="3/minute")
+    responses = [
+        await _predict_from(harness, key, f"192.0.2.{i}", f"203.0.113.{i}") for i in range(1, 5)
+    ]
+    assert [r.status_code for r in responses] == [200, 200, 200, 429]
+    assert [r.headers["X-RateLimit-Remaining"] for r in responses] == ["2", "1", "0", "0"]
+    limited = responses[-1]
+    assert limited.json()["type"] == "rate-limited"
+    assert 1 <= int(limited.headers["Retry-After"]) <= 60
+    assert limited.headers["X-RateLimit-Limit"] == "3"
+    assert int(limited.headers["X-RateLimit-Reset"]) > 0
+
+
+async def test_two_keys_behind_one_address_have_their_own_limits(harness: Harness) -> None:
+    """A limit keyed on the address (socket or X-Forwarded-For) would refuse the second key: it
+    arrives from exactly where the first one used up its budget."""
+    _, first = await create_tenant_with_key(harness, rate_limit="3/minute")
+    _, second = await create_tenant_with_key(harness, rate_limit="3/minute")
+    address, forwarded_for = "192.0.2.77", "203.0.113.77"
+    used = [(await _predict_from(harness, first, address, forwarded_for)) for _ in range(4)]
+    assert [r.status_code for r in used] == [200, 200, 200, 429]
+    fresh = [(await _predict_from(harness, second, address, forwarded_for)) for _ in range(4)]
+    assert [r.status_code for r in fresh] == [200, 200, 200, 429]
+    assert [r.headers["X-RateLimit-Remaining"] for r in fresh] == ["2", "1", "0", "0"]
 
 
 async def test_rate_limited_requests_are_not_billed(harness: Harness) -> None:
@@ -110,10 +138,9 @@ async def test_no_burst_at_a_window_edge(
 async def test_rate_limit_headers_come_from_the_same_answer(harness: Harness) -> None:
     _, key = await create_tenant_with_key(harness, rate_limit="5/minute")
     remaining = []
-    for _ in range(5):
-        response = await harness.client.post(
-            "/api/v1/predict", json={"features": IRIS_SETOSA}, headers=bearer(key)
-        )
+    for i in range(5):
+        # From another address each time: the headers follow the key, not the client.
+        response = await _predict_from(harness, key, f"198.51.100.{i}", f"203.0.113.{i}")
         assert response.status_code == 200
         remaining.append(int(response.headers["X-RateLimit-Remaining"]))
         assert int(response.headers["X-RateLimit-Reset"]) >= int(time.time())
