@@ -18,6 +18,7 @@ from api.cli import upgrade_database
 from auth.keys import generate_key
 from tests.conftest import (
     IRIS_SETOSA,
+    REQUIRE_SERVICES,
     Backend,
     bearer,
     create_tenant_with_key,
@@ -71,11 +72,21 @@ class PrivateRedis:
             self.process.wait(timeout=10)
             self.process = None
 
+    def pause(self, seconds: float) -> None:
+        """Make the server answer nobody (every command waits) for ``seconds``: a slow Redis,
+        as opposed to one that refuses connections."""
+        with redis.Redis.from_url(self.url, socket_timeout=2) as client:
+            client.execute_command("CLIENT", "PAUSE", str(int(seconds * 1000)), "ALL")
+
 
 @pytest.fixture
 def private_redis() -> Iterator[PrivateRedis]:
     """A private Redis, stopped at the end of the test whatever happens."""
     if shutil.which("redis-server") is None:
+        if REQUIRE_SERVICES:
+            pytest.fail(
+                "redis-server is not installed (MODELGATE_TEST_REQUIRE_SERVICES=1)", pytrace=False
+            )
         pytest.skip("redis-server is not installed")
     server = PrivateRedis(_free_port())
     server.start()
@@ -114,6 +125,54 @@ async def test_redis_outage_fails_closed_then_recovers(
         assert ready.json()["checks"]["database"] == "ok"
 
         private_redis.start()
+        recovered = await app.client.post(
+            "/api/v1/predict", json={"features": IRIS_SETOSA}, headers=bearer(key)
+        )
+        assert recovered.status_code == 200, recovered.text
+        assert (await app.client.get("/api/v1/health/ready")).status_code == 200
+        usage = await app.client.get("/api/v1/me/usage", headers=bearer(key))
+        assert usage.json()["total_requests"] == 2
+
+
+async def test_slow_redis_fails_closed_within_the_timeout_then_recovers(
+    private_redis: PrivateRedis, served_model_dir: Path, tmp_path: Path
+) -> None:
+    """Redis that accepts the connection but does not answer (the timeout branch, not a refused
+    connection): prediction routes answer 503 with Retry-After after about the configured
+    timeout, not after Redis comes back, and serve again by themselves once it does."""
+    timeout = 0.5
+    backend = Backend("sqlite", f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}", private_redis.url)
+    await asyncio.to_thread(upgrade_database, backend.database_url)
+    settings = make_settings(backend, served_model_dir, tmp_path, redis_timeout_seconds=timeout)
+    async with running_app(settings, backend) as app:
+        _, key = await create_tenant_with_key(app)
+        ok = await app.client.post(
+            "/api/v1/predict", json={"features": IRIS_SETOSA}, headers=bearer(key)
+        )
+        assert ok.status_code == 200, ok.text
+
+        pause = 6.0
+        private_redis.pause(pause)
+        paused_at = time.monotonic()
+        for path, payload in (
+            ("/api/v1/predict", {"features": IRIS_SETOSA}),
+            ("/api/v1/predict/batch", {"instances": [IRIS_SETOSA] * 2}),
+        ):
+            started = time.monotonic()
+            slow = await app.client.post(path, json=payload, headers=bearer(key))
+            elapsed = time.monotonic() - started
+            assert slow.status_code == 503, slow.text
+            assert slow.json()["type"] == "service-unavailable"
+            assert int(slow.headers["Retry-After"]) >= 1
+            # It waited for Redis (this is the timeout, not a refusal) and no longer than the
+            # timeout plus slack for a busy machine: far less than the pause.
+            assert timeout * 0.8 <= elapsed <= timeout + 1.0, elapsed
+        ready = await app.client.get("/api/v1/health/ready")
+        assert ready.status_code == 503
+        assert ready.json()["checks"]["redis"] == "unavailable"
+        assert time.monotonic() - paused_at < pause - 1, "the checks outlasted the pause"
+
+        await asyncio.sleep(max(0.0, paused_at + pause - time.monotonic()) + 0.2)
         recovered = await app.client.post(
             "/api/v1/predict", json={"features": IRIS_SETOSA}, headers=bearer(key)
         )
