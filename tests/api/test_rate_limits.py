@@ -9,12 +9,18 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from sqlalchemy import func, select
 
-from auth.limits import KeyRateLimitExceeded, RateLimiter
+from auth.limits import (
+    KeyRateLimitExceeded,
+    RateLimiter,
+    _sliding_window_stats,
+    parse_rate_limit,
+)
 from auth.models import UsageRecord
 from tests.conftest import (
     IRIS_SETOSA,
@@ -139,9 +145,58 @@ async def test_rate_limit_headers_come_from_the_same_answer(harness: Harness) ->
     _, key = await create_tenant_with_key(harness, rate_limit="5/minute")
     remaining = []
     for i in range(5):
+        sent = time.time()
         # From another address each time: the headers follow the key, not the client.
         response = await _predict_from(harness, key, f"198.51.100.{i}", f"203.0.113.{i}")
         assert response.status_code == 200
         remaining.append(int(response.headers["X-RateLimit-Remaining"]))
-        assert int(response.headers["X-RateLimit-Reset"]) >= int(time.time())
+        # Later than the request (not "now"), within the minute.
+        assert sent < int(response.headers["X-RateLimit-Reset"]) <= time.time() + 61
     assert remaining == [4, 3, 2, 1, 0]
+
+
+async def _redis_limiter(backend: Backend, tmp_path: Path, **overrides: Any) -> RateLimiter:
+    if not backend.redis_url:
+        pytest.skip("the in-process limiter has no Redis pipeline")
+    return RateLimiter(make_settings(backend, tmp_path, tmp_path, **overrides))
+
+
+@pytest.mark.parametrize("strategy", ["sliding-window-counter", "moving-window", "fixed-window"])
+async def test_redis_headers_report_the_window_of_the_check(
+    backend: Backend, tmp_path: Path, strategy: str
+) -> None:
+    """On Redis, each strategy's X-RateLimit-Remaining is what limits' own window statistics
+    say right after the check, and X-RateLimit-Reset is when the window the first check opened
+    ends: a whole minute after it (not "now", which the first check of a sliding window
+    used to report)."""
+    limiter = await _redis_limiter(backend, tmp_path, rate_limit_strategy=strategy)
+    key_id = f"figures-{uuid.uuid4()}"
+    item = parse_rate_limit("3/minute")
+    try:
+        remaining = []
+        opened = time.time()
+        for _ in range(3):
+            status = await limiter.hit(key_id, "3/minute")
+            expected = await limiter._strategy.get_window_stats(item, "mg:key", key_id)
+            assert status.limit == 3
+            assert status.remaining == expected.remaining
+            assert opened + 59 <= status.reset_at <= time.time() + 60.5, status
+            remaining.append(status.remaining)
+        assert remaining == [2, 1, 0]
+        with pytest.raises(KeyRateLimitExceeded) as refused:
+            await limiter.hit(key_id, "3/minute")
+        assert refused.value.status.remaining == 0
+        assert 58 <= refused.value.status.retry_after <= 60
+    finally:
+        await limiter.close()
+
+
+def test_a_sliding_window_opened_by_the_check_resets_a_window_later() -> None:
+    """The one reply where the figures differ from limits' formula on purpose: the check that
+    opens a window reads its counter's TTL at exactly twice the window (see
+    ``_sliding_window_stats``)."""
+    for limit, ttl_ms in (("10/second", 2_000), ("7/minute", 120_000)):
+        item = parse_rate_limit(limit)
+        stats = _sliding_window_stats(item, [0, -2, 1, ttl_ms], 1_000.0)
+        assert stats.reset_time == 1_000.0 + item.get_expiry()
+        assert stats.remaining == item.amount - 1
