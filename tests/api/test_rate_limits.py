@@ -13,8 +13,14 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
+from limits.aio import strategies as limits_strategies
+from limits.aio.storage import MemoryStorage
+from limits.aio.storage.redis.redispy import RedispyBridge
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from sqlalchemy import func, select
 
+from auth.errors import DependencyUnavailable
 from auth.limits import (
     KeyRateLimitExceeded,
     RateLimiter,
@@ -155,10 +161,141 @@ async def test_rate_limit_headers_come_from_the_same_answer(harness: Harness) ->
     assert remaining == [4, 3, 2, 1, 0]
 
 
+class _ScriptReply:
+    """Stands in for limits' redis-py bridge, so that its own code turns a raw reply of the
+    sliding-window script into the figures its strategy works from."""
+
+    def __init__(self, window: object) -> None:
+        self.window = window
+
+    def prefixed_key(self, key: str) -> str:
+        return key
+
+    async def lua_sliding_window(self, _keys: object, _args: object) -> object:
+        return self.window
+
+
+@pytest.mark.parametrize("limit", ["10/second", "7/minute", "100/hour"])
+@pytest.mark.parametrize(
+    "window",
+    [
+        None,
+        [],
+        [0, -2, 0, -2],
+        [3, 400, 0, -2],
+        [0, -2, 4, 900],
+        [3, 400, 5, 950],
+        [3, 600, 5, 950],
+        [1, 700, 0, -2],
+        [1, 250, 1, 750],
+        [2, 1000, 0, -1],
+        [10, 999, 10, 1000],
+        [7, 59_000, 3, 1_500],
+    ],
+)
+async def test_sliding_window_figures_are_those_of_limits(
+    monkeypatch: pytest.MonkeyPatch, limit: str, window: list[int] | None
+) -> None:
+    """The X-RateLimit-Remaining and -Reset a Redis check reports, computed from the script's
+    reply, are what limits' own SlidingWindowCounterRateLimiter reports for the same reply."""
+    item = parse_rate_limit(limit)
+    now = 1_700_000_000.25
+    monkeypatch.setattr(limits_strategies.time, "time", lambda: now)
+    figures = await RedispyBridge.get_sliding_window(
+        _ScriptReply(window),  # type: ignore[arg-type]
+        "previous",
+        "current",
+        item.get_expiry(),
+    )
+    storage = MemoryStorage()
+
+    async def get_sliding_window(_key: str, _expiry: int) -> tuple[int, float, int, float]:
+        return figures
+
+    monkeypatch.setattr(storage, "get_sliding_window", get_sliding_window)
+    expected = await SlidingWindowCounterRateLimiter(storage).get_window_stats(item, "k")
+    ours = _sliding_window_stats(item, window, now)
+    assert ours.remaining == expected.remaining
+    assert ours.reset_time == pytest.approx(expected.reset_time, abs=1e-6)
+
+
+async def test_concurrent_checks_share_one_redis_round_trip(
+    backend: Backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checks of requests that arrive together go to Redis in one pipeline, and each
+    request gets its own answer back."""
+    if not backend.redis_url:
+        pytest.skip("the in-process limiter makes no round trips")
+    limiter = RateLimiter(make_settings(backend, tmp_path, tmp_path))
+    pipelined = limiter._redis
+    assert pipelined is not None
+    sent: list[int] = []
+    execute = pipelined._execute
+
+    async def counting(batch: list[Any]) -> list[Any]:
+        sent.append(len(batch))
+        return await execute(batch)
+
+    monkeypatch.setattr(pipelined, "_execute", counting)
+    key_id = f"together-{uuid.uuid4()}"
+    try:
+        statuses = await asyncio.gather(*[limiter.hit(key_id, "100/minute") for _ in range(20)])
+        assert sent == [20]
+        assert sorted(status.remaining for status in statuses) == list(range(80, 100))
+        # The next turn of the event loop is a pipeline of its own.
+        assert (await limiter.hit(key_id, "100/minute")).remaining == 79
+        assert sent == [20, 1]
+    finally:
+        await limiter.close()
+
+
 async def _redis_limiter(backend: Backend, tmp_path: Path, **overrides: Any) -> RateLimiter:
     if not backend.redis_url:
         pytest.skip("the in-process limiter has no Redis pipeline")
     return RateLimiter(make_settings(backend, tmp_path, tmp_path, **overrides))
+
+
+async def test_a_request_gone_from_a_pipeline_leaves_the_others_answered(
+    backend: Backend, tmp_path: Path
+) -> None:
+    limiter = await _redis_limiter(backend, tmp_path)
+    key_id = f"gone-{uuid.uuid4()}"
+    try:
+        checks = [asyncio.ensure_future(limiter.hit(key_id, "100/minute")) for _ in range(5)]
+        await asyncio.sleep(0)  # every check is queued for the same pipeline, not yet sent
+        checks[0].cancel()
+        async with asyncio.timeout(5):
+            answered = await asyncio.gather(*checks[1:])
+        assert checks[0].cancelled()
+        # The cancelled check was still sent (and counted): four answers among 95..98.
+        assert sorted(status.remaining for status in answered) == [95, 96, 97, 98]
+    finally:
+        await limiter.close()
+
+
+async def test_a_failing_check_fails_its_request_only(backend: Backend, tmp_path: Path) -> None:
+    """One key's script fails inside a pipeline (its Redis key holds the wrong type): that
+    request fails closed, the other requests of the same pipeline are answered."""
+    limiter = await _redis_limiter(backend, tmp_path)
+    broken, fine = f"broken-{uuid.uuid4()}", f"fine-{uuid.uuid4()}"
+    item = parse_rate_limit("100/minute")
+    with redis.Redis.from_url(backend.redis_url) as client:
+        for name in limiter._redis_keys(item, broken):
+            client.hset(name, "not", "a counter")
+    try:
+        async with asyncio.timeout(5):
+            results = await asyncio.gather(
+                limiter.hit(fine, "100/minute"),
+                limiter.hit(broken, "100/minute"),
+                limiter.hit(fine, "100/minute"),
+                return_exceptions=True,
+            )
+        assert isinstance(results[1], DependencyUnavailable), results
+        assert sorted(r.remaining for r in (results[0], results[2])) == [98, 99], results
+    finally:
+        with redis.Redis.from_url(backend.redis_url) as client:
+            client.delete(*limiter._redis_keys(item, broken))
+        await limiter.close()
 
 
 @pytest.mark.parametrize("strategy", ["sliding-window-counter", "moving-window", "fixed-window"])
