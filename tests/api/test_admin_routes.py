@@ -5,14 +5,15 @@ from __future__ import annotations
 import csv
 import io
 import json
-import uuid
-from datetime import datetime
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 
 from api.admin.billing import BILLING_COLUMNS
-from auth.models import ApiKey, AuditEvent, MonthlyUsage, Tenant, UsageRecord, utcnow
+from auth.keys import issue_admin_key
+from auth.models import AuditEvent, Tenant, utcnow
+from auth.tenants import get_or_create_admin
 from tests.conftest import (
     IRIS_SETOSA,
     IRIS_VIRGINICA,
@@ -22,6 +23,7 @@ from tests.conftest import (
     create_tenant_with_key,
     unique,
 )
+from tests.factories import insert_usage, utc_at
 
 
 async def test_admin_creates_tenant_issues_key_and_the_key_predicts(harness: Harness) -> None:
@@ -125,51 +127,10 @@ async def test_key_for_unknown_tenant_is_404(harness: Harness) -> None:
         headers=bearer(admin),
     )
     assert response.status_code == 404
+    assert response.json()["detail"] == "tenant not found"
 
 
 FORMULA_TENANT = "=cmd|' /C calc'!A0"
-
-
-async def _key_id(harness: Harness, tenant_id: uuid.UUID) -> uuid.UUID:
-    async with harness.sessionmaker() as session:
-        key_id = await session.scalar(select(ApiKey.id).where(ApiKey.tenant_id == tenant_id))
-    assert key_id is not None
-    return key_id
-
-
-def _at(day: str, clock: str = "12:00:00") -> datetime:
-    return datetime.fromisoformat(f"{day}T{clock}+00:00")
-
-
-async def _insert_usage(
-    harness: Harness, records: list[tuple[uuid.UUID, datetime, str, str, int]]
-) -> None:
-    """Usage records (tenant, when, model, version, units) as the usage writer stores them,
-    with each tenant-month counter kept equal to the sum of its records."""
-    counters: dict[tuple[uuid.UUID, str], tuple[int, int]] = {}
-    async with harness.sessionmaker() as session:
-        for tenant_id, created_at, model, version, units in records:
-            session.add(
-                UsageRecord(
-                    request_id=uuid.uuid4(),
-                    tenant_id=tenant_id,
-                    api_key_id=await _key_id(harness, tenant_id),
-                    model=model,
-                    model_version=version,
-                    units=units,
-                    status_code=200,
-                    latency_ms=1.0,
-                    created_at=created_at,
-                )
-            )
-            month = created_at.strftime("%Y-%m")
-            used, requests = counters.get((tenant_id, month), (0, 0))
-            counters[(tenant_id, month)] = (used + units, requests + 1)
-        for (tenant_id, month), (used, requests) in counters.items():
-            session.add(
-                MonthlyUsage(tenant_id=tenant_id, month=month, units=used, requests=requests)
-            )
-        await session.commit()
 
 
 async def test_billing_export_has_one_row_per_tenant_model_version_and_day(
@@ -181,20 +142,20 @@ async def test_billing_export_has_one_row_per_tenant_model_version_and_day(
     admin = await create_admin_key(harness)
     formula, _ = await create_tenant_with_key(harness, name=FORMULA_TENANT)
     plain, _ = await create_tenant_with_key(harness, name=unique("billed"))
-    await _insert_usage(
+    await insert_usage(
         harness,
         [
-            (formula.id, _at("2001-01-31", "23:59:59.999999"), "iris", "1", 100),  # January
-            (formula.id, _at("2001-02-01", "00:00:00"), "iris", "1", 1),
-            (formula.id, _at("2001-02-01", "12:00:00"), "iris", "1", 3),
-            (formula.id, _at("2001-02-01", "13:00:00"), "iris", "2", 2),
-            (formula.id, _at("2001-02-01", "14:00:00"), "wine", "1", 5),
-            (formula.id, _at("2001-02-28", "23:59:59.999999"), "iris", "1", 7),
-            (formula.id, _at("2001-03-01", "00:00:00"), "iris", "1", 100),  # March
-            (plain.id, _at("2001-02-01", "09:00:00"), "iris", "1", 1),
-            (plain.id, _at("2001-02-15", "10:00:00"), "wine", "2", 10),
-            (plain.id, _at("2001-02-15", "11:00:00"), "wine", "2", 20),
-            (plain.id, _at("2001-02-15", "11:30:00"), "iris", "2", 4),
+            (formula.id, utc_at("2001-01-31", "23:59:59.999999"), "iris", "1", 100),  # January
+            (formula.id, utc_at("2001-02-01", "00:00:00"), "iris", "1", 1),
+            (formula.id, utc_at("2001-02-01", "12:00:00"), "iris", "1", 3),
+            (formula.id, utc_at("2001-02-01", "13:00:00"), "iris", "2", 2),
+            (formula.id, utc_at("2001-02-01", "14:00:00"), "wine", "1", 5),
+            (formula.id, utc_at("2001-02-28", "23:59:59.999999"), "iris", "1", 7),
+            (formula.id, utc_at("2001-03-01", "00:00:00"), "iris", "1", 100),  # March
+            (plain.id, utc_at("2001-02-01", "09:00:00"), "iris", "1", 1),
+            (plain.id, utc_at("2001-02-15", "10:00:00"), "wine", "2", 10),
+            (plain.id, utc_at("2001-02-15", "11:00:00"), "wine", "2", 20),
+            (plain.id, utc_at("2001-02-15", "11:30:00"), "iris", "2", 4),
         ],
     )
 
@@ -317,3 +278,78 @@ async def test_billing_export_includes_live_predictions(harness: Harness) -> Non
     assert sum(o["units"] for o in mine) == 3
     if len(days) == 1:
         assert len(mine) == 1
+
+
+@pytest.mark.parametrize("lead", ["=", "+", "-", "@"])
+async def test_billing_csv_defuses_every_formula_lead(harness: Harness, lead: str) -> None:
+    """A tenant name a spreadsheet would read as a formula gets a leading quote in the CSV
+    (and only there); a name with the same characters elsewhere is left alone."""
+    admin = await create_admin_key(harness)
+    formula, _ = await create_tenant_with_key(harness, name=lead + unique("SUM(A1)"))
+    inner, _ = await create_tenant_with_key(harness, name=unique("a") + lead + "b")
+    await insert_usage(
+        harness,
+        [
+            (formula.id, utc_at("2001-04-10"), "iris", "1", 1),
+            (inner.id, utc_at("2001-04-10"), "iris", "1", 1),
+        ],
+    )
+    names = {}
+    for fmt in ("csv", "jsonl"):
+        response = await harness.client.get(
+            f"/api/v1/admin/billing/export?month=2001-04&format={fmt}", headers=bearer(admin)
+        )
+        assert response.status_code == 200, response.text
+        rows = (
+            csv.DictReader(io.StringIO(response.text))
+            if fmt == "csv"
+            else map(json.loads, response.text.splitlines())
+        )
+        names[fmt] = {r["tenant_id"]: r["tenant_name"] for r in rows}
+    assert names["csv"][str(formula.id)] == "'" + formula.name
+    assert names["csv"][str(inner.id)] == inner.name
+    assert names["jsonl"][str(formula.id)] == formula.name
+    assert names["jsonl"][str(inner.id)] == inner.name
+
+
+async def test_key_listing_is_newest_first_and_unknown_tenant_is_404(harness: Harness) -> None:
+    tenant, _ = await create_tenant_with_key(harness)  # its first key is named "test key"
+    admin = await create_admin_key(harness)
+    path = f"/api/v1/admin/tenants/{tenant.id}/keys"
+    for name in ("second", "third"):
+        issued = await harness.client.post(path, json={"name": name}, headers=bearer(admin))
+        assert issued.status_code == 201, issued.text
+    listing = await harness.client.get(path, headers=bearer(admin))
+    assert [k["name"] for k in listing.json()["keys"]] == ["third", "second", "test key"]
+    missing = await harness.client.get(
+        "/api/v1/admin/tenants/00000000-0000-0000-0000-000000000000/keys", headers=bearer(admin)
+    )
+    assert missing.status_code == 404
+    assert missing.json()["detail"] == "tenant not found"
+
+
+async def test_audit_names_the_admin_and_key_that_acted(harness: Harness) -> None:
+    """With several operators in the database, each action is recorded under the one who
+    did it (the admin principal is found through the key, not any admin)."""
+    await create_admin_key(harness)  # another operator
+    name = unique("operator")
+    async with harness.sessionmaker() as session:
+        principal = await get_or_create_admin(session, name)
+        row, admin = await issue_admin_key(
+            session, harness.state.secrets.key_pepper, admin_principal_id=principal.id, name="k"
+        )
+        await session.commit()
+    await create_admin_key(harness)  # and one more
+    created = await harness.client.post(
+        "/api/v1/admin/tenants", json={"name": unique("audited")}, headers=bearer(admin)
+    )
+    assert created.status_code == 201, created.text
+    async with harness.sessionmaker() as session:
+        [event] = (
+            await session.scalars(
+                select(AuditEvent).where(AuditEvent.target_id == created.json()["id"])
+            )
+        ).all()
+    assert event.action == "tenant.create"
+    assert event.actor == f"admin:{name}"
+    assert event.actor_key_id == row.id
