@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import uuid
 from datetime import datetime, timedelta
 
 import pytest
 from sqlalchemy import select, update
 
-from auth.authn import KeyAuthenticator
-from auth.errors import Unauthenticated
-from auth.keys import generate_key, has_valid_checksum, key_digest
+from auth.authn import MAX_AUTHORIZATION_LENGTH, KeyAuthenticator, bearer_credential
+from auth.errors import InvalidRequest, Unauthenticated
+from auth.keys import (
+    TENANT_SCOPES,
+    _checksum,
+    generate_key,
+    has_valid_checksum,
+    key_digest,
+    normalize_scopes,
+)
 from auth.models import ApiKey, utcnow
 from tests.conftest import (
     IRIS_SETOSA,
@@ -312,3 +320,61 @@ async def test_no_response_contains_a_digest_and_the_key_appears_once(harness: H
     me = await harness.client.get("/api/v1/me", headers=bearer(key))
     assert key not in me.text
     assert digest not in me.text
+
+
+@pytest.mark.parametrize(
+    ("header", "credential"),
+    [
+        ("Bearer abc", "abc"),
+        ("bearer abc", "abc"),  # the scheme is case-insensitive (RFC 7235)
+        ("BEARER abc", "abc"),
+        ("Bearer  abc", "abc"),  # one or more spaces (RFC 6750)
+        ("Bearer abc ", "abc"),
+        ("Bearer " + "k" * (MAX_AUTHORIZATION_LENGTH - 7), "k" * (MAX_AUTHORIZATION_LENGTH - 7)),
+    ],
+)
+def test_bearer_credential_is_taken_from_a_well_formed_header(header: str, credential: str) -> None:
+    assert bearer_credential(header) == credential
+
+
+@pytest.mark.parametrize(
+    ("header", "reason"),
+    [
+        (None, "missing"),
+        ("", "missing"),
+        ("Bearer " + "k" * (MAX_AUTHORIZATION_LENGTH - 6), "too long"),  # one over the limit
+        ("Bearer", "Bearer <credential>"),
+        ("Bearer ", "Bearer <credential>"),
+        ("Basic abc", "Bearer <credential>"),
+        ("Bearerabc", "Bearer <credential>"),
+        ("Bearer abc def", "Bearer <credential>"),
+        ("Bearer abc  def", "Bearer <credential>"),
+    ],
+)
+def test_malformed_authorization_headers_are_refused(header: str | None, reason: str) -> None:
+    with pytest.raises(Unauthenticated, match=re.escape(reason)):
+        bearer_credential(header)
+
+
+def test_checksum_refuses_the_wrong_length_prefix_or_alphabet_even_when_the_crc_matches() -> None:
+    """Each check stands on its own: a string whose CRC matches its body is still refused
+    when it is one character short, lacks the prefix, or uses characters outside base62."""
+    body = generate_key()[3:-6]
+    assert has_valid_checksum("mg_" + body + _checksum(body))
+    short = body[:-1]
+    assert not has_valid_checksum("mg_" + short + _checksum(short))
+    assert not has_valid_checksum("xx_" + body + _checksum(body))
+    assert not has_valid_checksum("mg-" + body + _checksum(body))
+    odd = body[:-1] + "!"
+    assert not has_valid_checksum("mg_" + odd + _checksum(odd))
+    assert not has_valid_checksum("mg_" + body + _checksum(body)[:-1] + "!")
+
+
+def test_scopes_are_checked_against_what_the_owner_may_hold() -> None:
+    assert normalize_scopes(["usage:read", "predict", "predict"], TENANT_SCOPES) == (
+        "predict usage:read"
+    )
+    with pytest.raises(InvalidRequest, match="unknown scopes: admin, superuser"):
+        normalize_scopes(["predict", "superuser", "admin"], TENANT_SCOPES)
+    with pytest.raises(InvalidRequest, match="at least one scope"):
+        normalize_scopes([], TENANT_SCOPES)

@@ -115,3 +115,29 @@ async def test_suspending_the_tenant_takes_effect_within_a_second(harness: Harne
         )
         await session.commit()
     await refused_within(harness, key, seconds=1.0)
+
+
+async def test_default_cache_trusts_a_key_for_at_most_one_second(harness: Harness) -> None:
+    """The contract's 1 second is the default too, not only the setting's bound."""
+    _, key = await create_tenant_with_key(harness)
+    sessions = CountingSessions(harness.sessionmaker)
+    authenticator = KeyAuthenticator(sessions, harness.state.secrets.key_pepper)  # type: ignore[arg-type]
+    await authenticator.authenticate(key)
+    await asyncio.sleep(1.05)
+    await authenticator.authenticate(key)
+    assert sessions.opened == 2  # looked up again after one second
+
+
+async def test_a_key_expiring_later_is_cached_like_any_other(harness: Harness) -> None:
+    _, key = await create_tenant_with_key(harness)
+    async with harness.sessionmaker() as session:
+        await session.execute(
+            update(ApiKey)
+            .where(ApiKey.digest == key_digest(harness.state.secrets.key_pepper, key))
+            .values(expires_at=utcnow() + timedelta(minutes=10))
+        )
+        await session.commit()
+    authenticator, sessions = _authenticator(harness)
+    for _ in range(50):
+        await authenticator.authenticate(key)
+    assert sessions.opened == 1
