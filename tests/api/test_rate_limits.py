@@ -69,6 +69,7 @@ async def test_one_key_behind_many_addresses_shares_one_limit(harness: Harness) 
     assert [r.headers["X-RateLimit-Remaining"] for r in responses] == ["2", "1", "0", "0"]
     limited = responses[-1]
     assert limited.json()["type"] == "rate-limited"
+    assert limited.json()["detail"] == "rate limit exceeded: 3 per 1 minute"
     assert 1 <= int(limited.headers["Retry-After"]) <= 60
     assert limited.headers["X-RateLimit-Limit"] == "3"
     assert int(limited.headers["X-RateLimit-Reset"]) > 0

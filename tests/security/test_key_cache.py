@@ -141,3 +141,53 @@ async def test_a_key_expiring_later_is_cached_like_any_other(harness: Harness) -
     for _ in range(50):
         await authenticator.authenticate(key)
     assert sessions.opened == 1
+
+
+class GatedSessions(CountingSessions):
+    """Sessions that open only once the gate is set: a lookup that is still in flight."""
+
+    def __init__(self, sessionmaker: Any) -> None:
+        super().__init__(sessionmaker)
+        self.gate = asyncio.Event()
+
+    def __call__(self) -> Any:
+        self.opened += 1
+        sessionmaker, gate = self._sessionmaker, self.gate
+
+        class _Gated:
+            async def __aenter__(self) -> Any:
+                await gate.wait()
+                self.session = sessionmaker()
+                return await self.session.__aenter__()
+
+            async def __aexit__(self, *exc: object) -> Any:
+                return await self.session.__aexit__(*exc)
+
+        return _Gated()
+
+
+async def test_a_lookup_whose_caller_went_away_is_not_trusted_later(harness: Harness) -> None:
+    """The request that started a lookup is cancelled (its client hung up) while the lookup is
+    in flight: the lookup finishes for nobody, and it must not become a shortcut that later
+    requests share past the cache's time, after the key is revoked."""
+    _, key = await create_tenant_with_key(harness)
+    sessions = GatedSessions(harness.sessionmaker)
+    pepper = harness.state.secrets.key_pepper
+    authenticator = KeyAuthenticator(sessions, pepper, cache_ttl=0.2)  # type: ignore[arg-type]
+    caller = asyncio.ensure_future(authenticator.authenticate(key))
+    await asyncio.sleep(0.05)  # the lookup waits at the gate
+    caller.cancel()
+    sessions.gate.set()
+    await asyncio.sleep(0.05)  # the lookup completes, unobserved
+    assert caller.cancelled()
+    async with harness.sessionmaker() as session:
+        await session.execute(
+            update(ApiKey)
+            .where(ApiKey.digest == key_digest(pepper, key))
+            .values(revoked_at=utcnow())
+        )
+        await session.commit()
+    await asyncio.sleep(0.25)
+    with pytest.raises(Unauthenticated):
+        await authenticator.authenticate(key)
+    assert sessions.opened == 2
