@@ -97,7 +97,11 @@ def _sliding_window_stats(item: RateLimitItem, window: Any, now: float) -> Windo
     if previous_count:
         previous_reset = previous_ttl % (expiry / previous_count)
     if current_count:
-        current_reset = current_ttl % expiry
+        # A window's counter lives for two windows, so its TTL is twice the expiry when the
+        # window opens. Read in the very call that opened it (Redis stops the clock during a
+        # script), limits' modulo would give 0, "resets now", for a window that has all of its
+        # length left; limits itself reads the window in a later call and never sees that.
+        current_reset = current_ttl % expiry if current_ttl < 2 * expiry else expiry
     return WindowStats(now + min(previous_reset, current_reset), remaining)
 
 

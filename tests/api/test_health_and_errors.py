@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import (
     IRIS_SETOSA,
     Backend,
@@ -61,6 +63,37 @@ async def test_malformed_json_is_422_without_echoing_input(harness: Harness) -> 
     assert response.status_code == 422
     assert "hunter2" not in response.text
     assert key not in response.text
+
+
+# Looks like a live key; pydantic would put it in each error's "input" (and "ctx") if let.
+SECRET_LOOKING = "mg_live_SECRETLOOKING0123456789abcdefghijklmnopqrstuvw"
+
+
+@pytest.mark.parametrize(
+    ("path", "payload", "location"),
+    [
+        ("/api/v1/predict", {"features": [SECRET_LOOKING, 3.5, 1.4, 0.2]}, ["features", 0]),
+        ("/api/v1/predict", {"features": IRIS_SETOSA, "api_key": SECRET_LOOKING}, ["api_key"]),
+        ("/api/v1/predict", {"features": IRIS_SETOSA, "model": SECRET_LOOKING + "!"}, ["model"]),
+        ("/api/v1/predict/batch", {"instances": [IRIS_SETOSA, [SECRET_LOOKING]]}, ["instances"]),
+    ],
+)
+async def test_validation_error_never_echoes_a_submitted_value(
+    harness: Harness, path: str, payload: dict[str, object], location: list[object]
+) -> None:
+    """Well-formed JSON whose bad field holds a secret: the 422 names the field, not its value."""
+    _, key = await create_tenant_with_key(harness)
+    response = await harness.client.post(path, json=payload, headers=bearer(key))
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["type"] == "validation-error"
+    # The error is really about the field that holds the secret...
+    assert any(error["loc"][1 : 1 + len(location)] == location for error in body["errors"]), body
+    # ...and neither that value, any part of it, nor the credential is anywhere in the answer.
+    assert "SECRETLOOKING" not in response.text
+    assert "mg_live" not in response.text
+    assert key not in response.text
+    assert all(set(error) == {"loc", "msg", "type"} for error in body["errors"]), body
 
 
 async def test_body_over_the_limit_is_413(harness: Harness) -> None:

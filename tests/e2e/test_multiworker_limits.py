@@ -1,9 +1,11 @@
 """SECURITY.md line 13 across processes: one key's limit holds exactly over two workers sharing
-Redis; another key is unaffected; X-Forwarded-For changes nothing."""
+Redis, whatever socket address or X-Forwarded-For its requests come with; another key behind the
+same addresses is unaffected."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from pathlib import Path
 
@@ -20,14 +22,28 @@ def _cli(environment: dict[str, str], cwd: Path, *args: str) -> str:
     return run_cli(environment, cwd, *args).stdout
 
 
-async def _fire(port: int, key: str, count: int, spoof: bool) -> list[int]:
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}/api/v1") as client:
+# Loopback addresses the requests are sent from (all of 127.0.0.0/8 is local on Linux): the
+# server sees several socket addresses as well as several X-Forwarded-For values.
+SOURCES = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
+
+
+async def _fire(port: int, key: str, count: int) -> list[int]:
+    """``count`` concurrent predictions with ``key``, spread over the source addresses, each
+    claiming another origin in X-Forwarded-For."""
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(
+                httpx.AsyncClient(
+                    base_url=f"http://127.0.0.1:{port}/api/v1",
+                    transport=httpx.AsyncHTTPTransport(local_address=source),
+                )
+            )
+            for source in SOURCES
+        ]
 
         async def one(index: int) -> int:
-            headers = {"Authorization": f"Bearer {key}"}
-            if spoof:
-                headers["X-Forwarded-For"] = f"10.0.0.{index}"
-            response = await client.post(
+            headers = {"Authorization": f"Bearer {key}", "X-Forwarded-For": f"10.0.0.{index}"}
+            response = await clients[index % len(clients)].post(
                 "/predict", json={"features": IRIS_SETOSA}, headers=headers
             )
             return response.status_code
@@ -60,8 +76,10 @@ def test_rate_limit_is_exact_across_two_workers(
         for _ in range(2)
     ]
     with serve(tour_environment, tmp_path, workers=2) as port:
-        statuses = asyncio.run(_fire(port, keys[0], 30, spoof=True))
+        # One key from three socket addresses and thirty claimed origins: one limit.
+        statuses = asyncio.run(_fire(port, keys[0], 30))
         assert statuses.count(200) == 10, statuses
         assert statuses.count(429) == 20
-        other = asyncio.run(_fire(port, keys[1], 5, spoof=False))
-        assert other == [200] * 5
+        # Another key from the very same addresses and claimed origins: its own limit.
+        other = asyncio.run(_fire(port, keys[1], 12))
+        assert sorted(other) == [200] * 10 + [429] * 2, other

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+import hashlib
+import hmac
+import re
+import uuid
+from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
-from auth.authn import KeyAuthenticator
-from auth.errors import Unauthenticated
-from auth.keys import generate_key, has_valid_checksum, key_digest
+from auth.authn import MAX_AUTHORIZATION_LENGTH, KeyAuthenticator, bearer_credential
+from auth.errors import InvalidRequest, Unauthenticated
+from auth.keys import (
+    TENANT_SCOPES,
+    _checksum,
+    generate_key,
+    has_valid_checksum,
+    key_digest,
+    normalize_scopes,
+)
 from auth.models import ApiKey, utcnow
 from tests.conftest import (
     IRIS_SETOSA,
@@ -69,9 +80,30 @@ def test_generated_keys_are_prefixed_long_and_checksummed() -> None:
 
 def test_digest_is_an_hmac_under_the_pepper() -> None:
     key = generate_key()
+    for pepper in (b"pepper-one", b"pepper-two"):
+        # Computed here, independently of auth.keys: the hex HMAC-SHA256 of the key under the
+        # pepper, and nothing else (not a plain hash, not the pepper appended or prepended).
+        assert key_digest(pepper, key) == hmac.new(pepper, key.encode(), hashlib.sha256).hexdigest()
     assert key_digest(b"pepper-one", key) != key_digest(b"pepper-two", key)
-    assert len(key_digest(b"pepper-one", key)) == 64
-    assert key not in key_digest(b"pepper-one", key)
+    assert key_digest(b"pepper-one", key) != key_digest(b"pepper-one", generate_key())
+
+
+async def test_an_issued_key_is_stored_only_as_its_hmac(harness: Harness) -> None:
+    tenant, _ = await create_tenant_with_key(harness)
+    admin = await create_admin_key(harness)
+    created = await harness.client.post(
+        f"/api/v1/admin/tenants/{tenant.id}/keys", json={"name": "stored"}, headers=bearer(admin)
+    )
+    assert created.status_code == 201, created.text
+    key, key_id = created.json()["key"], created.json()["id"]
+    async with harness.sessionmaker() as session:
+        row = await session.scalar(select(ApiKey).where(ApiKey.id == uuid.UUID(key_id)))
+    assert row is not None
+    pepper = harness.state.secrets.key_pepper
+    assert row.digest == hmac.new(pepper, key.encode(), hashlib.sha256).hexdigest()
+    assert row.display_prefix == key[:11]
+    stored = [str(getattr(row, column.key)) for column in ApiKey.__table__.columns]
+    assert not any(key[11:20] in value for value in stored), stored
 
 
 class _ExplodingSessionmaker:
@@ -123,6 +155,57 @@ async def test_revoked_or_expired_key_is_401(harness: Harness, column: str) -> N
     _assert_401(
         await harness.client.post(PREDICT, json={"features": IRIS_SETOSA}, headers=bearer(key))
     )
+
+
+async def test_key_with_a_future_expiry_is_accepted(harness: Harness) -> None:
+    tenant, _ = await create_tenant_with_key(harness)
+    admin = await create_admin_key(harness)
+    expires_at = utcnow() + timedelta(minutes=10)
+    created = await harness.client.post(
+        f"/api/v1/admin/tenants/{tenant.id}/keys",
+        json={"name": "expiring", "expires_at": expires_at.isoformat()},
+        headers=bearer(admin),
+    )
+    assert created.status_code == 201, created.text
+    key = created.json()["key"]
+    # Twice: the first is a database lookup, the second is served from the key cache.
+    for _ in range(2):
+        response = await harness.client.post(
+            PREDICT, json={"features": IRIS_SETOSA}, headers=bearer(key)
+        )
+        assert response.status_code == 200, response.text
+    me = await harness.client.get("/api/v1/me", headers=bearer(key))
+    assert me.status_code == 200, me.text
+    assert datetime.fromisoformat(me.json()["key"]["expires_at"]) == expires_at
+    # An existing key given an expiry in the future (not the past) keeps working too.
+    _, other = await create_tenant_with_key(harness)
+    async with harness.sessionmaker() as session:
+        await session.execute(
+            update(ApiKey)
+            .where(ApiKey.digest == key_digest(harness.state.secrets.key_pepper, other))
+            .values(expires_at=utcnow() + timedelta(seconds=30))
+        )
+        await session.commit()
+    response = await harness.client.post(
+        PREDICT, json={"features": IRIS_SETOSA}, headers=bearer(other)
+    )
+    assert response.status_code == 200, response.text
+
+
+async def test_key_cannot_be_issued_already_expired(harness: Harness) -> None:
+    tenant, _ = await create_tenant_with_key(harness)
+    admin = await create_admin_key(harness)
+    response = await harness.client.post(
+        f"/api/v1/admin/tenants/{tenant.id}/keys",
+        json={"name": "stale", "expires_at": (utcnow() - timedelta(seconds=1)).isoformat()},
+        headers=bearer(admin),
+    )
+    assert response.status_code == 422, response.text
+    assert "expires_at" in response.json()["detail"]
+    listing = await harness.client.get(
+        f"/api/v1/admin/tenants/{tenant.id}/keys", headers=bearer(admin)
+    )
+    assert [k["name"] for k in listing.json()["keys"]] == ["test key"]
 
 
 @pytest.mark.parametrize(
@@ -237,3 +320,61 @@ async def test_no_response_contains_a_digest_and_the_key_appears_once(harness: H
     me = await harness.client.get("/api/v1/me", headers=bearer(key))
     assert key not in me.text
     assert digest not in me.text
+
+
+@pytest.mark.parametrize(
+    ("header", "credential"),
+    [
+        ("Bearer abc", "abc"),
+        ("bearer abc", "abc"),  # the scheme is case-insensitive (RFC 7235)
+        ("BEARER abc", "abc"),
+        ("Bearer  abc", "abc"),  # one or more spaces (RFC 6750)
+        ("Bearer abc ", "abc"),
+        ("Bearer " + "k" * (MAX_AUTHORIZATION_LENGTH - 7), "k" * (MAX_AUTHORIZATION_LENGTH - 7)),
+    ],
+)
+def test_bearer_credential_is_taken_from_a_well_formed_header(header: str, credential: str) -> None:
+    assert bearer_credential(header) == credential
+
+
+@pytest.mark.parametrize(
+    ("header", "reason"),
+    [
+        (None, "missing"),
+        ("", "missing"),
+        ("Bearer " + "k" * (MAX_AUTHORIZATION_LENGTH - 6), "too long"),  # one over the limit
+        ("Bearer", "Bearer <credential>"),
+        ("Bearer ", "Bearer <credential>"),
+        ("Basic abc", "Bearer <credential>"),
+        ("Bearerabc", "Bearer <credential>"),
+        ("Bearer abc def", "Bearer <credential>"),
+        ("Bearer abc  def", "Bearer <credential>"),
+    ],
+)
+def test_malformed_authorization_headers_are_refused(header: str | None, reason: str) -> None:
+    with pytest.raises(Unauthenticated, match=re.escape(reason)):
+        bearer_credential(header)
+
+
+def test_checksum_refuses_the_wrong_length_prefix_or_alphabet_even_when_the_crc_matches() -> None:
+    """Each check stands on its own: a string whose CRC matches its body is still refused
+    when it is one character short, lacks the prefix, or uses characters outside base62."""
+    body = generate_key()[3:-6]
+    assert has_valid_checksum("mg_" + body + _checksum(body))
+    short = body[:-1]
+    assert not has_valid_checksum("mg_" + short + _checksum(short))
+    assert not has_valid_checksum("xx_" + body + _checksum(body))
+    assert not has_valid_checksum("mg-" + body + _checksum(body))
+    odd = body[:-1] + "!"
+    assert not has_valid_checksum("mg_" + odd + _checksum(odd))
+    assert not has_valid_checksum("mg_" + body + _checksum(body)[:-1] + "!")
+
+
+def test_scopes_are_checked_against_what_the_owner_may_hold() -> None:
+    assert normalize_scopes(["usage:read", "predict", "predict"], TENANT_SCOPES) == (
+        "predict usage:read"
+    )
+    with pytest.raises(InvalidRequest, match="unknown scopes: admin, superuser"):
+        normalize_scopes(["predict", "superuser", "admin"], TENANT_SCOPES)
+    with pytest.raises(InvalidRequest, match="at least one scope"):
+        normalize_scopes([], TENANT_SCOPES)

@@ -1,5 +1,5 @@
-"""SECURITY.md lines 16 and 17: Redis or the database down means 503 with Retry-After, never a
-500 and never a served-but-unbilled prediction; service resumes by itself."""
+"""SECURITY.md lines 16 and 17: Redis down or slow, or the database down, means 503 with
+Retry-After, never a 500 and never a served-but-unbilled prediction; service resumes by itself."""
 
 from __future__ import annotations
 
@@ -11,17 +11,25 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
+import httpx
 import pytest
 import redis
+from sqlalchemy import select
+from sqlalchemy.engine import make_url
 
 from api.cli import upgrade_database
 from auth.keys import generate_key
+from auth.models import MonthlyUsage, UsageRecord
 from tests.conftest import (
     IRIS_SETOSA,
+    POSTGRES_URL,
+    REQUIRE_SERVICES,
     Backend,
     bearer,
     create_tenant_with_key,
     make_settings,
+    new_postgres_database,
     running_app,
 )
 
@@ -71,11 +79,21 @@ class PrivateRedis:
             self.process.wait(timeout=10)
             self.process = None
 
+    def pause(self, seconds: float) -> None:
+        """Make the server answer nobody (every command waits) for ``seconds``: a slow Redis,
+        as opposed to one that refuses connections."""
+        with redis.Redis.from_url(self.url, socket_timeout=2) as client:
+            client.execute_command("CLIENT", "PAUSE", str(int(seconds * 1000)), "ALL")
+
 
 @pytest.fixture
 def private_redis() -> Iterator[PrivateRedis]:
     """A private Redis, stopped at the end of the test whatever happens."""
     if shutil.which("redis-server") is None:
+        if REQUIRE_SERVICES:
+            pytest.fail(
+                "redis-server is not installed (MODELGATE_TEST_REQUIRE_SERVICES=1)", pytrace=False
+            )
         pytest.skip("redis-server is not installed")
     server = PrivateRedis(_free_port())
     server.start()
@@ -123,7 +141,57 @@ async def test_redis_outage_fails_closed_then_recovers(
         assert usage.json()["total_requests"] == 2
 
 
-async def test_unreachable_database_is_503_not_500(served_model_dir: Path, tmp_path: Path) -> None:
+async def test_slow_redis_fails_closed_within_the_timeout_then_recovers(
+    private_redis: PrivateRedis, served_model_dir: Path, tmp_path: Path
+) -> None:
+    """Redis that accepts the connection but does not answer (the timeout branch, not a refused
+    connection): prediction routes answer 503 with Retry-After after about the configured
+    timeout, not after Redis comes back, and serve again by themselves once it does."""
+    timeout = 0.5
+    backend = Backend("sqlite", f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}", private_redis.url)
+    await asyncio.to_thread(upgrade_database, backend.database_url)
+    settings = make_settings(backend, served_model_dir, tmp_path, redis_timeout_seconds=timeout)
+    async with running_app(settings, backend) as app:
+        _, key = await create_tenant_with_key(app)
+        ok = await app.client.post(
+            "/api/v1/predict", json={"features": IRIS_SETOSA}, headers=bearer(key)
+        )
+        assert ok.status_code == 200, ok.text
+
+        pause = 6.0
+        private_redis.pause(pause)
+        paused_at = time.monotonic()
+        for path, payload in (
+            ("/api/v1/predict", {"features": IRIS_SETOSA}),
+            ("/api/v1/predict/batch", {"instances": [IRIS_SETOSA] * 2}),
+        ):
+            started = time.monotonic()
+            slow = await app.client.post(path, json=payload, headers=bearer(key))
+            elapsed = time.monotonic() - started
+            assert slow.status_code == 503, slow.text
+            assert slow.json()["type"] == "service-unavailable"
+            assert int(slow.headers["Retry-After"]) >= 1
+            # It waited for Redis (this is the timeout, not a refusal) and no longer than the
+            # timeout plus slack for a busy machine: far less than the pause.
+            assert timeout * 0.8 <= elapsed <= timeout + 1.0, elapsed
+        ready = await app.client.get("/api/v1/health/ready")
+        assert ready.status_code == 503
+        assert ready.json()["checks"]["redis"] == "unavailable"
+        assert time.monotonic() - paused_at < pause - 1, "the checks outlasted the pause"
+
+        await asyncio.sleep(max(0.0, paused_at + pause - time.monotonic()) + 0.2)
+        recovered = await app.client.post(
+            "/api/v1/predict", json={"features": IRIS_SETOSA}, headers=bearer(key)
+        )
+        assert recovered.status_code == 200, recovered.text
+        assert (await app.client.get("/api/v1/health/ready")).status_code == 200
+        usage = await app.client.get("/api/v1/me/usage", headers=bearer(key))
+        assert usage.json()["total_requests"] == 2
+
+
+async def test_database_unreachable_from_the_start_is_503_not_500(
+    served_model_dir: Path, tmp_path: Path
+) -> None:
     closed_port = _free_port()  # nothing listens there
     backend = Backend(
         "postgres", f"postgresql+asyncpg://postgres@127.0.0.1:{closed_port}/nothing", ""
@@ -139,3 +207,116 @@ async def test_unreachable_database_is_503_not_500(served_model_dir: Path, tmp_p
         ready = await app.client.get("/api/v1/health/ready")
         assert ready.status_code == 503
         assert ready.json()["checks"]["database"] == "unavailable"
+
+
+async def _alter_and_cut_off(database: str, *statements: str) -> None:
+    """Run ``statements`` as the test server's superuser, then drop every session on
+    ``database`` (the app's pool and the usage writer's own connection), so that the next
+    ones start under the new settings."""
+    url = make_url(POSTGRES_URL)
+    connection = await asyncpg.connect(
+        host=url.host,
+        port=url.port or 5432,
+        user=url.username,
+        database=url.database,
+        password=url.password,
+    )
+    try:
+        for statement in statements:
+            await connection.execute(statement)
+        await connection.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = $1 AND pid <> pg_backend_pid()",
+            database,
+        )
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+def private_postgres(services_problem: str | None) -> Iterator[str]:
+    """A migrated Postgres database of this test's own, that it may cut off."""
+    if services_problem:
+        pytest.skip(services_problem)
+    with new_postgres_database() as url:
+        upgrade_database(url)
+        yield url
+
+
+async def test_database_failing_at_the_usage_write_is_503_never_2xx_then_recovers(
+    private_postgres: str, served_model_dir: Path, tmp_path: Path
+) -> None:
+    """A valid key, so the request gets all the way to billing: first the database turns
+    read-only (reads work, so authentication does; the usage write fails), then it refuses
+    every connection. No 2xx, never a 500, nothing billed; then it resumes by itself."""
+    database = make_url(private_postgres).database
+    assert database is not None
+    backend = Backend("postgres", private_postgres, "")
+    settings = make_settings(backend, served_model_dir, tmp_path)
+    async with running_app(settings, backend) as app:
+        tenant, key = await create_tenant_with_key(app, monthly_quota=1000)
+
+        async def predict() -> httpx.Response:
+            return await app.client.post(
+                "/api/v1/predict", json={"features": IRIS_SETOSA}, headers=bearer(key)
+            )
+
+        async def batch() -> httpx.Response:
+            return await app.client.post(
+                "/api/v1/predict/batch",
+                json={"instances": [IRIS_SETOSA] * 3},
+                headers=bearer(key),
+            )
+
+        warm = await predict()
+        assert warm.status_code == 200, warm.text
+
+        def assert_refused(responses: list[httpx.Response]) -> None:
+            for response in responses:
+                assert response.status_code == 503, response.text
+                assert response.json()["type"] == "service-unavailable"
+                assert "prediction" not in response.json()
+                assert "predictions" not in response.json()
+                assert int(response.headers["Retry-After"]) >= 1
+
+        # 1. Read-only (a failover to a replica): the key is verified, the usage write fails.
+        await _alter_and_cut_off(
+            database, f'ALTER DATABASE "{database}" SET default_transaction_read_only = on'
+        )
+        read_only = await asyncio.gather(*[predict() for _ in range(6)], batch())
+        assert_refused(read_only)
+        # It was the usage write that failed (the writer's answer, not authentication's).
+        assert {r.json()["detail"] for r in read_only} == {"usage could not be recorded"}
+        assert app.state.usage_writer.interrupted_flushes > 0
+
+        # 2. No connection at all.
+        await _alter_and_cut_off(
+            database, f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS false'
+        )
+        unreachable = await asyncio.gather(*[predict() for _ in range(6)], batch())
+        assert_refused(unreachable)
+        ready = await app.client.get("/api/v1/health/ready")
+        assert ready.status_code == 503
+        assert ready.json()["checks"]["database"] == "unavailable"
+
+        # 3. Back: the next request is served and billed, without a restart.
+        await _alter_and_cut_off(
+            database,
+            f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS true',
+            f'ALTER DATABASE "{database}" RESET default_transaction_read_only',
+        )
+        recovered = await predict()
+        assert recovered.status_code == 200, recovered.text
+        assert (await app.client.get("/api/v1/health/ready")).status_code == 200
+        async with app.sessionmaker() as session:
+            billed = set(
+                await session.scalars(
+                    select(UsageRecord.request_id).where(UsageRecord.tenant_id == tenant.id)
+                )
+            )
+            counter = await session.scalar(
+                select(MonthlyUsage.units).where(MonthlyUsage.tenant_id == tenant.id)
+            )
+        served = {warm.json()["prediction_id"], recovered.json()["prediction_id"]}
+        assert {str(request_id) for request_id in billed} == served
+        assert counter == 2

@@ -115,3 +115,79 @@ async def test_suspending_the_tenant_takes_effect_within_a_second(harness: Harne
         )
         await session.commit()
     await refused_within(harness, key, seconds=1.0)
+
+
+async def test_default_cache_trusts_a_key_for_at_most_one_second(harness: Harness) -> None:
+    """The contract's 1 second is the default too, not only the setting's bound."""
+    _, key = await create_tenant_with_key(harness)
+    sessions = CountingSessions(harness.sessionmaker)
+    authenticator = KeyAuthenticator(sessions, harness.state.secrets.key_pepper)  # type: ignore[arg-type]
+    await authenticator.authenticate(key)
+    await asyncio.sleep(1.05)
+    await authenticator.authenticate(key)
+    assert sessions.opened == 2  # looked up again after one second
+
+
+async def test_a_key_expiring_later_is_cached_like_any_other(harness: Harness) -> None:
+    _, key = await create_tenant_with_key(harness)
+    async with harness.sessionmaker() as session:
+        await session.execute(
+            update(ApiKey)
+            .where(ApiKey.digest == key_digest(harness.state.secrets.key_pepper, key))
+            .values(expires_at=utcnow() + timedelta(minutes=10))
+        )
+        await session.commit()
+    authenticator, sessions = _authenticator(harness)
+    for _ in range(50):
+        await authenticator.authenticate(key)
+    assert sessions.opened == 1
+
+
+class GatedSessions(CountingSessions):
+    """Sessions that open only once the gate is set: a lookup that is still in flight."""
+
+    def __init__(self, sessionmaker: Any) -> None:
+        super().__init__(sessionmaker)
+        self.gate = asyncio.Event()
+
+    def __call__(self) -> Any:
+        self.opened += 1
+        sessionmaker, gate = self._sessionmaker, self.gate
+
+        class _Gated:
+            async def __aenter__(self) -> Any:
+                await gate.wait()
+                self.session = sessionmaker()
+                return await self.session.__aenter__()
+
+            async def __aexit__(self, *exc: object) -> Any:
+                return await self.session.__aexit__(*exc)
+
+        return _Gated()
+
+
+async def test_a_lookup_whose_caller_went_away_is_not_trusted_later(harness: Harness) -> None:
+    """The request that started a lookup is cancelled (its client hung up) while the lookup is
+    in flight: the lookup finishes for nobody, and it must not become a shortcut that later
+    requests share past the cache's time, after the key is revoked."""
+    _, key = await create_tenant_with_key(harness)
+    sessions = GatedSessions(harness.sessionmaker)
+    pepper = harness.state.secrets.key_pepper
+    authenticator = KeyAuthenticator(sessions, pepper, cache_ttl=0.2)  # type: ignore[arg-type]
+    caller = asyncio.ensure_future(authenticator.authenticate(key))
+    await asyncio.sleep(0.05)  # the lookup waits at the gate
+    caller.cancel()
+    sessions.gate.set()
+    await asyncio.sleep(0.05)  # the lookup completes, unobserved
+    assert caller.cancelled()
+    async with harness.sessionmaker() as session:
+        await session.execute(
+            update(ApiKey)
+            .where(ApiKey.digest == key_digest(pepper, key))
+            .values(revoked_at=utcnow())
+        )
+        await session.commit()
+    await asyncio.sleep(0.25)
+    with pytest.raises(Unauthenticated):
+        await authenticator.authenticate(key)
+    assert sessions.opened == 2
