@@ -35,6 +35,7 @@ from tests.conftest import (
     bearer,
     create_tenant_with_key,
     make_settings,
+    only_on,
 )
 
 
@@ -220,13 +221,12 @@ async def test_sliding_window_figures_are_those_of_limits(
     assert ours.reset_time == pytest.approx(expected.reset_time, abs=1e-6)
 
 
+@only_on("postgres")  # the backend with Redis
 async def test_concurrent_checks_share_one_redis_round_trip(
     backend: Backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The checks of requests that arrive together go to Redis in one pipeline, and each
     request gets its own answer back."""
-    if not backend.redis_url:
-        pytest.skip("the in-process limiter makes no round trips")
     limiter = RateLimiter(make_settings(backend, tmp_path, tmp_path))
     pipelined = limiter._redis
     assert pipelined is not None
@@ -251,11 +251,11 @@ async def test_concurrent_checks_share_one_redis_round_trip(
 
 
 async def _redis_limiter(backend: Backend, tmp_path: Path, **overrides: Any) -> RateLimiter:
-    if not backend.redis_url:
-        pytest.skip("the in-process limiter has no Redis pipeline")
+    assert backend.redis_url, "only on the backend with Redis (only_on)"
     return RateLimiter(make_settings(backend, tmp_path, tmp_path, **overrides))
 
 
+@only_on("postgres")  # the backend with Redis
 async def test_a_request_gone_from_a_pipeline_leaves_the_others_answered(
     backend: Backend, tmp_path: Path
 ) -> None:
@@ -274,6 +274,7 @@ async def test_a_request_gone_from_a_pipeline_leaves_the_others_answered(
         await limiter.close()
 
 
+@only_on("postgres")  # the backend with Redis
 async def test_a_failing_check_fails_its_request_only(backend: Backend, tmp_path: Path) -> None:
     """One key's script fails inside a pipeline (its Redis key holds the wrong type): that
     request fails closed, the other requests of the same pipeline are answered."""
@@ -299,6 +300,7 @@ async def test_a_failing_check_fails_its_request_only(backend: Backend, tmp_path
         await limiter.close()
 
 
+@only_on("postgres")  # the backend with Redis
 @pytest.mark.parametrize("strategy", ["sliding-window-counter", "moving-window", "fixed-window"])
 async def test_redis_headers_report_the_window_of_the_check(
     backend: Backend, tmp_path: Path, strategy: str

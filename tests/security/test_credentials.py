@@ -60,6 +60,8 @@ def _assert_401(response: object) -> None:
 async def test_missing_or_malformed_credentials_are_401(
     harness: Harness, headers: dict[str, str]
 ) -> None:
+    """SECURITY.md line 1: no, a non-Bearer, an empty or an over-8-KiB credential is 401
+    with WWW-Authenticate: Bearer."""
     response = await harness.client.post(PREDICT, json={"features": IRIS_SETOSA}, headers=headers)
     _assert_401(response)
 
@@ -122,6 +124,8 @@ async def test_wrong_checksum_is_refused_without_touching_the_database() -> None
 
 
 async def test_wrong_checksum_over_http_is_401(harness: Harness) -> None:
+    """SECURITY.md line 2: an mg_ key with a wrong checksum is 401 (and never reaches the
+    database: the test above proves it)."""
     _, key = await create_tenant_with_key(harness)
     forged = key[:-1] + ("A" if key[-1] != "A" else "B")
     _assert_401(
@@ -139,6 +143,7 @@ async def test_unknown_well_formed_key_is_401(harness: Harness) -> None:
 
 @pytest.mark.parametrize("column", ["revoked_at", "expires_at"])
 async def test_revoked_or_expired_key_is_401(harness: Harness, column: str) -> None:
+    """SECURITY.md line 3: a revoked or expired key is 401, on this worker within a second."""
     _, key = await create_tenant_with_key(harness)
     ok = await harness.client.post(PREDICT, json={"features": IRIS_SETOSA}, headers=bearer(key))
     assert ok.status_code == 200
@@ -223,6 +228,7 @@ async def test_key_cannot_be_issued_already_expired(harness: Harness) -> None:
 async def test_tenant_key_on_admin_routes_is_403_and_no_credential_is_401(
     harness: Harness, method: str, path: str
 ) -> None:
+    """SECURITY.md line 9: a tenant key on any /admin route is 403; no credential is 401."""
     _, key = await create_tenant_with_key(harness, scopes=("predict", "usage:read", "keys:manage"))
     forbidden = await harness.client.request(method, path, headers=bearer(key), json={})
     assert forbidden.status_code == 403, forbidden.text
@@ -280,6 +286,7 @@ async def test_suspended_tenant_is_refused(harness: Harness) -> None:
 async def test_fields_a_tenant_may_not_set_are_422(
     harness: Harness, extra: dict[str, object]
 ) -> None:
+    """SECURITY.md line 11: a field the client may not set is 422 and changes nothing."""
     _, key = await create_tenant_with_key(harness)
     response = await harness.client.post(
         PREDICT, json={"features": IRIS_SETOSA, **extra}, headers=bearer(key)
@@ -299,6 +306,7 @@ async def test_admin_cannot_issue_admin_scope_to_a_tenant_key(harness: Harness) 
 
 
 async def test_no_response_contains_a_digest_and_the_key_appears_once(harness: Harness) -> None:
+    """SECURITY.md line 12: no response holds a digest; the key is in its creating response only."""
     tenant, _ = await create_tenant_with_key(harness)
     admin = await create_admin_key(harness)
     created = await harness.client.post(
