@@ -49,9 +49,6 @@ DEFAULT_MODEL = "iris"
 
 _NAME_RE = re.compile(NAME_PATTERN)
 _VERSION_RE = re.compile(VERSION_PATTERN)
-# Only identifiers that look like ours are echoed back to clients; anything else could be
-# arbitrary client input.
-_ECHO_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _NUMBER_TYPES = (int, float, np.integer, np.floating)
 _BOOL_TYPES = (bool, np.bool_)
 _ROW_TYPES = (Sequence, np.ndarray)
@@ -305,18 +302,20 @@ class ModelRegistry:
         Raises :class:`ModelNotFound` for an unknown name or version and
         :class:`ModelUnavailable` for a failed version or a model with no ready version.
         """
+        # A name or version that is not in the registry came from the client, and could be
+        # anything (a key pasted in the wrong field): it is never echoed back.
         entry = self._entries.get(name)
         if entry is None:
-            raise ModelNotFound(f"model {_echo(name)} not found")
+            raise ModelNotFound("model not found")
         if version is None:
             if entry.active is None:
-                raise ModelUnavailable(f"model {_echo(name)} has no ready version")
+                raise ModelUnavailable(f"model '{name}' has no ready version")
             return entry.loaded[entry.active]
         if version not in entry.statuses:
-            raise ModelNotFound(f"model {_echo(name)} has no version {_echo(version)}")
+            raise ModelNotFound(f"model '{name}' has no such version")
         model = entry.loaded.get(version)
         if model is None:
-            raise ModelUnavailable(f"model {_echo(name)} version {_echo(version)} is unavailable")
+            raise ModelUnavailable(f"model '{name}' version '{version}' is unavailable")
         return model
 
     def models(self) -> list[ModelInfo]:
@@ -328,7 +327,7 @@ class ModelRegistry:
         """One model's description; raises :class:`ModelNotFound` if it is unknown."""
         entry = self._entries.get(name)
         if entry is None:
-            raise ModelNotFound(f"model {_echo(name)} not found")
+            raise ModelNotFound("model not found")
         return _describe(entry)
 
     def active_version(self, name: str = DEFAULT_MODEL) -> str | None:
@@ -595,8 +594,3 @@ def _describe(entry: _ModelEntry) -> ModelInfo:
         input_range=[] if reference is None else reference.accepted_range,
         training_range=None if reference is None else reference.training_range,
     )
-
-
-def _echo(value: str) -> str:
-    """Quote an identifier for a client-facing message, unless it could be arbitrary junk."""
-    return f"'{value}'" if _ECHO_RE.fullmatch(value) else "(invalid identifier)"

@@ -206,9 +206,9 @@ def test_active_file_selects_the_served_version(
 
 
 def test_unknown_model_or_version_raises_model_not_found(registry: ModelRegistry) -> None:
-    with pytest.raises(ModelNotFound, match="model 'nope' not found"):
+    with pytest.raises(ModelNotFound, match=r"^model not found$"):
         registry.get("nope")
-    with pytest.raises(ModelNotFound, match="has no version '9'"):
+    with pytest.raises(ModelNotFound, match="has no such version"):
         registry.get("iris", "9")
     with pytest.raises(ModelNotFound, match="not found"):
         registry.model_info("nope")

@@ -178,3 +178,19 @@ async def test_database_errors_are_classified_by_what_caused_them(postgres_datab
                 await connection.rollback()
     finally:
         await engine.dispose()
+
+
+async def test_an_unknown_model_name_or_version_is_never_echoed(harness: Harness) -> None:
+    """A key pasted into the wrong field does not come back in the error."""
+    _, key = await create_tenant_with_key(harness)
+    for field in ("model", "model_version"):
+        response = await harness.client.post(
+            "/api/v1/predict",
+            json={"features": IRIS_SETOSA, field: key[:50]},
+            headers=bearer(key),
+        )
+        assert response.status_code == 404, response.text
+        assert key[:50] not in response.text
+    listing = await harness.client.get(f"/api/v1/models/{key[:50]}", headers=bearer(key))
+    assert listing.status_code == 404
+    assert key[:50] not in listing.text
