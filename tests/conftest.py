@@ -49,8 +49,9 @@ def is_product_setting(name: str) -> bool:
     upper = name.upper()
     if upper.startswith(TEST_VARIABLE_PREFIX):
         return False
-    # WEB_CONCURRENCY is how the app factory counts its workers (auth.settings.declared_workers).
-    return upper.startswith("MODELGATE_") or upper == "WEB_CONCURRENCY"
+    # WEB_CONCURRENCY is how the app factory counts its workers (auth.settings.declared_workers);
+    # any OTEL_* variable switches FastAPI's telemetry on (api.app.create_app).
+    return upper.startswith(("MODELGATE_", "OTEL_")) or upper == "WEB_CONCURRENCY"
 
 
 # The suite is hermetic: the caller's shell chooses the test services (MODELGATE_TEST_*) and

@@ -28,6 +28,7 @@ def test_only_the_suites_own_variables_are_left() -> None:
         ("MODELGATE_JWT_SECRET", True),
         ("modelgate_env", True),  # pydantic-settings matches names in any case
         ("WEB_CONCURRENCY", True),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", True),  # switches FastAPI's telemetry on
         ("MODELGATE_TEST_DATABASE_URL", False),
         ("MODELGATE_TEST_REQUIRE_SERVICES", False),
         ("PATH", False),
