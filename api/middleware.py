@@ -28,6 +28,7 @@ _TOO_LARGE = (
     "the request body exceeds the size limit",
 )
 _UNBILLED = (503, "service-unavailable", "Service unavailable", "usage could not be recorded")
+_NOSNIFF = (b"x-content-type-options", b"nosniff")
 _INTERNAL = (500, "internal-error", "Internal server error", "an unexpected error occurred")
 
 
@@ -78,6 +79,8 @@ class RequestContextMiddleware:
                     return
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode()))
+                # No browser may guess a content type other than the one declared.
+                headers.append(_NOSNIFF)
                 limit: RateLimitStatus | None = state.get("rate_limit")
                 if limit is not None:
                     headers.extend(
@@ -157,6 +160,7 @@ def _problem_start(request_id: str, status: int, body_length: int) -> Message:
             (b"content-type", b"application/problem+json"),
             (b"content-length", str(body_length).encode()),
             (b"x-request-id", request_id.encode()),
+            _NOSNIFF,
             (b"connection", b"close"),
         ],
     }

@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import SkipJsonSchema
 
@@ -212,8 +212,11 @@ async def issue_key_route(
     session: SessionDep,
     state: StateDep,
     request: Request,
+    response: Response,
 ) -> KeyCreated:
     """Issue an API key for a tenant; the key is in this response only."""
+    # The key is in this body: no cache on the way may keep it.
+    response.headers["Cache-Control"] = "no-store"
     key, secret = await issue_tenant_key(
         session,
         state.secrets.key_pepper,

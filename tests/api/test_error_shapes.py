@@ -15,6 +15,7 @@ from tests.conftest import (
     Backend,
     Harness,
     bearer,
+    create_admin_key,
     create_tenant_with_key,
     make_settings,
     running_app,
@@ -94,3 +95,31 @@ async def test_422_raised_by_a_service_has_errors(harness: Harness) -> None:
         {"loc": ["start"], "msg": "start must not be after end", "type": "value_error"}
     ]
     assert body["request_id"] == response.headers["X-Request-ID"]
+
+
+async def test_every_response_forbids_content_sniffing(harness: Harness) -> None:
+    _, key = await create_tenant_with_key(harness)
+    responses = [
+        await harness.client.get("/api/v1/health"),
+        await harness.client.get("/api/v1/nope"),
+        await harness.client.post("/api/v1/predict", json={"features": [1.0]}, headers=bearer(key)),
+        await harness.client.post(
+            "/api/v1/predict",
+            content=b"x" * (harness.state.settings.max_body_bytes + 1),
+            headers={**bearer(key), "Content-Type": "application/json"},
+        ),
+        await harness.client.get("/api/v1/me"),
+    ]
+    assert [r.status_code for r in responses] == [200, 404, 422, 413, 401]
+    for response in responses:
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
+async def test_a_response_carrying_a_new_key_is_never_cached(harness: Harness) -> None:
+    tenant, _ = await create_tenant_with_key(harness)
+    admin = await create_admin_key(harness)
+    created = await harness.client.post(
+        f"/api/v1/admin/tenants/{tenant.id}/keys", json={"name": "fresh"}, headers=bearer(admin)
+    )
+    assert created.status_code == 201
+    assert created.headers["Cache-Control"] == "no-store"
