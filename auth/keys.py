@@ -159,3 +159,18 @@ async def list_tenant_keys(session: AsyncSession, tenant_id: uuid.UUID) -> Seque
         select(ApiKey).where(ApiKey.tenant_id == tenant_id).order_by(ApiKey.created_at.desc())
     )
     return result.all()
+
+
+async def revoke_key(session: AsyncSession, key_id: uuid.UUID) -> tuple[ApiKey, bool]:
+    """Revoke a key now; returns it and whether this call changed it (revoking a revoked key
+    changes nothing). Every worker refuses it within the key cache's TTL (1 second)."""
+    key = await session.get(ApiKey, key_id)
+    if key is None:
+        raise NotFound("key not found")
+    now = utcnow()
+    if key.revoked_at is not None and key.revoked_at <= now:
+        return key, False
+    # A revocation scheduled for later (a rotation's grace) is brought forward.
+    key.revoked_at = now
+    await session.flush()
+    return key, True

@@ -14,7 +14,7 @@ from api.deps import AdminScope, DatabaseRoute, SessionDep, StateDep
 from api.errors import problem_responses
 from api.fields import KeyExpiry, MonthlyQuota, Name, PageLimit, PageOffset, RateLimitText
 from auth.audit import record_event
-from auth.keys import issue_tenant_key, list_tenant_keys
+from auth.keys import issue_tenant_key, list_tenant_keys, revoke_key
 from auth.models import ApiKey, Tenant
 from auth.tenants import create_tenant, get_tenant, list_tenants, update_tenant
 
@@ -246,3 +246,24 @@ async def list_keys_route(tenant_id: uuid.UUID, session: SessionDep) -> KeyList:
     """List a tenant's keys (metadata only)."""
     keys = await list_tenant_keys(session, tenant_id)
     return KeyList(keys=[KeyOut(**_key_fields(k)) for k in keys])
+
+
+@router.post("/keys/{key_id}/revoke", response_model=KeyOut, responses=problem_responses(404))
+async def revoke_key_route(
+    key_id: uuid.UUID, admin: AdminScope, session: SessionDep, request: Request
+) -> KeyOut:
+    """Revoke a key now (it fails on every worker within a second); idempotent."""
+    key, changed = await revoke_key(session, key_id)
+    if changed:
+        await record_event(
+            session,
+            actor=admin.actor,
+            actor_key_id=admin.key_id,
+            action="key.revoke",
+            target_type="api_key",
+            target_id=str(key.id),
+            tenant_id=key.tenant_id,
+            remote_addr=_client_address(request),
+            detail={"prefix": key.display_prefix},
+        )
+    return KeyOut(**_key_fields(key))
