@@ -28,14 +28,15 @@ import pytest
 import pytest_asyncio
 import redis
 from fastapi import FastAPI
+from sqlalchemy import update
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.app import create_app
 from api.cli import upgrade_database
 from api.state import AppState
-from auth.keys import issue_admin_key, issue_tenant_key
-from auth.models import Tenant
+from auth.keys import issue_admin_key, issue_tenant_key, key_digest
+from auth.models import ApiKey, Tenant
 from auth.settings import Settings, get_settings
 from auth.tenants import create_tenant, get_or_create_admin
 from ml import train_default
@@ -148,15 +149,7 @@ class Backend:
 
 def _services_reachable() -> str | None:
     async def check_postgres() -> None:
-        url = make_url(POSTGRES_URL)
-        connection = await asyncpg.connect(
-            host=url.host,
-            port=url.port or 5432,
-            user=url.username,
-            database=url.database,
-            password=url.password,
-            timeout=3,
-        )
+        connection = await admin_connection(timeout=3)
         await connection.close()
 
     try:
@@ -179,7 +172,9 @@ def services_problem() -> str | None:
     return problem
 
 
-async def _admin_connection() -> asyncpg.Connection:
+async def admin_connection(timeout: float = 60) -> asyncpg.Connection:
+    """A connection to the test server's own database (MODELGATE_TEST_DATABASE_URL), as its
+    superuser: for creating databases and for changing the server under a test."""
     url = make_url(POSTGRES_URL)
     return await asyncpg.connect(
         host=url.host,
@@ -187,6 +182,7 @@ async def _admin_connection() -> asyncpg.Connection:
         user=url.username,
         database=url.database,
         password=url.password,
+        timeout=timeout,
     )
 
 
@@ -197,7 +193,7 @@ def new_postgres_database(template: str | None = None) -> Iterator[str]:
     name = f"modelgate_test_{uuid.uuid4().hex[:10]}"
 
     async def run(sql: str) -> None:
-        connection = await _admin_connection()
+        connection = await admin_connection()
         try:
             await connection.execute(sql)
         finally:
@@ -378,6 +374,15 @@ async def create_admin_key(harness: Harness) -> str:
         )
         await session.commit()
     return key
+
+
+async def update_key(harness: Harness, key: str, **values: Any) -> None:
+    """Change columns of ``key``'s row (found by its digest) behind the app's back, as another
+    worker or an operator would."""
+    digest = key_digest(harness.state.secrets.key_pepper, key)
+    async with harness.sessionmaker() as session:
+        await session.execute(update(ApiKey).where(ApiKey.digest == digest).values(**values))
+        await session.commit()
 
 
 def bearer(key: str) -> dict[str, str]:

@@ -212,17 +212,21 @@ def test_training_range_is_recorded_and_not_enforced(registry: ModelRegistry, ir
     assert model.predict([[100.0, -100.0, 1e30, 0.0]])[0].class_name in iris.target_names
 
 
-def test_operator_input_range_is_enforced_per_feature(model_dir: Path, iris: Any) -> None:
-    estimator = LogisticRegression(max_iter=1000).fit(iris.data, iris.target)
-    bounds = [(0.0, 10.0), (0.0, 10.0), (0.5, 8.0), (0.0, 3.0)]
+def _register_with_range(model_dir: Path, iris: Any, bounds: list[tuple[float, float]]) -> None:
+    """Register a cheap iris classifier as the next version, with operator bounds."""
     register_model(
         model_dir,
         "iris",
-        estimator,
+        LogisticRegression(max_iter=1000).fit(iris.data, iris.target),
         feature_names=list(iris.feature_names),
         class_names=list(iris.target_names),
         input_range=bounds,
     )
+
+
+def test_operator_input_range_is_enforced_per_feature(model_dir: Path, iris: Any) -> None:
+    bounds = [(0.0, 10.0), (0.0, 10.0), (0.5, 8.0), (0.0, 3.0)]
+    _register_with_range(model_dir, iris, bounds)
     registry = ModelRegistry(model_dir)
     registry.load()
     model = registry.get("iris", "2")
@@ -238,14 +242,6 @@ def test_operator_input_range_is_enforced_per_feature(model_dir: Path, iris: Any
 
 
 def test_input_range_must_fit_the_float32_input(model_dir: Path, iris: Any) -> None:
-    estimator = LogisticRegression(max_iter=1000).fit(iris.data, iris.target)
     for bounds in ([(0.0, 1e39)] * 4, [(2.0, 1.0)] * 4, [(0.0, 1.0)] * 3):
         with pytest.raises(ValueError, match=r"less than or equal|n_features|min must not"):
-            register_model(
-                model_dir,
-                "iris",
-                estimator,
-                feature_names=list(iris.feature_names),
-                class_names=list(iris.target_names),
-                input_range=bounds,
-            )
+            _register_with_range(model_dir, iris, bounds)

@@ -9,7 +9,7 @@ import uuid
 from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from auth.authn import MAX_AUTHORIZATION_LENGTH, KeyAuthenticator, bearer_credential
 from auth.errors import InvalidRequest, Unauthenticated
@@ -29,6 +29,7 @@ from tests.conftest import (
     create_admin_key,
     create_tenant_with_key,
     refused_within,
+    update_key,
 )
 
 PREDICT = "/api/v1/predict"
@@ -147,13 +148,7 @@ async def test_revoked_or_expired_key_is_401(harness: Harness, column: str) -> N
     _, key = await create_tenant_with_key(harness)
     ok = await harness.client.post(PREDICT, json={"features": IRIS_SETOSA}, headers=bearer(key))
     assert ok.status_code == 200
-    async with harness.sessionmaker() as session:
-        await session.execute(
-            update(ApiKey)
-            .where(ApiKey.digest == key_digest(harness.state.secrets.key_pepper, key))
-            .values({column: utcnow() - timedelta(seconds=1)})
-        )
-        await session.commit()
+    await update_key(harness, key, **{column: utcnow() - timedelta(seconds=1)})
     # The key was verified a moment ago and is cached; the change must still hold within the
     # cache's 1 second, and from then on.
     await refused_within(harness, key, seconds=1.0)
@@ -184,13 +179,7 @@ async def test_key_with_a_future_expiry_is_accepted(harness: Harness) -> None:
     assert datetime.fromisoformat(me.json()["key"]["expires_at"]) == expires_at
     # An existing key given an expiry in the future (not the past) keeps working too.
     _, other = await create_tenant_with_key(harness)
-    async with harness.sessionmaker() as session:
-        await session.execute(
-            update(ApiKey)
-            .where(ApiKey.digest == key_digest(harness.state.secrets.key_pepper, other))
-            .values(expires_at=utcnow() + timedelta(seconds=30))
-        )
-        await session.commit()
+    await update_key(harness, other, expires_at=utcnow() + timedelta(seconds=30))
     response = await harness.client.post(
         PREDICT, json={"features": IRIS_SETOSA}, headers=bearer(other)
     )

@@ -11,7 +11,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import asyncpg
 import httpx
 import pytest
 import redis
@@ -23,9 +22,9 @@ from auth.keys import generate_key
 from auth.models import MonthlyUsage, UsageRecord
 from tests.conftest import (
     IRIS_SETOSA,
-    POSTGRES_URL,
     REQUIRE_SERVICES,
     Backend,
+    admin_connection,
     bearer,
     create_tenant_with_key,
     make_settings,
@@ -213,14 +212,7 @@ async def _alter_and_cut_off(database: str, *statements: str) -> None:
     """Run ``statements`` as the test server's superuser, then drop every session on
     ``database`` (the app's pool and the usage writer's own connection), so that the next
     ones start under the new settings."""
-    url = make_url(POSTGRES_URL)
-    connection = await asyncpg.connect(
-        host=url.host,
-        port=url.port or 5432,
-        user=url.username,
-        database=url.database,
-        password=url.password,
-    )
+    connection = await admin_connection()
     try:
         for statement in statements:
             await connection.execute(statement)

@@ -14,7 +14,14 @@ from auth.authn import KeyAuthenticator
 from auth.errors import Unauthenticated
 from auth.keys import DISPLAY_PREFIX_LENGTH, generate_key, key_digest
 from auth.models import ApiKey, Tenant, utcnow
-from tests.conftest import IRIS_SETOSA, Harness, bearer, create_tenant_with_key, refused_within
+from tests.conftest import (
+    IRIS_SETOSA,
+    Harness,
+    bearer,
+    create_tenant_with_key,
+    refused_within,
+    update_key,
+)
 
 
 class CountingSessions:
@@ -81,13 +88,7 @@ async def test_failures_are_never_cached(harness: Harness) -> None:
 
 async def test_cache_never_outlives_the_keys_expiry(harness: Harness) -> None:
     _, key = await create_tenant_with_key(harness)
-    async with harness.sessionmaker() as session:
-        await session.execute(
-            update(ApiKey)
-            .where(ApiKey.digest == key_digest(harness.state.secrets.key_pepper, key))
-            .values(expires_at=utcnow() + timedelta(seconds=0.4))
-        )
-        await session.commit()
+    await update_key(harness, key, expires_at=utcnow() + timedelta(seconds=0.4))
     authenticator, _ = _authenticator(harness, cache_ttl=1.0)
     await authenticator.authenticate(key)
     await asyncio.sleep(0.45)
@@ -130,13 +131,7 @@ async def test_default_cache_trusts_a_key_for_at_most_one_second(harness: Harnes
 
 async def test_a_key_expiring_later_is_cached_like_any_other(harness: Harness) -> None:
     _, key = await create_tenant_with_key(harness)
-    async with harness.sessionmaker() as session:
-        await session.execute(
-            update(ApiKey)
-            .where(ApiKey.digest == key_digest(harness.state.secrets.key_pepper, key))
-            .values(expires_at=utcnow() + timedelta(minutes=10))
-        )
-        await session.commit()
+    await update_key(harness, key, expires_at=utcnow() + timedelta(minutes=10))
     authenticator, sessions = _authenticator(harness)
     for _ in range(50):
         await authenticator.authenticate(key)
@@ -180,13 +175,7 @@ async def test_a_lookup_whose_caller_went_away_is_not_trusted_later(harness: Har
     sessions.gate.set()
     await asyncio.sleep(0.05)  # the lookup completes, unobserved
     assert caller.cancelled()
-    async with harness.sessionmaker() as session:
-        await session.execute(
-            update(ApiKey)
-            .where(ApiKey.digest == key_digest(pepper, key))
-            .values(revoked_at=utcnow())
-        )
-        await session.commit()
+    await update_key(harness, key, revoked_at=utcnow())
     await asyncio.sleep(0.25)
     with pytest.raises(Unauthenticated):
         await authenticator.authenticate(key)
