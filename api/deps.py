@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from api.metering import BILLABLE
 from api.state import AppState
 from auth.authn import AuthSubject, authorize, bearer_credential
-from auth.errors import DependencyUnavailable, Forbidden
+from auth.errors import DatabaseTimedOut, Forbidden
 from auth.limits import KeyRateLimitExceeded
 from auth.settings import Settings
 
@@ -80,9 +80,7 @@ class DatabaseRoute(APIRoute):
                     ):
                         await session.commit()
             except TimeoutError:
-                raise DependencyUnavailable(
-                    "the database did not answer in time", retry_after=2
-                ) from None
+                raise DatabaseTimedOut from None
             return response
 
         return bounded_handler_then_commit

@@ -12,7 +12,7 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from auth.errors import DependencyUnavailable, Forbidden, TenantSuspended, Unauthenticated
+from auth.errors import DatabaseTimedOut, Forbidden, TenantSuspended, Unauthenticated
 from auth.keys import ADMIN_SCOPE, has_valid_checksum, key_digest, looks_like_key
 from auth.models import AdminPrincipal, ApiKey, Tenant, utcnow
 
@@ -142,9 +142,7 @@ class KeyAuthenticator:
             async with asyncio.timeout(self._lookup_timeout):
                 return await lookup
         except TimeoutError:
-            raise DependencyUnavailable(
-                "the database did not answer in time", retry_after=2
-            ) from None
+            raise DatabaseTimedOut from None
 
     def forget(self) -> None:
         """Drop every cached key (the benchmark uses it to time a cache miss)."""

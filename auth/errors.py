@@ -94,3 +94,10 @@ class DependencyUnavailable(ModelgateError):
     def __init__(self, detail: str | None = None, retry_after: int = 1) -> None:
         super().__init__(detail)
         self.retry_after = retry_after
+
+
+class DatabaseTimedOut(DependencyUnavailable):
+    """The database did not answer within ``database_timeout_seconds``."""
+
+    def __init__(self) -> None:
+        super().__init__("the database did not answer in time", retry_after=2)
