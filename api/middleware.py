@@ -73,9 +73,7 @@ class RequestContextMiddleware:
                     replacement = _UNBILLED
                 if replacement is not None:
                     replaced_body = True
-                    body = _problem_body(request_id, *replacement)
-                    await send(_problem_start(request_id, replacement[0], len(body)))
-                    await send({"type": "http.response.body", "body": body})
+                    await _send_problem(send, request_id, replacement)
                     return
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode()))
@@ -103,9 +101,7 @@ class RequestContextMiddleware:
             log_unexpected(exc)
             status = 500
             if not response_started:
-                body = _problem_body(request_id, *_INTERNAL)
-                await send(_problem_start(request_id, 500, len(body)))
-                await send({"type": "http.response.body", "body": body})
+                await _send_problem(send, request_id, _INTERNAL)
         finally:
             self._log(scope, status, started)
 
@@ -140,8 +136,10 @@ def _is_problem(message: Message) -> bool:
     )
 
 
-def _problem_body(request_id: str, status: int, type_: str, title: str, detail: str) -> bytes:
-    return json.dumps(
+async def _send_problem(send: Send, request_id: str, problem: tuple[int, str, str, str]) -> None:
+    """Answer with a problem JSON response (status, type, title, detail) in place of the app's."""
+    status, type_, title, detail = problem
+    body = json.dumps(
         {
             "type": type_,
             "title": title,
@@ -150,17 +148,17 @@ def _problem_body(request_id: str, status: int, type_: str, title: str, detail: 
             "request_id": request_id,
         }
     ).encode()
-
-
-def _problem_start(request_id: str, status: int, body_length: int) -> Message:
-    return {
-        "type": "http.response.start",
-        "status": status,
-        "headers": [
-            (b"content-type", b"application/problem+json"),
-            (b"content-length", str(body_length).encode()),
-            (b"x-request-id", request_id.encode()),
-            _NOSNIFF,
-            (b"connection", b"close"),
-        ],
-    }
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/problem+json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"x-request-id", request_id.encode()),
+                _NOSNIFF,
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
