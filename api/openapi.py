@@ -23,14 +23,6 @@ _PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 _VALIDATION_REF = {"$ref": "#/components/schemas/ValidationProblem"}
 
 
-def _problem(status: int) -> dict[str, Any]:
-    schema = _VALIDATION_REF if status == 422 else _PROBLEM_REF
-    return {
-        "description": PROBLEM_DESCRIPTIONS.get(status, "Error"),
-        "content": {PROBLEM_MEDIA_TYPE: {"schema": schema}},
-    }
-
-
 def _complete(operation: dict[str, Any]) -> None:
     responses: dict[str, Any] = operation["responses"]
     statuses: set[int] = set()
@@ -41,7 +33,8 @@ def _complete(operation: dict[str, Any]) -> None:
     if "requestBody" in operation:
         statuses.add(413)  # the body limit applies to every body
     for status in statuses:
-        responses.setdefault(str(status), _problem(status))
+        # Its content is filled below, as every error response's is.
+        responses.setdefault(str(status), {"description": PROBLEM_DESCRIPTIONS[status]})
     for code, response in responses.items():
         if int(code) < 400:
             continue
