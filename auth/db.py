@@ -26,6 +26,10 @@ def _prepare_sqlite_path(url: str) -> None:
         Path(database).parent.mkdir(parents=True, exist_ok=True)
 
 
+# How much longer than the statement timeout the driver waits for an answer.
+DRIVER_TIMEOUT_MARGIN = 0.2
+
+
 def create_engine(
     url: str, *, statement_timeout_seconds: float | None = None, **overrides: Any
 ) -> AsyncEngine:
@@ -58,9 +62,11 @@ def create_engine(
         # Two bounds: the server cancels a statement that runs too long, and the driver gives
         # up on a server that stops answering at all (a hung host, a stalled network), which
         # no server-side setting can catch. The driver's is a little longer, so that a slow
-        # statement ends with the server's clean cancellation.
+        # statement ends with the server's clean cancellation; only a little, because a
+        # request cancelled at its deadline (api.deps.DatabaseRoute) still waits for the
+        # driver to give up on a server that does not answer (measured: deadline + this).
         server_settings["statement_timeout"] = str(int(statement_timeout_seconds * 1000))
-        connect_args["command_timeout"] = statement_timeout_seconds + 1
+        connect_args["command_timeout"] = statement_timeout_seconds + DRIVER_TIMEOUT_MARGIN
     options: dict[str, Any] = {
         "pool_size": 10,
         "max_overflow": 10,
