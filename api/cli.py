@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, TypeVar
 
 import numpy as np
 import typer
@@ -16,10 +15,11 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from auth.audit import record_event
+from auth.audit import CLI_ACTOR
 from auth.db import create_engine, create_sessionmaker
 from auth.errors import ConfigurationError, ModelgateError
 from auth.keys import DEFAULT_TENANT_SCOPES, issue_admin_key, issue_tenant_key
+from auth.schemas import TenantView
 from auth.settings import Settings, check_production, get_settings, load_secrets
 from auth.tenants import create_tenant, get_or_create_admin
 from ml import DEFAULT_MODEL, ConversionError, convert_version, has_model, train_default
@@ -42,7 +42,6 @@ for sub, name in (
     app.add_typer(sub, name=name)
 
 ROOT = Path(__file__).resolve().parent.parent
-CLI_ACTOR = "cli"
 T = TypeVar("T")
 
 
@@ -130,34 +129,14 @@ def admin_create_key(
 
     async def work(session: AsyncSession) -> str:
         admin = await get_or_create_admin(session, name)
-        key, secret = await issue_admin_key(
-            session, pepper, admin_principal_id=admin.id, name=f"{name} (cli)"
+        issued = await issue_admin_key(
+            session, pepper, CLI_ACTOR, admin_principal_id=admin.id, name=f"{name} (cli)"
         )
-        await record_event(
-            session,
-            actor=CLI_ACTOR,
-            action="admin_key.issue",
-            target_type="api_key",
-            target_id=str(key.id),
-            detail={"admin": name, "prefix": key.display_prefix},
-        )
-        return secret
+        return issued.key
 
     secret = _run_in_session(settings, work)
     typer.echo(f"Admin key for {name!r} (shown once; store it now):", err=True)
     typer.echo(secret)
-
-
-def _tenant_json(tenant: Any) -> dict[str, Any]:
-    return {
-        "id": str(tenant.id),
-        "name": tenant.name,
-        "plan": tenant.plan,
-        "rate_limit": tenant.rate_limit,
-        "monthly_quota": tenant.monthly_quota,
-        "status": tenant.status,
-        "created_at": tenant.created_at.isoformat(),
-    }
 
 
 @tenants_app.command("create")
@@ -168,22 +147,12 @@ def tenants_create(
 ) -> None:
     """Create a tenant and print it as JSON."""
 
-    async def work(session: AsyncSession) -> dict[str, Any]:
-        tenant = await create_tenant(
-            session, name=name, rate_limit=rate_limit, monthly_quota=monthly_quota
+    async def work(session: AsyncSession) -> TenantView:
+        return await create_tenant(
+            session, CLI_ACTOR, name=name, rate_limit=rate_limit, monthly_quota=monthly_quota
         )
-        await record_event(
-            session,
-            actor=CLI_ACTOR,
-            action="tenant.create",
-            target_type="tenant",
-            target_id=str(tenant.id),
-            tenant_id=tenant.id,
-            detail={"name": name, "rate_limit": rate_limit, "monthly_quota": monthly_quota},
-        )
-        return _tenant_json(tenant)
 
-    typer.echo(json.dumps(_run_in_session(get_settings(), work)))
+    typer.echo(_run_in_session(get_settings(), work).model_dump_json())
 
 
 @keys_app.command("issue")
@@ -204,19 +173,10 @@ def keys_issue(
     scope_list = [s.strip() for s in scopes.split(",") if s.strip()]
 
     async def work(session: AsyncSession) -> str:
-        key, secret = await issue_tenant_key(
-            session, pepper, tenant_id=tenant_id, name=name, scopes=scope_list
+        issued = await issue_tenant_key(
+            session, pepper, CLI_ACTOR, tenant_id=tenant_id, name=name, scopes=scope_list
         )
-        await record_event(
-            session,
-            actor=CLI_ACTOR,
-            action="key.issue",
-            target_type="api_key",
-            target_id=str(key.id),
-            tenant_id=tenant_id,
-            detail={"name": name, "scopes": sorted(key.scope_set), "prefix": key.display_prefix},
-        )
-        return secret
+        return issued.key
 
     secret = _run_in_session(settings, work)
     typer.echo(f"API key for tenant {tenant_id} (shown once; store it now):", err=True)

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.metering import BILLABLE
 from api.state import AppState
+from auth.audit import Actor
 from auth.authn import AuthSubject, authorize, bearer_credential
 from auth.errors import DatabaseTimedOut, Forbidden
 from auth.limits import KeyRateLimitExceeded
@@ -53,6 +54,23 @@ async def get_session(request: Request, state: StateDep) -> AsyncIterator[AsyncS
 
 
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
+
+
+def client_address(request: Request) -> str | None:
+    """The peer's address as the socket reports it (a client's forwarding header is never
+    believed here)."""
+    return request.client.host if request.client else None
+
+
+def request_actor(request: Request, subject: AuthSubject) -> Actor:
+    """The audit trail's view of who is making this request's change, and from where."""
+    return Actor(
+        name=subject.actor,
+        key_id=subject.key_id,
+        client_addr=client_address(request),
+        user_agent=request.headers.get("user-agent"),
+        request_id=getattr(request.state, "request_id", None),
+    )
 
 
 class DatabaseRoute(APIRoute):

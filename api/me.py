@@ -13,18 +13,11 @@ from api.deps import DatabaseRoute, SessionDep, StateDep, TenantCredential, Usag
 from api.errors import problem_responses
 from api.fields import DAY_BOUNDS, DAY_RANGE
 from api.usage_schemas import UsageReport, usage_report
+from auth.schemas import TenantView
+from auth.tenants import get_tenant
 from auth.usage import MAX_REPORT_DAYS, report_window, usage_summary
 
 router = APIRouter(route_class=DatabaseRoute, tags=["me"])
-
-
-class TenantOut(BaseModel):
-    """A tenant as its own credentials see it."""
-
-    id: uuid.UUID
-    name: str
-    plan: str
-    status: str
 
 
 class LimitsOut(BaseModel):
@@ -46,17 +39,18 @@ class KeyOut(BaseModel):
 class MeResponse(BaseModel):
     """Who the caller is and what limits apply."""
 
-    tenant: TenantOut
+    tenant: TenantView
     limits: LimitsOut
     key: KeyOut
 
 
 @router.get("/me", response_model=MeResponse, responses=problem_responses(401, 403, 429, 503))
-async def me(subject: TenantCredential, state: StateDep) -> MeResponse:
+async def me(subject: TenantCredential, state: StateDep, session: SessionDep) -> MeResponse:
     """Describe the caller's tenant, plan, limits and this key."""
     tenant = subject.require_tenant()
     return MeResponse(
-        tenant=TenantOut(id=tenant.id, name=tenant.name, plan=tenant.plan, status=tenant.status),
+        # The same view of a tenant as the operator's routes and the CLI give.
+        tenant=await get_tenant(session, tenant.id),
         limits=LimitsOut(
             rate_limit=tenant.rate_limit or state.settings.default_rate_limit,
             monthly_quota=tenant.monthly_quota,

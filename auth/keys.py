@@ -18,8 +18,10 @@ from datetime import UTC, datetime
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from auth.audit import Actor, record_event
 from auth.errors import InvalidRequest, NotFound
 from auth.models import ApiKey, Tenant, utcnow
+from auth.schemas import IssuedKey, KeyView
 
 KEY_PREFIX = "mg_"
 _ALPHABET = string.digits + string.ascii_letters
@@ -92,13 +94,15 @@ def normalize_scopes(scopes: Iterable[str], allowed: frozenset[str]) -> str:
 async def issue_tenant_key(
     session: AsyncSession,
     pepper: bytes,
+    actor: Actor,
     *,
     tenant_id: uuid.UUID,
     name: str,
     scopes: Sequence[str] = DEFAULT_TENANT_SCOPES,
     expires_at: datetime | None = None,
-) -> tuple[ApiKey, str]:
-    """Create a key for a tenant; returns the row and the key, which is never retrievable again."""
+) -> IssuedKey:
+    """Create a key for a tenant, audited as ``key.issue``; the key is in the result only and
+    never retrievable again."""
     if await session.get(Tenant, tenant_id) is None:
         raise NotFound("tenant not found")
     if expires_at is not None and expires_at <= utcnow():
@@ -107,7 +111,7 @@ async def issue_tenant_key(
         raise InvalidRequest(
             f"expires_at must be before {LATEST_EXPIRY:%Y-%m-%d}", loc=("expires_at",)
         )
-    return await _insert_key(
+    key, secret = await _insert_key(
         session,
         pepper,
         name=name,
@@ -115,15 +119,50 @@ async def issue_tenant_key(
         tenant_id=tenant_id,
         expires_at=expires_at,
     )
+    await record_event(
+        session,
+        actor,
+        action="key.issue",
+        target_type="api_key",
+        target_id=str(key.id),
+        tenant_id=tenant_id,
+        detail=_key_detail(key),
+    )
+    return IssuedKey.issued(key, secret)
 
 
 async def issue_admin_key(
-    session: AsyncSession, pepper: bytes, *, admin_principal_id: uuid.UUID, name: str
-) -> tuple[ApiKey, str]:
-    """Create an admin key (scope ``admin``) for an operator principal."""
-    return await _insert_key(
+    session: AsyncSession,
+    pepper: bytes,
+    actor: Actor,
+    *,
+    admin_principal_id: uuid.UUID,
+    name: str,
+) -> IssuedKey:
+    """Create an admin key (scope ``admin``) for an operator principal, audited as
+    ``admin_key.issue``."""
+    key, secret = await _insert_key(
         session, pepper, name=name, scopes=ADMIN_SCOPE, admin_principal_id=admin_principal_id
     )
+    await record_event(
+        session,
+        actor,
+        action="admin_key.issue",
+        target_type="api_key",
+        target_id=str(key.id),
+        detail={**_key_detail(key), "admin_principal_id": str(admin_principal_id)},
+    )
+    return IssuedKey.issued(key, secret)
+
+
+def _key_detail(key: ApiKey) -> dict[str, object]:
+    """What the audit trail records about a key: never the key or its digest."""
+    return {
+        "name": key.name,
+        "prefix": key.display_prefix,
+        "scopes": sorted(key.scope_set),
+        "expires_at": key.expires_at.isoformat() if key.expires_at else None,
+    }
 
 
 async def _insert_key(
@@ -151,26 +190,53 @@ async def _insert_key(
     return row, key
 
 
-async def list_tenant_keys(session: AsyncSession, tenant_id: uuid.UUID) -> Sequence[ApiKey]:
+async def list_tenant_keys(session: AsyncSession, tenant_id: uuid.UUID) -> list[KeyView]:
     """A tenant's keys, newest first (metadata only; the digest never leaves this module)."""
     if await session.get(Tenant, tenant_id) is None:
         raise NotFound("tenant not found")
     result = await session.scalars(
-        select(ApiKey).where(ApiKey.tenant_id == tenant_id).order_by(ApiKey.created_at.desc())
+        select(ApiKey)
+        .where(ApiKey.tenant_id == tenant_id)
+        .order_by(ApiKey.created_at.desc(), ApiKey.id)
     )
-    return result.all()
+    return [KeyView.of(key) for key in result]
 
 
-async def revoke_key(session: AsyncSession, key_id: uuid.UUID) -> tuple[ApiKey, bool]:
-    """Revoke a key now; returns it and whether this call changed it (revoking a revoked key
-    changes nothing). Every worker refuses it within the key cache's TTL (1 second)."""
+async def _owned_key(
+    session: AsyncSession, key_id: uuid.UUID, tenant_id: uuid.UUID | None
+) -> ApiKey:
+    """The key, or ``NotFound``; with ``tenant_id``, another tenant's key is not found either
+    (a tenant must not learn that it exists)."""
     key = await session.get(ApiKey, key_id)
-    if key is None:
+    if key is None or (tenant_id is not None and key.tenant_id != tenant_id):
         raise NotFound("key not found")
+    return key
+
+
+async def revoke_key(
+    session: AsyncSession,
+    actor: Actor,
+    key_id: uuid.UUID,
+    *,
+    tenant_id: uuid.UUID | None = None,
+) -> KeyView:
+    """Revoke a key now, audited as ``key.revoke``; revoking a revoked key changes nothing and
+    records nothing. Every worker refuses it within the key cache's TTL (1 second). With
+    ``tenant_id`` only that tenant's keys can be revoked (self-service)."""
+    key = await _owned_key(session, key_id, tenant_id)
     now = utcnow()
     if key.revoked_at is not None and key.revoked_at <= now:
-        return key, False
+        return KeyView.of(key)
     # A revocation scheduled for later (a rotation's grace) is brought forward.
     key.revoked_at = now
     await session.flush()
-    return key, True
+    await record_event(
+        session,
+        actor,
+        action="key.revoke",
+        target_type="api_key",
+        target_id=str(key.id),
+        tenant_id=key.tenant_id,
+        detail={"prefix": key.display_prefix},
+    )
+    return KeyView.of(key)

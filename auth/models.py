@@ -92,13 +92,17 @@ class Tenant(Base):
 
 
 class AdminPrincipal(Base):
-    """An operator identity; admin API keys belong to one."""
+    """An operator identity: admin API keys belong to one, and an admin user is one that has a
+    password (its ``name`` is then the user's e-mail address)."""
 
     __tablename__ = "admin_principal"
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # An argon2 hash (pwdlib's PHC string); None for a principal that only holds API keys.
+    password_hash: Mapped[str | None] = mapped_column(String(255))
+    password_changed_at: Mapped[datetime | None] = mapped_column()
 
 
 class ApiKey(Base):
@@ -126,7 +130,14 @@ class ApiKey(Base):
     scopes: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime | None] = mapped_column()
+    # A moment in the future while a rotation's grace period runs.
     revoked_at: Mapped[datetime | None] = mapped_column()
+    # Written in batches (not once per request), so it may lag by the flush interval.
+    last_used_at: Mapped[datetime | None] = mapped_column()
+    # The key this one replaced by rotation.
+    rotated_from_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("api_key.id", ondelete="SET NULL")
+    )
 
     @property
     def scope_set(self) -> frozenset[str]:
@@ -171,18 +182,72 @@ class MonthlyUsage(Base):
     requests: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
+class AccessToken(Base):
+    """A minted JWT's record (never the token itself): who holds it, from which key or admin
+    user, with which scopes, until when. Revoking the record revokes the token."""
+
+    __tablename__ = "access_token"
+    __table_args__ = (
+        CheckConstraint(
+            "(api_key_id IS NULL) <> (admin_principal_id IS NULL)", name="exactly_one_source"
+        ),
+    )
+
+    jti: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    subject: Mapped[str] = mapped_column(String(80))  # the token's "sub" claim
+    grant_type: Mapped[str] = mapped_column(String(32))  # "client_credentials" or "password"
+    api_key_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("api_key.id", ondelete="CASCADE"), index=True
+    )
+    admin_principal_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("admin_principal.id", ondelete="CASCADE"), index=True
+    )
+    tenant_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("tenant.id", ondelete="CASCADE"), index=True
+    )
+    scopes: Mapped[str] = mapped_column(String(200))
+    issued_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+    revoked_at: Mapped[datetime | None] = mapped_column()
+    client_addr: Mapped[str | None] = mapped_column(String(64))
+
+
 class AuditEvent(Base):
-    """Who did what to which tenant or key, when, from where."""
+    """Who did what to which tenant or key, when, from where.
+
+    ``id`` is the event's position in the hash chain (assigned by ``auth.audit``, without
+    gaps), ``prev_hash`` the previous event's ``hash``, and ``hash`` the SHA-256 of this
+    event's canonical form. The table is append-only (database triggers refuse UPDATE and
+    DELETE).
+    """
 
     __tablename__ = "audit_event"
 
-    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
-    actor: Mapped[str] = mapped_column(String(200))  # "admin:<name>" or "cli"
+    actor: Mapped[str] = mapped_column(String(200))  # "admin:<name>", "tenant:<id>" or "cli"
     actor_key_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
-    action: Mapped[str] = mapped_column(String(64))  # e.g. "tenant.create", "key.issue"
+    action: Mapped[str] = mapped_column(String(64), index=True)  # e.g. "tenant.create"
     target_type: Mapped[str] = mapped_column(String(32))
     target_id: Mapped[str] = mapped_column(String(64))
     tenant_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, index=True)
     remote_addr: Mapped[str | None] = mapped_column(String(64))
+    user_agent: Mapped[str | None] = mapped_column(String(256))
+    request_id: Mapped[str | None] = mapped_column(String(64))
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditChainHead(Base):
+    """The one row that says where the audit chain ends. Appending updates it first, which
+    serialises concurrent writers (a row lock on Postgres, the write lock on SQLite), so two
+    transactions can never both extend the same event; it also lets ``audit verify`` notice
+    that events were cut off the end."""
+
+    __tablename__ = "audit_chain_head"
+    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
+
+    id: Mapped[int] = mapped_column(SmallInteger, primary_key=True, autoincrement=False)
+    last_event_id: Mapped[int] = mapped_column(BigInteger)
+    last_hash: Mapped[str] = mapped_column(String(64))

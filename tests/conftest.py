@@ -35,8 +35,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from api.app import create_app
 from api.cli import upgrade_database
 from api.state import AppState
+from auth.audit import Actor
 from auth.keys import issue_admin_key, issue_tenant_key, key_digest
-from auth.models import ApiKey, Tenant
+from auth.models import ApiKey
+from auth.schemas import TenantView
 from auth.settings import Settings, get_settings
 from auth.tenants import create_tenant, get_or_create_admin
 from ml import train_default
@@ -339,6 +341,10 @@ def client(harness: Harness) -> httpx.AsyncClient:
     return harness.client
 
 
+# Who the audit trail says made the changes a test makes behind the app's back.
+TEST_ACTOR = Actor(name="test")
+
+
 def unique(prefix: str) -> str:
     """A name no other test uses."""
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
@@ -349,31 +355,36 @@ async def create_tenant_with_key(
     *,
     scopes: tuple[str, ...] = ("predict", "usage:read"),
     **tenant_overrides: Any,
-) -> tuple[Tenant, str]:
+) -> tuple[TenantView, str]:
     """A new tenant (unique name unless given) and one API key for it."""
     tenant_overrides.setdefault("name", unique("tenant"))
     async with harness.sessionmaker() as session:
-        tenant = await create_tenant(session, **tenant_overrides)
-        _, key = await issue_tenant_key(
+        tenant = await create_tenant(session, TEST_ACTOR, **tenant_overrides)
+        issued = await issue_tenant_key(
             session,
             harness.state.secrets.key_pepper,
+            TEST_ACTOR,
             tenant_id=tenant.id,
             name="test key",
             scopes=scopes,
         )
         await session.commit()
-    return tenant, key
+    return tenant, issued.key
 
 
 async def create_admin_key(harness: Harness) -> str:
     """A new admin principal's API key."""
     async with harness.sessionmaker() as session:
         admin = await get_or_create_admin(session, unique("admin"))
-        _, key = await issue_admin_key(
-            session, harness.state.secrets.key_pepper, admin_principal_id=admin.id, name="test"
+        issued = await issue_admin_key(
+            session,
+            harness.state.secrets.key_pepper,
+            TEST_ACTOR,
+            admin_principal_id=admin.id,
+            name="test",
         )
         await session.commit()
-    return key
+    return issued.key
 
 
 async def update_key(harness: Harness, key: str, **values: Any) -> None:

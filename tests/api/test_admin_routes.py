@@ -17,6 +17,7 @@ from auth.tenants import get_or_create_admin
 from tests.conftest import (
     IRIS_SETOSA,
     IRIS_VIRGINICA,
+    TEST_ACTOR,
     Harness,
     bearer,
     create_admin_key,
@@ -335,10 +336,15 @@ async def test_audit_names_the_admin_and_key_that_acted(harness: Harness) -> Non
     name = unique("operator")
     async with harness.sessionmaker() as session:
         principal = await get_or_create_admin(session, name)
-        row, admin = await issue_admin_key(
-            session, harness.state.secrets.key_pepper, admin_principal_id=principal.id, name="k"
+        issued = await issue_admin_key(
+            session,
+            harness.state.secrets.key_pepper,
+            TEST_ACTOR,
+            admin_principal_id=principal.id,
+            name="k",
         )
         await session.commit()
+    admin = issued.key
     await create_admin_key(harness)  # and one more
     created = await harness.client.post(
         "/api/v1/admin/tenants", json={"name": unique("audited")}, headers=bearer(admin)
@@ -352,4 +358,4 @@ async def test_audit_names_the_admin_and_key_that_acted(harness: Harness) -> Non
         ).all()
     assert event.action == "tenant.create"
     assert event.actor == f"admin:{name}"
-    assert event.actor_key_id == row.id
+    assert event.actor_key_id == issued.id

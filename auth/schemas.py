@@ -1,0 +1,71 @@
+"""The one serialisation of each record that leaves ``auth``: the HTTP routes answer with these
+models and the CLI prints them, so that every entry point shows the same shape."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from pydantic import BaseModel
+
+from auth.models import ApiKey, Tenant
+
+
+class TenantView(BaseModel):
+    """A tenant: its limits, status and timestamps."""
+
+    id: uuid.UUID
+    name: str
+    plan: str
+    rate_limit: str | None
+    monthly_quota: int | None
+    status: str
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, tenant: Tenant) -> TenantView:
+        """The view of a tenant row."""
+        return cls.model_validate(tenant, from_attributes=True)
+
+
+class KeyView(BaseModel):
+    """An API key's metadata: never the key, never its digest."""
+
+    id: uuid.UUID
+    tenant_id: uuid.UUID | None
+    name: str
+    prefix: str
+    scopes: list[str]
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+    rotated_from_id: uuid.UUID | None
+
+    @classmethod
+    def of(cls, key: ApiKey) -> KeyView:
+        """The view of a key row (the digest is not one of its fields)."""
+        return cls(
+            id=key.id,
+            tenant_id=key.tenant_id,
+            name=key.name,
+            prefix=key.display_prefix,
+            scopes=sorted(key.scope_set),
+            created_at=key.created_at,
+            expires_at=key.expires_at,
+            revoked_at=key.revoked_at,
+            last_used_at=key.last_used_at,
+            rotated_from_id=key.rotated_from_id,
+        )
+
+
+class IssuedKey(KeyView):
+    """A newly issued (or rotated-in) key; ``key`` is shown in this response only."""
+
+    key: str
+
+    @classmethod
+    def issued(cls, key: ApiKey, secret: str) -> IssuedKey:
+        """The view of a key row with its secret, for the one response that carries it."""
+        return cls(**KeyView.of(key).model_dump(), key=secret)
