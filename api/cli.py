@@ -9,20 +9,18 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, TypeVar
 
-import numpy as np
 import typer
 from alembic import command
 from alembic.config import Config
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from auth.audit import CLI_ACTOR
+from auth.audit import CLI_ACTOR, ChainReport, verify_chain
 from auth.db import create_engine, create_sessionmaker
 from auth.errors import ConfigurationError, ModelgateError
 from auth.keys import DEFAULT_TENANT_SCOPES, issue_admin_key, issue_tenant_key
 from auth.schemas import TenantView
 from auth.settings import Settings, check_production, get_settings, load_secrets
 from auth.tenants import create_tenant, get_or_create_admin
-from ml import DEFAULT_MODEL, ConversionError, convert_version, has_model, train_default
 
 app = typer.Typer(help="modelgate: multi-tenant ML predictions.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
@@ -31,6 +29,7 @@ tenants_app = typer.Typer(help="Tenants.", no_args_is_help=True)
 keys_app = typer.Typer(help="Tenant API keys.", no_args_is_help=True)
 billing_app = typer.Typer(help="Billing exports.", no_args_is_help=True)
 models_app = typer.Typer(help="The model registry.", no_args_is_help=True)
+audit_app = typer.Typer(help="The audit trail.", no_args_is_help=True)
 for sub, name in (
     (db_app, "db"),
     (admin_app, "admin"),
@@ -38,6 +37,7 @@ for sub, name in (
     (keys_app, "keys"),
     (billing_app, "billing"),
     (models_app, "models"),
+    (audit_app, "audit"),
 ):
     app.add_typer(sub, name=name)
 
@@ -207,6 +207,19 @@ def billing_export(
     _run_in_session(get_settings(), work)
 
 
+@audit_app.command("verify")
+def audit_verify() -> None:
+    """Recompute the audit chain; exit 1 naming the first edited, deleted or moved event."""
+
+    async def work(session: AsyncSession) -> ChainReport:
+        return await verify_chain(session)
+
+    report = _run_in_session(get_settings(), work)
+    if not report.intact:
+        raise _fail(f"audit chain broken at event {report.first_bad_id}: {report.problem}")
+    typer.echo(f"audit chain intact: {report.events} events, head {report.head_hash}")
+
+
 @models_app.command("train")
 def models_train(
     if_absent: Annotated[
@@ -214,6 +227,10 @@ def models_train(
     ] = False,
 ) -> None:
     """Train the default iris model from scikit-learn's bundled data and register it."""
+    # Imported here: scikit-learn and ONNX take seconds to import, which every other command
+    # (tenants, keys, audit) would otherwise pay.
+    from ml import DEFAULT_MODEL, has_model, train_default
+
     model_dir = get_settings().model_dir
     if if_absent and has_model(model_dir, DEFAULT_MODEL):
         typer.echo(f"model {DEFAULT_MODEL!r} already present in {model_dir}")
@@ -236,6 +253,10 @@ def models_convert(
     ] = None,
 ) -> None:
     """Add ONNX files to registered versions that have only a pickle (served by ONNX Runtime)."""
+    import numpy as np
+
+    from ml import ConversionError, convert_version
+
     model_dir = get_settings().model_dir
     rows = None
     if reference is not None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated
 
-from pydantic import AfterValidator, AwareDatetime, Field
+from pydantic import AfterValidator, AwareDatetime, Field, WithJsonSchema
 
 from auth.keys import LATEST_EXPIRY
 from auth.tenants import MAX_MONTHLY_QUOTA
@@ -59,4 +59,31 @@ KeyExpiry = Annotated[
     AwareDatetime,
     AfterValidator(_within_key_lifetime),
     Field(description=f"an aware datetime in the future, before {LATEST_EXPIRY:%Y-%m-%d}"),
+]
+
+
+EARLIEST_MOMENT = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+def _within_product_time(value: datetime) -> datetime:
+    # The same conversion as KeyExpiry's: once, here, where no far zone can overflow it.
+    if not EARLIEST_MOMENT.year <= value.year < LATEST_EXPIRY.year:
+        raise ValueError(f"must be from {EARLIEST_MOMENT:%Y-%m-%d} to before {LATEST_EXPIRY:%Y}")
+    return value.astimezone(UTC)
+
+
+Moment = Annotated[
+    AwareDatetime,
+    AfterValidator(_within_product_time),
+    # The schema states the year's bound as a pattern (JSON Schema has no minimum for dates),
+    # so that a generated or hand-written client knows what is accepted.
+    WithJsonSchema(
+        {
+            "type": "string",
+            "format": "date-time",
+            "pattern": r"^2[0-9]{3}-",
+            "description": "an aware datetime (RFC 3339, with a zone) in the years "
+            f"{EARLIEST_MOMENT:%Y} to {LATEST_EXPIRY.year - 1}",
+        }
+    ),
 ]
