@@ -21,6 +21,7 @@ from auth.keys import DEFAULT_TENANT_SCOPES, issue_admin_key, issue_tenant_key
 from auth.schemas import TenantView
 from auth.settings import Settings, check_production, get_settings, load_secrets
 from auth.tenants import create_tenant, get_or_create_admin
+from auth.usage import rebuild_rollups
 
 app = typer.Typer(help="modelgate: multi-tenant ML predictions.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
@@ -30,6 +31,7 @@ keys_app = typer.Typer(help="Tenant API keys.", no_args_is_help=True)
 billing_app = typer.Typer(help="Billing exports.", no_args_is_help=True)
 models_app = typer.Typer(help="The model registry.", no_args_is_help=True)
 audit_app = typer.Typer(help="The audit trail.", no_args_is_help=True)
+usage_app = typer.Typer(help="Usage records and their rollups.", no_args_is_help=True)
 for sub, name in (
     (db_app, "db"),
     (admin_app, "admin"),
@@ -38,6 +40,7 @@ for sub, name in (
     (billing_app, "billing"),
     (models_app, "models"),
     (audit_app, "audit"),
+    (usage_app, "usage"),
 ):
     app.add_typer(sub, name=name)
 
@@ -218,6 +221,17 @@ def audit_verify() -> None:
     if not report.intact:
         raise _fail(f"audit chain broken at event {report.first_bad_id}: {report.problem}")
     typer.echo(f"audit chain intact: {report.events} events, head {report.head_hash}")
+
+
+@usage_app.command("rebuild-rollups")
+def usage_rebuild_rollups() -> None:
+    """Recompute the daily usage rollups from the raw records (a repair; run it when quiet)."""
+
+    async def work(session: AsyncSession) -> int:
+        return await rebuild_rollups(session)
+
+    rows = _run_in_session(get_settings(), work)
+    typer.echo(f"rebuilt {rows} daily rollup rows from the usage records")
 
 
 @models_app.command("train")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
     BigInteger,
     CheckConstraint,
+    Date,
     DateTime,
     Dialect,
     Float,
@@ -163,6 +164,31 @@ class UsageRecord(Base):
     status_code: Mapped[int] = mapped_column(SmallInteger)
     latency_ms: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class UsageDaily(Base):
+    """Requests and units per tenant, key, model version and UTC day: the rollup every usage
+    read (reports, the billing export) uses instead of the raw records.
+
+    The usage writer adds to it in the same transaction as the records it summarises, so it
+    always equals their sums; ``modelgate usage rebuild-rollups`` recomputes it from them.
+    """
+
+    __tablename__ = "usage_daily"
+    # The export reads a month of every tenant: by day first.
+    __table_args__ = (Index("ix_usage_daily_day", "day"),)
+
+    tenant_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("tenant.id", ondelete="RESTRICT"), primary_key=True
+    )
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    api_key_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("api_key.id", ondelete="RESTRICT"), primary_key=True
+    )
+    model: Mapped[str] = mapped_column(String(100), primary_key=True)
+    model_version: Mapped[str] = mapped_column(String(50), primary_key=True)
+    requests: Mapped[int] = mapped_column(BigInteger)
+    units: Mapped[int] = mapped_column(BigInteger)
 
 
 class MonthlyUsage(Base):

@@ -7,14 +7,14 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Date, cast, delete, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from auth.errors import InvalidRequest
-from auth.models import MonthlyUsage, Tenant, UsageRecord, utcnow
+from auth.models import MonthlyUsage, Tenant, UsageDaily, UsageRecord, utcnow
 
 # A report may span at most this many days: the query stays bounded.
 MAX_REPORT_DAYS = 366
@@ -92,13 +92,6 @@ def report_window(start: date | None, end: date | None) -> tuple[date, date]:
     return start, end
 
 
-def _day_bounds(start: date, end: date) -> tuple[datetime, datetime]:
-    return (
-        datetime.combine(start, time.min, tzinfo=UTC),
-        datetime.combine(end + timedelta(days=1), time.min, tzinfo=UTC),
-    )
-
-
 def _as_date(value: Any) -> date:
     # Postgres returns a date; SQLite returns the text "YYYY-MM-DD".
     return value if isinstance(value, date) else date.fromisoformat(str(value))
@@ -144,30 +137,28 @@ async def usage_summary(
     start: date,
     end: date,
 ) -> UsageSummary:
-    """Aggregate a tenant's usage records between two UTC dates (inclusive)."""
-    lower, upper = _day_bounds(start, end)
+    """A tenant's usage between two UTC dates (inclusive), from the daily rollups: the cost
+    depends on the days and model versions in the window, not on the number of records."""
     in_window = (
-        UsageRecord.tenant_id == tenant_id,
-        UsageRecord.created_at >= lower,
-        UsageRecord.created_at < upper,
+        UsageDaily.tenant_id == tenant_id,
+        UsageDaily.day >= start,
+        UsageDaily.day <= end,
     )
-    day = func.date(UsageRecord.created_at)
+    requests, units = func.sum(UsageDaily.requests), func.sum(UsageDaily.units)
     day_rows = await session.execute(
-        select(day, func.count(), func.sum(UsageRecord.units))
+        select(UsageDaily.day, requests, units)
         .where(*in_window)
-        .group_by(day)
-        .order_by(day)
+        .group_by(UsageDaily.day)
+        .order_by(UsageDaily.day)
     )
-    by_day = [DayUsage(_as_date(d), int(r), int(u or 0)) for d, r, u in day_rows]
+    by_day = [DayUsage(_as_date(d), int(r), int(u)) for d, r, u in day_rows]
     model_rows = await session.execute(
-        select(
-            UsageRecord.model, UsageRecord.model_version, func.count(), func.sum(UsageRecord.units)
-        )
+        select(UsageDaily.model, UsageDaily.model_version, requests, units)
         .where(*in_window)
-        .group_by(UsageRecord.model, UsageRecord.model_version)
-        .order_by(UsageRecord.model, UsageRecord.model_version)
+        .group_by(UsageDaily.model, UsageDaily.model_version)
+        .order_by(UsageDaily.model, UsageDaily.model_version)
     )
-    by_model = [ModelUsage(m, v, int(r), int(u or 0)) for m, v, r, u in model_rows]
+    by_model = [ModelUsage(m, v, int(r), int(u)) for m, v, r, u in model_rows]
     return UsageSummary(
         tenant_id=tenant_id,
         start=start,
@@ -208,25 +199,54 @@ def parse_month(value: str) -> tuple[date, date]:
 
 
 async def billing_rows(session: AsyncSession, month: str) -> AsyncIterator[BillingRow]:
-    """Stream the month's billing rows, ordered by tenant, day, model and version."""
+    """Stream the month's billing rows, ordered by tenant, day, model and version, from the
+    daily rollups (read through their day index)."""
     start, end = parse_month(month)
-    lower, upper = _day_bounds(start, end)
-    day = func.date(UsageRecord.created_at)
     statement = (
         select(
             Tenant.id,
             Tenant.name,
-            day,
-            UsageRecord.model,
-            UsageRecord.model_version,
-            func.count(),
-            func.sum(UsageRecord.units),
+            UsageDaily.day,
+            UsageDaily.model,
+            UsageDaily.model_version,
+            func.sum(UsageDaily.requests),
+            func.sum(UsageDaily.units),
         )
-        .join(Tenant, Tenant.id == UsageRecord.tenant_id)
-        .where(UsageRecord.created_at >= lower, UsageRecord.created_at < upper)
-        .group_by(Tenant.id, Tenant.name, day, UsageRecord.model, UsageRecord.model_version)
-        .order_by(Tenant.name, Tenant.id, day, UsageRecord.model, UsageRecord.model_version)
+        .join(Tenant, Tenant.id == UsageDaily.tenant_id)
+        .where(UsageDaily.day >= start, UsageDaily.day <= end)
+        .group_by(
+            Tenant.id, Tenant.name, UsageDaily.day, UsageDaily.model, UsageDaily.model_version
+        )
+        .order_by(
+            Tenant.name, Tenant.id, UsageDaily.day, UsageDaily.model, UsageDaily.model_version
+        )
     )
     result = await session.stream(statement)
     async for tenant_id, name, d, model, version, requests, units in result:
         yield BillingRow(tenant_id, name, _as_date(d), model, version, int(requests), int(units))
+
+
+async def rebuild_rollups(session: AsyncSession) -> int:
+    """Recompute every daily rollup from the raw records (a repair: the usage writer keeps them
+    equal); returns the number of rollup rows. The table is locked meanwhile on Postgres, so
+    flushes wait for it: run it when the service is quiet."""
+    if session.get_bind().dialect.name == "postgresql":
+        await session.execute(text("LOCK TABLE usage_daily IN EXCLUSIVE MODE"))
+        day: Any = cast(func.timezone("UTC", UsageRecord.created_at), Date)
+    else:
+        day = func.date(UsageRecord.created_at)
+    await session.execute(delete(UsageDaily))
+    columns = (
+        UsageRecord.tenant_id,
+        day,
+        UsageRecord.api_key_id,
+        UsageRecord.model,
+        UsageRecord.model_version,
+    )
+    await session.execute(
+        insert(UsageDaily).from_select(
+            ["tenant_id", "day", "api_key_id", "model", "model_version", "requests", "units"],
+            select(*columns, func.count(), func.sum(UsageRecord.units)).group_by(*columns),
+        )
+    )
+    return int(await session.scalar(select(func.count()).select_from(UsageDaily)) or 0)

@@ -2,10 +2,10 @@
 
 Each worker runs one :class:`UsageWriter`. A request hands it its usage event and waits; the
 writer coalesces the events of concurrent requests into one transaction (one multi-row insert,
-one quota decision per tenant and month, one commit) and then answers every waiting request at
-once. So the database stays the one source of truth for the quota, a 2xx is sent only after its
-record is durable, and the cost of a commit is shared by everything that arrived while the
-previous one was in flight.
+one quota decision per tenant and month, one upsert of the daily rollups the records add to, one
+commit) and then answers every waiting request at once. So the database stays the one source of
+truth for the quota, a 2xx is sent only after its record is durable, and the cost of a commit is
+shared by everything that arrived while the previous one was in flight.
 
 - The quota is decided before anything is inserted: a refused request costs no row and no
   sequence value. Each tenant's counter gets one conditional upsert for the whole batch; only
@@ -31,13 +31,14 @@ import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, date
 from typing import Any
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from auth.errors import DependencyUnavailable, QuotaExceeded
-from auth.models import UsageRecord
+from auth.models import UsageDaily, UsageRecord
 from auth.usage import UsageEvent, month_of, seconds_to_next_month
 
 logger = structlog.get_logger(__name__)
@@ -65,6 +66,15 @@ _INSERT_RECORDS = (
     "INSERT INTO usage_record (request_id, tenant_id, api_key_id, model, model_version, units, "
     "status_code, latency_ms, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
 )
+# Adding the batch's records to their daily rollups, in the same transaction.
+_ADD_DAILY = (
+    "INSERT INTO usage_daily (tenant_id, day, api_key_id, model, model_version, requests, units) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7) "
+    "ON CONFLICT (tenant_id, day, api_key_id, model, model_version) DO UPDATE SET "
+    "requests = usage_daily.requests + excluded.requests, "
+    "units = usage_daily.units + excluded.units"
+)
+_DAILY_COLUMNS = ("tenant_id", "day", "api_key_id", "model", "model_version", "requests", "units")
 _RECORD_COLUMNS = (
     "request_id",
     "tenant_id",
@@ -85,6 +95,7 @@ class _Statements:
     add: str
     add_within_quota: str
     insert_records: str
+    add_daily: str
 
     @classmethod
     def for_dialect(cls, dialect: str) -> _Statements:
@@ -98,6 +109,7 @@ class _Statements:
             add=styled(_ADD + " RETURNING units"),
             add_within_quota=styled(_ADD_WITHIN_QUOTA + " RETURNING units"),
             insert_records=styled(_INSERT_RECORDS),
+            add_daily=styled(_ADD_DAILY),
         )
 
 
@@ -125,6 +137,10 @@ class UsageWriter:
         columns = UsageRecord.__table__.c
         self._processors = [
             columns[name].type.bind_processor(engine.dialect) for name in _RECORD_COLUMNS
+        ]
+        daily = UsageDaily.__table__.c
+        self._daily_processors = [
+            daily[name].type.bind_processor(engine.dialect) for name in _DAILY_COLUMNS
         ]
         self._connection: AsyncConnection | None = None
         # Flushes whose first attempt failed (retried or answered 503): for operators and tests.
@@ -252,11 +268,10 @@ class UsageWriter:
         for tenant_id, month in sorted(groups, key=lambda key: (str(key[0]), key[1])):
             members = groups[(tenant_id, month)]
             refused.update(await self._charge_month(driver, tenant_id, month, members))
-        rows = [
-            self._row(p.event) for members in groups.values() for p in members if p not in refused
-        ]
-        if rows:
-            await driver.executemany(self._sql.insert_records, rows)
+        accepted = [p.event for members in groups.values() for p in members if p not in refused]
+        if accepted:
+            await driver.executemany(self._sql.insert_records, [self._row(e) for e in accepted])
+            await driver.executemany(self._sql.add_daily, self._daily_rows(accepted))
         return refused
 
     async def _charge_month(
@@ -311,6 +326,24 @@ class UsageWriter:
             return await cursor.fetchone() is not None
         finally:
             await cursor.close()
+
+    def _daily_rows(self, events: Sequence[UsageEvent]) -> list[tuple[Any, ...]]:
+        """The batch summed per rollup row, in key order (so that two writers touching the
+        same rows lock them in the same order)."""
+        sums: dict[tuple[uuid.UUID, date, uuid.UUID, str, str], list[int]] = {}
+        for event in events:
+            day = event.created_at.astimezone(UTC).date()
+            key = (event.tenant_id, day, event.api_key_id, event.model, event.model_version)
+            totals = sums.setdefault(key, [0, 0])
+            totals[0] += 1
+            totals[1] += event.units
+        return [
+            tuple(
+                process(value) if process else value
+                for process, value in zip(self._daily_processors, (*key, *totals), strict=True)
+            )
+            for key, totals in sorted(sums.items(), key=lambda item: str(item[0]))
+        ]
 
     def _row(self, event: UsageEvent) -> tuple[Any, ...]:
         values = (

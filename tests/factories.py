@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import datetime
 
 from sqlalchemy import select
 
-from auth.models import ApiKey, MonthlyUsage, UsageRecord
+from auth.models import ApiKey
+from auth.usage import UsageEvent
 from tests.conftest import Harness
 
 
@@ -19,16 +21,16 @@ def utc_at(day: str, clock: str = "12:00:00") -> datetime:
 async def insert_usage(
     harness: Harness, records: list[tuple[uuid.UUID, datetime, str, str, int]]
 ) -> None:
-    """Usage records (tenant id, when, model, version, units) written as the usage writer
-    stores them, for any day, with each tenant-month counter equal to the sum of its records.
-    Each tenant must already have a key (the records name it)."""
-    counters: dict[tuple[uuid.UUID, str], tuple[int, int]] = {}
+    """Usage records (tenant id, when, model, version, units) for any day, written through the
+    app's usage writer (the one write path: records, monthly counters and daily rollups in one
+    transaction). Each tenant must already have a key (the records name it)."""
+    events = []
     async with harness.sessionmaker() as session:
         for tenant_id, created_at, model, version, units in records:
             key_id = await session.scalar(select(ApiKey.id).where(ApiKey.tenant_id == tenant_id))
             assert key_id is not None, "the tenant has no key"
-            session.add(
-                UsageRecord(
+            events.append(
+                UsageEvent(
                     request_id=uuid.uuid4(),
                     tenant_id=tenant_id,
                     api_key_id=key_id,
@@ -40,11 +42,5 @@ async def insert_usage(
                     created_at=created_at,
                 )
             )
-            month = created_at.strftime("%Y-%m")
-            used, requests = counters.get((tenant_id, month), (0, 0))
-            counters[(tenant_id, month)] = (used + units, requests + 1)
-        for (tenant_id, month), (used, requests) in counters.items():
-            session.add(
-                MonthlyUsage(tenant_id=tenant_id, month=month, units=used, requests=requests)
-            )
-        await session.commit()
+    writer = harness.state.usage_writer
+    await asyncio.gather(*(writer.charge(event, None) for event in events))

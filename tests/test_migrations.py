@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+import uuid
+from datetime import UTC, date, datetime
 
 from alembic import command
 from alembic.util.exc import CommandError
@@ -12,7 +13,7 @@ from sqlalchemy import select, text
 from api.cli import alembic_config
 from auth.audit import Actor, record_event, verify_chain
 from auth.db import create_engine, create_sessionmaker
-from auth.models import AuditEvent
+from auth.models import ApiKey, AuditEvent, Tenant, UsageDaily, UsageRecord
 from tests.conftest import Backend
 
 
@@ -71,5 +72,58 @@ async def test_events_written_before_the_audit_chain_are_chained_by_the_upgrade(
             report = await verify_chain(session)
         assert report.intact, report.problem
         assert report.events == 4
+    finally:
+        await engine.dispose()
+
+
+async def test_records_written_before_the_rollups_are_rolled_up_by_the_upgrade(
+    empty_database: str,
+) -> None:
+    config = alembic_config(empty_database)
+    await asyncio.to_thread(command.upgrade, config, "9affb5fe6a1f")
+    engine = create_engine(empty_database)
+    try:
+        sessionmaker = create_sessionmaker(engine)
+        async with sessionmaker() as session:
+            tenant = Tenant(name="old")
+            session.add(tenant)
+            await session.flush()
+            key = ApiKey(
+                tenant_id=tenant.id, name="k", display_prefix="mg_x", digest="d" * 64, scopes="p"
+            )
+            session.add(key)
+            await session.flush()
+            for moment, units in (
+                (datetime(2026, 1, 31, 23, 59, 59, 999999, tzinfo=UTC), 2),
+                (datetime(2026, 2, 1, 0, 0, tzinfo=UTC), 3),
+                (datetime(2026, 2, 1, 18, 0, tzinfo=UTC), 4),
+            ):
+                session.add(
+                    UsageRecord(
+                        request_id=uuid.uuid4(),
+                        tenant_id=tenant.id,
+                        api_key_id=key.id,
+                        model="iris",
+                        model_version="1",
+                        units=units,
+                        status_code=200,
+                        latency_ms=1.0,
+                        created_at=moment,
+                    )
+                )
+            await session.commit()
+        await asyncio.to_thread(command.upgrade, config, "head")
+        async with sessionmaker() as session:
+            rows = (
+                await session.execute(
+                    select(UsageDaily.day, UsageDaily.requests, UsageDaily.units).order_by(
+                        UsageDaily.day
+                    )
+                )
+            ).all()
+        assert [tuple(row) for row in rows] == [
+            (date(2026, 1, 31), 1, 2),
+            (date(2026, 2, 1), 2, 7),
+        ]
     finally:
         await engine.dispose()
