@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import uuid
-from datetime import date, datetime
-from typing import Annotated
+from datetime import datetime
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter
 from pydantic import BaseModel
 
 from api.deps import DatabaseRoute, SessionDep, StateDep, TenantCredential, UsageScope
 from api.errors import problem_responses
-from api.fields import DAY_BOUNDS, DAY_RANGE
-from api.usage_schemas import UsageReport, usage_report
+from api.usage_schemas import EndDay, GroupBy, StartDay, UsageReport, usage_report
 from auth.schemas import TenantView
 from auth.tenants import get_tenant
-from auth.usage import MAX_REPORT_DAYS, report_window, usage_summary
+from auth.usage import DEFAULT_BREAKDOWNS, report_window, usage_summary
 
 router = APIRouter(route_class=DatabaseRoute, tags=["me"])
 
@@ -70,21 +68,15 @@ async def me(subject: TenantCredential, state: StateDep, session: SessionDep) ->
 async def my_usage(
     subject: UsageScope,
     session: SessionDep,
-    start: Annotated[
-        date | None,
-        Query(
-            description=f"First day: {DAY_RANGE}; default: the first of end's month. The "
-            f"window spans at most {MAX_REPORT_DAYS} days and start may not follow end.",
-            **DAY_BOUNDS,
-        ),
-    ] = None,
-    end: Annotated[
-        date | None,
-        Query(description=f"Last day, inclusive: {DAY_RANGE}; default: today", **DAY_BOUNDS),
-    ] = None,
+    start: StartDay = None,
+    end: EndDay = None,
+    group_by: GroupBy = None,
 ) -> UsageReport:
-    """Report the caller's tenant usage by day and by model, with the quota position."""
+    """Report the caller's tenant usage by day, model or key, with the quota position."""
     # The tenant was read with the credential in this request: no need to read it again.
     tenant = subject.require_tenant()
     first, last = report_window(start, end)
-    return usage_report(await usage_summary(session, tenant.id, tenant.monthly_quota, first, last))
+    summary = await usage_summary(
+        session, tenant.id, tenant.monthly_quota, first, last, group_by or DEFAULT_BREAKDOWNS
+    )
+    return usage_report(summary)

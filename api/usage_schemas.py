@@ -1,13 +1,16 @@
-"""The usage report shape shared by ``/me/usage`` and ``/admin/usage``."""
+"""The usage report shape and query parameters shared by ``/me/usage`` and ``/admin/usage``."""
 
 from __future__ import annotations
 
 import uuid
 from datetime import date
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict
+from fastapi import Query
+from pydantic import BaseModel, ConfigDict, Field
 
-from auth.usage import UsageSummary
+from api.fields import DAY_BOUNDS, DAY_RANGE
+from auth.usage import MAX_REPORT_DAYS, Breakdown, UsageSummary
 
 
 class QuotaOut(BaseModel):
@@ -37,6 +40,16 @@ class ModelUsageOut(BaseModel):
     units: int
 
 
+class KeyUsageOut(BaseModel):
+    """Usage of one API key (its name and display prefix, never the key)."""
+
+    api_key_id: uuid.UUID
+    name: str
+    prefix: str
+    requests: int
+    units: int
+
+
 class UsageReport(BaseModel):
     """A tenant's usage between two UTC days (inclusive)."""
 
@@ -46,8 +59,11 @@ class UsageReport(BaseModel):
     total_requests: int
     total_units: int
     quota: QuotaOut
-    by_day: list[DayOut]
-    by_model: list[ModelUsageOut]
+    by_day: list[DayOut] = Field(description="by UTC day; empty unless group_by has day")
+    by_model: list[ModelUsageOut] = Field(
+        description="by model version; empty unless group_by has model"
+    )
+    by_key: list[KeyUsageOut] = Field(description="by API key; empty unless group_by has key")
 
 
 def usage_report(summary: UsageSummary) -> UsageReport:
@@ -70,4 +86,37 @@ def usage_report(summary: UsageSummary) -> UsageReport:
             )
             for m in summary.by_model
         ],
+        by_key=[
+            KeyUsageOut(
+                api_key_id=k.api_key_id,
+                name=k.name,
+                prefix=k.prefix,
+                requests=k.requests,
+                units=k.units,
+            )
+            for k in summary.by_key
+        ],
     )
+
+
+# The query parameters of both usage reports.
+StartDay = Annotated[
+    date | None,
+    Query(
+        description=f"First day: {DAY_RANGE}; default: the first of end's month. The "
+        f"window spans at most {MAX_REPORT_DAYS} days and start may not follow end.",
+        **DAY_BOUNDS,
+    ),
+]
+EndDay = Annotated[
+    date | None,
+    Query(description=f"Last day, inclusive: {DAY_RANGE}; default: today", **DAY_BOUNDS),
+]
+GroupBy = Annotated[
+    list[Breakdown] | None,
+    Query(
+        max_length=3,
+        description="the breakdowns to report, repeatable (`group_by=day&group_by=key`): "
+        "`day`, `model`, `key`; default: day and model",
+    ),
+]

@@ -5,16 +5,16 @@ Records are written by ``auth.usage_writer.UsageWriter`` (group commit), the one
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import Date, cast, delete, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from auth.errors import InvalidRequest
-from auth.models import MonthlyUsage, Tenant, UsageDaily, UsageRecord, utcnow
+from auth.models import ApiKey, MonthlyUsage, Tenant, UsageDaily, UsageRecord, utcnow
 
 # A report may span at most this many days: the query stays bounded.
 MAX_REPORT_DAYS = 366
@@ -117,6 +117,22 @@ class ModelUsage:
 
 
 @dataclass(frozen=True)
+class KeyUsage:
+    """Requests and units of one API key."""
+
+    api_key_id: uuid.UUID
+    name: str
+    prefix: str
+    requests: int
+    units: int
+
+
+# The breakdowns a usage report may carry; by day and by model unless asked otherwise.
+Breakdown = Literal["day", "model", "key"]
+DEFAULT_BREAKDOWNS: tuple[Breakdown, ...] = ("day", "model")
+
+
+@dataclass(frozen=True)
 class UsageSummary:
     """A tenant's usage over a window of days, plus its current quota position."""
 
@@ -128,6 +144,7 @@ class UsageSummary:
     quota: QuotaStatus
     by_day: list[DayUsage]
     by_model: list[ModelUsage]
+    by_key: list[KeyUsage]
 
 
 async def usage_summary(
@@ -136,38 +153,57 @@ async def usage_summary(
     monthly_quota: int | None,
     start: date,
     end: date,
+    breakdowns: Iterable[Breakdown] = DEFAULT_BREAKDOWNS,
 ) -> UsageSummary:
-    """A tenant's usage between two UTC dates (inclusive), from the daily rollups: the cost
-    depends on the days and model versions in the window, not on the number of records."""
+    """A tenant's usage between two UTC dates (inclusive) with the breakdowns asked for (the
+    others are empty), from the daily rollups: the cost depends on the days, model versions and
+    keys in the window, not on the number of records."""
+    wanted = set(breakdowns)
     in_window = (
         UsageDaily.tenant_id == tenant_id,
         UsageDaily.day >= start,
         UsageDaily.day <= end,
     )
     requests, units = func.sum(UsageDaily.requests), func.sum(UsageDaily.units)
-    day_rows = await session.execute(
-        select(UsageDaily.day, requests, units)
-        .where(*in_window)
-        .group_by(UsageDaily.day)
-        .order_by(UsageDaily.day)
-    )
-    by_day = [DayUsage(_as_date(d), int(r), int(u)) for d, r, u in day_rows]
-    model_rows = await session.execute(
-        select(UsageDaily.model, UsageDaily.model_version, requests, units)
-        .where(*in_window)
-        .group_by(UsageDaily.model, UsageDaily.model_version)
-        .order_by(UsageDaily.model, UsageDaily.model_version)
-    )
-    by_model = [ModelUsage(m, v, int(r), int(u)) for m, v, r, u in model_rows]
+    total_requests, total_units = (
+        await session.execute(select(requests, units).where(*in_window))
+    ).one()
+    by_day, by_model, by_key = [], [], []
+    if "day" in wanted:
+        day_rows = await session.execute(
+            select(UsageDaily.day, requests, units)
+            .where(*in_window)
+            .group_by(UsageDaily.day)
+            .order_by(UsageDaily.day)
+        )
+        by_day = [DayUsage(_as_date(d), int(r), int(u)) for d, r, u in day_rows]
+    if "model" in wanted:
+        model_rows = await session.execute(
+            select(UsageDaily.model, UsageDaily.model_version, requests, units)
+            .where(*in_window)
+            .group_by(UsageDaily.model, UsageDaily.model_version)
+            .order_by(UsageDaily.model, UsageDaily.model_version)
+        )
+        by_model = [ModelUsage(m, v, int(r), int(u)) for m, v, r, u in model_rows]
+    if "key" in wanted:
+        key_rows = await session.execute(
+            select(ApiKey.id, ApiKey.name, ApiKey.display_prefix, requests, units)
+            .join(ApiKey, ApiKey.id == UsageDaily.api_key_id)
+            .where(*in_window)
+            .group_by(ApiKey.id, ApiKey.name, ApiKey.display_prefix)
+            .order_by(ApiKey.name, ApiKey.id)
+        )
+        by_key = [KeyUsage(i, n, p, int(r), int(u)) for i, n, p, r, u in key_rows]
     return UsageSummary(
         tenant_id=tenant_id,
         start=start,
         end=end,
-        total_requests=sum(d.requests for d in by_day),
-        total_units=sum(d.units for d in by_day),
+        total_requests=int(total_requests or 0),
+        total_units=int(total_units or 0),
         quota=await quota_status(session, tenant_id, monthly_quota),
         by_day=by_day,
         by_model=by_model,
+        by_key=by_key,
     )
 
 
