@@ -31,15 +31,22 @@ DRIVER_TIMEOUT_MARGIN = 0.2
 
 
 def create_engine(
-    url: str, *, statement_timeout_seconds: float | None = None, **overrides: Any
+    url: str,
+    *,
+    statement_timeout_seconds: float | None = None,
+    sqlite_synchronous: str = "FULL",
+    **overrides: Any,
 ) -> AsyncEngine:
-    """An engine tuned for its backend: WAL and a busy timeout on SQLite, UTC and (when given)
-    a statement timeout on Postgres.
+    """An engine tuned for its backend: WAL, full durability and a busy timeout on SQLite, UTC
+    and (when given) a statement timeout on Postgres.
 
     SQL parameters never appear in the engine's error messages (``hide_parameters``): such a
     message may reach a log, and a parameter may be a key's digest.
     """
     if is_sqlite(url):
+        synchronous = sqlite_synchronous.upper()
+        if synchronous not in ("FULL", "NORMAL", "EXTRA"):
+            raise ValueError(f"unsupported SQLite synchronous mode {sqlite_synchronous!r}")
         _prepare_sqlite_path(url)
         engine = create_async_engine(url, hide_parameters=True, **overrides)
 
@@ -51,7 +58,11 @@ def create_engine(
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA busy_timeout=5000")
             cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute("PRAGMA synchronous=NORMAL")
+            # FULL: a commit is on disk before it returns, as on Postgres. In WAL mode NORMAL
+            # syncs only at checkpoints, so an operating-system crash or power cut could lose
+            # usage records of 2xx responses already sent. The group commit shares the sync
+            # among the requests of a batch (cost measured by the bench: usage.write.sqlite.*).
+            cursor.execute(f"PRAGMA synchronous={synchronous}")
             cursor.close()
 
         return engine

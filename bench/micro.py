@@ -22,12 +22,17 @@ from fastapi import FastAPI
 from sqlalchemy import text
 
 from api.app import create_app
+from api.cli import upgrade_database
 from api.state import AppState
-from auth.keys import has_valid_checksum, key_digest
+from auth.audit import Actor
+from auth.db import create_engine, create_sessionmaker
+from auth.keys import has_valid_checksum, issue_tenant_key, key_digest
 from auth.limits import RateLimiter
 from auth.models import utcnow
 from auth.settings import Settings
+from auth.tenants import create_tenant
 from auth.usage import UsageEvent
+from auth.usage_writer import UsageWriter
 from bench import IRIS_ROW
 from bench.services import BENCH_RATE_LIMIT, MICRO_LIMITER_IDS, SERVER_LOG_LEVEL, BenchEnvironment
 from ml import LoadedModel
@@ -330,6 +335,10 @@ async def run_micro(env: BenchEnvironment, log: Callable[[str], None]) -> list[M
             )
         )
 
+        for mode in ("NORMAL", "FULL"):
+            for result in await _sqlite_usage_writes(env, mode):
+                add(result)
+
         model = state.registry.get("iris")
         one = [IRIS_ROW]
         ten = [IRIS_ROW] * 10
@@ -377,6 +386,57 @@ async def run_micro(env: BenchEnvironment, log: Callable[[str], None]) -> list[M
             )
         )
     return results
+
+
+async def _sqlite_usage_writes(env: BenchEnvironment, synchronous: str) -> list[MicroResult]:
+    """The usage writer on the embedded default (a SQLite file in the bench's work directory),
+    with the given ``PRAGMA synchronous``: what durability of each commit costs (FULL is the
+    product's setting; NORMAL can lose the last commits to an operating-system crash)."""
+    url = f"sqlite+aiosqlite:///{env.workdir / f'usage-{synchronous.lower()}.db'}"
+    await asyncio.to_thread(upgrade_database, url)
+    engine = create_engine(url, sqlite_synchronous=synchronous)
+    actor = Actor(name="bench")
+    try:
+        async with create_sessionmaker(engine)() as session:
+            tenant = await create_tenant(session, actor, name=f"bench-{uuid.uuid4()}")
+            key = await issue_tenant_key(
+                session, b"bench-pepper", actor, tenant_id=tenant.id, name="bench"
+            )
+            await session.commit()
+        writer = UsageWriter(engine)
+        writer.start()
+
+        def event() -> UsageEvent:
+            return UsageEvent(
+                request_id=uuid.uuid4(),
+                tenant_id=tenant.id,
+                api_key_id=key.id,
+                model="iris",
+                model_version="1",
+                units=1,
+                status_code=200,
+                latency_ms=1.0,
+                created_at=utcnow(),
+            )
+
+        name = f"usage.write.sqlite.{synchronous.lower()}"
+        try:
+            return [
+                await time_async(
+                    name,
+                    f"UsageWriter.charge alone on SQLite, synchronous={synchronous}",
+                    lambda: writer.charge(event(), None),
+                ),
+                await time_amortized(
+                    f"{name}.x64",
+                    "the same, 64 concurrent requests (group commit), per record",
+                    lambda: writer.charge(event(), None),
+                ),
+            ]
+        finally:
+            await writer.close()
+    finally:
+        await engine.dispose()
 
 
 def run_micro_sync(env: BenchEnvironment, log: Callable[[str], None]) -> list[MicroResult]:
