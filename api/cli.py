@@ -6,22 +6,24 @@ import asyncio
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
 from alembic import command
 from alembic.config import Config
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from auth.audit import CLI_ACTOR, ChainReport, verify_chain
 from auth.db import create_engine, create_sessionmaker
 from auth.errors import ConfigurationError, ModelgateError
 from auth.keys import DEFAULT_TENANT_SCOPES, issue_admin_key, issue_tenant_key
+from auth.models import utcnow
 from auth.schemas import TenantView
 from auth.settings import Settings, check_production, get_settings, load_secrets
 from auth.tenants import create_tenant, get_or_create_admin
-from auth.usage import rebuild_rollups
+from auth.usage import prune_records, rebuild_rollups
 
 app = typer.Typer(help="modelgate: multi-tenant ML predictions.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
@@ -67,14 +69,16 @@ def upgrade_database(database_url: str) -> None:
     command.upgrade(alembic_config(database_url), "head")
 
 
-def _run_in_session(settings: Settings, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+def _run_with_sessions(
+    settings: Settings, work: Callable[[async_sessionmaker[AsyncSession]], Awaitable[T]]
+) -> T:
+    """Run ``work`` with a session factory on the configured database; the project's errors
+    become a one-line message and exit code 1."""
+
     async def main() -> T:
         engine = create_engine(settings.database_url)
         try:
-            async with create_sessionmaker(engine)() as session:
-                result = await work(session)
-                await session.commit()
-                return result
+            return await work(create_sessionmaker(engine))
         finally:
             await engine.dispose()
 
@@ -84,6 +88,18 @@ def _run_in_session(settings: Settings, work: Callable[[AsyncSession], Awaitable
         raise _fail(exc.detail) from None
     except ConfigurationError as exc:
         raise _fail(str(exc)) from None
+
+
+def _run_in_session(settings: Settings, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+    """Run ``work`` in one session and commit it."""
+
+    async def in_session(sessionmaker: async_sessionmaker[AsyncSession]) -> T:
+        async with sessionmaker() as session:
+            result = await work(session)
+            await session.commit()
+            return result
+
+    return _run_with_sessions(settings, in_session)
 
 
 @app.command()
@@ -232,6 +248,35 @@ def usage_rebuild_rollups() -> None:
 
     rows = _run_in_session(get_settings(), work)
     typer.echo(f"rebuilt {rows} daily rollup rows from the usage records")
+
+
+@usage_app.command("prune")
+def usage_prune(
+    before: Annotated[
+        str | None,
+        typer.Option(
+            help="Delete raw records of the UTC days before this one (YYYY-MM-DD); default: "
+            "keep MODELGATE_USAGE_RETENTION_DAYS days."
+        ),
+    ] = None,
+) -> None:
+    """Delete old raw usage records; rollups, counters, reports and exports keep their days."""
+    settings = get_settings()
+    if before is not None:
+        try:
+            cutoff = date.fromisoformat(before)
+        except ValueError:
+            raise _fail("--before must be a day, YYYY-MM-DD") from None
+    elif settings.usage_retention_days is not None:
+        cutoff = utcnow().date() - timedelta(days=settings.usage_retention_days)
+    else:
+        raise _fail("give --before or set MODELGATE_USAGE_RETENTION_DAYS")
+
+    async def work(sessionmaker: async_sessionmaker[AsyncSession]) -> int:
+        return await prune_records(sessionmaker, cutoff)
+
+    deleted = _run_with_sessions(settings, work)
+    typer.echo(f"deleted {deleted} usage records from before {cutoff}")
 
 
 @models_app.command("train")

@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     # request is the usage report, a few milliseconds; the default leaves room for a loaded
     # database while still bounding every request that waits on it.
     database_timeout_seconds: float = Field(default=5.0, gt=0, le=300)
+    # How many whole UTC days of raw usage records `modelgate usage prune` keeps when no
+    # --before is given (None: it needs --before). Reports and exports read the rollups, which
+    # are kept whatever this says.
+    usage_retention_days: int | None = Field(default=None, ge=1, le=36_500)
     max_batch_size: int = Field(default=100, ge=1, le=1000)
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     log_level: str = "INFO"

@@ -7,11 +7,11 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, Literal
 
 from sqlalchemy import Date, cast, delete, func, insert, select, text
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from auth.errors import InvalidRequest
 from auth.models import ApiKey, MonthlyUsage, Tenant, UsageDaily, UsageRecord, utcnow
@@ -263,15 +263,21 @@ async def billing_rows(session: AsyncSession, month: str) -> AsyncIterator[Billi
 
 
 async def rebuild_rollups(session: AsyncSession) -> int:
-    """Recompute every daily rollup from the raw records (a repair: the usage writer keeps them
-    equal); returns the number of rollup rows. The table is locked meanwhile on Postgres, so
-    flushes wait for it: run it when the service is quiet."""
+    """Recompute the daily rollups from the raw records (a repair: the usage writer keeps them
+    equal); returns the number of rollup rows rebuilt. Days before the oldest raw record are
+    kept as they are: their records were pruned (``prune_records``), and the rollups are all
+    that is left of them. The table is locked meanwhile on Postgres, so flushes wait for it:
+    run it when the service is quiet."""
     if session.get_bind().dialect.name == "postgresql":
         await session.execute(text("LOCK TABLE usage_daily IN EXCLUSIVE MODE"))
         day: Any = cast(func.timezone("UTC", UsageRecord.created_at), Date)
     else:
         day = func.date(UsageRecord.created_at)
-    await session.execute(delete(UsageDaily))
+    oldest = await session.scalar(select(func.min(UsageRecord.created_at)))
+    if oldest is None:
+        return 0
+    first_day = oldest.astimezone(UTC).date() if isinstance(oldest, datetime) else oldest
+    await session.execute(delete(UsageDaily).where(UsageDaily.day >= _as_date(first_day)))
     columns = (
         UsageRecord.tenant_id,
         day,
@@ -285,4 +291,31 @@ async def rebuild_rollups(session: AsyncSession) -> int:
             select(*columns, func.count(), func.sum(UsageRecord.units)).group_by(*columns),
         )
     )
-    return int(await session.scalar(select(func.count()).select_from(UsageDaily)) or 0)
+    rebuilt = select(func.count()).select_from(UsageDaily).where(UsageDaily.day >= first_day)
+    return int(await session.scalar(rebuilt) or 0)
+
+
+# Records deleted per transaction by ``prune_records``: short transactions, so that the usage
+# writer's flushes never wait long behind a prune.
+PRUNE_BATCH = 10_000
+
+
+async def prune_records(
+    sessionmaker: async_sessionmaker[AsyncSession], before: date, *, batch: int = PRUNE_BATCH
+) -> int:
+    """Delete the raw usage records of every UTC day before ``before``, in short transactions;
+    returns how many. The rollups, the monthly counters and so every report and export keep
+    those days: only the per-request detail goes."""
+    if not EARLIEST_DAY <= before <= LATEST_DAY:
+        raise InvalidRequest(f"before must be between {EARLIEST_DAY} and {LATEST_DAY}")
+    cutoff = datetime.combine(before, time.min, tzinfo=UTC)
+    deleted = 0
+    while True:
+        async with sessionmaker() as session:
+            ids = select(UsageRecord.id).where(UsageRecord.created_at < cutoff).limit(batch)
+            result = await session.execute(delete(UsageRecord).where(UsageRecord.id.in_(ids)))
+            await session.commit()
+        count = int(getattr(result, "rowcount", 0) or 0)
+        deleted += count
+        if count < batch:
+            return deleted

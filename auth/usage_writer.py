@@ -35,6 +35,7 @@ from datetime import UTC, date
 from typing import Any
 
 import structlog
+from sqlalchemy import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from auth.errors import DependencyUnavailable, QuotaExceeded
@@ -134,14 +135,8 @@ class UsageWriter:
         self._closing = False
         self._dialect = engine.dialect.name
         self._sql = _Statements.for_dialect(self._dialect)
-        columns = UsageRecord.__table__.c
-        self._processors = [
-            columns[name].type.bind_processor(engine.dialect) for name in _RECORD_COLUMNS
-        ]
-        daily = UsageDaily.__table__.c
-        self._daily_processors = [
-            daily[name].type.bind_processor(engine.dialect) for name in _DAILY_COLUMNS
-        ]
+        self._processors = _bind_processors(UsageRecord, _RECORD_COLUMNS, engine.dialect)
+        self._daily_processors = _bind_processors(UsageDaily, _DAILY_COLUMNS, engine.dialect)
         self._connection: AsyncConnection | None = None
         # Flushes whose first attempt failed (retried or answered 503): for operators and tests.
         self.interrupted_flushes = 0
@@ -361,6 +356,17 @@ class UsageWriter:
             process(value) if process else value
             for process, value in zip(self._processors, values, strict=True)
         )
+
+
+def _bind_processors(
+    table: type[UsageRecord | UsageDaily], names: Sequence[str], dialect: Dialect
+) -> list[Any]:
+    """Each column's bind processor as the ORM applies it on this dialect. ``dialect_impl``
+    matters: the generic type's processor skips the dialect's own formatting (SQLite's
+    timestamp text), and a value stored in another format than the ORM's compares wrongly
+    with the ORM's parameters (``'... 00:00:00' < '... 00:00:00.000000'`` in SQLite)."""
+    columns = table.__table__.c
+    return [columns[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names]
 
 
 def _quota_exceeded(event: UsageEvent, monthly_quota: int) -> QuotaExceeded:

@@ -3,12 +3,15 @@ to what a rebuild from the raw records gives, and what reports and exports read.
 
 from __future__ import annotations
 
+from datetime import date
 from typing import Any
 
+import pytest
 from sqlalchemy import func, select, update
 
+from auth.errors import InvalidRequest
 from auth.models import UsageDaily, UsageRecord
-from auth.usage import rebuild_rollups
+from auth.usage import prune_records, rebuild_rollups
 from tests.conftest import IRIS_SETOSA, Harness, bearer, create_tenant_with_key
 from tests.factories import insert_usage, utc_at
 
@@ -113,3 +116,46 @@ async def test_reports_read_the_rollups(harness: Harness) -> None:
         headers=bearer(key),
     )
     assert report.json()["total_units"] == 6
+    # Put it back: the module's other tests compare rollups with their records.
+    async with harness.sessionmaker() as session:
+        await session.execute(
+            update(UsageDaily).where(UsageDaily.tenant_id == tenant.id).values(units=5)
+        )
+        await session.commit()
+
+
+async def test_pruning_raw_records_keeps_every_report_and_the_rollups(harness: Harness) -> None:
+    tenant, key = await create_tenant_with_key(harness)
+    await insert_usage(
+        harness,
+        [
+            (tenant.id, utc_at("2025-05-30", "23:59:59.999999"), "iris", "1", 2),
+            (tenant.id, utc_at("2025-05-31", "00:00:00"), "iris", "1", 3),
+            (tenant.id, utc_at("2025-06-01", "08:00:00"), "iris", "1", 4),
+        ],
+    )
+    window = {"start": "2025-05-01", "end": "2025-06-30"}
+    before = await harness.client.get("/api/v1/me/usage", params=window, headers=bearer(key))
+    rollups = await _rollups(harness)
+    deleted = await prune_records(harness.sessionmaker, date(2025, 5, 31), batch=1)
+    assert deleted >= 1
+    async with harness.sessionmaker() as session:
+        days = (
+            await session.scalars(
+                select(UsageRecord.created_at).where(UsageRecord.tenant_id == tenant.id)
+            )
+        ).all()
+    assert sorted(days) == [utc_at("2025-05-31", "00:00:00"), utc_at("2025-06-01", "08:00:00")]
+    assert await _rollups(harness) == rollups
+    after = await harness.client.get("/api/v1/me/usage", params=window, headers=bearer(key))
+    assert after.json() == before.json()
+    # A rebuild recomputes only the days that still have their records.
+    async with harness.sessionmaker() as session:
+        await rebuild_rollups(session)
+        await session.commit()
+    assert await _rollups(harness) == rollups
+
+
+async def test_a_prune_outside_the_calendar_is_refused(harness: Harness) -> None:
+    with pytest.raises(InvalidRequest):
+        await prune_records(harness.sessionmaker, date(1999, 12, 31))
