@@ -173,6 +173,15 @@ class UsageWriter:
         # written is unaffected, and one still queued is dropped (nothing was served).
         await future
 
+    async def write_unmetered(self, events: Sequence[UsageEvent]) -> None:
+        """Record ``events`` in one transaction of the writer's own kind (records, monthly
+        counters, daily rollups), with no quota and no queue: for bulk loads such as
+        bench/usage_fill.py, on a writer that was not started."""
+        if self._task is not None:
+            raise RuntimeError("write_unmetered is for a writer whose loop is not running")
+        loop = asyncio.get_running_loop()
+        await self._write([_Pending(event, None, loop.create_future()) for event in events])
+
     async def _run(self) -> None:
         while True:
             await self._wakeup.wait()
