@@ -36,4 +36,4 @@ async def test_the_fill_spreads_records_over_the_days_with_their_rollups(
     assert sum(row.requests for row in days) == 300
     # Evenly: the first two days are whole and get the same share; today gets what is left.
     assert abs(days[0].requests - days[1].requests) <= 1
-    assert days[0].requests >= days[2].requests
+    assert days[2].requests <= days[0].requests + 1
