@@ -24,12 +24,14 @@ from pathlib import Path
 
 import asyncpg  # type: ignore[import-untyped]
 import redis.asyncio as aioredis
-from sqlalchemy import delete, insert, select, text
+from sqlalchemy import delete, select, text
 from sqlalchemy.engine import URL, make_url
 
 from auth.db import create_engine
-from auth.models import ApiKey, UsageRecord
+from auth.models import ApiKey, MonthlyUsage, UsageDaily, UsageRecord
 from auth.tenants import MAX_MONTHLY_QUOTA
+from auth.usage import UsageEvent
+from auth.usage_writer import UsageWriter
 from bench import ROOT, BenchError
 
 DEFAULT_DATABASE_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -278,45 +280,53 @@ async def _api_key_ids(env: BenchEnvironment) -> list[uuid.UUID]:
 
 
 async def seed_usage(env: BenchEnvironment, records: int) -> int:
-    """Replace the usage records with ``records`` synthetic ones of the bench tenant, spread over
-    the current month, so that ``/me/usage`` aggregates the same amount of data in every run
-    whatever the prediction runs before it wrote. Returns the number of rows seeded."""
+    """Replace the usage of the bench with ``records`` synthetic records of the bench tenant,
+    spread over the current month, so that ``/me/usage`` reads the same amount of data in every
+    run whatever the prediction runs before it wrote. They are written through the usage
+    writer's own transaction (records, counters and the daily rollups the reports read).
+    Returns the number of records seeded."""
     engine = create_engine(env.database.url.render_as_string(hide_password=False))
     try:
+        tenant_id = uuid.UUID(env.tenant_id)
         async with engine.begin() as connection:
-            tenant_id = uuid.UUID(env.tenant_id)
             key_id = await connection.scalar(
                 select(ApiKey.id).where(ApiKey.tenant_id == tenant_id).limit(1)
             )
             if key_id is None:
                 raise BenchError("the bench tenant's key is missing from the database")
-            await connection.execute(delete(UsageRecord))
-            now = datetime.now(UTC)
-            first = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-            span = max(1.0, (now - first).total_seconds())
-            rng = random.Random(0)  # noqa: S311 (synthetic data, not security)
-            rows = [
-                {
-                    "request_id": uuid.uuid4(),
-                    "tenant_id": tenant_id,
-                    "api_key_id": key_id,
-                    "model": "iris",
-                    "model_version": rng.choice(("1", "2")),
-                    "units": rng.choice((1, 1, 1, 10)),
-                    "status_code": 200,
-                    "latency_ms": 1.0,
-                    "created_at": first + timedelta(seconds=rng.uniform(0, span)),
-                }
-                for _ in range(records)
-            ]
-            for start in range(0, len(rows), 5000):
-                await connection.execute(insert(UsageRecord), rows[start : start + 5000])
+            for table in (UsageRecord, UsageDaily, MonthlyUsage):
+                await connection.execute(delete(table))
+        now = datetime.now(UTC)
+        first = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        span = max(1.0, (now - first).total_seconds())
+        rng = random.Random(0)  # noqa: S311 (synthetic data, not security)
+        writer = UsageWriter(engine)
+        for start in range(0, records, 5000):
+            await writer.write_unmetered(
+                [
+                    UsageEvent(
+                        request_id=uuid.uuid4(),
+                        tenant_id=tenant_id,
+                        api_key_id=key_id,
+                        model="iris",
+                        model_version=rng.choice(("1", "2")),
+                        units=rng.choice((1, 1, 1, 10)),
+                        status_code=200,
+                        latency_ms=1.0,
+                        created_at=first + timedelta(seconds=rng.uniform(0, span)),
+                    )
+                    for _ in range(min(5000, records - start))
+                ]
+            )
+        await writer.close()
         # The prediction cells before this one wrote (and this function deleted) tens of
         # thousands of rows; without a vacuum /me/usage would wade through their dead tuples and
         # measure the bench's own churn.
         async with engine.connect() as connection:
             autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
-            await autocommit.execute(text("VACUUM ANALYZE usage_record"))
+            await autocommit.execute(
+                text("VACUUM ANALYZE usage_record, usage_daily, monthly_usage")
+            )
         return records
     finally:
         await engine.dispose()
