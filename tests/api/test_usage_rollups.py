@@ -3,6 +3,7 @@ to what a rebuild from the raw records gives, and what reports and exports read.
 
 from __future__ import annotations
 
+import uuid
 from datetime import date
 from typing import Any
 
@@ -12,7 +13,7 @@ from sqlalchemy import func, select, update
 from auth.errors import InvalidRequest
 from auth.models import UsageDaily, UsageRecord
 from auth.usage import prune_records, rebuild_rollups
-from tests.conftest import IRIS_SETOSA, Harness, bearer, create_tenant_with_key
+from tests.conftest import IRIS_SETOSA, Harness, bearer, create_admin_key, create_tenant_with_key
 from tests.factories import insert_usage, utc_at
 
 
@@ -38,7 +39,7 @@ async def _rollups(harness: Harness) -> list[tuple[Any, ...]]:
         return [tuple(row) for row in rows]
 
 
-async def _make_usage(harness: Harness) -> None:
+async def _make_usage(harness: Harness) -> list[uuid.UUID]:
     """Real predictions today, and records on past days (across a month's end) for two
     tenants, all through the usage writer."""
     first, key = await create_tenant_with_key(harness)
@@ -62,18 +63,25 @@ async def _make_usage(harness: Harness) -> None:
             (second.id, utc_at("2026-02-01", "14:00:00"), "iris", "1", 3),
         ],
     )
+    return [first.id, second.id]
 
 
 async def test_the_maintained_rollups_equal_the_sums_of_the_records(harness: Harness) -> None:
-    await _make_usage(harness)
+    tenants = await _make_usage(harness)
     async with harness.sessionmaker() as session:
         totals = (
             await session.execute(
-                select(func.count(), func.sum(UsageRecord.units)).select_from(UsageRecord)
+                select(func.count(), func.sum(UsageRecord.units)).where(
+                    UsageRecord.tenant_id.in_(tenants)
+                )
             )
         ).one()
         rolled = (
-            await session.execute(select(func.sum(UsageDaily.requests), func.sum(UsageDaily.units)))
+            await session.execute(
+                select(func.sum(UsageDaily.requests), func.sum(UsageDaily.units)).where(
+                    UsageDaily.tenant_id.in_(tenants)
+                )
+            )
         ).one()
     assert tuple(rolled) == tuple(totals)
 
@@ -159,3 +167,37 @@ async def test_pruning_raw_records_keeps_every_report_and_the_rollups(harness: H
 async def test_a_prune_outside_the_calendar_is_refused(harness: Harness) -> None:
     with pytest.raises(InvalidRequest):
         await prune_records(harness.sessionmaker, date(1999, 12, 31))
+
+
+async def test_a_closed_month_exports_byte_identical_twice(harness: Harness) -> None:
+    """The same bytes each time, in both formats, even after the current month's traffic and
+    after the month's raw records are pruned (the export reads the rollups)."""
+    admin = await create_admin_key(harness)
+    tenant, key = await create_tenant_with_key(harness)
+    await insert_usage(
+        harness,
+        [
+            (tenant.id, utc_at("2024-07-01", "00:00:00"), "iris", "1", 2),
+            (tenant.id, utc_at("2024-07-15"), "iris", "2", 3),
+            (tenant.id, utc_at("2024-07-31", "23:59:59.999999"), "iris", "1", 4),
+        ],
+    )
+
+    async def export(fmt: str) -> bytes:
+        response = await harness.client.get(
+            "/api/v1/admin/billing/export",
+            params={"month": "2024-07", "format": fmt},
+            headers=bearer(admin),
+        )
+        assert response.status_code == 200
+        return response.content
+
+    first = {fmt: await export(fmt) for fmt in ("csv", "jsonl")}
+    assert str(tenant.id).encode() in first["csv"]
+    live = await harness.client.post(
+        "/api/v1/predict", json={"features": IRIS_SETOSA}, headers=bearer(key)
+    )
+    assert live.status_code == 200
+    assert {fmt: await export(fmt) for fmt in ("csv", "jsonl")} == first
+    await prune_records(harness.sessionmaker, date(2024, 8, 1))
+    assert {fmt: await export(fmt) for fmt in ("csv", "jsonl")} == first
