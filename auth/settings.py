@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     # request is the usage report, a few milliseconds; the default leaves room for a loaded
     # database while still bounding every request that waits on it.
     database_timeout_seconds: float = Field(default=5.0, gt=0, le=300)
+    # How often each worker writes the keys' last use (auth.key_activity): api_key.last_used_at
+    # lags by at most this much, and costs one statement per interval, not one per request.
+    key_last_used_flush_seconds: float = Field(default=10.0, ge=0.05, le=3600)
     max_batch_size: int = Field(default=100, ge=1, le=1000)
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     log_level: str = "INFO"
