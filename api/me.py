@@ -1,4 +1,4 @@
-"""The caller's own tenant, key and usage."""
+"""The caller's own tenant, keys and usage."""
 
 from __future__ import annotations
 
@@ -6,14 +6,24 @@ import uuid
 from datetime import date, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Query
-from pydantic import BaseModel
+from fastapi import APIRouter, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import DatabaseRoute, SessionDep, StateDep, TenantCredential, UsageScope
+from api.admin.tenants import KeyList, TenantScope
+from api.deps import (
+    DatabaseRoute,
+    KeysScope,
+    SessionDep,
+    StateDep,
+    TenantCredential,
+    UsageScope,
+    request_actor,
+)
 from api.errors import problem_responses
-from api.fields import DAY_BOUNDS, DAY_RANGE
+from api.fields import DAY_BOUNDS, DAY_RANGE, KeyExpiry, Name
 from api.usage_schemas import UsageReport, usage_report
-from auth.schemas import TenantView
+from auth.keys import issue_tenant_key, list_tenant_keys, revoke_key
+from auth.schemas import IssuedKey, KeyView, TenantView
 from auth.tenants import get_tenant
 from auth.usage import MAX_REPORT_DAYS, report_window, usage_summary
 
@@ -88,3 +98,69 @@ async def my_usage(
     tenant = subject.require_tenant()
     first, last = report_window(start, end)
     return usage_report(await usage_summary(session, tenant.id, tenant.monthly_quota, first, last))
+
+
+class OwnKeyCreate(BaseModel):
+    """A new key for the caller's own tenant; it may hold no scope the calling credential lacks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name
+    scopes: list[TenantScope] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=3,
+        description="at most the calling credential's scopes (more: 403); omitted: all of them",
+    )
+    expires_at: KeyExpiry | None = Field(
+        default=None, description="when the key stops working; omitted: never"
+    )
+
+
+@router.get("/me/keys", response_model=KeyList, responses=problem_responses(401, 403, 429, 503))
+async def my_keys(subject: KeysScope, session: SessionDep) -> KeyList:
+    """List the caller's tenant's keys (metadata only)."""
+    return KeyList(keys=await list_tenant_keys(session, subject.require_tenant().id))
+
+
+@router.post(
+    "/me/keys",
+    status_code=201,
+    response_model=IssuedKey,
+    responses=problem_responses(401, 403, 422, 429, 503),
+)
+async def issue_my_key(
+    body: OwnKeyCreate,
+    subject: KeysScope,
+    session: SessionDep,
+    state: StateDep,
+    request: Request,
+    response: Response,
+) -> IssuedKey:
+    """Issue a key for the caller's tenant; the key is in this response only."""
+    # The key is in this body: no cache on the way may keep it.
+    response.headers["Cache-Control"] = "no-store"
+    return await issue_tenant_key(
+        session,
+        state.secrets.key_pepper,
+        request_actor(request, subject),
+        tenant_id=subject.require_tenant().id,
+        name=body.name,
+        scopes=body.scopes if body.scopes is not None else sorted(subject.scopes),
+        expires_at=body.expires_at,
+        max_scopes=subject.scopes,
+    )
+
+
+@router.post(
+    "/me/keys/{key_id}/revoke",
+    response_model=KeyView,
+    responses=problem_responses(401, 403, 404, 429, 503),
+)
+async def revoke_my_key(
+    key_id: uuid.UUID, subject: KeysScope, session: SessionDep, request: Request
+) -> KeyView:
+    """Revoke one of the caller's tenant's keys now; another tenant's key is not found."""
+    return await revoke_key(
+        session, request_actor(request, subject), key_id, tenant_id=subject.require_tenant().id
+    )
