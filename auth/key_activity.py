@@ -80,9 +80,11 @@ class KeyActivity:
         if not self._seen:
             return
         pending, self._seen = self._seen, {}
+        # In key order: two workers updating overlapping keys lock the rows in the same order
+        # and cannot deadlock.
         rows = [
             {"key_id": key_id, "used_at": datetime.fromtimestamp(seen, UTC)}
-            for key_id, seen in pending.items()
+            for key_id, seen in sorted(pending.items())
         ]
         try:
             async with asyncio.timeout(self._timeout), self._engine.begin() as connection:
