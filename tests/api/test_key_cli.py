@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from typer.testing import CliRunner, Result
 
 from api.cli import app
@@ -54,12 +54,14 @@ def _list(cli: CliRunner, tenant_id: str) -> list[dict[str, Any]]:
     ]
 
 
-def _rows(database_url: str, **where: Any) -> list[ApiKey]:
-    async def query() -> list[ApiKey]:
+def _query(database_url: str, statement: Select[Any]) -> list[Any]:
+    """The rows ``statement`` selects, read on a fresh engine (the CLI's own is gone)."""
+
+    async def query() -> list[Any]:
         engine = create_engine(database_url)
         try:
             async with create_sessionmaker(engine)() as session:
-                return list((await session.scalars(select(ApiKey).filter_by(**where))).all())
+                return list((await session.scalars(statement)).all())
         finally:
             await engine.dispose()
 
@@ -94,7 +96,8 @@ def test_keys_rotate_prints_the_new_key_last_and_schedules_the_old_ones_end(
     view = json.loads(lines[0])
     assert "key" not in view  # the secret is on the last line only
     assert view["rotated_from_id"] == old["id"]
-    (row,) = _rows(backend.database_url, digest=key_digest(PEPPER.encode(), new_key))
+    digest = key_digest(PEPPER.encode(), new_key)
+    (row,) = _query(backend.database_url, select(ApiKey).where(ApiKey.digest == digest))
     assert str(row.id) == view["id"]
     listed = {k["id"]: k for k in _list(cli, tenant_id)}
     revoked_at = datetime.fromisoformat(listed[old["id"]]["revoked_at"])
@@ -103,22 +106,15 @@ def test_keys_rotate_prints_the_new_key_last_and_schedules_the_old_ones_end(
     # Once rotated, the old key cannot be rotated again.
     again = _run(cli, "keys", "rotate", old["id"], code=1)
     assert "already rotated" in again.stderr
-    (event,) = [e for e in _events(backend.database_url, "key.rotate") if e.target_id == old["id"]]
+    (event,) = [
+        e
+        for e in _query(
+            backend.database_url, select(AuditEvent).where(AuditEvent.action == "key.rotate")
+        )
+        if e.target_id == old["id"]
+    ]
     assert event.actor == "cli"
     assert event.detail["new_id"] == view["id"]
-
-
-def _events(database_url: str, action: str) -> list[AuditEvent]:
-    async def query() -> list[AuditEvent]:
-        engine = create_engine(database_url)
-        try:
-            async with create_sessionmaker(engine)() as session:
-                statement = select(AuditEvent).where(AuditEvent.action == action)
-                return list((await session.scalars(statement)).all())
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(query())
 
 
 @pytest.mark.parametrize("grace", ["-1", str(MAX_ROTATION_GRACE_SECONDS + 1), "soon"])
