@@ -3,8 +3,10 @@ and the new key during the grace, and refuse the old one on every worker from it
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ import pytest
 from tests.conftest import Backend, only_on
 from tests.e2e import conftest as e2e_fixtures
 from tests.e2e.servers import run_cli, serve
-from tests.e2e.test_key_cache_workers import _until_both_workers
+from tests.e2e.test_key_cache_workers import _fire, _until_both_workers
 
 pytestmark = pytest.mark.e2e
 
@@ -58,13 +60,28 @@ def test_rotated_key_is_refused_on_every_worker_once_the_grace_ends(
         rotated = run_cli(
             environment, tmp_path, "keys", "rotate", old["id"], "--grace-seconds", str(GRACE)
         )
-        answered = time.monotonic()
         new_key = rotated.stdout.splitlines()[-1]
-        # The revocation is scheduled between `asked + GRACE` and `answered + GRACE`.
+        # The revocation is scheduled for `asked + GRACE` or later.
         assert len(_until_both_workers(port, new_key, log_path, 200)) == 2
         assert len(_until_both_workers(port, old_key, log_path, 200)) == 2
         assert time.monotonic() < asked + GRACE, "too slow to observe the grace"
-        time.sleep(max(0.0, answered + GRACE - time.monotonic()))
+        listed = {
+            k["id"]: k
+            for k in map(
+                json.loads,
+                run_cli(
+                    environment, tmp_path, "keys", "list", "--tenant", tenant["id"]
+                ).stdout.splitlines(),
+            )
+        }
+        ends = datetime.fromisoformat(listed[old["id"]]["revoked_at"]).timestamp()
+        # Keep both workers verifying the old key until just before the grace ends, so that a
+        # cache trusting it for a full second would still serve it after the end.
+        while time.time() < ends - 0.5:
+            statuses = asyncio.run(_fire(port, old_key, 8))
+            if time.time() < ends:
+                assert statuses == [200] * 8, statuses
+        time.sleep(max(0.0, ends + 0.05 - time.time()))
         # From the end of the grace on (not a second later: the cache never outlives a
         # scheduled revocation), every request with the old key on every worker is 401.
         assert len(_until_both_workers(port, old_key, log_path, 401)) == 2
