@@ -22,6 +22,7 @@ from api.openapi import install_openapi
 from api.state import AppState
 from auth.authn import KeyAuthenticator
 from auth.db import create_engine, create_sessionmaker
+from auth.key_activity import KeyActivity
 from auth.limits import RateLimiter
 from auth.settings import Settings, check_production, declared_workers, get_settings, load_secrets
 from auth.usage_writer import UsageWriter
@@ -61,6 +62,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         timeout_seconds=settings.usage_flush_timeout_seconds,
     )
     usage_writer.start()
+    key_activity = KeyActivity(
+        engine,
+        interval_seconds=settings.key_last_used_flush_seconds,
+        timeout_seconds=settings.database_timeout_seconds,
+    )
+    key_activity.start()
     app.state.modelgate = AppState(
         settings=settings,
         secrets=secrets,
@@ -76,6 +83,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         rate_limiter=rate_limiter,
         registry=registry,
         usage_writer=usage_writer,
+        key_activity=key_activity,
     )
     # Everything loaded so far (models, libraries, metadata) lives as long as the process: move
     # it out of the collector's reach. Otherwise every full collection walks those millions of
@@ -88,6 +96,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         # Pending usage is committed before the engine goes away.
         await usage_writer.close()
+        await key_activity.close()
         await rate_limiter.close()
         await engine.dispose()
 

@@ -18,9 +18,17 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from auth.audit import CLI_ACTOR, ChainReport, verify_chain
 from auth.db import create_engine, create_sessionmaker
 from auth.errors import ConfigurationError, ModelgateError
-from auth.keys import DEFAULT_TENANT_SCOPES, issue_admin_key, issue_tenant_key
+from auth.keys import (
+    DEFAULT_TENANT_SCOPES,
+    MAX_ROTATION_GRACE_SECONDS,
+    issue_admin_key,
+    issue_tenant_key,
+    list_tenant_keys,
+    revoke_key,
+    rotate_key,
+)
 from auth.models import utcnow
-from auth.schemas import TenantView
+from auth.schemas import IssuedKey, KeyView, TenantView
 from auth.settings import Settings, check_production, get_settings, load_secrets
 from auth.tenants import create_tenant, get_or_create_admin
 from auth.usage import prune_records, rebuild_rollups
@@ -174,6 +182,13 @@ def tenants_create(
     typer.echo(_run_in_session(get_settings(), work).model_dump_json())
 
 
+def _uuid_argument(value: str, what: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise _fail(f"{what} must be an id (UUID)") from None
+
+
 @keys_app.command("issue")
 def keys_issue(
     tenant: Annotated[str, typer.Option(help="The tenant's id.")],
@@ -183,10 +198,7 @@ def keys_issue(
     ),
 ) -> None:
     """Issue a tenant API key; the key alone is printed on the last line."""
-    try:
-        tenant_id = uuid.UUID(tenant)
-    except ValueError:
-        raise _fail("--tenant must be a tenant id (UUID)") from None
+    tenant_id = _uuid_argument(tenant, "--tenant")
     settings = get_settings()
     pepper = load_secrets(settings).key_pepper
     scope_list = [s.strip() for s in scopes.split(",") if s.strip()]
@@ -200,6 +212,58 @@ def keys_issue(
     secret = _run_in_session(settings, work)
     typer.echo(f"API key for tenant {tenant_id} (shown once; store it now):", err=True)
     typer.echo(secret)
+
+
+@keys_app.command("list")
+def keys_list(
+    tenant: Annotated[str, typer.Option(help="The tenant's id.")],
+) -> None:
+    """Print a tenant's keys, newest first, one JSON object per line (never a secret)."""
+    tenant_id = _uuid_argument(tenant, "--tenant")
+
+    async def work(session: AsyncSession) -> list[KeyView]:
+        return await list_tenant_keys(session, tenant_id)
+
+    for key in _run_in_session(get_settings(), work):
+        typer.echo(key.model_dump_json())
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id.")]) -> None:
+    """Revoke a key now and print it as JSON; revoking a revoked key changes nothing."""
+    parsed = _uuid_argument(key_id, "the key")
+
+    async def work(session: AsyncSession) -> KeyView:
+        return await revoke_key(session, CLI_ACTOR, parsed)
+
+    typer.echo(_run_in_session(get_settings(), work).model_dump_json())
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    key_id: Annotated[str, typer.Argument(help="The key's id.")],
+    grace_seconds: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=MAX_ROTATION_GRACE_SECONDS,
+            help="Seconds the old key keeps working (0: revoked now).",
+        ),
+    ] = 0,
+) -> None:
+    """Replace a key: prints the new key's metadata as JSON, then the new key alone on the last
+    line."""
+    parsed = _uuid_argument(key_id, "the key")
+    settings = get_settings()
+    pepper = load_secrets(settings).key_pepper
+
+    async def work(session: AsyncSession) -> IssuedKey:
+        return await rotate_key(session, pepper, CLI_ACTOR, parsed, grace_seconds=grace_seconds)
+
+    issued = _run_in_session(settings, work)
+    typer.echo(KeyView.model_validate(issued.model_dump(exclude={"key"})).model_dump_json())
+    typer.echo(f"New key replacing {parsed} (shown once; store it now):", err=True)
+    typer.echo(issued.key)
 
 
 @billing_app.command("export")

@@ -137,6 +137,8 @@ class Authenticator(HTTPBearer):
         state = app_state(request)
         credential = bearer_credential(request.headers.get("authorization"))
         subject = await state.authenticator.authenticate(credential)
+        if subject.key_id is not None:  # an admin user's JWT has no key (auth.authn)
+            state.key_activity.touch(subject.key_id)
         structlog.contextvars.bind_contextvars(
             key_id=str(subject.key_id),
             tenant_id=str(subject.tenant.id) if subject.tenant else None,
@@ -167,6 +169,7 @@ PredictScope = Annotated[
     AuthSubject, Depends(Authenticator({"predict"}, tenant_only=True, billable=True))
 ]
 UsageScope = Annotated[AuthSubject, Depends(Authenticator({"usage:read"}, tenant_only=True))]
+KeysScope = Annotated[AuthSubject, Depends(Authenticator({"keys:manage"}, tenant_only=True))]
 TenantCredential = Annotated[AuthSubject, Depends(Authenticator(set(), tenant_only=True))]
 AnyCredential = Annotated[AuthSubject, Depends(Authenticator(set()))]
 # The same instance as the /admin router's dependency, so FastAPI runs it once per request.

@@ -1,17 +1,28 @@
-"""The caller's own tenant, key and usage."""
+"""The caller's own tenant, keys and usage."""
 
 from __future__ import annotations
 
 import uuid
 from datetime import datetime
 
-from fastapi import APIRouter
-from pydantic import BaseModel
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import DatabaseRoute, SessionDep, StateDep, TenantCredential, UsageScope
+from api.admin.tenants import KeyList, TenantScope
+from api.deps import (
+    DatabaseRoute,
+    KeysScope,
+    SessionDep,
+    StateDep,
+    TenantCredential,
+    UsageScope,
+    request_actor,
+)
 from api.errors import problem_responses
+from api.fields import KeyExpiry, Name
 from api.usage_schemas import EndDay, GroupBy, StartDay, UsageReport, usage_report
-from auth.schemas import TenantView
+from auth.keys import issue_tenant_key, list_tenant_keys, revoke_key
+from auth.schemas import IssuedKey, KeyView, TenantView
 from auth.tenants import get_tenant
 from auth.usage import DEFAULT_BREAKDOWNS, report_window, usage_summary
 
@@ -80,3 +91,69 @@ async def my_usage(
         session, tenant.id, tenant.monthly_quota, first, last, group_by or DEFAULT_BREAKDOWNS
     )
     return usage_report(summary)
+
+
+class OwnKeyCreate(BaseModel):
+    """A new key for the caller's own tenant; it may hold no scope the calling credential lacks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name
+    scopes: list[TenantScope] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=3,
+        description="at most the calling credential's scopes (more: 403); omitted: all of them",
+    )
+    expires_at: KeyExpiry | None = Field(
+        default=None, description="when the key stops working; omitted: never"
+    )
+
+
+@router.get("/me/keys", response_model=KeyList, responses=problem_responses(401, 403, 429, 503))
+async def my_keys(subject: KeysScope, session: SessionDep) -> KeyList:
+    """List the caller's tenant's keys (metadata only)."""
+    return KeyList(keys=await list_tenant_keys(session, subject.require_tenant().id))
+
+
+@router.post(
+    "/me/keys",
+    status_code=201,
+    response_model=IssuedKey,
+    responses=problem_responses(401, 403, 422, 429, 503),
+)
+async def issue_my_key(
+    body: OwnKeyCreate,
+    subject: KeysScope,
+    session: SessionDep,
+    state: StateDep,
+    request: Request,
+    response: Response,
+) -> IssuedKey:
+    """Issue a key for the caller's tenant; the key is in this response only."""
+    # The key is in this body: no cache on the way may keep it.
+    response.headers["Cache-Control"] = "no-store"
+    return await issue_tenant_key(
+        session,
+        state.secrets.key_pepper,
+        request_actor(request, subject),
+        tenant_id=subject.require_tenant().id,
+        name=body.name,
+        scopes=body.scopes if body.scopes is not None else sorted(subject.scopes),
+        expires_at=body.expires_at,
+        max_scopes=subject.scopes,
+    )
+
+
+@router.post(
+    "/me/keys/{key_id}/revoke",
+    response_model=KeyView,
+    responses=problem_responses(401, 403, 404, 429, 503),
+)
+async def revoke_my_key(
+    key_id: uuid.UUID, subject: KeysScope, session: SessionDep, request: Request
+) -> KeyView:
+    """Revoke one of the caller's tenant's keys now; another tenant's key is not found."""
+    return await revoke_key(
+        session, request_actor(request, subject), key_id, tenant_id=subject.require_tenant().id
+    )

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from auth.authn import KeyAuthenticator
+from auth.key_activity import KeyActivity
 from auth.limits import RateLimiter
 from auth.settings import Secrets, Settings
 from auth.usage_writer import UsageWriter
@@ -26,4 +27,5 @@ class AppState:
     rate_limiter: RateLimiter
     registry: ModelRegistry
     usage_writer: UsageWriter
+    key_activity: KeyActivity
     started_at: float = field(default_factory=time.monotonic)

@@ -13,13 +13,13 @@ import string
 import uuid
 import zlib
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from auth.audit import Actor, record_event
-from auth.errors import InvalidRequest, NotFound
+from auth.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from auth.models import ApiKey, Tenant, utcnow
 from auth.schemas import IssuedKey, KeyView
 
@@ -38,6 +38,9 @@ DEFAULT_TENANT_SCOPES = ("predict", "usage:read")
 # Keys expire before this moment or never: a later expiry is no expiry, and every date before
 # it converts to any time zone without overflowing.
 LATEST_EXPIRY = datetime(3000, 1, 1, tzinfo=UTC)
+# The longest a rotated key keeps working beside its successor: long enough to roll a new key
+# out to every client, short enough that a rotation is never a revocation forgotten.
+MAX_ROTATION_GRACE_SECONDS = 7 * 24 * 3600
 
 
 def _base62(number: int, width: int) -> str:
@@ -100,11 +103,16 @@ async def issue_tenant_key(
     name: str,
     scopes: Sequence[str] = DEFAULT_TENANT_SCOPES,
     expires_at: datetime | None = None,
+    max_scopes: frozenset[str] | None = None,
 ) -> IssuedKey:
     """Create a key for a tenant, audited as ``key.issue``; the key is in the result only and
-    never retrievable again."""
+    never retrievable again. With ``max_scopes`` (self-service: the calling credential's
+    scopes) a scope beyond them is refused with 403: no credential can mint a stronger one."""
     if await session.get(Tenant, tenant_id) is None:
         raise NotFound("tenant not found")
+    if max_scopes is not None and not set(scopes) <= max_scopes:
+        beyond = ", ".join(sorted(set(scopes) - max_scopes))
+        raise Forbidden(f"a new key may not hold scopes this credential lacks: {beyond}")
     if expires_at is not None and expires_at <= utcnow():
         raise InvalidRequest("expires_at must be in the future", loc=("expires_at",))
     if expires_at is not None and expires_at >= LATEST_EXPIRY:
@@ -174,6 +182,7 @@ async def _insert_key(
     tenant_id: uuid.UUID | None = None,
     admin_principal_id: uuid.UUID | None = None,
     expires_at: datetime | None = None,
+    rotated_from_id: uuid.UUID | None = None,
 ) -> tuple[ApiKey, str]:
     key = generate_key()
     row = ApiKey(
@@ -184,6 +193,7 @@ async def _insert_key(
         digest=key_digest(pepper, key),
         scopes=scopes,
         expires_at=expires_at,
+        rotated_from_id=rotated_from_id,
     )
     session.add(row)
     await session.flush()
@@ -240,3 +250,82 @@ async def revoke_key(
         detail={"prefix": key.display_prefix},
     )
     return KeyView.of(key)
+
+
+async def rotate_key(
+    session: AsyncSession,
+    pepper: bytes,
+    actor: Actor,
+    key_id: uuid.UUID,
+    *,
+    grace_seconds: int,
+    tenant_id: uuid.UUID | None = None,
+) -> IssuedKey:
+    """Replace a live key by a new one with the same owner, name, scopes and expiry, audited as
+    ``key.rotate``. The old key keeps working for ``grace_seconds`` (0: it is revoked now) and
+    fails on every worker from then on; revoking it meanwhile takes effect at once. A revoked,
+    expired or already rotated key is a 409. The new key is in the result only."""
+    if not 0 <= grace_seconds <= MAX_ROTATION_GRACE_SECONDS:
+        raise InvalidRequest(
+            f"grace_seconds must be from 0 to {MAX_ROTATION_GRACE_SECONDS}",
+            loc=("grace_seconds",),
+        )
+    old = await _owned_key(session, key_id, tenant_id)
+    now = utcnow()
+    ends_at = now + timedelta(seconds=grace_seconds)
+    # One conditional UPDATE decides: of two concurrent rotations of a key only one can
+    # schedule its revocation, and so only one successor is ever issued.
+    scheduled = await session.execute(
+        update(ApiKey)
+        .where(
+            ApiKey.id == old.id,
+            ApiKey.revoked_at.is_(None),
+            or_(ApiKey.expires_at.is_(None), ApiKey.expires_at > now),
+        )
+        .values(revoked_at=ends_at)
+        .execution_options(synchronize_session=False)
+    )
+    # Read again either way: what the UPDATE wrote, or what made it refuse (which may be a
+    # concurrent rotation's revocation).
+    await session.refresh(old)
+    if scheduled.rowcount != 1:  # type: ignore[attr-defined]
+        raise Conflict(_not_rotatable(old, now))
+    new, secret = await _insert_key(
+        session,
+        pepper,
+        name=old.name,
+        scopes=old.scopes,
+        tenant_id=old.tenant_id,
+        admin_principal_id=old.admin_principal_id,
+        expires_at=old.expires_at,
+        rotated_from_id=old.id,
+    )
+    await record_event(
+        session,
+        actor,
+        action="key.rotate",
+        target_type="api_key",
+        target_id=str(old.id),
+        tenant_id=old.tenant_id,
+        detail={
+            "old_id": str(old.id),
+            "old_prefix": old.display_prefix,
+            "new_id": str(new.id),
+            "new_prefix": new.display_prefix,
+            "grace_seconds": grace_seconds,
+            "old_revoked_at": ends_at.isoformat(),
+        },
+    )
+    return IssuedKey.issued(new, secret)
+
+
+def _not_rotatable(key: ApiKey, now: datetime) -> str:
+    """Why a key cannot be rotated (for the 409's detail)."""
+    if key.revoked_at is not None and key.revoked_at <= now:
+        return "this key is revoked; issue a new key instead"
+    if key.revoked_at is not None:
+        return (
+            "this key was already rotated: it is revoked at "
+            f"{key.revoked_at.isoformat()}; rotate its successor instead"
+        )
+    return "this key has expired; issue a new key instead"

@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     # --before is given (None: it needs --before). Reports and exports read the rollups, which
     # are kept whatever this says.
     usage_retention_days: int | None = Field(default=None, ge=1, le=36_500)
+    # How often each worker writes the keys' last use (auth.key_activity): api_key.last_used_at
+    # lags by at most this much, and costs one statement per interval, not one per request.
+    key_last_used_flush_seconds: float = Field(default=10.0, ge=0.05, le=3600)
     max_batch_size: int = Field(default=100, ge=1, le=1000)
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     log_level: str = "INFO"

@@ -12,7 +12,13 @@ from pydantic.json_schema import SkipJsonSchema
 from api.deps import AdminScope, DatabaseRoute, SessionDep, StateDep, request_actor
 from api.errors import problem_responses
 from api.fields import KeyExpiry, MonthlyQuota, Name, PageLimit, PageOffset, RateLimitText
-from auth.keys import issue_tenant_key, list_tenant_keys, revoke_key
+from auth.keys import (
+    MAX_ROTATION_GRACE_SECONDS,
+    issue_tenant_key,
+    list_tenant_keys,
+    revoke_key,
+    rotate_key,
+)
 from auth.schemas import IssuedKey, KeyView, TenantView
 from auth.tenants import create_tenant, get_tenant, list_tenants, update_tenant
 
@@ -67,6 +73,20 @@ class KeyList(BaseModel):
     """A tenant's keys."""
 
     keys: list[KeyView]
+
+
+class KeyRotate(BaseModel):
+    """How long the replaced key keeps working beside its successor."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    grace_seconds: int = Field(
+        default=0,
+        ge=0,
+        le=MAX_ROTATION_GRACE_SECONDS,
+        description="seconds the old key keeps working (0, the default: it is revoked now; "
+        f"at most {MAX_ROTATION_GRACE_SECONDS}, 7 days)",
+    )
 
 
 @router.post(
@@ -167,3 +187,29 @@ async def revoke_key_route(
 ) -> KeyView:
     """Revoke a key now (it fails on every worker within a second); idempotent."""
     return await revoke_key(session, request_actor(request, admin), key_id)
+
+
+@router.post(
+    "/keys/{key_id}/rotate",
+    status_code=201,
+    response_model=IssuedKey,
+    responses=problem_responses(404, 409, 422, 503),
+)
+async def rotate_key_route(
+    key_id: uuid.UUID,
+    body: KeyRotate,
+    admin: AdminScope,
+    session: SessionDep,
+    state: StateDep,
+    request: Request,
+    response: Response,
+) -> IssuedKey:
+    """Rotate a key: its successor is in this response only; it works until the grace ends."""
+    response.headers["Cache-Control"] = "no-store"
+    return await rotate_key(
+        session,
+        state.secrets.key_pepper,
+        request_actor(request, admin),
+        key_id,
+        grace_seconds=body.grace_seconds,
+    )

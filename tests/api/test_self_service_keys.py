@@ -1,0 +1,139 @@
+"""GET/POST /me/keys and POST /me/keys/{id}/revoke: a tenant manages its own keys with the
+``keys:manage`` scope; a new key holds at most the caller's scopes and is shown once."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta
+
+import pytest
+from sqlalchemy import select
+
+from auth.models import AuditEvent, utcnow
+from tests.conftest import (
+    IRIS_SETOSA,
+    Harness,
+    bearer,
+    create_admin_key,
+    create_tenant_with_key,
+    refused_within,
+)
+
+MANAGER = ("predict", "usage:read", "keys:manage")
+KEYS = "/api/v1/me/keys"
+
+
+async def test_a_tenant_lists_issues_and_revokes_its_own_keys(harness: Harness) -> None:
+    tenant, manager = await create_tenant_with_key(harness, scopes=MANAGER)
+    expires_at = utcnow() + timedelta(days=1)
+    created = await harness.client.post(
+        KEYS,
+        json={"name": "ci", "scopes": ["predict"], "expires_at": expires_at.isoformat()},
+        headers=bearer(manager),
+    )
+    assert created.status_code == 201, created.text
+    assert created.headers["Cache-Control"] == "no-store"
+    new = created.json()
+    assert new["tenant_id"] == str(tenant.id)
+    assert new["scopes"] == ["predict"]
+    assert datetime.fromisoformat(new["expires_at"]) == expires_at
+    assert new["key"].startswith("mg_")
+    served = await harness.client.post(
+        "/api/v1/predict", json={"features": IRIS_SETOSA}, headers=bearer(new["key"])
+    )
+    assert served.status_code == 200
+
+    listing = await harness.client.get(KEYS, headers=bearer(manager))
+    assert listing.status_code == 200
+    keys = listing.json()["keys"]
+    assert {k["name"] for k in keys} == {"test key", "ci"}
+    assert new["key"] not in listing.text
+    assert all("key" not in k and "digest" not in k for k in keys)
+
+    revoked = await harness.client.post(f"{KEYS}/{new['id']}/revoke", headers=bearer(manager))
+    assert revoked.status_code == 200, revoked.text
+    assert revoked.json()["revoked_at"] is not None
+    await refused_within(harness, new["key"], seconds=1.0)
+
+    async with harness.sessionmaker() as session:
+        events = (
+            await session.scalars(
+                select(AuditEvent).where(AuditEvent.target_id == new["id"]).order_by(AuditEvent.id)
+            )
+        ).all()
+    assert [e.action for e in events] == ["key.issue", "key.revoke"]
+    assert {e.actor for e in events} == {f"tenant:{tenant.id}"}
+    assert all(e.tenant_id == tenant.id for e in events)
+
+
+async def test_a_new_key_defaults_to_the_callers_scopes(harness: Harness) -> None:
+    _, manager = await create_tenant_with_key(harness, scopes=("keys:manage", "usage:read"))
+    created = await harness.client.post(KEYS, json={"name": "same"}, headers=bearer(manager))
+    assert created.status_code == 201, created.text
+    assert created.json()["scopes"] == ["keys:manage", "usage:read"]
+    assert created.json()["expires_at"] is None
+
+
+@pytest.mark.parametrize("scopes", [["predict"], ["predict", "usage:read"]])
+async def test_a_scope_the_caller_lacks_is_403_and_issues_nothing(
+    harness: Harness, scopes: list[str]
+) -> None:
+    _, manager = await create_tenant_with_key(harness, scopes=("keys:manage", "usage:read"))
+    refused = await harness.client.post(
+        KEYS, json={"name": "stronger", "scopes": scopes}, headers=bearer(manager)
+    )
+    assert refused.status_code == 403, refused.text
+    assert refused.json()["type"] == "forbidden"
+    assert "predict" in refused.json()["detail"]
+    listing = await harness.client.get(KEYS, headers=bearer(manager))
+    assert [k["name"] for k in listing.json()["keys"]] == ["test key"]
+
+
+@pytest.mark.parametrize("scopes", [["admin"], [], ["predict"] * 4, ["anything"]])
+async def test_an_unknown_admin_or_empty_scope_list_is_422(
+    harness: Harness, scopes: list[str]
+) -> None:
+    _, manager = await create_tenant_with_key(harness, scopes=MANAGER)
+    refused = await harness.client.post(
+        KEYS, json={"name": "odd", "scopes": scopes}, headers=bearer(manager)
+    )
+    assert refused.status_code == 422, refused.text
+
+
+async def test_the_routes_need_keys_manage_and_a_tenant_credential(harness: Harness) -> None:
+    tenant, plain = await create_tenant_with_key(harness)  # predict, usage:read
+    admin = await create_admin_key(harness)
+    some_id = uuid.uuid4()
+    for key in (plain, admin):
+        for method, path in (
+            ("GET", KEYS),
+            ("POST", KEYS),
+            ("POST", f"{KEYS}/{some_id}/revoke"),
+        ):
+            response = await harness.client.request(
+                method, path, json={"name": "x"}, headers=bearer(key)
+            )
+            assert response.status_code == 403, (method, path, response.text)
+    assert (await harness.client.get(KEYS)).status_code == 401
+    # Nothing was issued by the refused attempts.
+    listing = await harness.client.get(
+        f"/api/v1/admin/tenants/{tenant.id}/keys", headers=bearer(admin)
+    )
+    assert [k["name"] for k in listing.json()["keys"]] == ["test key"]
+
+
+async def test_revoking_an_unknown_key_is_404(harness: Harness) -> None:
+    _, manager = await create_tenant_with_key(harness, scopes=MANAGER)
+    response = await harness.client.post(f"{KEYS}/{uuid.uuid4()}/revoke", headers=bearer(manager))
+    assert response.status_code == 404
+    assert response.json()["type"] == "not-found"
+    malformed = await harness.client.post(f"{KEYS}/not-a-uuid/revoke", headers=bearer(manager))
+    assert malformed.status_code == 422
+
+
+async def test_a_key_may_revoke_itself(harness: Harness) -> None:
+    _, manager = await create_tenant_with_key(harness, scopes=MANAGER)
+    own_id = (await harness.client.get("/api/v1/me", headers=bearer(manager))).json()["key"]["id"]
+    revoked = await harness.client.post(f"{KEYS}/{own_id}/revoke", headers=bearer(manager))
+    assert revoked.status_code == 200
+    await refused_within(harness, manager, seconds=1.0)
