@@ -24,6 +24,7 @@ from auth.authn import KeyAuthenticator
 from auth.db import create_engine, create_sessionmaker
 from auth.limits import RateLimiter
 from auth.settings import Settings, check_production, declared_workers, get_settings, load_secrets
+from auth.tokens import prune_tokens_periodically, token_config
 from auth.usage_writer import UsageWriter
 from ml import ModelRegistry
 
@@ -69,6 +70,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         authenticator=KeyAuthenticator(
             sessionmaker,
             secrets.key_pepper,
+            tokens=token_config(settings, secrets),
             cache_ttl=settings.key_cache_ttl_seconds,
             cache_size=settings.key_cache_size,
             lookup_timeout=settings.database_timeout_seconds,
@@ -83,9 +85,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # ~35 ms in the bench).
     gc.collect()
     gc.freeze()
+    pruner = asyncio.create_task(prune_tokens_periodically(sessionmaker, settings))
     try:
         yield
     finally:
+        pruner.cancel()
         # Pending usage is committed before the engine goes away.
         await usage_writer.close()
         await rate_limiter.close()

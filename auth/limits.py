@@ -107,7 +107,7 @@ def _sliding_window_stats(item: RateLimitItem, window: Any, now: float) -> Windo
 
 def _subject_key(request: Any) -> str:
     # slowapi requires a key function; the limiter is only ever checked per API key id.
-    return str(request.state.subject.key_id)
+    return str(request.state.subject.limit_id)
 
 
 # One check waiting for its pipeline: the script's keys and arguments, and where the reply goes.

@@ -91,17 +91,13 @@ def _chain_existing_events() -> int:
     # Shifted out of the way first so that no renumbering collides with an existing id.
     offset = (max(ids) if ids else 0) + 1
     for position, old_id in enumerate(ids, start=1):
-        bind.execute(
-            _events.update().where(_events.c.id == old_id).values(id=offset + position)
-        )
+        bind.execute(_events.update().where(_events.c.id == old_id).values(id=offset + position))
     bind.execute(_events.update().values(id=_events.c.id - offset))
     previous = GENESIS_HASH
     for row in bind.execute(sa.select(_events).order_by(_events.c.id)).all():
         digest = _hash(row, previous)
         bind.execute(
-            _events.update()
-            .where(_events.c.id == row.id)
-            .values(prev_hash=previous, hash=digest)
+            _events.update().where(_events.c.id == row.id).values(prev_hash=previous, hash=digest)
         )
         previous = digest
     head = sa.table(
