@@ -9,7 +9,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from auth.authn import KeyAuthenticator
 from auth.limits import RateLimiter
+from auth.login_throttle import LoginThrottle
 from auth.settings import Secrets, Settings
+from auth.tokens import TokenConfig
 from auth.usage_writer import UsageWriter
 from ml import ModelRegistry
 
@@ -26,4 +28,6 @@ class AppState:
     rate_limiter: RateLimiter
     registry: ModelRegistry
     usage_writer: UsageWriter
+    tokens: TokenConfig
+    login_throttle: LoginThrottle
     started_at: float = field(default_factory=time.monotonic)

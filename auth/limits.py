@@ -321,6 +321,11 @@ class RateLimiter:
             self._key_names[cache_key] = keys
         return keys
 
+    @property
+    def storage(self) -> Storage:
+        """The limiter's asyncio storage (Redis or memory), shared by the login throttle."""
+        return self._storage
+
     async def is_healthy(self) -> bool:
         """Whether the storage answers within the timeout."""
         try:

@@ -25,7 +25,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from auth.audit import Actor, record_event
-from auth.errors import NotFound, Unauthenticated
+from auth.errors import Forbidden, InvalidRequest, NotFound, Unauthenticated
 from auth.models import AccessToken, utcnow
 from auth.settings import Secrets, Settings
 
@@ -348,3 +348,17 @@ async def prune_tokens_periodically(
                 logger.info("pruned expired access-token records", count=pruned)
         except Exception as exc:
             logger.warning("pruning access-token records failed", error=type(exc).__name__)
+
+
+def granted_scopes(held: frozenset[str], requested: str | None) -> frozenset[str]:
+    """The scopes a new token carries: those requested (space-separated), which must all be
+    held (403 otherwise), or all that are held when none are named."""
+    if requested is None:
+        return held
+    wanted = frozenset(requested.split())
+    if not wanted:
+        raise InvalidRequest("scope names no scope", loc=("body", "scope"))
+    if not wanted <= held:
+        missing = ", ".join(sorted(wanted - held))
+        raise Forbidden(f"the credential does not hold the scope: {missing}")
+    return wanted

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from api.admin import billing, tenants
+from api.admin import billing, tenants, tokens
 from api.deps import require_admin
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 router.include_router(tenants.router)
 router.include_router(billing.router)
+router.include_router(tokens.router)
