@@ -4,23 +4,30 @@ records: list, revoke, prune."""
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import jwt
+import pytest
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+from typer.testing import CliRunner
 
-from auth.admins import create_admin_user, hash_password
+from api.cli import app as cli
+from auth.admins import authenticate_password, create_admin_user, hash_password
+from auth.db import create_engine, create_sessionmaker
 from auth.models import AccessToken, AdminPrincipal, ApiKey, AuditEvent, utcnow
-from auth.tokens import prune_tokens
+from auth.settings import get_settings
+from auth.tokens import TokenConfig, mint_token, prune_tokens
 from tests.conftest import (
     IRIS_SETOSA,
     TEST_ACTOR,
+    Backend,
     Harness,
     bearer,
     create_admin_key,
@@ -28,10 +35,10 @@ from tests.conftest import (
     refused_within,
     unique,
 )
-from tests.e2e.servers import BIN
 
 TOKEN = "/api/v1/auth/token"
 PASSWORD = "correct horse battery staple"
+T = TypeVar("T")
 
 
 def login_client(harness: Harness) -> httpx.AsyncClient:
@@ -276,75 +283,87 @@ async def test_records_expired_a_while_ago_are_pruned(harness: Harness) -> None:
         assert await session.get(AccessToken, live) is not None
 
 
-def _cli(
-    harness: Harness, tmp_path: Path, *args: str, stdin: str
-) -> subprocess.CompletedProcess[str]:
-    environment = {
-        key: value for key, value in os.environ.items() if not key.startswith("MODELGATE_")
-    }
-    environment["MODELGATE_DATABASE_URL"] = harness.backend.database_url
-    environment["MODELGATE_VAR_DIR"] = str(tmp_path / "var")
-    return subprocess.run(
-        [str(BIN / "modelgate"), *args],
-        cwd=tmp_path,
-        env=environment,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+async def _in_database(database_url: str, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+    engine = create_engine(database_url)
+    try:
+        async with create_sessionmaker(engine)() as session:
+            result = await work(session)
+            await session.commit()
+            return result
+    finally:
+        await engine.dispose()
 
 
-async def test_cli_creates_admin_users_and_sets_passwords_from_stdin_never_from_argv(
-    harness: Harness, tmp_path: Path
+def test_cli_creates_admin_users_and_sets_passwords_from_stdin_never_from_argv(
+    backend: Backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("MODELGATE_DATABASE_URL", backend.database_url)
+    monkeypatch.setenv("MODELGATE_VAR_DIR", str(tmp_path / "var"))
+    get_settings.cache_clear()
+    runner = CliRunner()
     email = f"{unique('cli')}@example.com"
-    # No option takes a password: argv is visible to every local user.
-    argv = ("admin", "create-user", "--email", email, "--password", PASSWORD)
-    via_argv = _cli(harness, tmp_path, *argv, stdin="")
-    assert via_argv.returncode == 2
-    async with harness.sessionmaker() as session:
-        assert (
-            await session.scalar(select(AdminPrincipal).where(AdminPrincipal.name == email)) is None
-        )
-    too_short = _cli(harness, tmp_path, "admin", "create-user", "--email", email, stdin="short\n")
-    assert too_short.returncode == 1
-    created = _cli(
-        harness, tmp_path, "admin", "create-user", "--email", email, stdin=PASSWORD + "\n"
-    )
-    assert created.returncode == 0, created.stderr
-    assert PASSWORD not in created.stdout + created.stderr
 
-    token = (await mint(harness, grant_type="password", username=email, password=PASSWORD)).json()
-    assert (
-        await harness.client.get("/api/v1/admin/tenants", headers=bearer(token["access_token"]))
-    ).status_code == 200
-    new_password = PASSWORD + " again"
-    changed = _cli(
-        harness, tmp_path, "admin", "set-password", "--email", email, stdin=new_password + "\n"
-    )
-    assert changed.returncode == 0, changed.stderr
-    # Changing the password revokes the user's tokens, and only the new password logs in.
-    await refused_within(harness, token["access_token"], seconds=1.0, path="/api/v1/admin/tenants")
-    old = await mint(harness, grant_type="password", username=email, password=PASSWORD)
-    assert old.status_code == 401
-    new = await mint(harness, grant_type="password", username=email, password=new_password)
-    assert new.status_code == 200
-    async with harness.sessionmaker() as session:
-        events = (
-            await session.scalars(select(AuditEvent).where(AuditEvent.action.like("admin_user.%")))
-        ).all()
-    mine = [event for event in events if event.detail.get("email") == email]
-    assert {event.actor for event in mine} == {"cli"}
-    assert sorted(event.action for event in mine) == [
-        "admin_user.create",
-        "admin_user.password_change",
-    ]
-    for event in mine:
-        assert PASSWORD not in str(event.detail)
-        assert "hash" not in str(event.detail)
-    pruned = _cli(harness, tmp_path, "tokens", "prune", stdin="")
-    assert pruned.returncode == 0, pruned.stderr
+    def user(session: AsyncSession) -> Awaitable[AdminPrincipal | None]:
+        return session.scalar(select(AdminPrincipal).where(AdminPrincipal.name == email))
+
+    try:
+        # No option takes a password: argv is visible to every local user.
+        argv = ["admin", "create-user", "--email", email, "--password", PASSWORD]
+        assert runner.invoke(cli, argv, input="").exit_code == 2
+        assert asyncio.run(_in_database(backend.database_url, user)) is None
+        create = ["admin", "create-user", "--email", email]
+        assert runner.invoke(cli, create, input="short\n").exit_code == 1
+        created = runner.invoke(cli, create, input=PASSWORD + "\n")
+        assert created.exit_code == 0, created.output
+        assert PASSWORD not in created.output
+        admin = asyncio.run(_in_database(backend.database_url, user))
+        assert admin is not None
+        assert admin.password_hash is not None
+        assert PASSWORD not in admin.password_hash
+
+        async def token_for_user(session: AsyncSession) -> uuid.UUID:
+            assert await authenticate_password(session, email, PASSWORD) is not None
+            config = TokenConfig.build(b"s" * 32, issuer="i", audience="a", ttl_seconds=60)
+            minted = await mint_token(
+                session,
+                config,
+                grant_type="password",
+                scopes=frozenset({"admin"}),
+                admin_principal_id=admin.id,
+            )
+            return minted.jti
+
+        jti = asyncio.run(_in_database(backend.database_url, token_for_user))
+        new_password = PASSWORD + " again"
+        change = ["admin", "set-password", "--email", email]
+        changed = runner.invoke(cli, change, input=new_password + "\n")
+        assert changed.exit_code == 0, changed.output
+
+        async def after_change(session: AsyncSession) -> None:
+            # Only the new password logs in, and the user's live token is revoked.
+            assert await authenticate_password(session, email, PASSWORD) is None
+            assert await authenticate_password(session, email, new_password) is not None
+            record = await session.get(AccessToken, jti)
+            assert record is not None
+            assert record.revoked_at is not None
+            events = (
+                await session.scalars(
+                    select(AuditEvent).where(AuditEvent.target_id == str(admin.id))
+                )
+            ).all()
+            assert sorted(event.action for event in events) == [
+                "admin_user.create",
+                "admin_user.password_change",
+            ]
+            for event in events:
+                assert event.actor == "cli"
+                assert PASSWORD not in str(event.detail)
+                assert "$argon2" not in str(event.detail)
+
+        asyncio.run(_in_database(backend.database_url, after_change))
+        assert runner.invoke(cli, ["tokens", "prune"]).exit_code == 0
+    finally:
+        get_settings.cache_clear()
 
 
 async def test_password_hashing_runs_off_the_event_loop() -> None:
