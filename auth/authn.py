@@ -108,7 +108,8 @@ class KeyAuthenticator:
     """Verifies API keys and JWTs against the database, through one short-lived per-process
     cache.
 
-    A verified key is remembered by its digest, a verified token by its ``jti``, for at most
+    A verified key is remembered by its digest, a verified token by its claims (``jti`` and the
+    rest), for at most
     ``cache_ttl`` seconds (never past the key's expiry or scheduled revocation, nor the token's
     expiry), so that the steady state costs no database round trip while revocation (of a key,
     of a token, or of the key a token was minted from), expiry, suspension and limit changes
@@ -133,9 +134,10 @@ class KeyAuthenticator:
         self._tokens = tokens
         self._cache_ttl = cache_ttl
         self._cache_size = cache_size
-        # digest or "jti:<id>" -> (monotonic deadline, subject); insertion order is age order.
-        self._cache: dict[str, tuple[float, AuthSubject]] = {}
-        self._lookups: dict[str, asyncio.Future[AuthSubject]] = {}
+        # key digest or token claims -> (monotonic deadline, subject); insertion order is age
+        # order.
+        self._cache: dict[str | TokenClaims, tuple[float, AuthSubject]] = {}
+        self._lookups: dict[str | TokenClaims, asyncio.Future[AuthSubject]] = {}
 
     async def authenticate(self, credential: str) -> AuthSubject:
         """The subject for a credential; 401 for anything that is not a live key or token."""
@@ -154,7 +156,9 @@ class KeyAuthenticator:
             raise Unauthenticated("invalid credential")
         # Signature, algorithm, kid and claims, without I/O: a forged token never costs a query.
         claims = verify_token(self._tokens, credential)
-        entry = f"jti:{claims.jti}"
+        # Keyed by the token's claims (its jti and everything else it says), so that a cached
+        # subject only ever answers for the very claims its lookup checked against the record.
+        entry = claims
         cached = self._cache.get(entry)
         if cached is not None:
             if cached[0] > time.monotonic():
@@ -163,7 +167,9 @@ class KeyAuthenticator:
         return await self._single_flight(entry, lambda: self._lookup_token(claims))
 
     async def _single_flight(
-        self, entry: str, lookup: Callable[[], Awaitable[tuple[AuthSubject, datetime | None]]]
+        self,
+        entry: str | TokenClaims,
+        lookup: Callable[[], Awaitable[tuple[AuthSubject, datetime | None]]],
     ) -> AuthSubject:
         pending = self._lookups.get(entry)
         if pending is not None:
@@ -195,7 +201,9 @@ class KeyAuthenticator:
         self._cache.clear()
 
     async def _verify(
-        self, entry: str, lookup: Callable[[], Awaitable[tuple[AuthSubject, datetime | None]]]
+        self,
+        entry: str | TokenClaims,
+        lookup: Callable[[], Awaitable[tuple[AuthSubject, datetime | None]]],
     ) -> AuthSubject:
         started = time.monotonic()
         subject, valid_until = await lookup()
