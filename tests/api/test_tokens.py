@@ -20,7 +20,9 @@ from typer.testing import CliRunner
 
 from api.cli import app as cli
 from auth.admins import authenticate_password, create_admin_user, hash_password
+from auth.authn import KeyAuthenticator
 from auth.db import create_engine, create_sessionmaker
+from auth.errors import Unauthenticated
 from auth.models import AccessToken, AdminPrincipal, ApiKey, AuditEvent, utcnow
 from auth.settings import get_settings
 from auth.tokens import TokenConfig, mint_token, prune_tokens
@@ -35,6 +37,7 @@ from tests.conftest import (
     refused_within,
     unique,
 )
+from tests.security.test_key_cache import CountingSessions
 
 TOKEN = "/api/v1/auth/token"
 PASSWORD = "correct horse battery staple"
@@ -388,3 +391,40 @@ async def test_password_hashing_runs_off_the_event_loop() -> None:
     # Argon2 takes tens of milliseconds; had it run on the loop, one gap would be as long.
     assert took > 0.02, f"hashing took {took * 1000:.1f} ms: too fast to show anything"
     assert max(gaps) < took / 2, f"the loop stalled {max(gaps) * 1000:.1f} ms"
+
+
+async def test_a_token_costs_no_lookup_in_the_steady_state_and_is_never_cached_past_exp(
+    harness: Harness,
+) -> None:
+    _, key = await create_tenant_with_key(harness)
+    token = await key_token(harness, key)
+    sessions = CountingSessions(harness.sessionmaker)
+    pepper = harness.state.secrets.key_pepper
+    authenticator = KeyAuthenticator(sessions, pepper, tokens=harness.state.tokens)  # type: ignore[arg-type]
+    # Concurrent misses share one lookup; then the cache answers.
+    await asyncio.gather(*[authenticator.authenticate(token) for _ in range(20)])
+    for _ in range(100):
+        subject = await authenticator.authenticate(token)
+    assert sessions.opened == 1
+    assert subject.jti is not None
+    assert subject.limit_id == str(subject.key_id)
+
+    # A cache that would trust for ten seconds still drops a token at its exp.
+    patient = KeyAuthenticator(sessions, pepper, tokens=harness.state.tokens, cache_ttl=10)  # type: ignore[arg-type]
+    async with harness.sessionmaker() as session:
+        key_row = await session.scalar(select(ApiKey).where(ApiKey.id == subject.key_id))
+        assert key_row is not None
+        short = await mint_token(
+            session,
+            harness.state.tokens,
+            grant_type="client_credentials",
+            scopes=frozenset({"predict"}),
+            api_key_id=key_row.id,
+            tenant_id=key_row.tenant_id,
+            not_after=utcnow() + timedelta(seconds=2),
+        )
+        await session.commit()
+    await patient.authenticate(short.access_token)
+    await asyncio.sleep(short.expires_in + 0.1)
+    with pytest.raises(Unauthenticated):
+        await patient.authenticate(short.access_token)
