@@ -22,10 +22,10 @@ from api.cli import app as cli
 from auth.admins import authenticate_password, create_admin_user, hash_password
 from auth.authn import KeyAuthenticator
 from auth.db import create_engine, create_sessionmaker
-from auth.errors import Unauthenticated
+from auth.errors import ConfigurationError, Unauthenticated
 from auth.models import AccessToken, AdminPrincipal, ApiKey, AuditEvent, utcnow
-from auth.settings import get_settings
-from auth.tokens import TokenConfig, mint_token, prune_tokens
+from auth.settings import Settings, check_production, get_settings, load_secrets
+from auth.tokens import TokenConfig, key_id, mint_token, prune_tokens, sign_token, verify_token
 from tests.conftest import (
     IRIS_SETOSA,
     TEST_ACTOR,
@@ -428,3 +428,49 @@ async def test_a_token_costs_no_lookup_in_the_steady_state_and_is_never_cached_p
     await asyncio.sleep(short.expires_in + 0.1)
     with pytest.raises(Unauthenticated):
         await patient.authenticate(short.access_token)
+
+
+def _claims(config: TokenConfig) -> dict[str, object]:
+    now = int(time.time())
+    return {
+        "iss": config.issuer,
+        "aud": config.audience,
+        "sub": f"key:{uuid.uuid4()}",
+        "jti": str(uuid.uuid4()),
+        "iat": now,
+        "nbf": now,
+        "exp": now + 60,
+        "scope": "predict",
+        "tid": None,
+    }
+
+
+def test_a_rotated_secret_verifies_only_while_it_is_listed_as_previous() -> None:
+    old, new = b"o" * 40, b"n" * 40
+    options = {"issuer": "modelgate", "audience": "modelgate-api", "ttl_seconds": 900}
+    before = TokenConfig.build(old, **options)  # type: ignore[arg-type]
+    token = sign_token(before, _claims(before))
+    assert jwt.get_unverified_header(token)["kid"] == key_id(old) != key_id(new)
+    assert old.decode() not in key_id(old)
+    during = TokenConfig.build(new, [old], **options)  # type: ignore[arg-type]
+    assert verify_token(during, token).scopes == {"predict"}
+    # New tokens are signed with the new secret only.
+    assert jwt.get_unverified_header(sign_token(during, _claims(during)))["kid"] == key_id(new)
+    after = TokenConfig.build(new, **options)  # type: ignore[arg-type]
+    with pytest.raises(Unauthenticated):
+        verify_token(after, token)
+
+
+def test_production_refuses_short_previous_jwt_secrets(tmp_path: Path) -> None:
+    values = {
+        "env": "production",
+        "redis_url": "redis://127.0.0.1:6379/0",
+        "var_dir": tmp_path,
+        "key_pepper": "p" * 40,
+        "jwt_secret": "j" * 40,
+    }
+    check_production(Settings(_env_file=None, **values, jwt_previous_secrets="o" * 40), 1)  # type: ignore[call-arg]
+    weak = Settings(_env_file=None, **values, jwt_previous_secrets="o" * 40 + ",short")  # type: ignore[call-arg]
+    with pytest.raises(ConfigurationError, match="PREVIOUS_SECRETS"):
+        check_production(weak, 1)
+    assert load_secrets(weak).jwt_previous_secrets == (b"o" * 40, b"short")
