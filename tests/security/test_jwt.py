@@ -349,6 +349,22 @@ async def test_brute_force_of_the_token_endpoint_is_throttled_per_address_and_ac
         assert good_key not in json.dumps(event.detail)
 
 
+def _wait_for_workers(log_path: Path, count: int, timeout: float = 120) -> None:
+    """Wait until ``count`` workers have finished starting: the server is ready as soon as one
+    is, and on a loaded machine requests fired at that one starve the other's start (uvicorn
+    then kills it as unresponsive and starts it again)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        started = set()
+        for line in log_path.read_text().splitlines():
+            if "Application startup complete" in line:
+                started.add(json.loads(line)["pid"])
+        if len(started) >= count:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"fewer than {count} workers started within {timeout} s")
+
+
 # Two workers need Postgres and Redis.
 @only_on("postgres")
 @pytest.mark.e2e
@@ -424,6 +440,7 @@ def test_jwt_is_refused_within_a_second_on_both_workers_after_revocation(
         token, jti = asyncio.run(mint())
         log_path = tmp_path / "server.log"
         with serve(environment, tmp_path, workers=2, log_path=log_path) as port:
+            _wait_for_workers(log_path, 2)
             assert len(_until_both_workers(port, token, log_path, 200)) == 2
             asyncio.run(_execute(url, change.format(tenant=tenant["id"], jti=jti)))
             changed_at = time.monotonic()
