@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
-from api import health, me, models, predict, root
+from api import health, me, models, predict, root, token
 from api.admin import router as admin_router
 from api.errors import install_error_handlers
 from api.logging import configure_logging
@@ -24,7 +24,9 @@ from auth.authn import KeyAuthenticator
 from auth.db import create_engine, create_sessionmaker
 from auth.key_activity import KeyActivity
 from auth.limits import RateLimiter
+from auth.login_throttle import LoginThrottle
 from auth.settings import Settings, check_production, declared_workers, get_settings, load_secrets
+from auth.tokens import prune_tokens_periodically, token_config
 from auth.usage_writer import UsageWriter
 from ml import ModelRegistry
 
@@ -68,6 +70,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         timeout_seconds=settings.database_timeout_seconds,
     )
     key_activity.start()
+    tokens = token_config(settings, secrets)
     app.state.modelgate = AppState(
         settings=settings,
         secrets=secrets,
@@ -76,6 +79,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         authenticator=KeyAuthenticator(
             sessionmaker,
             secrets.key_pepper,
+            tokens=tokens,
             cache_ttl=settings.key_cache_ttl_seconds,
             cache_size=settings.key_cache_size,
             lookup_timeout=settings.database_timeout_seconds,
@@ -84,6 +88,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry=registry,
         usage_writer=usage_writer,
         key_activity=key_activity,
+        tokens=tokens,
+        login_throttle=LoginThrottle(
+            rate_limiter.storage,
+            settings.login_failures_per_address,
+            settings.login_failures_per_account,
+        ),
     )
     # Everything loaded so far (models, libraries, metadata) lives as long as the process: move
     # it out of the collector's reach. Otherwise every full collection walks those millions of
@@ -91,9 +101,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # ~35 ms in the bench).
     gc.collect()
     gc.freeze()
+    pruner = asyncio.create_task(prune_tokens_periodically(sessionmaker, settings))
     try:
         yield
     finally:
+        pruner.cancel()
         # Pending usage is committed before the engine goes away.
         await usage_writer.close()
         await key_activity.close()
@@ -125,7 +137,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # Included straight into the app (not through an /api/v1 router of their own): every level
     # of nesting is one more router a request walks through. Predictions come first.
-    for router in (predict.router, health.router, models.router, me.router, admin_router):
+    routers = (predict.router, health.router, models.router, me.router, token.router, admin_router)
+    for router in routers:
         app.include_router(router, prefix=API_PREFIX)
     app.include_router(root.router)
 

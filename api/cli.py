@@ -39,6 +39,7 @@ admin_app = typer.Typer(help="Operator credentials.", no_args_is_help=True)
 tenants_app = typer.Typer(help="Tenants.", no_args_is_help=True)
 keys_app = typer.Typer(help="Tenant API keys.", no_args_is_help=True)
 billing_app = typer.Typer(help="Billing exports.", no_args_is_help=True)
+tokens_app = typer.Typer(help="JWT access-token records.", no_args_is_help=True)
 models_app = typer.Typer(help="The model registry.", no_args_is_help=True)
 audit_app = typer.Typer(help="The audit trail.", no_args_is_help=True)
 usage_app = typer.Typer(help="Usage records and their rollups.", no_args_is_help=True)
@@ -51,6 +52,7 @@ for sub, name in (
     (models_app, "models"),
     (audit_app, "audit"),
     (usage_app, "usage"),
+    (tokens_app, "tokens"),
 ):
     app.add_typer(sub, name=name)
 
@@ -164,6 +166,55 @@ def admin_create_key(
     secret = _run_in_session(settings, work)
     typer.echo(f"Admin key for {name!r} (shown once; store it now):", err=True)
     typer.echo(secret)
+
+
+def _read_password() -> str:
+    """A password from a hidden prompt with confirmation, or the first line of stdin when it
+    is not a terminal; never from the command line (argv is visible to every local user)."""
+    if sys.stdin.isatty():
+        return str(typer.prompt("Password", hide_input=True, confirmation_prompt=True))
+    return sys.stdin.readline().rstrip("\r\n")
+
+
+@admin_app.command("create-user")
+def admin_create_user(
+    email: Annotated[str, typer.Option(help="The admin user's e-mail address.")],
+) -> None:
+    """Create an admin user who logs in at /auth/token; the password is read from a prompt or
+    stdin."""
+    from auth.admins import create_admin_user
+
+    password = _read_password()
+
+    async def work(session: AsyncSession) -> str:
+        admin = await create_admin_user(session, CLI_ACTOR, email, password)
+        return admin.name
+
+    typer.echo(f"admin user {_run_in_session(get_settings(), work)} created")
+
+
+@admin_app.command("set-password")
+def admin_set_password(
+    email: Annotated[str, typer.Option(help="The admin user's e-mail address.")],
+) -> None:
+    """Set an admin user's password (from a prompt or stdin); the user's tokens are revoked."""
+    from auth.admins import set_password
+
+    password = _read_password()
+
+    async def work(session: AsyncSession) -> int:
+        return await set_password(session, CLI_ACTOR, email, password)
+
+    revoked = _run_in_session(get_settings(), work)
+    typer.echo(f"password changed; {revoked} live token(s) revoked")
+
+
+@tokens_app.command("prune")
+def tokens_prune() -> None:
+    """Delete the records of access tokens that expired more than an hour ago."""
+    from auth.tokens import prune_tokens
+
+    typer.echo(f"pruned {_run_in_session(get_settings(), prune_tokens)} token record(s)")
 
 
 @tenants_app.command("create")

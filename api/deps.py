@@ -155,7 +155,7 @@ class Authenticator(HTTPBearer):
             setattr(request.state, BILLABLE, True)
         rate_limit = subject.tenant.rate_limit if subject.tenant else None
         try:
-            request.state.rate_limit = await state.rate_limiter.hit(str(subject.key_id), rate_limit)
+            request.state.rate_limit = await state.rate_limiter.hit(subject.limit_id, rate_limit)
         except KeyRateLimitExceeded as exc:
             # The 429 carries the X-RateLimit-* headers too.
             request.state.rate_limit = exc.status

@@ -65,7 +65,7 @@ async def me(subject: TenantCredential, state: StateDep, session: SessionDep) ->
             monthly_quota=tenant.monthly_quota,
         ),
         key=KeyOut(
-            id=subject.key_id,
+            id=subject.require_key_id(),
             name=subject.key_name,
             scopes=sorted(subject.scopes),
             expires_at=subject.expires_at,

@@ -41,7 +41,7 @@ async def charge(
     event = UsageEvent(
         request_id=uuid.UUID(request.state.request_id),
         tenant_id=tenant.id,
-        api_key_id=subject.key_id,
+        api_key_id=subject.require_key_id(),
         model=model,
         model_version=model_version,
         units=units,

@@ -10,7 +10,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from auth.authn import KeyAuthenticator
 from auth.key_activity import KeyActivity
 from auth.limits import RateLimiter
+from auth.login_throttle import LoginThrottle
 from auth.settings import Secrets, Settings
+from auth.tokens import TokenConfig
 from auth.usage_writer import UsageWriter
 from ml import ModelRegistry
 
@@ -28,4 +30,6 @@ class AppState:
     registry: ModelRegistry
     usage_writer: UsageWriter
     key_activity: KeyActivity
+    tokens: TokenConfig
+    login_throttle: LoginThrottle
     started_at: float = field(default_factory=time.monotonic)

@@ -6,15 +6,18 @@ import asyncio
 import hmac
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from auth.errors import DatabaseTimedOut, Forbidden, TenantSuspended, Unauthenticated
 from auth.keys import ADMIN_SCOPE, has_valid_checksum, key_digest, looks_like_key
-from auth.models import AdminPrincipal, ApiKey, Tenant, utcnow
+from auth.models import AccessToken, AdminPrincipal, ApiKey, Tenant, utcnow
+from auth.tokens import TokenClaims, TokenConfig, verify_token
 
 # Longer Authorization headers are refused before any parsing (SECURITY.md line 1).
 MAX_AUTHORIZATION_LENGTH = 8 * 1024
@@ -34,15 +37,23 @@ class TenantInfo:
 
 @dataclass(frozen=True)
 class AuthSubject:
-    """The authenticated caller: a tenant's key or an admin's key, with its scopes."""
+    """The authenticated caller: a tenant's key, an admin's key, or a JWT minted from either or
+    for an admin user, with its scopes.
 
-    key_id: uuid.UUID
+    ``key_id`` is the key the credential derives from (a key, or the key a token was minted
+    from): usage records name it. An admin user's token derives from no key (``key_id`` is
+    None); ``limit_id`` is what the rate limiter counts requests against either way.
+    """
+
+    key_id: uuid.UUID | None
     key_name: str
     scopes: frozenset[str]
     expires_at: datetime | None
     tenant: TenantInfo | None = None
     admin_principal_id: uuid.UUID | None = None
     admin_name: str | None = None
+    # The token's id when the credential is a JWT.
+    jti: uuid.UUID | None = None
 
     @property
     def is_admin(self) -> bool:
@@ -53,11 +64,24 @@ class AuthSubject:
             and self.tenant is None
         )
 
+    @cached_property
+    def limit_id(self) -> str:
+        """What the rate limiter counts against: the key's id, else the admin user's."""
+        if self.key_id is not None:
+            return str(self.key_id)
+        return f"admin:{self.admin_principal_id}"
+
     def require_tenant(self) -> TenantInfo:
         """The caller's tenant; a 403 for an admin credential on a tenant route."""
         if self.tenant is None:
             raise Forbidden("this route is for tenant credentials")
         return self.tenant
+
+    def require_key_id(self) -> uuid.UUID:
+        """The key the credential derives from; a 403 for an admin user's token."""
+        if self.key_id is None:
+            raise Forbidden("this route is for credentials derived from an API key")
+        return self.key_id
 
     @property
     def actor(self) -> str:
@@ -81,13 +105,17 @@ def bearer_credential(authorization: str | None) -> str:
 
 
 class KeyAuthenticator:
-    """Verifies API keys against the database, through a short-lived per-process cache.
+    """Verifies API keys and JWTs against the database, through one short-lived per-process
+    cache.
 
-    A verified key is remembered by its digest for at most ``cache_ttl`` seconds (never past
-    its expiry or a scheduled revocation), so that the steady state costs no database round
-    trip while revocation, expiry, suspension and limit changes still reach every worker within
-    that time. Failures are never cached: an unknown key costs a lookup each time it is tried
-    (its checksum must be valid first). Concurrent misses of one digest share one lookup.
+    A verified key is remembered by its digest, a verified token by its text (its ``jti`` and
+    every other claim, signed), for at most
+    ``cache_ttl`` seconds (never past the key's expiry or scheduled revocation, nor the token's
+    expiry), so that the steady state costs no database round trip while revocation (of a key,
+    of a token, or of the key a token was minted from), expiry, suspension and limit changes
+    still reach every worker within that time. Failures are never cached: an unknown key costs a
+    lookup each time it is tried (its checksum must be valid first, and a token's signature).
+    Concurrent misses of one entry share one lookup.
     """
 
     def __init__(
@@ -95,6 +123,7 @@ class KeyAuthenticator:
         sessionmaker: async_sessionmaker[AsyncSession],
         pepper: bytes,
         *,
+        tokens: TokenConfig | None = None,
         cache_ttl: float = 1.0,
         cache_size: int = 10_000,
         lookup_timeout: float | None = None,
@@ -102,36 +131,60 @@ class KeyAuthenticator:
         self._sessionmaker = sessionmaker
         self._lookup_timeout = lookup_timeout
         self._pepper = pepper
+        self._tokens = tokens
         self._cache_ttl = cache_ttl
         self._cache_size = cache_size
-        # digest -> (monotonic deadline, subject); insertion order is age order.
+        # key digest or token text -> (monotonic deadline, subject); insertion order is age
+        # order.
         self._cache: dict[str, tuple[float, AuthSubject]] = {}
         self._lookups: dict[str, asyncio.Future[AuthSubject]] = {}
 
     async def authenticate(self, credential: str) -> AuthSubject:
-        """The subject for a credential; 401 for anything that is not a live key."""
-        if not looks_like_key(credential) or not has_valid_checksum(credential):
-            # Checked before any database access: garbage never costs a query.
+        """The subject for a credential; 401 for anything that is not a live key or token."""
+        if looks_like_key(credential):
+            if not has_valid_checksum(credential):
+                # Checked before any database access: garbage never costs a query.
+                raise Unauthenticated("invalid credential")
+            digest = key_digest(self._pepper, credential)
+            cached = self._cache.get(digest)
+            if cached is not None:
+                if cached[0] > time.monotonic():
+                    return cached[1]
+                del self._cache[digest]
+            return await self._single_flight(digest, lambda: self._lookup_key(digest))
+        if self._tokens is None:
             raise Unauthenticated("invalid credential")
-        digest = key_digest(self._pepper, credential)
-        cached = self._cache.get(digest)
+        # A token is remembered by its exact text: the same bytes under the same (immutable)
+        # secrets verify the same way, and the entry never outlives its exp, so a hit may skip
+        # verify_token (a quarter of a millisecond in PyJWT). A token that differs in any
+        # claim, or in its signature, is another entry and is verified in full.
+        cached = self._cache.get(credential)
         if cached is not None:
             if cached[0] > time.monotonic():
                 return cached[1]
-            del self._cache[digest]
-        pending = self._lookups.get(digest)
+            del self._cache[credential]
+        # Signature, algorithm, kid and claims, without I/O: a forged token never costs a query.
+        claims = verify_token(self._tokens, credential)
+        return await self._single_flight(credential, lambda: self._lookup_token(claims))
+
+    async def _single_flight(
+        self,
+        entry: str,
+        lookup: Callable[[], Awaitable[tuple[AuthSubject, datetime | None]]],
+    ) -> AuthSubject:
+        pending = self._lookups.get(entry)
         if pending is not None:
             # shield: one waiter being cancelled must not cancel the lookup the others share.
             return await self._bounded(asyncio.shield(pending))
-        lookup = asyncio.ensure_future(self._verify(digest))
-        self._lookups[digest] = lookup
+        future = asyncio.ensure_future(self._verify(entry, lookup))
+        self._lookups[entry] = future
         try:
-            return await self._bounded(asyncio.shield(lookup))
+            return await self._bounded(asyncio.shield(future))
         finally:
-            if lookup.done():
-                self._lookups.pop(digest, None)
+            if future.done():
+                self._lookups.pop(entry, None)
             else:
-                lookup.add_done_callback(lambda _: self._lookups.pop(digest, None))
+                future.add_done_callback(lambda _: self._lookups.pop(entry, None))
 
     async def _bounded(self, lookup: asyncio.Future[AuthSubject]) -> AuthSubject:
         """Wait for a lookup at most ``lookup_timeout`` seconds; past it the database is
@@ -145,23 +198,27 @@ class KeyAuthenticator:
             raise DatabaseTimedOut from None
 
     def forget(self) -> None:
-        """Drop every cached key (the benchmark uses it to time a cache miss)."""
+        """Drop every cached credential (the benchmark uses it to time a cache miss)."""
         self._cache.clear()
 
-    async def _verify(self, digest: str) -> AuthSubject:
+    async def _verify(
+        self,
+        entry: str,
+        lookup: Callable[[], Awaitable[tuple[AuthSubject, datetime | None]]],
+    ) -> AuthSubject:
         started = time.monotonic()
-        subject, valid_until = await self._lookup(digest)
+        subject, valid_until = await lookup()
         deadline = started + self._cache_ttl
         if valid_until is not None:
-            # Never serve a key from the cache past its expiry or scheduled revocation.
+            # Never serve a credential from the cache past its expiry or scheduled revocation.
             deadline = min(deadline, started + (valid_until - utcnow()).total_seconds())
         if len(self._cache) >= self._cache_size:
             # Full: drop the oldest entry (dicts keep insertion order).
             del self._cache[next(iter(self._cache))]
-        self._cache[digest] = (deadline, subject)
+        self._cache[entry] = (deadline, subject)
         return subject
 
-    async def _lookup(self, digest: str) -> tuple[AuthSubject, datetime | None]:
+    async def _lookup_key(self, digest: str) -> tuple[AuthSubject, datetime | None]:
         """The live key with this digest and the moment it stops being valid, or 401."""
         statement = (
             select(ApiKey, Tenant, AdminPrincipal)
@@ -179,32 +236,103 @@ class KeyAuthenticator:
         # ever decides on a non-constant-time comparison of secret-derived material.
         if not hmac.compare_digest(key.digest, digest):
             raise Unauthenticated("invalid credential")
-        now = utcnow()
-        if key.revoked_at is not None and key.revoked_at <= now:
-            raise Unauthenticated("credential revoked")
-        if key.expires_at is not None and key.expires_at <= now:
-            raise Unauthenticated("credential expired")
-        ends = [moment for moment in (key.revoked_at, key.expires_at) if moment is not None]
-        tenant_info = None
-        if tenant is not None:
-            tenant_info = TenantInfo(
-                id=tenant.id,
-                name=tenant.name,
-                plan=tenant.plan,
-                rate_limit=tenant.rate_limit,
-                monthly_quota=tenant.monthly_quota,
-                status=tenant.status,
-            )
+        ends = _live_key_ends(key, utcnow())
         subject = AuthSubject(
             key_id=key.id,
             key_name=key.name,
             scopes=key.scope_set,
             expires_at=key.expires_at,
-            tenant=tenant_info,
+            tenant=_tenant_info(tenant),
             admin_principal_id=admin.id if admin is not None else None,
             admin_name=admin.name if admin is not None else None,
         )
         return subject, min(ends, default=None)
+
+    async def _lookup_token(self, claims: TokenClaims) -> tuple[AuthSubject, datetime | None]:
+        """The live record of a verified token, with the key (and tenant) or admin user it
+        comes from, in one query; 401 unless all of them are live."""
+        statement = (
+            select(AccessToken, ApiKey, Tenant, AdminPrincipal)
+            .outerjoin(ApiKey, AccessToken.api_key_id == ApiKey.id)
+            .outerjoin(Tenant, AccessToken.tenant_id == Tenant.id)
+            .outerjoin(
+                AdminPrincipal,
+                AdminPrincipal.id
+                == func.coalesce(AccessToken.admin_principal_id, ApiKey.admin_principal_id),
+            )
+            .where(AccessToken.jti == claims.jti)
+        )
+        async with self._sessionmaker() as session:
+            row = (await session.execute(statement)).first()
+        if row is None:
+            raise Unauthenticated("invalid credential")
+        record, key, tenant, admin = row
+        now = utcnow()
+        if record.subject != claims.subject or record.tenant_id != claims.tenant_id:
+            raise Unauthenticated("invalid credential")
+        if record.revoked_at is not None and record.revoked_at <= now:
+            raise Unauthenticated("credential revoked")
+        if record.expires_at <= now:
+            raise Unauthenticated("credential expired")
+        ends = [record.expires_at]
+        if record.revoked_at is not None:
+            ends.append(record.revoked_at)
+        # Never more than the token says, what it was minted with, and what its source holds now.
+        scopes = claims.scopes & frozenset(record.scopes.split())
+        if key is not None:
+            if claims.kind != "key" or key.id != claims.subject_id:
+                raise Unauthenticated("invalid credential")
+            ends.extend(_live_key_ends(key, now))
+            subject = AuthSubject(
+                key_id=key.id,
+                key_name=key.name,
+                scopes=scopes & key.scope_set,
+                expires_at=key.expires_at,
+                tenant=_tenant_info(tenant),
+                admin_principal_id=admin.id if admin is not None else None,
+                admin_name=admin.name if admin is not None else None,
+                jti=record.jti,
+            )
+        else:
+            if (
+                claims.kind != "admin"
+                or admin is None
+                or admin.id != claims.subject_id
+                or admin.password_hash is None
+            ):
+                raise Unauthenticated("invalid credential")
+            subject = AuthSubject(
+                key_id=None,
+                key_name=admin.name,
+                scopes=scopes & {ADMIN_SCOPE},
+                expires_at=record.expires_at,
+                admin_principal_id=admin.id,
+                admin_name=admin.name,
+                jti=record.jti,
+            )
+        return subject, min(ends)
+
+
+def _live_key_ends(key: ApiKey, now: datetime) -> list[datetime]:
+    """401 unless the key is live; the moments it stops being valid."""
+    if key.revoked_at is not None and key.revoked_at <= now:
+        raise Unauthenticated("credential revoked")
+    if key.expires_at is not None and key.expires_at <= now:
+        raise Unauthenticated("credential expired")
+    return [moment for moment in (key.revoked_at, key.expires_at) if moment is not None]
+
+
+def _tenant_info(tenant: Tenant | None) -> TenantInfo | None:
+    if tenant is None:
+        return None
+    return TenantInfo(
+        id=tenant.id,
+        name=tenant.name,
+        plan=tenant.plan,
+        rate_limit=tenant.rate_limit,
+        monthly_quota=tenant.monthly_quota,
+        status=tenant.status,
+    )
 
 
 def authorize(subject: AuthSubject, required_scopes: frozenset[str]) -> None:

@@ -107,7 +107,7 @@ def _sliding_window_stats(item: RateLimitItem, window: Any, now: float) -> Windo
 
 def _subject_key(request: Any) -> str:
     # slowapi requires a key function; the limiter is only ever checked per API key id.
-    return str(request.state.subject.key_id)
+    return str(request.state.subject.limit_id)
 
 
 # One check waiting for its pipeline: the script's keys and arguments, and where the reply goes.
@@ -320,6 +320,11 @@ class RateLimiter:
                 self._key_names.clear()
             self._key_names[cache_key] = keys
         return keys
+
+    @property
+    def storage(self) -> Storage:
+        """The limiter's asyncio storage (Redis or memory), shared by the login throttle."""
+        return self._storage
 
     async def is_healthy(self) -> bool:
         """Whether the storage answers within the timeout."""

@@ -73,6 +73,23 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     log_level: str = "INFO"
 
+    # JWT access tokens (auth.tokens). A token is verified against the current secret or one
+    # of the previous ones (comma-separated, kept for verification only during a rotation).
+    jwt_ttl_seconds: int = Field(default=900, ge=60, le=86_400)
+    jwt_issuer: str = Field(default="modelgate", min_length=1, max_length=200)
+    jwt_audience: str = Field(default="modelgate-api", min_length=1, max_length=200)
+    jwt_previous_secrets: SecretStr | None = None
+    # Failed logins at POST /auth/token that each client address and each account (key prefix
+    # or e-mail) may make before further attempts are refused with 429 (SECURITY.md line 8).
+    login_failures_per_address: str = Field(
+        default="20/minute", pattern=r"^[1-9][0-9]{0,5}/(second|minute|hour|day)$"
+    )
+    login_failures_per_account: str = Field(
+        default="5/minute", pattern=r"^[1-9][0-9]{0,5}/(second|minute|hour|day)$"
+    )
+    # How often each worker deletes access-token records that expired a while ago.
+    token_prune_interval_seconds: float = Field(default=600.0, gt=0, le=86_400)
+
     @property
     def cors_origin_list(self) -> list[str]:
         """The configured CORS origins, without blanks."""
@@ -96,6 +113,8 @@ class Secrets:
 
     key_pepper: bytes
     jwt_secret: bytes
+    # Earlier signing secrets, still accepted for verification during a rotation.
+    jwt_previous_secrets: tuple[bytes, ...] = ()
 
 
 def _generated_secret(var_dir: Path, name: str) -> str:
@@ -127,8 +146,15 @@ def load_secrets(settings: Settings) -> Secrets:
             raise ConfigurationError(f"MODELGATE_{name.upper()} is required in production")
         else:
             resolved[name] = _generated_secret(settings.var_dir, name)
+    previous = settings.jwt_previous_secrets
     return Secrets(
-        key_pepper=resolved["key_pepper"].encode(), jwt_secret=resolved["jwt_secret"].encode()
+        key_pepper=resolved["key_pepper"].encode(),
+        jwt_secret=resolved["jwt_secret"].encode(),
+        jwt_previous_secrets=tuple(
+            part.strip().encode()
+            for part in (previous.get_secret_value() if previous else "").split(",")
+            if part.strip()
+        ),
     )
 
 
@@ -161,6 +187,11 @@ def check_production(settings: Settings, workers: int) -> None:
             raise ConfigurationError(
                 f"MODELGATE_{name} is the generated development secret; set a real one"
             )
+    if any(len(value) < MIN_SECRET_LENGTH for value in secrets_.jwt_previous_secrets):
+        raise ConfigurationError(
+            "every MODELGATE_JWT_PREVIOUS_SECRETS entry must be at least "
+            f"{MIN_SECRET_LENGTH} bytes in production"
+        )
     if "*" in settings.cors_origin_list:
         raise ConfigurationError("MODELGATE_CORS_ORIGINS may not be '*' in production")
     if workers > 1 and not settings.redis_url:

@@ -23,7 +23,7 @@ OK, FAILED, SKIPPED = "ok", "failed", "skipped"
 ENDPOINT_LABELS = {
     "echo": "echo (framework ceiling)",
     "predict": "POST /predict (API key)",
-    "jwt": "POST /predict (JWT)",
+    "predict-jwt": "POST /predict (JWT)",
     "batch": "POST /predict/batch x10",
     "usage": "GET /me/usage",
 }

@@ -43,8 +43,8 @@ from bench.services import (
     seed_usage,
 )
 
-ENDPOINTS = ("echo", "predict", "jwt", "batch", "usage")
-MODELGATE_ENDPOINTS = ("predict", "jwt", "batch", "usage")
+ENDPOINTS = ("echo", "predict", "predict-jwt", "batch", "usage")
+MODELGATE_ENDPOINTS = ("predict", "predict-jwt", "batch", "usage")
 BATCH_ROWS = 10
 # Per startup, per cell: the fixed costs beyond warm-up + measurement, for the time estimate.
 STARTUP_ESTIMATE_S = 6.0
@@ -179,13 +179,15 @@ def run_pass(
     with running(modelgate_server(env, workers)) as server:
         for endpoint in wanted:
             target = all_targets.get(endpoint)
-            if endpoint == "jwt":
+            if endpoint == "predict-jwt":
                 token, why_not = fetch_jwt(server.base_url, env.api_key)
                 if token is None:
-                    report.cells.append(Cell("jwt", workers, 0, status=SKIPPED, note=why_not))
+                    report.cells.append(
+                        Cell("predict-jwt", workers, 0, status=SKIPPED, note=why_not)
+                    )
                     continue
                 target = Target(
-                    "jwt",
+                    "predict-jwt",
                     "POST",
                     "/api/v1/predict",
                     _json_body({"features": IRIS_ROW}),
