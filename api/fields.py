@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated
 
-from pydantic import AfterValidator, AwareDatetime, Field, WithJsonSchema
+from pydantic import AfterValidator, AwareDatetime, BeforeValidator, Field, WithJsonSchema
 
 from auth.keys import LATEST_EXPIRY
 from auth.tenants import MAX_MONTHLY_QUOTA
@@ -28,7 +28,25 @@ RateLimitText = Annotated[
         description="requests per second, minute, hour or day, e.g. `100/minute`",
     ),
 ]
-MonthlyQuota = Annotated[int, Field(ge=0, le=MAX_MONTHLY_QUOTA, description="units per UTC month")]
+
+
+def json_integer(value: object) -> object:
+    """A JSON integer as JSON Schema defines it: a number without a fractional part (``5`` or
+    ``5.0``), never ``true``/``false`` or a string (which pydantic's lax mode would take)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be an integer")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("must be an integer")
+        return int(value)
+    return value
+
+
+JsonInteger = BeforeValidator(json_integer)
+# The constraints first, so that the schema states them as minimum and maximum.
+MonthlyQuota = Annotated[
+    int, Field(ge=0, le=MAX_MONTHLY_QUOTA, description="units per UTC month"), JsonInteger
+]
 PageLimit = Annotated[int, Field(ge=1, le=500)]
 PageOffset = Annotated[int, Field(ge=0, le=1_000_000)]
 # A month of the product's calendar (years 2000-2999), as the usage window's days are.

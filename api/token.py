@@ -8,7 +8,7 @@ from fastapi import APIRouter, Form, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.deps import DatabaseRoute, SessionDep, StateDep, client_address
+from api.deps import DatabaseRoute, SessionDep, StateDep, client_address, request_actor
 from api.errors import problem_responses
 from api.state import AppState
 from auth.admins import MAX_EMAIL_LENGTH, MAX_PASSWORD_LENGTH, authenticate_password
@@ -79,7 +79,7 @@ async def issue_token(
     # Before any lookup or password check: a throttled attacker costs a counter read.
     await state.login_throttle.check(address, account)
     try:
-        minted = await _mint(form, state, session, address)
+        minted = await _mint(form, state, session, request)
     except Unauthenticated:
         exhausted = await state.login_throttle.failed(address, account)
         if exhausted:
@@ -93,7 +93,7 @@ async def issue_token(
 
 
 async def _mint(
-    form: TokenForm, state: AppState, session: AsyncSession, address: str
+    form: TokenForm, state: AppState, session: AsyncSession, request: Request
 ) -> MintedToken:
     if form.grant_type == "client_credentials":
         secret = form.client_secret or ""
@@ -103,26 +103,35 @@ async def _mint(
         if form.client_id is not None and form.client_id != str(subject.key_id):
             raise Unauthenticated("client_id does not match the key")
         authorize(subject, frozenset())  # a suspended tenant's key gets no token either
+        actor = request_actor(request, subject)
         return await mint_token(
             session,
             state.tokens,
+            actor,
             grant_type="client_credentials",
             scopes=granted_scopes(subject.scopes, form.scope),
             api_key_id=subject.key_id,
             tenant_id=subject.tenant.id if subject.tenant else None,
-            client_addr=address,
+            client_addr=actor.client_addr,
             not_after=subject.expires_at,
         )
     admin = await authenticate_password(session, form.username or "", form.password or "")
     if admin is None:
         raise Unauthenticated("invalid e-mail address or password")
+    actor = Actor(
+        name=f"admin:{admin.name}",
+        client_addr=client_address(request),
+        user_agent=request.headers.get("user-agent"),
+        request_id=getattr(request.state, "request_id", None),
+    )
     return await mint_token(
         session,
         state.tokens,
+        actor,
         grant_type="password",
         scopes=granted_scopes(frozenset({"admin"}), form.scope),
         admin_principal_id=admin.id,
-        client_addr=address,
+        client_addr=actor.client_addr,
     )
 
 

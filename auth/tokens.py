@@ -180,6 +180,7 @@ class MintedToken:
 async def mint_token(
     session: AsyncSession,
     config: TokenConfig,
+    actor: Actor,
     *,
     grant_type: Literal["client_credentials", "password"],
     scopes: frozenset[str],
@@ -189,9 +190,10 @@ async def mint_token(
     client_addr: str | None = None,
     not_after: datetime | None = None,
 ) -> MintedToken:
-    """Sign a token for a key (``sub`` = ``key:<id>``) or an admin user (``admin:<id>``) and
-    record it; never outlives ``not_after`` (the key's expiry). Not audited: every login would
-    flood the trail; revocations are."""
+    """Sign a token for a key (``sub`` = ``key:<id>``) or an admin user (``admin:<id>``), record
+    it and audit it as ``token.issue`` (who obtained which scopes until when, from where: the
+    trail's record of every login; never the token); never outlives ``not_after`` (the key's
+    expiry)."""
     if (api_key_id is None) == (admin_principal_id is None):
         raise ValueError("a token comes from exactly one key or admin user")
     now = utcnow().replace(microsecond=0)
@@ -229,6 +231,20 @@ async def mint_token(
         )
     )
     await session.flush()
+    await record_event(
+        session,
+        actor,
+        action="token.issue",
+        target_type="access_token",
+        target_id=str(jti),
+        tenant_id=tenant_id,
+        detail={
+            "grant_type": grant_type,
+            "subject": subject,
+            "scopes": sorted(scopes),
+            "expires_at": expires.isoformat(),
+        },
+    )
     return MintedToken(
         access_token=sign_token(config, claims),
         expires_in=int((expires - now).total_seconds()),

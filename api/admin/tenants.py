@@ -11,7 +11,15 @@ from pydantic.json_schema import SkipJsonSchema
 
 from api.deps import AdminScope, DatabaseRoute, SessionDep, StateDep, request_actor
 from api.errors import problem_responses
-from api.fields import KeyExpiry, MonthlyQuota, Name, PageLimit, PageOffset, RateLimitText
+from api.fields import (
+    JsonInteger,
+    KeyExpiry,
+    MonthlyQuota,
+    Name,
+    PageLimit,
+    PageOffset,
+    RateLimitText,
+)
 from auth.keys import (
     MAX_ROTATION_GRACE_SECONDS,
     issue_tenant_key,
@@ -80,7 +88,7 @@ class KeyRotate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    grace_seconds: int = Field(
+    grace_seconds: Annotated[int, JsonInteger] = Field(
         default=0,
         ge=0,
         le=MAX_ROTATION_GRACE_SECONDS,

@@ -359,3 +359,34 @@ async def test_audit_names_the_admin_and_key_that_acted(harness: Harness) -> Non
     assert event.action == "tenant.create"
     assert event.actor == f"admin:{name}"
     assert event.actor_key_id == issued.id
+
+
+@pytest.mark.parametrize("value", [False, True, 5.5, "5"])
+async def test_a_quota_must_be_a_json_integer(harness: Harness, value: object) -> None:
+    """JSON false, true, 5.5 or "5" is not a number of units: 422, and nothing changes (lax
+    parsing would read false as a quota of 0). 5.0 is an integer, as JSON Schema has it."""
+    admin = await create_admin_key(harness)
+    created = await harness.client.post(
+        "/api/v1/admin/tenants",
+        json={"name": unique("strict"), "monthly_quota": value},
+        headers=bearer(admin),
+    )
+    assert created.status_code == 422, created.text
+    tenant, _ = await create_tenant_with_key(harness, monthly_quota=7)
+    patched = await harness.client.patch(
+        f"/api/v1/admin/tenants/{tenant.id}", json={"monthly_quota": value}, headers=bearer(admin)
+    )
+    assert patched.status_code == 422, patched.text
+    shown = await harness.client.get(f"/api/v1/admin/tenants/{tenant.id}", headers=bearer(admin))
+    assert shown.json()["monthly_quota"] == 7
+
+
+async def test_a_whole_float_is_an_integer_quota(harness: Harness) -> None:
+    admin = await create_admin_key(harness)
+    created = await harness.client.post(
+        "/api/v1/admin/tenants",
+        json={"name": unique("whole"), "monthly_quota": 5.0},
+        headers=bearer(admin),
+    )
+    assert created.status_code == 201, created.text
+    assert created.json()["monthly_quota"] == 5

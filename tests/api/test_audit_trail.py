@@ -229,3 +229,20 @@ async def test_concurrent_changes_extend_the_chain_one_after_the_other(harness: 
     async with harness.sessionmaker() as session:
         report = await verify_chain(session)
     assert report.intact, report.problem
+
+
+async def test_each_token_minted_is_recorded_without_the_token(harness: Harness) -> None:
+    tenant, key = await create_tenant_with_key(harness)
+    minted = await harness.client.post(
+        "/api/v1/auth/token", data={"grant_type": "client_credentials", "client_secret": key}
+    )
+    assert minted.status_code == 200, minted.text
+    admin = await create_admin_key(harness)
+    page = await _audit(harness, admin, tenant_id=str(tenant.id), action="token.issue")
+    [event] = page["events"]
+    assert event["actor"] == f"tenant:{tenant.id}"
+    assert event["detail"]["grant_type"] == "client_credentials"
+    assert event["detail"]["scopes"] == ["predict", "usage:read"]
+    token = minted.json()["access_token"]
+    assert token not in str(page)
+    assert key not in str(page)

@@ -330,6 +330,7 @@ def test_cli_creates_admin_users_and_sets_passwords_from_stdin_never_from_argv(
             minted = await mint_token(
                 session,
                 config,
+                TEST_ACTOR,
                 grant_type="password",
                 scopes=frozenset({"admin"}),
                 admin_principal_id=admin.id,
@@ -417,6 +418,7 @@ async def test_a_token_costs_no_lookup_in_the_steady_state_and_is_never_cached_p
         short = await mint_token(
             session,
             harness.state.tokens,
+            TEST_ACTOR,
             grant_type="client_credentials",
             scopes=frozenset({"predict"}),
             api_key_id=key_row.id,

@@ -67,16 +67,33 @@ def test_readme_tour_works_verbatim_against_a_real_server(
         assert usage["total_requests"] == 2
         assert usage["total_units"] == 4
         assert usage["quota"] == {"monthly_quota": 10000, "used": 4, "remaining": 9996}
-        billing = list(csv.DictReader(io.StringIO("\n".join(lines[5:]))))
+        by_token = json.loads(lines[5])
+        assert by_token["class_name"] == "virginica"
+        # The token minted from the revoked key fails; the rotated-in key works.
+        assert lines[6:8] == ["401", "200"]
+        trail = json.loads(lines[8])["events"]
+        assert [(e["actor"], e["action"]) for e in trail] == [
+            ("admin:ops", "key.revoke"),
+            ("admin:ops", "key.rotate"),
+            (f"tenant:{usage['tenant_id']}", "token.issue"),
+            ("admin:ops", "key.issue"),
+            ("admin:ops", "tenant.create"),
+            ("cli", "admin_key.issue"),
+        ]
+        assert all(e["tenant_id"] == usage["tenant_id"] for e in trail[:5])
+        assert trail[1]["detail"]["grace_seconds"] == 60
+        assert [e["id"] for e in trail] == list(range(6, 0, -1))
+        assert lines[9] == f"audit chain intact: 6 events, head {trail[0]['hash']}"
+        billing = list(csv.DictReader(io.StringIO("\n".join(lines[10:]))))
         assert len(billing) == 1
         assert billing[0]["tenant_name"] == "acme"
         assert billing[0]["tenant_id"] == usage["tenant_id"]
-        assert (billing[0]["requests"], billing[0]["units"]) == ("2", "4")
+        assert (billing[0]["requests"], billing[0]["units"]) == ("3", "5")
 
         # The CLI's export has the same content as the HTTP one.
         month = billing[0]["date"][:7]
         exported = run_cli(tour_environment, tmp_path, "billing", "export", "--month", month)
-        assert exported.stdout.strip().splitlines() == lines[5:]
+        assert exported.stdout.strip().splitlines() == lines[10:]
 
 
 def test_cli_creates_tenants_and_keys_that_work(

@@ -427,6 +427,7 @@ def test_jwt_is_refused_within_a_second_on_both_workers_after_revocation(
                     minted = await mint_token(
                         session,
                         config,
+                        TEST_ACTOR,
                         grant_type="client_credentials",
                         scopes=key.scope_set,
                         api_key_id=key.id,
