@@ -20,13 +20,13 @@ from api.logging import configure_logging
 from api.middleware import RequestContextMiddleware
 from api.openapi import install_openapi
 from api.state import AppState
-from auth.authn import KeyAuthenticator
 from auth.db import create_engine, create_sessionmaker
-from auth.key_activity import KeyActivity
+from auth.identity.authn import KeyAuthenticator
+from auth.identity.key_activity import KeyActivity
+from auth.identity.login_throttle import LoginThrottle
+from auth.identity.tokens import prune_tokens_periodically, token_config
 from auth.limits import RateLimiter
-from auth.login_throttle import LoginThrottle
 from auth.settings import Settings, check_production, declared_workers, get_settings, load_secrets
-from auth.tokens import prune_tokens_periodically, token_config
 from auth.usage_writer import UsageWriter
 from ml import ModelRegistry
 

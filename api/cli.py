@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from auth.audit import CLI_ACTOR, ChainReport, verify_chain
 from auth.db import create_engine, create_sessionmaker
 from auth.errors import ConfigurationError, ModelgateError
-from auth.keys import (
+from auth.identity.keys import (
     DEFAULT_TENANT_SCOPES,
     MAX_ROTATION_GRACE_SECONDS,
     issue_admin_key,
@@ -182,7 +182,7 @@ def admin_create_user(
 ) -> None:
     """Create an admin user who logs in at /auth/token; the password is read from a prompt or
     stdin."""
-    from auth.admins import create_admin_user
+    from auth.identity.admins import create_admin_user
 
     password = _read_password()
 
@@ -198,7 +198,7 @@ def admin_set_password(
     email: Annotated[str, typer.Option(help="The admin user's e-mail address.")],
 ) -> None:
     """Set an admin user's password (from a prompt or stdin); the user's tokens are revoked."""
-    from auth.admins import set_password
+    from auth.identity.admins import set_password
 
     password = _read_password()
 
@@ -212,7 +212,7 @@ def admin_set_password(
 @tokens_app.command("prune")
 def tokens_prune() -> None:
     """Delete the records of access tokens that expired more than an hour ago."""
-    from auth.tokens import prune_tokens
+    from auth.identity.tokens import prune_tokens
 
     typer.echo(f"pruned {_run_in_session(get_settings(), prune_tokens)} token record(s)")
 

@@ -15,8 +15,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from api.metering import BILLABLE
 from api.state import AppState
 from auth.audit import Actor
-from auth.authn import AuthSubject, authorize, bearer_credential
 from auth.errors import DatabaseTimedOut, Forbidden
+from auth.identity.authn import AuthSubject, authorize, bearer_credential
 from auth.limits import KeyRateLimitExceeded
 from auth.settings import Settings
 
@@ -137,7 +137,7 @@ class Authenticator(HTTPBearer):
         state = app_state(request)
         credential = bearer_credential(request.headers.get("authorization"))
         subject = await state.authenticator.authenticate(credential)
-        if subject.key_id is not None:  # an admin user's JWT has no key (auth.authn)
+        if subject.key_id is not None:  # an admin user's JWT has no key (auth.identity.authn)
             state.key_activity.touch(subject.key_id)
         structlog.contextvars.bind_contextvars(
             key_id=str(subject.key_id),

@@ -9,7 +9,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, AwareDatetime, BeforeValidator, Field, WithJsonSchema
 
-from auth.keys import LATEST_EXPIRY
+from auth.identity.keys import LATEST_EXPIRY
 from auth.tenants import MAX_MONTHLY_QUOTA
 from auth.usage import EARLIEST_DAY, LATEST_DAY
 

@@ -21,7 +21,7 @@ from api.deps import (
 from api.errors import problem_responses
 from api.fields import KeyExpiry, Name
 from api.usage_schemas import EndDay, GroupBy, StartDay, UsageReport, usage_report
-from auth.keys import issue_tenant_key, list_tenant_keys, revoke_key
+from auth.identity.keys import issue_tenant_key, list_tenant_keys, revoke_key
 from auth.schemas import IssuedKey, KeyView, TenantView
 from auth.tenants import get_tenant
 from auth.usage import DEFAULT_BREAKDOWNS, report_window, usage_summary

@@ -14,7 +14,7 @@ import uuid
 from starlette.requests import Request
 
 from api.state import AppState
-from auth.authn import AuthSubject
+from auth.identity.authn import AuthSubject
 from auth.models import utcnow
 from auth.usage import UsageEvent
 

@@ -13,8 +13,8 @@ from api.deps import PredictScope, app_state
 from api.errors import problem_responses
 from api.metering import charge
 from api.state import AppState
-from auth.authn import AuthSubject
 from auth.errors import InvalidRequest
+from auth.identity.authn import AuthSubject
 from ml import DEFAULT_MODEL, FLOAT32_MAX, InvalidFeatures, LoadedModel, Prediction
 
 # No database session here: usage goes through the usage writer (api.metering.charge).

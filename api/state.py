@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from auth.authn import KeyAuthenticator
-from auth.key_activity import KeyActivity
+from auth.identity.authn import KeyAuthenticator
+from auth.identity.key_activity import KeyActivity
+from auth.identity.login_throttle import LoginThrottle
+from auth.identity.tokens import TokenConfig
 from auth.limits import RateLimiter
-from auth.login_throttle import LoginThrottle
 from auth.settings import Secrets, Settings
-from auth.tokens import TokenConfig
 from auth.usage_writer import UsageWriter
 from ml import ModelRegistry
 

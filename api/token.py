@@ -11,12 +11,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from api.deps import DatabaseRoute, SessionDep, StateDep, client_address, request_actor
 from api.errors import problem_responses
 from api.state import AppState
-from auth.admins import MAX_EMAIL_LENGTH, MAX_PASSWORD_LENGTH, authenticate_password
 from auth.audit import Actor, record_event
-from auth.authn import authorize
 from auth.errors import Unauthenticated
-from auth.keys import DISPLAY_PREFIX_LENGTH, looks_like_key
-from auth.tokens import MintedToken, granted_scopes, mint_token
+from auth.identity.admins import MAX_EMAIL_LENGTH, MAX_PASSWORD_LENGTH, authenticate_password
+from auth.identity.authn import authorize
+from auth.identity.keys import DISPLAY_PREFIX_LENGTH, looks_like_key
+from auth.identity.tokens import MintedToken, granted_scopes, mint_token
 
 router = APIRouter(route_class=DatabaseRoute, tags=["auth"])
 

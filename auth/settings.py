@@ -66,15 +66,16 @@ class Settings(BaseSettings):
     # --before is given (None: it needs --before). Reports and exports read the rollups, which
     # are kept whatever this says.
     usage_retention_days: int | None = Field(default=None, ge=1, le=36_500)
-    # How often each worker writes the keys' last use (auth.key_activity): api_key.last_used_at
-    # lags by at most this much, and costs one statement per interval, not one per request.
+    # How often each worker writes the keys' last use (auth.identity.key_activity):
+    # api_key.last_used_at lags by at most this much, and costs one statement per interval, not
+    # one per request.
     key_last_used_flush_seconds: float = Field(default=10.0, ge=0.05, le=3600)
     max_batch_size: int = Field(default=100, ge=1, le=1000)
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     log_level: str = "INFO"
 
-    # JWT access tokens (auth.tokens). A token is verified against the current secret or one
-    # of the previous ones (comma-separated, kept for verification only during a rotation).
+    # JWT access tokens (auth.identity.tokens). A token is verified against the current secret or
+    # one of the previous ones (comma-separated, kept for verification only during a rotation).
     jwt_ttl_seconds: int = Field(default=900, ge=60, le=86_400)
     jwt_issuer: str = Field(default="modelgate", min_length=1, max_length=200)
     jwt_audience: str = Field(default="modelgate-api", min_length=1, max_length=200)

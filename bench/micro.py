@@ -26,12 +26,12 @@ from api.cli import upgrade_database
 from api.state import AppState
 from auth.audit import Actor
 from auth.db import create_engine, create_sessionmaker
-from auth.keys import has_valid_checksum, issue_tenant_key, key_digest
+from auth.identity.keys import has_valid_checksum, issue_tenant_key, key_digest
+from auth.identity.tokens import verify_token
 from auth.limits import RateLimiter
 from auth.models import utcnow
 from auth.settings import Settings
 from auth.tenants import create_tenant
-from auth.tokens import verify_token
 from auth.usage import UsageEvent
 from auth.usage_writer import UsageWriter
 from bench import IRIS_ROW

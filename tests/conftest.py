@@ -36,7 +36,7 @@ from api.app import create_app
 from api.cli import upgrade_database
 from api.state import AppState
 from auth.audit import Actor
-from auth.keys import issue_admin_key, issue_tenant_key, key_digest
+from auth.identity.keys import issue_admin_key, issue_tenant_key, key_digest
 from auth.models import ApiKey
 from auth.schemas import TenantView
 from auth.settings import Settings, get_settings

@@ -20,7 +20,7 @@ from api.fields import (
     PageOffset,
     RateLimitText,
 )
-from auth.keys import (
+from auth.identity.keys import (
     MAX_ROTATION_GRACE_SECONDS,
     issue_tenant_key,
     list_tenant_keys,

@@ -12,8 +12,8 @@ from pydantic import BaseModel
 from api.deps import AdminScope, DatabaseRoute, SessionDep, request_actor
 from api.errors import problem_responses
 from api.fields import PageLimit, PageOffset
+from auth.identity.tokens import TokenFilter, list_tokens, revoke_token
 from auth.models import AccessToken
-from auth.tokens import TokenFilter, list_tokens, revoke_token
 
 router = APIRouter(route_class=DatabaseRoute, tags=["admin"])
 

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import select
 
 from api.admin.billing import BILLING_COLUMNS
-from auth.keys import issue_admin_key
+from auth.identity.keys import issue_admin_key
 from auth.models import AuditEvent, Tenant, utcnow
 from auth.tenants import get_or_create_admin
 from tests.conftest import (

@@ -15,8 +15,8 @@ from sqlalchemy import event, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from auth.db import create_engine, create_sessionmaker
-from auth.key_activity import KeyActivity
-from auth.keys import key_digest
+from auth.identity.key_activity import KeyActivity
+from auth.identity.keys import key_digest
 from auth.models import ApiKey, utcnow
 from tests.conftest import (
     IRIS_SETOSA,

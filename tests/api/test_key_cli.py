@@ -16,7 +16,7 @@ from typer.testing import CliRunner, Result
 
 from api.cli import app
 from auth.db import create_engine, create_sessionmaker
-from auth.keys import MAX_ROTATION_GRACE_SECONDS, key_digest
+from auth.identity.keys import MAX_ROTATION_GRACE_SECONDS, key_digest
 from auth.models import ApiKey, AuditEvent, utcnow
 from auth.settings import get_settings
 from tests.conftest import Backend

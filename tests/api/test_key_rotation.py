@@ -13,7 +13,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from auth.keys import MAX_ROTATION_GRACE_SECONDS
+from auth.identity.keys import MAX_ROTATION_GRACE_SECONDS
 from auth.models import ApiKey, AuditEvent, utcnow
 from tests.conftest import (
     IRIS_SETOSA,

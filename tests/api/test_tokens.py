@@ -19,13 +19,20 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from typer.testing import CliRunner
 
 from api.cli import app as cli
-from auth.admins import authenticate_password, create_admin_user, hash_password
-from auth.authn import KeyAuthenticator
 from auth.db import create_engine, create_sessionmaker
 from auth.errors import ConfigurationError, Unauthenticated
+from auth.identity.admins import authenticate_password, create_admin_user, hash_password
+from auth.identity.authn import KeyAuthenticator
+from auth.identity.tokens import (
+    TokenConfig,
+    key_id,
+    mint_token,
+    prune_tokens,
+    sign_token,
+    verify_token,
+)
 from auth.models import AccessToken, AdminPrincipal, ApiKey, AuditEvent, utcnow
 from auth.settings import Settings, check_production, get_settings, load_secrets
-from auth.tokens import TokenConfig, key_id, mint_token, prune_tokens, sign_token, verify_token
 from tests.conftest import (
     IRIS_SETOSA,
     TEST_ACTOR,

@@ -11,9 +11,9 @@ from datetime import datetime, timedelta
 import pytest
 from sqlalchemy import select
 
-from auth.authn import MAX_AUTHORIZATION_LENGTH, KeyAuthenticator, bearer_credential
 from auth.errors import InvalidRequest, Unauthenticated
-from auth.keys import (
+from auth.identity.authn import MAX_AUTHORIZATION_LENGTH, KeyAuthenticator, bearer_credential
+from auth.identity.keys import (
     TENANT_SCOPES,
     _checksum,
     generate_key,
@@ -84,8 +84,9 @@ def test_generated_keys_are_prefixed_long_and_checksummed() -> None:
 def test_digest_is_an_hmac_under_the_pepper() -> None:
     key = generate_key()
     for pepper in (b"pepper-one", b"pepper-two"):
-        # Computed here, independently of auth.keys: the hex HMAC-SHA256 of the key under the
-        # pepper, and nothing else (not a plain hash, not the pepper appended or prepended).
+        # Computed here, independently of auth.identity.keys: the hex HMAC-SHA256 of the key
+        # under the pepper, and nothing else (not a plain hash, not the pepper appended or
+        # prepended).
         assert key_digest(pepper, key) == hmac.new(pepper, key.encode(), hashlib.sha256).hexdigest()
     assert key_digest(b"pepper-one", key) != key_digest(b"pepper-two", key)
     assert key_digest(b"pepper-one", key) != key_digest(b"pepper-one", generate_key())

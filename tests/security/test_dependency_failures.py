@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
 from api.cli import upgrade_database
-from auth.keys import generate_key
+from auth.identity.keys import generate_key
 from auth.models import MonthlyUsage, UsageRecord
 from tests.conftest import (
     IRIS_SETOSA,

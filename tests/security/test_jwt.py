@@ -23,12 +23,12 @@ import jwt
 import pytest
 from sqlalchemy import select
 
-import auth.admins
-from auth.admins import create_admin_user
+import auth.identity.admins
 from auth.db import create_engine, create_sessionmaker
-from auth.keys import generate_key
+from auth.identity.admins import create_admin_user
+from auth.identity.keys import generate_key
+from auth.identity.tokens import REQUIRED_CLAIMS, TokenConfig, key_id, mint_token
 from auth.models import ApiKey, AuditEvent
-from auth.tokens import REQUIRED_CLAIMS, TokenConfig, key_id, mint_token
 from tests.conftest import (
     IRIS_SETOSA,
     TEST_ACTOR,
@@ -309,14 +309,14 @@ async def test_brute_force_of_the_token_endpoint_is_throttled_per_address_and_ac
         await create_admin_user(session, TEST_ACTOR, email, "the right password")
         await session.commit()
     verifications = 0
-    original = auth.admins.verify_password
+    original = auth.identity.admins.verify_password
 
     async def counting(password: str, password_hash: str) -> bool:
         nonlocal verifications
         verifications += 1
         return await original(password, password_hash)
 
-    monkeypatch.setattr(auth.admins, "verify_password", counting)
+    monkeypatch.setattr(auth.identity.admins, "verify_password", counting)
     for _ in range(per_account):
         async with _client_from(harness, _fresh_address()) as client:
             wrong = await client.post(

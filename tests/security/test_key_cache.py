@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from sqlalchemy import update
 
-from auth.authn import KeyAuthenticator
 from auth.errors import Unauthenticated
-from auth.keys import DISPLAY_PREFIX_LENGTH, generate_key, key_digest
+from auth.identity.authn import KeyAuthenticator
+from auth.identity.keys import DISPLAY_PREFIX_LENGTH, generate_key, key_digest
 from auth.models import ApiKey, Tenant, utcnow
 from tests.conftest import (
     IRIS_SETOSA,

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from auth.keys import key_digest
+from auth.identity.keys import key_digest
 from auth.models import ApiKey
 from tests.conftest import (
     IRIS_SETOSA,

@@ -8,7 +8,7 @@ import httpx
 import pytest
 import structlog
 
-from auth.keys import generate_key, key_digest
+from auth.identity.keys import generate_key, key_digest
 from tests.conftest import Harness, bearer, create_admin_key, create_tenant_with_key
 
 

@@ -13,7 +13,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.cli import upgrade_database
-from auth.keys import key_digest
+from auth.identity.keys import key_digest
 from tests.conftest import (
     IRIS_SETOSA,
     Backend,

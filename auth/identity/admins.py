@@ -19,8 +19,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from auth.audit import Actor, record_event
 from auth.errors import Conflict, InvalidRequest, NotFound
+from auth.identity.tokens import revoke_admin_user_tokens
 from auth.models import AdminPrincipal, utcnow
-from auth.tokens import revoke_admin_user_tokens
 
 MIN_PASSWORD_LENGTH = 12
 # Bounded so that nobody can make the server hash a megabyte (argon2 reads all of it).

@@ -15,9 +15,9 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from auth.errors import DatabaseTimedOut, Forbidden, TenantSuspended, Unauthenticated
-from auth.keys import ADMIN_SCOPE, has_valid_checksum, key_digest, looks_like_key
+from auth.identity.keys import ADMIN_SCOPE, has_valid_checksum, key_digest, looks_like_key
+from auth.identity.tokens import TokenClaims, TokenConfig, verify_token
 from auth.models import AccessToken, AdminPrincipal, ApiKey, Tenant, utcnow
-from auth.tokens import TokenClaims, TokenConfig, verify_token
 
 # Longer Authorization headers are refused before any parsing (SECURITY.md line 1).
 MAX_AUTHORIZATION_LENGTH = 8 * 1024
