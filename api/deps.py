@@ -73,6 +73,17 @@ def request_actor(request: Request, subject: AuthSubject) -> Actor:
     )
 
 
+async def forbid_caching(response: Response) -> None:
+    """For a route whose answer carries a secret (a new key, a token): no cache on the way may
+    keep it (``Cache-Control: no-store``, and ``Pragma: no-cache`` for HTTP/1.0 caches)."""
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["Pragma"] = "no-cache"
+
+
+# A route's ``dependencies=[NoStore]``.
+NoStore = Depends(forbid_caching)
+
+
 class DatabaseRoute(APIRoute):
     """A route that works on the database: the whole request (its credential check included)
     gets ``database_timeout_seconds`` for its database work, answered 503 past it, and the

@@ -5,13 +5,14 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.admin.tenants import KeyList, TenantScope
 from api.deps import (
     DatabaseRoute,
     KeysScope,
+    NoStore,
     SessionDep,
     StateDep,
     TenantCredential,
@@ -120,6 +121,7 @@ async def my_keys(subject: KeysScope, session: SessionDep) -> KeyList:
     "/me/keys",
     status_code=201,
     response_model=IssuedKey,
+    dependencies=[NoStore],
     responses=problem_responses(401, 403, 422, 429, 503),
 )
 async def issue_my_key(
@@ -128,11 +130,8 @@ async def issue_my_key(
     session: SessionDep,
     state: StateDep,
     request: Request,
-    response: Response,
 ) -> IssuedKey:
     """Issue a key for the caller's tenant; the key is in this response only."""
-    # The key is in this body: no cache on the way may keep it.
-    response.headers["Cache-Control"] = "no-store"
     return await issue_tenant_key(
         session,
         state.secrets.key_pepper,

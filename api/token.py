@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Form, Request, Response
+from fastapi import APIRouter, Form, Request
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.deps import DatabaseRoute, SessionDep, StateDep, client_address, request_actor
+from api.deps import (
+    DatabaseRoute,
+    NoStore,
+    SessionDep,
+    StateDep,
+    client_address,
+    request_actor,
+)
 from api.errors import problem_responses
 from api.state import AppState
 from auth.audit import Actor, record_event
@@ -57,19 +64,16 @@ class TokenResponse(BaseModel):
 @router.post(
     "/auth/token",
     response_model=TokenResponse,
+    dependencies=[NoStore],
     responses=problem_responses(401, 403, 422, 429, 503),
 )
 async def issue_token(
     form: Annotated[TokenForm, Form()],
     request: Request,
-    response: Response,
     state: StateDep,
     session: SessionDep,
 ) -> TokenResponse:
     """Exchange an API key or an admin user's password for a JWT (failed logins throttled)."""
-    # The token is in this body: no cache on the way may keep it.
-    response.headers["Cache-Control"] = "no-store"
-    response.headers["Pragma"] = "no-cache"
     address = client_address(request) or "unknown"
     if form.grant_type == "client_credentials":
         secret = form.client_secret or ""

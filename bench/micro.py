@@ -326,18 +326,10 @@ async def run_micro(env: BenchEnvironment, log: Callable[[str], None]) -> list[M
 
         tenant = subject.require_tenant()
 
+        key_id = subject.require_key_id()
+
         def usage_event() -> UsageEvent:
-            return UsageEvent(
-                request_id=uuid.uuid4(),
-                tenant_id=tenant.id,
-                api_key_id=subject.key_id,
-                model="iris",
-                model_version="1",
-                units=1,
-                status_code=200,
-                latency_ms=1.0,
-                created_at=utcnow(),
-            )
+            return _usage_event(tenant.id, key_id)
 
         writer = state.usage_writer
         add(
@@ -408,6 +400,21 @@ async def run_micro(env: BenchEnvironment, log: Callable[[str], None]) -> list[M
     return results
 
 
+def _usage_event(tenant_id: uuid.UUID, key_id: uuid.UUID) -> UsageEvent:
+    """One billable prediction of the bench tenant, now."""
+    return UsageEvent(
+        request_id=uuid.uuid4(),
+        tenant_id=tenant_id,
+        api_key_id=key_id,
+        model="iris",
+        model_version="1",
+        units=1,
+        status_code=200,
+        latency_ms=1.0,
+        created_at=utcnow(),
+    )
+
+
 async def _sqlite_usage_writes(env: BenchEnvironment, synchronous: str) -> list[MicroResult]:
     """The usage writer on the embedded default (a SQLite file in the bench's work directory),
     with the given ``PRAGMA synchronous``: what durability of each commit costs (FULL is the
@@ -427,17 +434,7 @@ async def _sqlite_usage_writes(env: BenchEnvironment, synchronous: str) -> list[
         writer.start()
 
         def event() -> UsageEvent:
-            return UsageEvent(
-                request_id=uuid.uuid4(),
-                tenant_id=tenant.id,
-                api_key_id=key.id,
-                model="iris",
-                model_version="1",
-                units=1,
-                status_code=200,
-                latency_ms=1.0,
-                created_at=utcnow(),
-            )
+            return _usage_event(tenant.id, key.id)
 
         name = f"usage.write.sqlite.{synchronous.lower()}"
         try:

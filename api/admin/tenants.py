@@ -5,11 +5,11 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import SkipJsonSchema
 
-from api.deps import AdminScope, DatabaseRoute, SessionDep, StateDep, request_actor
+from api.deps import AdminScope, DatabaseRoute, NoStore, SessionDep, StateDep, request_actor
 from api.errors import problem_responses
 from api.fields import (
     JsonInteger,
@@ -156,6 +156,7 @@ async def update_tenant_route(
     "/tenants/{tenant_id}/keys",
     status_code=201,
     response_model=IssuedKey,
+    dependencies=[NoStore],
     responses=problem_responses(401, 403, 404, 422, 429, 503),
 )
 async def issue_key_route(
@@ -165,11 +166,8 @@ async def issue_key_route(
     session: SessionDep,
     state: StateDep,
     request: Request,
-    response: Response,
 ) -> IssuedKey:
     """Issue an API key for a tenant; the key is in this response only."""
-    # The key is in this body: no cache on the way may keep it.
-    response.headers["Cache-Control"] = "no-store"
     return await issue_tenant_key(
         session,
         state.secrets.key_pepper,
@@ -201,6 +199,7 @@ async def revoke_key_route(
     "/keys/{key_id}/rotate",
     status_code=201,
     response_model=IssuedKey,
+    dependencies=[NoStore],
     responses=problem_responses(404, 409, 422, 503),
 )
 async def rotate_key_route(
@@ -210,10 +209,8 @@ async def rotate_key_route(
     session: SessionDep,
     state: StateDep,
     request: Request,
-    response: Response,
 ) -> IssuedKey:
     """Rotate a key: its successor is in this response only; it works until the grace ends."""
-    response.headers["Cache-Control"] = "no-store"
     return await rotate_key(
         session,
         state.secrets.key_pepper,
