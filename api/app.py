@@ -25,7 +25,7 @@ from auth.identity.authn import KeyAuthenticator
 from auth.identity.key_activity import KeyActivity
 from auth.identity.login_throttle import LoginThrottle
 from auth.identity.tokens import prune_tokens_periodically, token_config
-from auth.limits import RateLimiter
+from auth.limits.limiter import RateLimiter
 from auth.settings import Settings, check_production, declared_workers, get_settings, load_secrets
 from auth.usage_writer import UsageWriter
 from ml import ModelRegistry

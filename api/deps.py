@@ -17,7 +17,7 @@ from api.state import AppState
 from auth.audit import Actor
 from auth.errors import DatabaseTimedOut, Forbidden
 from auth.identity.authn import AuthSubject, authorize, bearer_credential
-from auth.limits import KeyRateLimitExceeded
+from auth.limits.limiter import KeyRateLimitExceeded
 from auth.settings import Settings
 
 
@@ -164,9 +164,10 @@ class Authenticator(HTTPBearer):
         authorize(subject, self.required_scopes)
         if self.billable:
             setattr(request.state, BILLABLE, True)
-        rate_limit = subject.tenant.rate_limit if subject.tenant else None
         try:
-            request.state.rate_limit = await state.rate_limiter.hit(subject.limit_id, rate_limit)
+            request.state.rate_limit = await state.rate_limiter.hit(
+                subject.limit_id, subject.rate_limits
+            )
         except KeyRateLimitExceeded as exc:
             # The 429 carries the X-RateLimit-* headers too.
             request.state.rate_limit = exc.status

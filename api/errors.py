@@ -22,7 +22,7 @@ from auth.errors import (
     ModelgateError,
     NotFound,
 )
-from auth.limits import KeyRateLimitExceeded
+from auth.limits.limiter import KeyRateLimitExceeded
 from ml import InvalidFeatures, ModelNotFound, ModelUnavailable
 
 logger = structlog.get_logger(__name__)

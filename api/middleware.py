@@ -16,7 +16,7 @@ import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.metering import BILLABLE, BILLED
-from auth.limits import RateLimitStatus
+from auth.limits.limiter import RateLimitStatus
 
 logger = structlog.get_logger("modelgate.request")
 _REQUEST_LOG = logging.getLogger("modelgate.request")

@@ -11,7 +11,7 @@ from auth.identity.authn import KeyAuthenticator
 from auth.identity.key_activity import KeyActivity
 from auth.identity.login_throttle import LoginThrottle
 from auth.identity.tokens import TokenConfig
-from auth.limits import RateLimiter
+from auth.limits.limiter import RateLimiter
 from auth.settings import Secrets, Settings
 from auth.usage_writer import UsageWriter
 from ml import ModelRegistry

@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from auth.audit import Actor, record_event
 from auth.errors import Conflict, InvalidRequest, NotFound
-from auth.limits import parse_rate_limit
+from auth.limits.limiter import parse_rate_limit
 from auth.models import AdminPrincipal, Tenant
 from auth.schemas import TenantView
 

@@ -28,7 +28,7 @@ from auth.audit import Actor
 from auth.db import create_engine, create_sessionmaker
 from auth.identity.keys import has_valid_checksum, issue_tenant_key, key_digest
 from auth.identity.tokens import verify_token
-from auth.limits import RateLimiter
+from auth.limits.limiter import RateLimiter
 from auth.models import utcnow
 from auth.settings import Settings
 from auth.tenants import create_tenant

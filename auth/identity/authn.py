@@ -54,6 +54,12 @@ class AuthSubject:
     admin_name: str | None = None
     # The token's id when the credential is a JWT.
     jti: uuid.UUID | None = None
+    # The limits this credential is held to, in ``limits``' notation, several separated by
+    # ";" (e.g. "10/second;1000/hour"): the tenant's plan or override with the key's own,
+    # tighter ones. None: the server's default for its kind (tenant or admin).
+    rate_limits: str | None = None
+    # Requests of this key allowed in flight at once across every worker (None: no bound).
+    max_in_flight: int | None = None
 
     @property
     def is_admin(self) -> bool:
@@ -245,6 +251,7 @@ class KeyAuthenticator:
             tenant=_tenant_info(tenant),
             admin_principal_id=admin.id if admin is not None else None,
             admin_name=admin.name if admin is not None else None,
+            rate_limits=tenant.rate_limit if tenant is not None else None,
         )
         return subject, min(ends, default=None)
 
@@ -292,6 +299,7 @@ class KeyAuthenticator:
                 admin_principal_id=admin.id if admin is not None else None,
                 admin_name=admin.name if admin is not None else None,
                 jti=record.jti,
+                rate_limits=tenant.rate_limit if tenant is not None else None,
             )
         else:
             if (

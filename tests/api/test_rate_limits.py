@@ -21,7 +21,7 @@ from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from sqlalchemy import func, select
 
 from auth.errors import DependencyUnavailable
-from auth.limits import (
+from auth.limits.limiter import (
     KeyRateLimitExceeded,
     RateLimiter,
     _sliding_window_stats,

@@ -1,0 +1,1 @@
+"""Plans, the per-key rate limiter and the concurrency limit."""
