@@ -83,6 +83,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             cache_ttl=settings.key_cache_ttl_seconds,
             cache_size=settings.key_cache_size,
             lookup_timeout=settings.database_timeout_seconds,
+            default_rate_limit=settings.default_rate_limit,
         ),
         rate_limiter=rate_limiter,
         registry=registry,

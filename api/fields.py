@@ -10,7 +10,13 @@ from typing import Annotated
 from pydantic import AfterValidator, AwareDatetime, BeforeValidator, Field, WithJsonSchema
 
 from auth.identity.keys import LATEST_EXPIRY
-from auth.tenants import MAX_MONTHLY_QUOTA
+from auth.limits.plans import (
+    MAX_IN_FLIGHT,
+    MAX_MONTHLY_QUOTA,
+    MAX_PLAN_MODELS,
+    MAX_PRICE_PER_1000_UNITS,
+    RATE_LIMITS_PATTERN,
+)
 from auth.usage import EARLIEST_DAY, LATEST_DAY
 
 # Printable text: a NUL or a control character has no business in a name, and Postgres
@@ -18,14 +24,24 @@ from auth.usage import EARLIEST_DAY, LATEST_DAY
 PRINTABLE_PATTERN = r"^[^\x00-\x1f\x7f]+$"
 
 Name = Annotated[str, Field(min_length=1, max_length=200, pattern=PRINTABLE_PATTERN)]
-# One form only: what the limiter accepts, with an amount that fits every counter.
+# What the limiter accepts, with amounts that fit every counter: up to five limits, each
+# checked on every request (auth.limits.plans bounds the windows too).
 RateLimitText = Annotated[
     str,
     Field(
-        pattern=r"^[1-9][0-9]{0,8}/(second|minute|hour|day)$",
-        max_length=20,
-        examples=["100/minute"],
-        description="requests per second, minute, hour or day, e.g. `100/minute`",
+        pattern=RATE_LIMITS_PATTERN,
+        max_length=200,
+        examples=["100/minute", "10/second;1000/hour"],
+        description="requests per second, minute, hour or day, optionally per several of "
+        "them (`10/2 seconds`); up to five limits separated by `;`, all enforced",
+    ),
+]
+ModelNameText = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$")]
+PlanModels = Annotated[
+    list[ModelNameText],
+    Field(
+        max_length=MAX_PLAN_MODELS,
+        description="the models the plan's tenants may call; null: every model",
     ),
 ]
 
@@ -46,6 +62,20 @@ JsonInteger = BeforeValidator(json_integer)
 # The constraints first, so that the schema states them as minimum and maximum.
 MonthlyQuota = Annotated[
     int, Field(ge=0, le=MAX_MONTHLY_QUOTA, description="units per UTC month"), JsonInteger
+]
+MaxInFlight = Annotated[
+    int,
+    Field(ge=1, le=MAX_IN_FLIGHT, description="requests of one key in flight at once"),
+    JsonInteger,
+]
+PricePer1000Units = Annotated[
+    int,
+    Field(
+        ge=0,
+        le=MAX_PRICE_PER_1000_UNITS,
+        description="price of 1,000 units in the currency's minor unit (cents for USD)",
+    ),
+    JsonInteger,
 ]
 PageLimit = Annotated[int, Field(ge=1, le=500)]
 PageOffset = Annotated[int, Field(ge=0, le=1_000_000)]

@@ -31,10 +31,18 @@ router = APIRouter(route_class=DatabaseRoute, tags=["me"])
 
 
 class LimitsOut(BaseModel):
-    """The limits that apply to the caller."""
+    """The limits that apply to the caller: its plan's, with its tenant's overrides and this
+    key's own."""
 
-    rate_limit: str
-    monthly_quota: int | None
+    rate_limit: str = Field(
+        description="every limit checked on each request, ';'-separated (e.g. "
+        "`10/second;1000/hour`)"
+    )
+    monthly_quota: int | None = Field(description="units per UTC month; null: unlimited")
+    max_in_flight: int | None = Field(
+        description="requests of this key in flight at once; null: no bound"
+    )
+    models: list[str] | None = Field(description="the models the plan opens; null: every model")
 
 
 class KeyOut(BaseModel):
@@ -62,8 +70,10 @@ async def me(subject: TenantCredential, state: StateDep, session: SessionDep) ->
         # The same view of a tenant as the operator's routes and the CLI give.
         tenant=await get_tenant(session, tenant.id),
         limits=LimitsOut(
-            rate_limit=tenant.rate_limit or state.settings.default_rate_limit,
+            rate_limit=subject.rate_limits or state.settings.default_rate_limit,
             monthly_quota=tenant.monthly_quota,
+            max_in_flight=subject.max_in_flight,
+            models=sorted(tenant.models) if tenant.models is not None else None,
         ),
         key=KeyOut(
             id=subject.require_key_id(),

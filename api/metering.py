@@ -44,6 +44,7 @@ async def charge(
         api_key_id=subject.require_key_id(),
         model=model,
         model_version=model_version,
+        plan_id=tenant.plan_id,
         units=units,
         status_code=200,
         latency_ms=latency_ms,

@@ -106,16 +106,26 @@ def _model_out(info: ModelInfo) -> ModelOut:
 
 
 @router.get("/models", response_model=ModelList, responses=problem_responses(401, 429, 503))
-async def list_models(_subject: AnyCredential, state: StateDep) -> ModelList:
-    """List the registered models with their versions and input schema."""
-    return ModelList(models=[_model_out(info) for info in state.registry.models()])
+async def list_models(subject: AnyCredential, state: StateDep) -> ModelList:
+    """List the models the caller may use, with their versions and input schema."""
+    tenant = subject.tenant
+    return ModelList(
+        models=[
+            _model_out(info)
+            for info in state.registry.models()
+            if tenant is None or tenant.may_use(info.name)
+        ]
+    )
 
 
 @router.get(
     "/models/{name}", response_model=ModelOut, responses=problem_responses(401, 404, 429, 503)
 )
-async def get_model(name: str, _subject: AnyCredential, state: StateDep) -> ModelOut:
+async def get_model(name: str, subject: AnyCredential, state: StateDep) -> ModelOut:
     """Describe one model: versions, the active version and input schema."""
+    if subject.tenant is not None and not subject.tenant.may_use(name):
+        # Outside the caller's plan: the answer of a model that does not exist.
+        raise ModelNotFound("model not found")
     return _model_out(state.registry.model_info(name))
 
 
@@ -124,9 +134,11 @@ async def get_model(name: str, _subject: AnyCredential, state: StateDep) -> Mode
     response_model=DefaultModelInfo,
     responses=problem_responses(401, 403, 429, 503),
 )
-async def default_model_info(_subject: AnyCredential, state: StateDep) -> DefaultModelInfo:
+async def default_model_info(subject: AnyCredential, state: StateDep) -> DefaultModelInfo:
     """Describe the default model's active version: type, hyperparameters, when it was loaded."""
     try:
+        if subject.tenant is not None and not subject.tenant.may_use(DEFAULT_MODEL):
+            raise ModelNotFound("model not found")  # as if it were not on disk
         model = state.registry.get(DEFAULT_MODEL)
     except ModelNotFound:
         # No default model on disk at all is the same outage as one that failed to load.

@@ -15,7 +15,14 @@ from api.metering import charge
 from api.state import AppState
 from auth.errors import InvalidRequest
 from auth.identity.authn import AuthSubject
-from ml import DEFAULT_MODEL, FLOAT32_MAX, InvalidFeatures, LoadedModel, Prediction
+from ml import (
+    DEFAULT_MODEL,
+    FLOAT32_MAX,
+    InvalidFeatures,
+    LoadedModel,
+    ModelNotFound,
+    Prediction,
+)
 
 # No database session here: usage goes through the usage writer (api.metering.charge).
 router = APIRouter(tags=["predictions"])
@@ -111,6 +118,18 @@ class BatchPredictResponse(BaseModel):
     prediction_id: str = Field(description="The request's `X-Request-ID`")
 
 
+def served_model(
+    state: AppState, subject: AuthSubject, name: str, version: str | None
+) -> LoadedModel:
+    """The model version to serve this caller. A model its plan does not open is answered
+    exactly as a model that does not exist (404, the same words, whatever the version and
+    whether it is loaded): the answer must not confirm that it exists."""
+    tenant = subject.tenant
+    if tenant is not None and not tenant.may_use(name):
+        raise ModelNotFound("model not found")
+    return state.registry.get(name, version)
+
+
 async def _predict_and_bill(
     request: Request,
     state: AppState,
@@ -167,7 +186,7 @@ async def predict(
 ) -> Response:
     """Predict the class of one instance (1 unit)."""
     state = app_state(request)
-    model = state.registry.get(body.model, body.model_version)
+    model = served_model(state, subject, body.model, body.model_version)
     [result], inference_ms = await _predict_and_bill(
         request, state, subject, model, [body.features], "features"
     )
@@ -198,7 +217,7 @@ async def predict_batch(
     limit = state.settings.max_batch_size
     if len(body.instances) > min(limit, HARD_MAX_INSTANCES):
         raise InvalidRequest(f"a batch holds at most {limit} instances", loc=("body", "instances"))
-    model = state.registry.get(body.model, body.model_version)
+    model = served_model(state, subject, body.model, body.model_version)
     results, inference_ms = await _predict_and_bill(
         request, state, subject, model, body.instances, "instances"
     )

@@ -74,18 +74,55 @@ class Base(DeclarativeBase):
     type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UTCDateTime()}
 
 
+class Plan(Base):
+    """What an operator sells: rate limits, a monthly quota, a concurrency bound, the models it
+    opens and the price per 1,000 units. Tenants reference one; a change reaches every tenant on
+    it within the key cache's TTL.
+
+    The price and currency never change once the plan exists (``auth.limits.plans``): usage rows
+    name the plan they were served under, so a month's bill is the same whenever it is exported.
+    """
+
+    __tablename__ = "plan"
+    __table_args__ = (
+        CheckConstraint("status IN ('active', 'retired')", name="status"),
+        CheckConstraint("price_per_1000_units >= 0", name="price_not_negative"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    # limits' notation, several separated by ";" ("10/second;1000/hour"); None: the server's
+    # default rate limit.
+    rate_limits: Mapped[str | None] = mapped_column(String(200))
+    # Units per calendar month (UTC); None means unlimited.
+    monthly_quota: Mapped[int | None] = mapped_column(BigInteger)
+    # Requests of one key in flight at once, across workers; None: no bound.
+    max_in_flight: Mapped[int | None] = mapped_column(Integer)
+    # The model names its tenants may call; None: every model.
+    models: Mapped[list[str] | None] = mapped_column(JSON)
+    # In the currency's minor unit (cents for USD).
+    price_per_1000_units: Mapped[int] = mapped_column(BigInteger, default=0)
+    currency: Mapped[str] = mapped_column(String(3), default="USD")
+    # A retired plan keeps its tenants but takes no new ones.
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
 class Tenant(Base):
-    """A customer of the operator: owns API keys, a rate limit and a monthly quota."""
+    """A customer of the operator: owns API keys, is on a plan and may override its rate limit
+    and monthly quota."""
 
     __tablename__ = "tenant"
     __table_args__ = (CheckConstraint("status IN ('active', 'suspended')", name="status"),)
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     name: Mapped[str] = mapped_column(String(200), unique=True)
-    plan: Mapped[str] = mapped_column(String(50), default="standard")
-    # None means the server's default rate limit applies.
-    rate_limit: Mapped[str | None] = mapped_column(String(64))
-    # Units per calendar month (UTC); None means unlimited.
+    plan_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("plan.id", ondelete="RESTRICT"), index=True
+    )
+    # Overrides of the plan's limits (None: the plan's).
+    rate_limit: Mapped[str | None] = mapped_column(String(200))
     monthly_quota: Mapped[int | None] = mapped_column(BigInteger)
     status: Mapped[str] = mapped_column(String(16), default="active")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -135,6 +172,9 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column()
     # Written in batches (not once per request), so it may lag by the flush interval.
     last_used_at: Mapped[datetime | None] = mapped_column()
+    # Limits of this key alone, checked on top of its tenant's (so only ever tighter).
+    rate_limits: Mapped[str | None] = mapped_column(String(200))
+    max_in_flight: Mapped[int | None] = mapped_column(Integer)
     # The key this one replaced by rotation.
     rotated_from_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("api_key.id", ondelete="SET NULL")
@@ -160,6 +200,8 @@ class UsageRecord(Base):
     )
     model: Mapped[str] = mapped_column(String(100))
     model_version: Mapped[str] = mapped_column(String(50))
+    # The plan the request was served under: it prices the units.
+    plan_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("plan.id", ondelete="RESTRICT"))
     units: Mapped[int] = mapped_column(Integer)
     status_code: Mapped[int] = mapped_column(SmallInteger)
     latency_ms: Mapped[float] = mapped_column(Float)
@@ -167,7 +209,7 @@ class UsageRecord(Base):
 
 
 class UsageDaily(Base):
-    """Requests and units per tenant, key, model version and UTC day: the rollup every usage
+    """Requests and units per tenant, key, model version, plan and UTC day: the rollup every usage
     read (reports, the billing export) uses instead of the raw records.
 
     The usage writer adds to it in the same transaction as the records it summarises, so it
@@ -187,6 +229,9 @@ class UsageDaily(Base):
     )
     model: Mapped[str] = mapped_column(String(100), primary_key=True)
     model_version: Mapped[str] = mapped_column(String(50), primary_key=True)
+    plan_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("plan.id", ondelete="RESTRICT"), primary_key=True
+    )
     requests: Mapped[int] = mapped_column(BigInteger)
     units: Mapped[int] = mapped_column(BigInteger)
 

@@ -8,15 +8,17 @@ from datetime import datetime
 
 from pydantic import BaseModel
 
-from auth.models import ApiKey, Tenant
+from auth.models import ApiKey, Plan, Tenant
 
 
 class TenantView(BaseModel):
-    """A tenant: its limits, status and timestamps."""
+    """A tenant: its plan, its overrides of the plan's limits, status and timestamps."""
 
     id: uuid.UUID
     name: str
     plan: str
+    plan_id: uuid.UUID
+    # Overrides of the plan's (null: the plan's applies).
     rate_limit: str | None
     monthly_quota: int | None
     status: str
@@ -24,9 +26,19 @@ class TenantView(BaseModel):
     updated_at: datetime
 
     @classmethod
-    def of(cls, tenant: Tenant) -> TenantView:
-        """The view of a tenant row."""
-        return cls.model_validate(tenant, from_attributes=True)
+    def of(cls, tenant: Tenant, plan: Plan) -> TenantView:
+        """The view of a tenant row and its plan."""
+        return cls(
+            id=tenant.id,
+            name=tenant.name,
+            plan=plan.name,
+            plan_id=plan.id,
+            rate_limit=tenant.rate_limit,
+            monthly_quota=tenant.monthly_quota,
+            status=tenant.status,
+            created_at=tenant.created_at,
+            updated_at=tenant.updated_at,
+        )
 
 
 class KeyView(BaseModel):
@@ -42,6 +54,9 @@ class KeyView(BaseModel):
     revoked_at: datetime | None
     last_used_at: datetime | None
     rotated_from_id: uuid.UUID | None
+    # This key's own limits, on top of its tenant's (null: none of its own).
+    rate_limits: str | None = None
+    max_in_flight: int | None = None
 
     @classmethod
     def of(cls, key: ApiKey) -> KeyView:
@@ -57,6 +72,8 @@ class KeyView(BaseModel):
             revoked_at=key.revoked_at,
             last_used_at=key.last_used_at,
             rotated_from_id=key.rotated_from_id,
+            rate_limits=key.rate_limits,
+            max_in_flight=key.max_in_flight,
         )
 
 

@@ -11,20 +11,15 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from auth.audit import Actor, record_event
 from auth.errors import Conflict, InvalidRequest, NotFound
-from auth.limits.limiter import parse_rate_limit
-from auth.models import AdminPrincipal, Tenant
+from auth.limits.plans import check_monthly_quota, check_rate_limits, plan_for_tenant
+from auth.models import AdminPrincipal, Plan, Tenant
 from auth.schemas import TenantView
 
-# A monthly quota larger than this is not a limit; it also keeps every sum of units far
-# inside a 64-bit column.
-MAX_MONTHLY_QUOTA = 10**12
 
-
-def _check_quota(monthly_quota: int | None) -> None:
-    if monthly_quota is not None and not 0 <= monthly_quota <= MAX_MONTHLY_QUOTA:
-        raise InvalidRequest(
-            f"monthly_quota must be between 0 and {MAX_MONTHLY_QUOTA}", loc=("monthly_quota",)
-        )
+def _check_overrides(values: dict[str, Any]) -> None:
+    if values.get("rate_limit") is not None:
+        check_rate_limits(values["rate_limit"], "rate_limit")
+    check_monthly_quota(values.get("monthly_quota"))
 
 
 async def create_tenant(
@@ -32,16 +27,19 @@ async def create_tenant(
     actor: Actor,
     *,
     name: str,
+    plan: str | None = None,
     rate_limit: str | None = None,
     monthly_quota: int | None = None,
 ) -> TenantView:
-    """Create an active tenant (the name must be unique); audited as ``tenant.create``."""
-    if rate_limit is not None:
-        parse_rate_limit(rate_limit)
-    _check_quota(monthly_quota)
+    """Create an active tenant (the name must be unique) on the named plan (the default plan
+    when None); audited as ``tenant.create``."""
+    _check_overrides({"rate_limit": rate_limit, "monthly_quota": monthly_quota})
+    plan_row = await plan_for_tenant(session, plan)
     if await session.scalar(select(Tenant.id).where(Tenant.name == name)) is not None:
         raise Conflict(f"a tenant named {name!r} already exists")
-    tenant = Tenant(name=name, rate_limit=rate_limit, monthly_quota=monthly_quota)
+    tenant = Tenant(
+        name=name, plan_id=plan_row.id, rate_limit=rate_limit, monthly_quota=monthly_quota
+    )
     session.add(tenant)
     try:
         await session.flush()
@@ -55,30 +53,37 @@ async def create_tenant(
         target_type="tenant",
         target_id=str(tenant.id),
         tenant_id=tenant.id,
-        detail={"name": name, "rate_limit": rate_limit, "monthly_quota": monthly_quota},
+        detail={
+            "name": name,
+            "plan": plan_row.name,
+            "rate_limit": rate_limit,
+            "monthly_quota": monthly_quota,
+        },
     )
-    return TenantView.of(tenant)
+    return TenantView.of(tenant, plan_row)
 
 
 async def update_tenant(
     session: AsyncSession, actor: Actor, tenant_id: uuid.UUID, changes: dict[str, Any]
 ) -> TenantView:
-    """Apply changes to a tenant. ``rate_limit``/``monthly_quota`` set to None restore the
-    default limit and unlimited usage; ``name`` and ``status`` cannot be None. Audited as
-    ``tenant.suspend`` or ``tenant.reactivate`` when the status changes, else ``tenant.update``."""
+    """Apply changes to a tenant. ``plan`` names the plan to move it to (an active one);
+    ``rate_limit``/``monthly_quota`` set to None make the plan's apply again; ``name``,
+    ``plan`` and ``status`` cannot be None. Audited as ``tenant.suspend`` or
+    ``tenant.reactivate`` when the status changes, else ``tenant.update``."""
     tenant = await _tenant_row(session, tenant_id)
     previous_status = tenant.status
-    if changes.get("rate_limit") is not None:
-        parse_rate_limit(changes["rate_limit"])
-    _check_quota(changes.get("monthly_quota"))
+    for field in ("name", "status", "plan"):
+        if field in changes and changes[field] is None:
+            raise InvalidRequest(f"{field} cannot be null", loc=(field,))
+    _check_overrides(changes)
     if changes.get("name") not in (None, tenant.name):
         taken = await session.scalar(select(Tenant.id).where(Tenant.name == changes["name"]))
         if taken is not None:
             raise Conflict(f"a tenant named {changes['name']!r} already exists")
-    for field in ("name", "status"):
-        if field in changes and changes[field] is None:
-            raise InvalidRequest(f"{field} cannot be null", loc=(field,))
-    for field, value in changes.items():
+    values = dict(changes)
+    if "plan" in values:
+        values["plan_id"] = (await plan_for_tenant(session, values.pop("plan"))).id
+    for field, value in values.items():
         setattr(tenant, field, value)
     try:
         await session.flush()
@@ -97,7 +102,7 @@ async def update_tenant(
         tenant_id=tenant.id,
         detail=changes,
     )
-    return TenantView.of(tenant)
+    return TenantView.of(tenant, await _plan_of(session, tenant))
 
 
 async def _tenant_row(session: AsyncSession, tenant_id: uuid.UUID) -> Tenant:
@@ -107,17 +112,29 @@ async def _tenant_row(session: AsyncSession, tenant_id: uuid.UUID) -> Tenant:
     return tenant
 
 
+async def _plan_of(session: AsyncSession, tenant: Tenant) -> Plan:
+    plan = await session.get(Plan, tenant.plan_id)
+    if plan is None:  # the foreign key makes this impossible
+        raise NotFound("plan not found")
+    return plan
+
+
 async def get_tenant(session: AsyncSession, tenant_id: uuid.UUID) -> TenantView:
     """One tenant, or ``NotFound``."""
-    return TenantView.of(await _tenant_row(session, tenant_id))
+    tenant = await _tenant_row(session, tenant_id)
+    return TenantView.of(tenant, await _plan_of(session, tenant))
 
 
 async def list_tenants(session: AsyncSession, *, limit: int, offset: int) -> list[TenantView]:
     """Tenants in creation order."""
-    result = await session.scalars(
-        select(Tenant).order_by(Tenant.created_at, Tenant.id).limit(limit).offset(offset)
+    result = await session.execute(
+        select(Tenant, Plan)
+        .join(Plan, Plan.id == Tenant.plan_id)
+        .order_by(Tenant.created_at, Tenant.id)
+        .limit(limit)
+        .offset(offset)
     )
-    return [TenantView.of(tenant) for tenant in result]
+    return [TenantView.of(tenant, plan) for tenant, plan in result]
 
 
 async def get_or_create_admin(session: AsyncSession, name: str) -> AdminPrincipal:

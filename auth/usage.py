@@ -14,7 +14,7 @@ from sqlalchemy import Date, cast, delete, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from auth.errors import InvalidRequest
-from auth.models import ApiKey, MonthlyUsage, Tenant, UsageDaily, UsageRecord, utcnow
+from auth.models import ApiKey, MonthlyUsage, Plan, Tenant, UsageDaily, UsageRecord, utcnow
 
 # A report may span at most this many days: the query stays bounded.
 MAX_REPORT_DAYS = 366
@@ -46,6 +46,8 @@ class UsageEvent:
     api_key_id: uuid.UUID
     model: str
     model_version: str
+    # The tenant's plan when the request was served: it prices the units.
+    plan_id: uuid.UUID
     units: int
     status_code: int
     latency_ms: float
@@ -209,7 +211,8 @@ async def usage_summary(
 
 @dataclass(frozen=True)
 class BillingRow:
-    """One row of the billing export: a tenant's usage of one model version on one day."""
+    """One row of the billing export: a tenant's usage of one model version on one day under
+    one plan, and what it costs."""
 
     tenant_id: uuid.UUID
     tenant_name: str
@@ -218,6 +221,15 @@ class BillingRow:
     model_version: str
     requests: int
     units: int
+    plan: str
+    price_per_1000_units: int
+    currency: str
+
+    @property
+    def amount(self) -> int:
+        """The row's price in the currency's minor unit: units times the price per 1,000 units,
+        divided by 1,000 and rounded half up, in integers (no float ever touches money)."""
+        return (self.units * self.price_per_1000_units + 500) // 1000
 
 
 def parse_month(value: str) -> tuple[date, date]:
@@ -247,19 +259,47 @@ async def billing_rows(session: AsyncSession, month: str) -> AsyncIterator[Billi
             UsageDaily.model_version,
             func.sum(UsageDaily.requests),
             func.sum(UsageDaily.units),
+            Plan.name,
+            Plan.price_per_1000_units,
+            Plan.currency,
         )
         .join(Tenant, Tenant.id == UsageDaily.tenant_id)
+        .join(Plan, Plan.id == UsageDaily.plan_id)
         .where(UsageDaily.day >= start, UsageDaily.day <= end)
         .group_by(
-            Tenant.id, Tenant.name, UsageDaily.day, UsageDaily.model, UsageDaily.model_version
+            Tenant.id,
+            Tenant.name,
+            UsageDaily.day,
+            UsageDaily.model,
+            UsageDaily.model_version,
+            Plan.id,
+            Plan.name,
+            Plan.price_per_1000_units,
+            Plan.currency,
         )
         .order_by(
-            Tenant.name, Tenant.id, UsageDaily.day, UsageDaily.model, UsageDaily.model_version
+            Tenant.name,
+            Tenant.id,
+            UsageDaily.day,
+            UsageDaily.model,
+            UsageDaily.model_version,
+            Plan.name,
         )
     )
     result = await session.stream(statement)
-    async for tenant_id, name, d, model, version, requests, units in result:
-        yield BillingRow(tenant_id, name, _as_date(d), model, version, int(requests), int(units))
+    async for tenant_id, name, d, model, version, requests, units, plan, price, currency in result:
+        yield BillingRow(
+            tenant_id,
+            name,
+            _as_date(d),
+            model,
+            version,
+            int(requests),
+            int(units),
+            plan,
+            int(price),
+            currency,
+        )
 
 
 async def rebuild_rollups(session: AsyncSession) -> int:
@@ -284,10 +324,20 @@ async def rebuild_rollups(session: AsyncSession) -> int:
         UsageRecord.api_key_id,
         UsageRecord.model,
         UsageRecord.model_version,
+        UsageRecord.plan_id,
     )
     await session.execute(
         insert(UsageDaily).from_select(
-            ["tenant_id", "day", "api_key_id", "model", "model_version", "requests", "units"],
+            [
+                "tenant_id",
+                "day",
+                "api_key_id",
+                "model",
+                "model_version",
+                "plan_id",
+                "requests",
+                "units",
+            ],
             select(*columns, func.count(), func.sum(UsageRecord.units)).group_by(*columns),
         )
     )

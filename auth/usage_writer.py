@@ -64,24 +64,36 @@ _ADD = (
 # units <= quota (the caller checks), so the bound matters on conflict only.
 _ADD_WITHIN_QUOTA = _ADD + " WHERE monthly_usage.units + excluded.units <= $5"
 _INSERT_RECORDS = (
-    "INSERT INTO usage_record (request_id, tenant_id, api_key_id, model, model_version, units, "
-    "status_code, latency_ms, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+    "INSERT INTO usage_record (request_id, tenant_id, api_key_id, model, model_version, plan_id, "
+    "units, status_code, latency_ms, created_at) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
 )
 # Adding the batch's records to their daily rollups, in the same transaction.
 _ADD_DAILY = (
-    "INSERT INTO usage_daily (tenant_id, day, api_key_id, model, model_version, requests, units) "
-    "VALUES ($1, $2, $3, $4, $5, $6, $7) "
-    "ON CONFLICT (tenant_id, day, api_key_id, model, model_version) DO UPDATE SET "
+    "INSERT INTO usage_daily "
+    "(tenant_id, day, api_key_id, model, model_version, plan_id, requests, units) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
+    "ON CONFLICT (tenant_id, day, api_key_id, model, model_version, plan_id) DO UPDATE SET "
     "requests = usage_daily.requests + excluded.requests, "
     "units = usage_daily.units + excluded.units"
 )
-_DAILY_COLUMNS = ("tenant_id", "day", "api_key_id", "model", "model_version", "requests", "units")
+_DAILY_COLUMNS = (
+    "tenant_id",
+    "day",
+    "api_key_id",
+    "model",
+    "model_version",
+    "plan_id",
+    "requests",
+    "units",
+)
 _RECORD_COLUMNS = (
     "request_id",
     "tenant_id",
     "api_key_id",
     "model",
     "model_version",
+    "plan_id",
     "units",
     "status_code",
     "latency_ms",
@@ -334,10 +346,17 @@ class UsageWriter:
     def _daily_rows(self, events: Sequence[UsageEvent]) -> list[tuple[Any, ...]]:
         """The batch summed per rollup row, in key order (so that two writers touching the
         same rows lock them in the same order)."""
-        sums: dict[tuple[uuid.UUID, date, uuid.UUID, str, str], list[int]] = {}
+        sums: dict[tuple[uuid.UUID, date, uuid.UUID, str, str, uuid.UUID], list[int]] = {}
         for event in events:
             day = event.created_at.astimezone(UTC).date()
-            key = (event.tenant_id, day, event.api_key_id, event.model, event.model_version)
+            key = (
+                event.tenant_id,
+                day,
+                event.api_key_id,
+                event.model,
+                event.model_version,
+                event.plan_id,
+            )
             totals = sums.setdefault(key, [0, 0])
             totals[0] += 1
             totals[1] += event.units
@@ -356,6 +375,7 @@ class UsageWriter:
             event.api_key_id,
             event.model,
             event.model_version,
+            event.plan_id,
             event.units,
             event.status_code,
             event.latency_ms,

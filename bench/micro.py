@@ -329,7 +329,7 @@ async def run_micro(env: BenchEnvironment, log: Callable[[str], None]) -> list[M
         key_id = subject.require_key_id()
 
         def usage_event() -> UsageEvent:
-            return _usage_event(tenant.id, key_id)
+            return _usage_event(tenant.id, key_id, tenant.plan_id)
 
         writer = state.usage_writer
         add(
@@ -400,7 +400,7 @@ async def run_micro(env: BenchEnvironment, log: Callable[[str], None]) -> list[M
     return results
 
 
-def _usage_event(tenant_id: uuid.UUID, key_id: uuid.UUID) -> UsageEvent:
+def _usage_event(tenant_id: uuid.UUID, key_id: uuid.UUID, plan_id: uuid.UUID) -> UsageEvent:
     """One billable prediction of the bench tenant, now."""
     return UsageEvent(
         request_id=uuid.uuid4(),
@@ -408,6 +408,7 @@ def _usage_event(tenant_id: uuid.UUID, key_id: uuid.UUID) -> UsageEvent:
         api_key_id=key_id,
         model="iris",
         model_version="1",
+        plan_id=plan_id,
         units=1,
         status_code=200,
         latency_ms=1.0,
@@ -434,7 +435,7 @@ async def _sqlite_usage_writes(env: BenchEnvironment, synchronous: str) -> list[
         writer.start()
 
         def event() -> UsageEvent:
-            return _usage_event(tenant.id, key.id)
+            return _usage_event(tenant.id, key.id, tenant.plan_id)
 
         name = f"usage.write.sqlite.{synchronous.lower()}"
         try:

@@ -28,8 +28,8 @@ from sqlalchemy import delete, select, text
 from sqlalchemy.engine import URL, make_url
 
 from auth.db import create_engine
-from auth.models import ApiKey, MonthlyUsage, UsageDaily, UsageRecord
-from auth.tenants import MAX_MONTHLY_QUOTA
+from auth.limits.plans import MAX_MONTHLY_QUOTA
+from auth.models import ApiKey, MonthlyUsage, Tenant, UsageDaily, UsageRecord
 from auth.usage import UsageEvent
 from auth.usage_writer import UsageWriter
 from bench import ROOT, BenchError
@@ -292,6 +292,7 @@ async def seed_usage(env: BenchEnvironment, records: int) -> int:
             key_id = await connection.scalar(
                 select(ApiKey.id).where(ApiKey.tenant_id == tenant_id).limit(1)
             )
+            plan_id = await connection.scalar(select(Tenant.plan_id).where(Tenant.id == tenant_id))
             if key_id is None:
                 raise BenchError("the bench tenant's key is missing from the database")
             for table in (UsageRecord, UsageDaily, MonthlyUsage):
@@ -310,6 +311,7 @@ async def seed_usage(env: BenchEnvironment, records: int) -> int:
                         api_key_id=key_id,
                         model="iris",
                         model_version=rng.choice(("1", "2")),
+                        plan_id=plan_id,
                         units=rng.choice((1, 1, 1, 10)),
                         status_code=200,
                         latency_ms=1.0,

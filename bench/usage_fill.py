@@ -43,8 +43,10 @@ async def fill(database_url: str, tenant_id: uuid.UUID, rows: int, days: int) ->
     engine = create_engine(database_url)
     try:
         async with create_sessionmaker(engine)() as session:
-            if await session.get(Tenant, tenant_id) is None:
+            tenant = await session.get(Tenant, tenant_id)
+            if tenant is None:
                 raise SystemExit(f"no tenant {tenant_id}")
+            plan_id = tenant.plan_id
             key_id = await session.scalar(
                 select(ApiKey.id)
                 .where(ApiKey.tenant_id == tenant_id)
@@ -69,6 +71,7 @@ async def fill(database_url: str, tenant_id: uuid.UUID, rows: int, days: int) ->
                         api_key_id=key_id,
                         model="iris",
                         model_version="1",
+                        plan_id=plan_id,
                         units=1,
                         status_code=200,
                         latency_ms=1.0,

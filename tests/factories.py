@@ -8,7 +8,7 @@ from datetime import datetime
 
 from sqlalchemy import select
 
-from auth.models import ApiKey
+from auth.models import ApiKey, Tenant
 from auth.usage import UsageEvent
 from tests.conftest import Harness
 
@@ -29,6 +29,8 @@ async def insert_usage(
         for tenant_id, created_at, model, version, units in records:
             key_id = await session.scalar(select(ApiKey.id).where(ApiKey.tenant_id == tenant_id))
             assert key_id is not None, "the tenant has no key"
+            plan_id = await session.scalar(select(Tenant.plan_id).where(Tenant.id == tenant_id))
+            assert plan_id is not None
             events.append(
                 UsageEvent(
                     request_id=uuid.uuid4(),
@@ -36,6 +38,7 @@ async def insert_usage(
                     api_key_id=key_id,
                     model=model,
                     model_version=version,
+                    plan_id=plan_id,
                     units=units,
                     status_code=200,
                     latency_ms=1.0,

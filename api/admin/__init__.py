@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from api.admin import audit, billing, tenants, tokens, usage
+from api.admin import audit, billing, plans, tenants, tokens, usage
 from api.deps import require_admin
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 router.include_router(tenants.router)
+router.include_router(plans.router)
 router.include_router(billing.router)
 router.include_router(audit.router)
 router.include_router(usage.router)

@@ -1,4 +1,5 @@
-"""The operator's billing export: one row per tenant, model, model version and day."""
+"""The operator's billing export: one row per tenant, model, model version, day and plan, with
+what it costs."""
 
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ BILLING_COLUMNS = (
     "model_version",
     "requests",
     "units",
+    "plan",
+    "currency",
+    "amount",
 )
 ExportFormat = Literal["csv", "jsonl"]
 
@@ -40,6 +44,9 @@ def _row_values(row: BillingRow) -> list[str | int]:
         row.model_version,
         row.requests,
         row.units,
+        row.plan,
+        row.currency,
+        row.amount,
     ]
 
 
@@ -81,7 +88,7 @@ async def export_billing(
     month: Annotated[BillingMonth, Query()],
     format: Annotated[ExportFormat, Query()] = "csv",
 ) -> StreamingResponse:
-    """Stream a month's billing rows per tenant, model, version and day as CSV or JSON Lines."""
+    """Stream a month's billing rows (tenant, model, version, day, plan, amount) as CSV or JSONL."""
     parse_month(month)  # refuse a bad month with 422 before the stream starts
     media_type = "text/csv" if format == "csv" else "application/jsonl"
     return StreamingResponse(

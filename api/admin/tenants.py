@@ -9,11 +9,13 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import SkipJsonSchema
 
+from api.admin.plans import PlanName
 from api.deps import AdminScope, DatabaseRoute, NoStore, SessionDep, StateDep, request_actor
 from api.errors import problem_responses
 from api.fields import (
     JsonInteger,
     KeyExpiry,
+    MaxInFlight,
     MonthlyQuota,
     Name,
     PageLimit,
@@ -41,19 +43,27 @@ class TenantCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Name
-    rate_limit: RateLimitText | None = None
-    monthly_quota: MonthlyQuota | None = None
+    plan: PlanName | None = Field(
+        default=None, description="the plan's name; omitted: the default plan, `standard`"
+    )
+    rate_limit: RateLimitText | None = Field(
+        default=None, description="overrides the plan's rate limits; null: the plan's"
+    )
+    monthly_quota: MonthlyQuota | None = Field(
+        default=None, description="overrides the plan's monthly quota; null: the plan's"
+    )
 
 
 class TenantUpdate(BaseModel):
     """Fields to change on a tenant; omitted fields stay as they are. ``rate_limit`` and
-    ``monthly_quota`` set to null restore the default limit and unlimited usage; ``name`` and
+    ``monthly_quota`` set to null make the plan's apply again; ``name``, ``plan`` and
     ``status`` cannot be null."""
 
     model_config = ConfigDict(extra="forbid")
 
     # Optional but not nullable: the schema shows no null, and the service refuses one.
     name: Name | SkipJsonSchema[None] = None
+    plan: PlanName | SkipJsonSchema[None] = None
     rate_limit: RateLimitText | None = None
     monthly_quota: MonthlyQuota | None = None
     status: Literal["active", "suspended"] | SkipJsonSchema[None] = None
@@ -74,6 +84,13 @@ class KeyCreate(BaseModel):
     scopes: list[TenantScope] = Field(default=["predict", "usage:read"], min_length=1, max_length=3)
     expires_at: KeyExpiry | None = Field(
         default=None, description="when the key stops working; omitted: never"
+    )
+    rate_limits: RateLimitText | None = Field(
+        default=None,
+        description="limits of this key alone, checked on top of its tenant's; null: none",
+    )
+    max_in_flight: MaxInFlight | None = Field(
+        default=None, description="this key's bound on requests in flight; null: the plan's"
     )
 
 
@@ -111,6 +128,7 @@ async def create_tenant_route(
         session,
         request_actor(request, admin),
         name=body.name,
+        plan=body.plan,
         rate_limit=body.rate_limit,
         monthly_quota=body.monthly_quota,
     )
@@ -146,7 +164,7 @@ async def update_tenant_route(
     session: SessionDep,
     request: Request,
 ) -> TenantView:
-    """Change a tenant's name, rate limit, monthly quota or status."""
+    """Change a tenant's name, plan, limit overrides or status."""
     return await update_tenant(
         session, request_actor(request, admin), tenant_id, body.model_dump(exclude_unset=True)
     )
@@ -176,6 +194,8 @@ async def issue_key_route(
         name=body.name,
         scopes=body.scopes,
         expires_at=body.expires_at,
+        rate_limits=body.rate_limits,
+        max_in_flight=body.max_in_flight,
     )
 
 

@@ -17,7 +17,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from auth.errors import DatabaseTimedOut, Forbidden, TenantSuspended, Unauthenticated
 from auth.identity.keys import ADMIN_SCOPE, has_valid_checksum, key_digest, looks_like_key
 from auth.identity.tokens import TokenClaims, TokenConfig, verify_token
-from auth.models import AccessToken, AdminPrincipal, ApiKey, Tenant, utcnow
+from auth.limits.plans import EffectiveLimits, effective_limits
+from auth.models import AccessToken, AdminPrincipal, ApiKey, Plan, Tenant, utcnow
 
 # Longer Authorization headers are refused before any parsing (SECURITY.md line 1).
 MAX_AUTHORIZATION_LENGTH = 8 * 1024
@@ -30,9 +31,16 @@ class TenantInfo:
     id: uuid.UUID
     name: str
     plan: str
-    rate_limit: str | None
+    plan_id: uuid.UUID
+    # The plan's, or the tenant's override (None: unlimited).
     monthly_quota: int | None
     status: str
+    # The models the plan opens (None: every model).
+    models: frozenset[str] | None = None
+
+    def may_use(self, model: str) -> bool:
+        """Whether the tenant's plan opens this model."""
+        return self.models is None or model in self.models
 
 
 @dataclass(frozen=True)
@@ -133,7 +141,9 @@ class KeyAuthenticator:
         cache_ttl: float = 1.0,
         cache_size: int = 10_000,
         lookup_timeout: float | None = None,
+        default_rate_limit: str = "100/minute",
     ) -> None:
+        self._default_rate_limit = default_rate_limit
         self._sessionmaker = sessionmaker
         self._lookup_timeout = lookup_timeout
         self._pepper = pepper
@@ -227,8 +237,9 @@ class KeyAuthenticator:
     async def _lookup_key(self, digest: str) -> tuple[AuthSubject, datetime | None]:
         """The live key with this digest and the moment it stops being valid, or 401."""
         statement = (
-            select(ApiKey, Tenant, AdminPrincipal)
+            select(ApiKey, Tenant, Plan, AdminPrincipal)
             .outerjoin(Tenant, ApiKey.tenant_id == Tenant.id)
+            .outerjoin(Plan, Tenant.plan_id == Plan.id)
             .outerjoin(AdminPrincipal, ApiKey.admin_principal_id == AdminPrincipal.id)
             .where(ApiKey.digest == digest)
         )
@@ -237,31 +248,42 @@ class KeyAuthenticator:
             row = (await session.execute(statement)).first()
         if row is None:
             raise Unauthenticated("invalid credential")
-        key, tenant, admin = row
+        key, tenant, plan, admin = row
         # The lookup was by digest; compare again in constant time so that no code path
         # ever decides on a non-constant-time comparison of secret-derived material.
         if not hmac.compare_digest(key.digest, digest):
             raise Unauthenticated("invalid credential")
         ends = _live_key_ends(key, utcnow())
+        limits = self._limits(tenant, plan, key)
         subject = AuthSubject(
             key_id=key.id,
             key_name=key.name,
             scopes=key.scope_set,
             expires_at=key.expires_at,
-            tenant=_tenant_info(tenant),
+            tenant=_tenant_info(tenant, plan, limits),
             admin_principal_id=admin.id if admin is not None else None,
             admin_name=admin.name if admin is not None else None,
-            rate_limits=tenant.rate_limit if tenant is not None else None,
+            rate_limits=limits.rate_limits if limits else None,
+            max_in_flight=limits.max_in_flight if limits else None,
         )
         return subject, min(ends, default=None)
+
+    def _limits(
+        self, tenant: Tenant | None, plan: Plan | None, key: ApiKey
+    ) -> EffectiveLimits | None:
+        """A tenant key's limits from its plan, its tenant and itself (None for an admin key)."""
+        if tenant is None or plan is None:
+            return None
+        return effective_limits(plan, tenant, key, self._default_rate_limit)
 
     async def _lookup_token(self, claims: TokenClaims) -> tuple[AuthSubject, datetime | None]:
         """The live record of a verified token, with the key (and tenant) or admin user it
         comes from, in one query; 401 unless all of them are live."""
         statement = (
-            select(AccessToken, ApiKey, Tenant, AdminPrincipal)
+            select(AccessToken, ApiKey, Tenant, Plan, AdminPrincipal)
             .outerjoin(ApiKey, AccessToken.api_key_id == ApiKey.id)
             .outerjoin(Tenant, AccessToken.tenant_id == Tenant.id)
+            .outerjoin(Plan, Tenant.plan_id == Plan.id)
             .outerjoin(
                 AdminPrincipal,
                 AdminPrincipal.id
@@ -273,7 +295,7 @@ class KeyAuthenticator:
             row = (await session.execute(statement)).first()
         if row is None:
             raise Unauthenticated("invalid credential")
-        record, key, tenant, admin = row
+        record, key, tenant, plan, admin = row
         now = utcnow()
         if record.subject != claims.subject or record.tenant_id != claims.tenant_id:
             raise Unauthenticated("invalid credential")
@@ -290,16 +312,19 @@ class KeyAuthenticator:
             if claims.kind != "key" or key.id != claims.subject_id:
                 raise Unauthenticated("invalid credential")
             ends.extend(_live_key_ends(key, now))
+            limits = self._limits(tenant, plan, key)
             subject = AuthSubject(
                 key_id=key.id,
                 key_name=key.name,
                 scopes=scopes & key.scope_set,
                 expires_at=key.expires_at,
-                tenant=_tenant_info(tenant),
+                tenant=_tenant_info(tenant, plan, limits),
                 admin_principal_id=admin.id if admin is not None else None,
                 admin_name=admin.name if admin is not None else None,
                 jti=record.jti,
-                rate_limits=tenant.rate_limit if tenant is not None else None,
+                # A token is held to the limits of the key it was minted from.
+                rate_limits=limits.rate_limits if limits else None,
+                max_in_flight=limits.max_in_flight if limits else None,
             )
         else:
             if (
@@ -330,16 +355,19 @@ def _live_key_ends(key: ApiKey, now: datetime) -> list[datetime]:
     return [moment for moment in (key.revoked_at, key.expires_at) if moment is not None]
 
 
-def _tenant_info(tenant: Tenant | None) -> TenantInfo | None:
-    if tenant is None:
+def _tenant_info(
+    tenant: Tenant | None, plan: Plan | None, limits: EffectiveLimits | None
+) -> TenantInfo | None:
+    if tenant is None or plan is None or limits is None:
         return None
     return TenantInfo(
         id=tenant.id,
         name=tenant.name,
-        plan=tenant.plan,
-        rate_limit=tenant.rate_limit,
-        monthly_quota=tenant.monthly_quota,
+        plan=plan.name,
+        plan_id=plan.id,
+        monthly_quota=limits.monthly_quota,
         status=tenant.status,
+        models=limits.models,
     )
 
 

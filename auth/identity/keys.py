@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from auth.audit import Actor, record_event
 from auth.errors import Conflict, Forbidden, InvalidRequest, NotFound
+from auth.limits.plans import MAX_IN_FLIGHT, check_rate_limits
 from auth.models import ApiKey, Tenant, utcnow
 from auth.schemas import IssuedKey, KeyView
 
@@ -104,6 +105,8 @@ async def issue_tenant_key(
     scopes: Sequence[str] = DEFAULT_TENANT_SCOPES,
     expires_at: datetime | None = None,
     max_scopes: frozenset[str] | None = None,
+    rate_limits: str | None = None,
+    max_in_flight: int | None = None,
 ) -> IssuedKey:
     """Create a key for a tenant, audited as ``key.issue``; the key is in the result only and
     never retrievable again. With ``max_scopes`` (self-service: the calling credential's
@@ -119,6 +122,12 @@ async def issue_tenant_key(
         raise InvalidRequest(
             f"expires_at must be before {LATEST_EXPIRY:%Y-%m-%d}", loc=("expires_at",)
         )
+    if rate_limits is not None:
+        check_rate_limits(rate_limits)
+    if max_in_flight is not None and not 1 <= max_in_flight <= MAX_IN_FLIGHT:
+        raise InvalidRequest(
+            f"max_in_flight must be between 1 and {MAX_IN_FLIGHT}", loc=("max_in_flight",)
+        )
     key, secret = await _insert_key(
         session,
         pepper,
@@ -126,6 +135,8 @@ async def issue_tenant_key(
         scopes=normalize_scopes(scopes, TENANT_SCOPES),
         tenant_id=tenant_id,
         expires_at=expires_at,
+        rate_limits=rate_limits,
+        max_in_flight=max_in_flight,
     )
     await record_event(
         session,
@@ -170,6 +181,8 @@ def _key_detail(key: ApiKey) -> dict[str, object]:
         "prefix": key.display_prefix,
         "scopes": sorted(key.scope_set),
         "expires_at": key.expires_at.isoformat() if key.expires_at else None,
+        "rate_limits": key.rate_limits,
+        "max_in_flight": key.max_in_flight,
     }
 
 
@@ -183,6 +196,8 @@ async def _insert_key(
     admin_principal_id: uuid.UUID | None = None,
     expires_at: datetime | None = None,
     rotated_from_id: uuid.UUID | None = None,
+    rate_limits: str | None = None,
+    max_in_flight: int | None = None,
 ) -> tuple[ApiKey, str]:
     key = generate_key()
     row = ApiKey(
@@ -194,6 +209,8 @@ async def _insert_key(
         scopes=scopes,
         expires_at=expires_at,
         rotated_from_id=rotated_from_id,
+        rate_limits=rate_limits,
+        max_in_flight=max_in_flight,
     )
     session.add(row)
     await session.flush()
@@ -299,6 +316,9 @@ async def rotate_key(
         admin_principal_id=old.admin_principal_id,
         expires_at=old.expires_at,
         rotated_from_id=old.id,
+        # The successor is held to the same limits.
+        rate_limits=old.rate_limits,
+        max_in_flight=old.max_in_flight,
     )
     await record_event(
         session,

@@ -171,6 +171,9 @@ async def test_billing_export_has_one_row_per_tenant_model_version_and_day(
             "model_version": version,
             "requests": requests,
             "units": units,
+            "plan": "standard",
+            "currency": "USD",
+            "amount": 0,  # the standard plan is free
         }
 
     expected = {
@@ -195,9 +198,11 @@ async def test_billing_export_has_one_row_per_tenant_model_version_and_day(
     assert response.headers["content-type"].startswith("text/csv")
     assert response.headers["content-disposition"] == 'attachment; filename="billing-2001-02.csv"'
     lines = response.text.splitlines()
-    assert lines[0] == "tenant_id,tenant_name,date,model,model_version,requests,units"
+    assert lines[0] == (
+        "tenant_id,tenant_name,date,model,model_version,requests,units,plan,currency,amount"
+    )
     # The formula is defused for spreadsheets (a leading quote), and only in the CSV.
-    assert f"{formula.id},'{FORMULA_TENANT},2001-02-01,iris,1,2,4" in lines
+    assert f"{formula.id},'{FORMULA_TENANT},2001-02-01,iris,1,2,4,standard,USD,0" in lines
     rows = list(csv.DictReader(io.StringIO(response.text)))
     assert not any(value[:1] in "=+-@" for r in rows for value in r.values())
     in_order = [r for r in rows if r["tenant_id"] in mine]
@@ -208,6 +213,7 @@ async def test_billing_export_has_one_row_per_tenant_model_version_and_day(
                 "tenant_name": ("'" if tenant_id == formula.id else "") + str(r["tenant_name"]),
                 "requests": str(r["requests"]),
                 "units": str(r["units"]),
+                "amount": str(r["amount"]),
             }
             for r in tenant_rows
         ]

@@ -22,7 +22,12 @@ async def test_me_describes_tenant_limits_and_key(harness: Harness) -> None:
     body = response.json()
     assert body["tenant"]["id"] == str(tenant.id)
     assert body["tenant"]["plan"] == "standard"
-    assert body["limits"] == {"rate_limit": "1000/minute", "monthly_quota": 42}
+    assert body["limits"] == {
+        "rate_limit": "1000/minute",
+        "monthly_quota": 42,
+        "max_in_flight": None,
+        "models": None,
+    }
     assert body["key"]["scopes"] == ["predict", "usage:read"]
     assert body["key"]["expires_at"] is None
 
