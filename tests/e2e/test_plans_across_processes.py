@@ -1,0 +1,158 @@
+"""Plans on two real ``modelgate serve`` processes sharing Postgres and Redis: a plan change
+reaches both within a second, the plan's quota refuses a batch whole wherever it lands, and a
+model outside the plan answers on both exactly as an unknown model does."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from auth.db import create_engine
+from auth.models import UsageRecord
+from tests.conftest import IRIS_SETOSA, IRIS_VIRGINICA, only_on
+from tests.e2e.servers import run_cli, serve
+
+pytestmark = pytest.mark.e2e
+
+
+def _cli(environment: dict[str, str], cwd: Path, *args: str) -> str:
+    return run_cli(environment, cwd, *args).stdout
+
+
+def _last_line(output: str) -> str:
+    return output.strip().splitlines()[-1]
+
+
+def _tenant_key(environment: dict[str, str], cwd: Path, name: str, plan: str) -> tuple[str, str]:
+    tenant = json.loads(_cli(environment, cwd, "tenants", "create", "--name", name, "--plan", plan))
+    assert tenant["plan"] == plan
+    key = _last_line(_cli(environment, cwd, "keys", "issue", "--tenant", tenant["id"]))
+    return tenant["id"], key
+
+
+def _units_recorded(database_url: str, tenant_id: str) -> int:
+    async def read() -> int:
+        engine = create_engine(database_url)
+        try:
+            async with engine.connect() as connection:
+                total = await connection.scalar(
+                    select(func.coalesce(func.sum(UsageRecord.units), 0)).where(
+                        UsageRecord.tenant_id == uuid.UUID(tenant_id)
+                    )
+                )
+            return int(total or 0)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(read())
+
+
+def _shape(response: httpx.Response) -> tuple[int, str, dict[str, Any]]:
+    body = {k: v for k, v in response.json().items() if k != "request_id"}
+    return response.status_code, response.headers["content-type"], body
+
+
+@only_on("postgres")
+def test_plans_hold_across_two_serving_processes(
+    tour_environment: dict[str, str], tmp_path: Path
+) -> None:
+    environment = tour_environment
+    _cli(environment, tmp_path, "db", "upgrade")
+    admin = _last_line(_cli(environment, tmp_path, "admin", "create-key", "--name", "ops"))
+    metered = json.loads(
+        _cli(
+            environment,
+            tmp_path,
+            "plans",
+            "create",
+            "--name",
+            "metered",
+            "--rate-limits",
+            "100/minute",
+            "--monthly-quota",
+            "3",
+            "--price-per-1000-units",
+            "2000",
+        )
+    )
+    _cli(environment, tmp_path, "plans", "create", "--name", "wine-only", "--models", "wine")
+    listed = _cli(environment, tmp_path, "plans", "list").splitlines()
+    assert {json.loads(line)["name"] for line in listed} >= {"metered", "wine-only", "standard"}
+    quota_tenant, quota_key = _tenant_key(environment, tmp_path, "quota", "metered")
+    _, outsider_key = _tenant_key(environment, tmp_path, "outsider", "wine-only")
+
+    with ExitStack() as stack:
+        ports = [stack.enter_context(serve(environment, tmp_path)) for _ in range(2)]
+        clients = [
+            stack.enter_context(httpx.Client(base_url=f"http://127.0.0.1:{port}/api/v1"))
+            for port in ports
+        ]
+
+        def me(client: httpx.Client) -> dict[str, Any]:
+            response = client.get("/me", headers={"Authorization": f"Bearer {quota_key}"})
+            assert response.status_code == 200, response.text
+            limits: dict[str, Any] = response.json()["limits"]
+            return limits
+
+        # The quota refuses a batch whole, whichever process it reaches.
+        auth = {"Authorization": f"Bearer {quota_key}"}
+        pair = {"instances": [IRIS_SETOSA, IRIS_VIRGINICA]}
+        assert clients[0].post("/predict/batch", json=pair, headers=auth).status_code == 200
+        refused = clients[1].post("/predict/batch", json=pair, headers=auth)
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["type"].endswith("quota-exceeded")
+        single = clients[1].post("/predict", json={"features": IRIS_SETOSA}, headers=auth)
+        assert single.status_code == 200, single.text
+        assert (
+            clients[0].post("/predict", json={"features": IRIS_SETOSA}, headers=auth).status_code
+            == 429
+        )
+        assert _units_recorded(environment["MODELGATE_DATABASE_URL"], quota_tenant) == 3
+
+        # A model outside the plan is, on both processes, a model that does not exist.
+        outsider = {"Authorization": f"Bearer {outsider_key}"}
+        for client in clients:
+            outside = client.post(
+                "/predict", json={"features": IRIS_SETOSA, "model": "iris"}, headers=outsider
+            )
+            unknown = client.post(
+                "/predict", json={"features": IRIS_SETOSA, "model": "nothing"}, headers=outsider
+            )
+            assert outside.status_code == 404
+            assert _shape(outside) == _shape(unknown)
+            assert client.get("/models", headers=outsider).json()["models"] == []
+
+        # A plan change reaches both processes within a second (each has the key cached).
+        assert [me(client)["rate_limit"] for client in clients] == ["100/minute"] * 2
+        changed = clients[0].patch(
+            f"/admin/plans/{metered['id']}",
+            json={"rate_limits": "7/second;500/hour", "monthly_quota": 10},
+            headers={"Authorization": f"Bearer {admin}"},
+        )
+        assert changed.status_code == 200, changed.text
+        started = time.monotonic()
+        pending = set(range(len(clients)))
+        while pending:
+            for index in sorted(pending):
+                sent = time.monotonic() - started
+                limits = me(clients[index])
+                if limits["rate_limit"] == "7/second;500/hour":
+                    assert limits["monthly_quota"] == 10
+                    pending.discard(index)
+                else:
+                    assert sent <= 1.0, f"process {index} still had the old plan after {sent:.2f} s"
+            time.sleep(0.05)
+        # The raised quota applies at once too.
+        assert (
+            clients[1].post("/predict", json={"features": IRIS_SETOSA}, headers=auth).status_code
+            == 200
+        )
