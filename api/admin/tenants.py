@@ -28,6 +28,7 @@ from auth.identity.keys import (
     list_tenant_keys,
     revoke_key,
     rotate_key,
+    update_key_limits,
 )
 from auth.schemas import IssuedKey, KeyView, TenantView
 from auth.tenants import create_tenant, get_tenant, list_tenants, update_tenant
@@ -92,6 +93,17 @@ class KeyCreate(BaseModel):
     max_in_flight: MaxInFlight | None = Field(
         default=None, description="this key's bound on requests in flight; null: the plan's"
     )
+
+
+class KeyUpdate(BaseModel):
+    """A tenant key's own limits to change; omitted fields stay, null clears one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rate_limits: RateLimitText | None = Field(
+        default=None, description="checked on top of the tenant's; null: none of its own"
+    )
+    max_in_flight: MaxInFlight | None = Field(default=None, description="null: the plan's bound")
 
 
 class KeyList(BaseModel):
@@ -213,6 +225,20 @@ async def revoke_key_route(
 ) -> KeyView:
     """Revoke a key now (it fails on every worker within a second); idempotent."""
     return await revoke_key(session, request_actor(request, admin), key_id)
+
+
+@router.patch(
+    "/keys/{key_id}",
+    response_model=KeyView,
+    responses=problem_responses(401, 403, 404, 422, 429, 503),
+)
+async def update_key_route(
+    key_id: uuid.UUID, body: KeyUpdate, admin: AdminScope, session: SessionDep, request: Request
+) -> KeyView:
+    """Change a tenant key's own limits; every worker applies them within a second."""
+    return await update_key_limits(
+        session, request_actor(request, admin), key_id, body.model_dump(exclude_unset=True)
+    )
 
 
 @router.post(

@@ -122,12 +122,7 @@ async def issue_tenant_key(
         raise InvalidRequest(
             f"expires_at must be before {LATEST_EXPIRY:%Y-%m-%d}", loc=("expires_at",)
         )
-    if rate_limits is not None:
-        check_rate_limits(rate_limits)
-    if max_in_flight is not None and not 1 <= max_in_flight <= MAX_IN_FLIGHT:
-        raise InvalidRequest(
-            f"max_in_flight must be between 1 and {MAX_IN_FLIGHT}", loc=("max_in_flight",)
-        )
+    _check_key_limits(rate_limits, max_in_flight)
     key, secret = await _insert_key(
         session,
         pepper,
@@ -265,6 +260,51 @@ async def revoke_key(
         target_id=str(key.id),
         tenant_id=key.tenant_id,
         detail={"prefix": key.display_prefix},
+    )
+    return KeyView.of(key)
+
+
+def _check_key_limits(rate_limits: str | None, max_in_flight: int | None) -> None:
+    if rate_limits is not None:
+        check_rate_limits(rate_limits)
+    if max_in_flight is not None and not 1 <= max_in_flight <= MAX_IN_FLIGHT:
+        raise InvalidRequest(
+            f"max_in_flight must be between 1 and {MAX_IN_FLIGHT}", loc=("max_in_flight",)
+        )
+
+
+# What ``update_key_limits`` may change.
+KEY_LIMIT_FIELDS = frozenset({"rate_limits", "max_in_flight"})
+
+
+async def update_key_limits(
+    session: AsyncSession, actor: Actor, key_id: uuid.UUID, changes: dict[str, object]
+) -> KeyView:
+    """Set or clear (None) a tenant key's own ``rate_limits`` and ``max_in_flight``, audited as
+    ``key.update``; every worker applies them within the key cache's TTL. An admin key's limit
+    is the server's (``MODELGATE_ADMIN_RATE_LIMIT``): 422 for one."""
+    unknown = set(changes) - KEY_LIMIT_FIELDS
+    if unknown:
+        raise InvalidRequest(f"a key's {', '.join(sorted(unknown))} cannot change here")
+    rate_limits = changes.get("rate_limits")
+    max_in_flight = changes.get("max_in_flight")
+    if not isinstance(rate_limits, str | None) or not isinstance(max_in_flight, int | None):
+        raise InvalidRequest("rate_limits is text and max_in_flight an integer")
+    _check_key_limits(rate_limits, max_in_flight)
+    key = await _owned_key(session, key_id, None)
+    if key.tenant_id is None:
+        raise InvalidRequest("only a tenant's key carries limits of its own")
+    for field, value in changes.items():
+        setattr(key, field, value)
+    await session.flush()
+    await record_event(
+        session,
+        actor,
+        action="key.update",
+        target_type="api_key",
+        target_id=str(key.id),
+        tenant_id=key.tenant_id,
+        detail=dict(changes),
     )
     return KeyView.of(key)
 

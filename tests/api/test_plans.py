@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from auth.models import UsageRecord
+from auth.models import ApiKey, UsageRecord
 from tests.conftest import (
     IRIS_SETOSA,
     IRIS_VIRGINICA,
@@ -325,3 +325,53 @@ async def test_the_export_prices_each_row_at_the_plan_it_was_served_under(
         "/api/v1/admin/billing/export?month=2002-05&format=jsonl", headers=bearer(admin)
     )
     assert again.text == response.text
+
+
+async def test_an_operator_tightens_and_clears_a_keys_own_limits(harness: Harness) -> None:
+    admin = await create_admin_key(harness)
+    plan = await _create_plan(harness, admin, rate_limits="50/minute")
+    tenant_id, key = await _tenant_on(harness, admin, plan["name"])
+    keys = await harness.client.get(
+        f"/api/v1/admin/tenants/{tenant_id}/keys", headers=bearer(admin)
+    )
+    key_id = keys.json()["keys"][0]["id"]
+    assert (await _limits(harness, key))["rate_limit"] == "50/minute"  # now cached
+    changed = await harness.client.patch(
+        f"/api/v1/admin/keys/{key_id}",
+        json={"rate_limits": "2/second", "max_in_flight": 1},
+        headers=bearer(admin),
+    )
+    assert changed.status_code == 200, changed.text
+    assert (changed.json()["rate_limits"], changed.json()["max_in_flight"]) == ("2/second", 1)
+    started = time.monotonic()
+    while (limits := await _limits(harness, key))["rate_limit"] != "50/minute;2/second":
+        assert time.monotonic() - started <= 1.0, "the key's limit took over a second"
+        await asyncio.sleep(0.05)
+    assert limits["max_in_flight"] == 1
+    cleared = await harness.client.patch(
+        f"/api/v1/admin/keys/{key_id}", json={"max_in_flight": None}, headers=bearer(admin)
+    )
+    assert (cleared.json()["rate_limits"], cleared.json()["max_in_flight"]) == ("2/second", None)
+
+    for body in ({"rate_limits": "9/fortnight"}, {"max_in_flight": 0}, {"scopes": ["admin"]}):
+        refused = await harness.client.patch(
+            f"/api/v1/admin/keys/{key_id}", json=body, headers=bearer(admin)
+        )
+        assert refused.status_code == 422, (body, refused.text)
+    missing = await harness.client.patch(
+        f"/api/v1/admin/keys/{uuid.uuid4()}", json={"max_in_flight": 2}, headers=bearer(admin)
+    )
+    assert missing.status_code == 404
+    me = await harness.client.get("/api/v1/me", headers=bearer(key))
+    tenant_keys = await harness.client.patch(
+        f"/api/v1/admin/keys/{me.json()['key']['id']}", json={}, headers=bearer(key)
+    )
+    assert tenant_keys.status_code == 403
+    async with harness.sessionmaker() as session:
+        admin_key_id = await session.scalar(
+            select(ApiKey.id).where(ApiKey.admin_principal_id.is_not(None)).limit(1)
+        )
+    operator = await harness.client.patch(
+        f"/api/v1/admin/keys/{admin_key_id}", json={"max_in_flight": 2}, headers=bearer(admin)
+    )
+    assert operator.status_code == 422, operator.text
