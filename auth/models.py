@@ -21,6 +21,7 @@ from sqlalchemy import (
     SmallInteger,
     String,
     TypeDecorator,
+    UniqueConstraint,
     Uuid,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -187,13 +188,21 @@ class ApiKey(Base):
 
 
 class UsageRecord(Base):
-    """One billable prediction request. ``request_id`` is unique so a retried write bills once."""
+    """One billable prediction request. ``(request_id, created_at)`` is unique, so a retried
+    write (which repeats both) bills once.
+
+    On Postgres the table is partitioned by month of ``created_at`` (``auth.usage_partitions``),
+    which is why the unique constraint, and the primary key there, include it.
+    """
 
     __tablename__ = "usage_record"
-    __table_args__ = (Index("ix_usage_record_tenant_id_created_at", "tenant_id", "created_at"),)
+    __table_args__ = (
+        Index("ix_usage_record_tenant_id_created_at", "tenant_id", "created_at"),
+        UniqueConstraint("request_id", "created_at"),
+    )
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
-    request_id: Mapped[uuid.UUID] = mapped_column(Uuid, unique=True)
+    request_id: Mapped[uuid.UUID] = mapped_column(Uuid)
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenant.id", ondelete="RESTRICT"))
     api_key_id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("api_key.id", ondelete="RESTRICT"), index=True

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from auth.errors import InvalidRequest
 from auth.models import ApiKey, MonthlyUsage, Plan, Tenant, UsageDaily, UsageRecord, utcnow
+from auth.usage_partitions import drop_months_before
 
 # A report may span at most this many days: the query stays bounded.
 MAX_REPORT_DAYS = 366
@@ -355,11 +356,17 @@ async def prune_records(
 ) -> int:
     """Delete the raw usage records of every UTC day before ``before``, in short transactions;
     returns how many. The rollups, the monthly counters and so every report and export keep
-    those days: only the per-request detail goes."""
+    those days: only the per-request detail goes. On Postgres the months that end by then are
+    dropped whole, partition by partition (``auth.usage_partitions``), and only the rest of the
+    last month is deleted row by row."""
     if not EARLIEST_DAY <= before <= LATEST_DAY:
         raise InvalidRequest(f"before must be between {EARLIEST_DAY} and {LATEST_DAY}")
     cutoff = datetime.combine(before, time.min, tzinfo=UTC)
     deleted = 0
+    async with sessionmaker() as session:
+        if session.get_bind().dialect.name == "postgresql":
+            deleted += await drop_months_before(session, before)
+            await session.commit()
     while True:
         async with sessionmaker() as session:
             ids = select(UsageRecord.id).where(UsageRecord.created_at < cutoff).limit(batch)

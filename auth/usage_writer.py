@@ -41,6 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from auth.errors import DependencyUnavailable, QuotaExceeded
 from auth.models import UsageDaily, UsageRecord
 from auth.usage import UsageEvent, month_of, seconds_to_next_month
+from auth.usage_partitions import IS_PARTITIONED, create_partitions
 
 logger = structlog.get_logger(__name__)
 
@@ -150,6 +151,10 @@ class UsageWriter:
         self._processors = _bind_processors(UsageRecord, _RECORD_COLUMNS, engine.dialect)
         self._daily_processors = _bind_processors(UsageDaily, _DAILY_COLUMNS, engine.dialect)
         self._connection: AsyncConnection | None = None
+        # Postgres: whether usage_record is partitioned by month (None: not asked yet), and the
+        # months whose partition is known to exist (auth.usage_partitions).
+        self._partitioned: bool | None = None
+        self._months_ready: set[str] = set()
         # Flushes whose first attempt failed (retried or answered 503): for operators and tests.
         self.interrupted_flushes = 0
 
@@ -250,6 +255,10 @@ class UsageWriter:
         return raw.driver_connection
 
     async def _drop_connection(self) -> None:
+        # Whatever failed, ask the server again about partitions too (a prune may have dropped
+        # a month that a late record still belongs to).
+        self._partitioned = None
+        self._months_ready.clear()
         connection, self._connection = self._connection, None
         if connection is not None:
             with contextlib.suppress(Exception):
@@ -266,6 +275,7 @@ class UsageWriter:
             groups.setdefault(key, []).append(pending)
         driver = await self._driver()
         if self._dialect == "postgresql":
+            await self._ensure_partitions(driver, {month for _, month in groups})
             async with driver.transaction():
                 return await self._charge_and_insert(driver, groups)
         try:
@@ -276,6 +286,16 @@ class UsageWriter:
                 await driver.rollback()
             raise
         return refused
+
+    async def _ensure_partitions(self, driver: Any, months: set[str]) -> None:
+        """Create the monthly partitions these records need, once per month and process: a set
+        lookup per flush in the steady state."""
+        if self._partitioned is None:
+            self._partitioned = bool(await driver.fetchval(IS_PARTITIONED))
+        missing = months - self._months_ready
+        if self._partitioned and missing:
+            await create_partitions(driver, missing)
+            self._months_ready |= missing
 
     async def _charge_and_insert(
         self, driver: Any, groups: dict[tuple[uuid.UUID, str], list[_Pending]]
