@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="usage records seeded before /me/usage is measured (10000)",
     )
     run.add_argument(
+        "--usage-scale-records",
+        type=int,
+        default=1_000_000,
+        help="records of the big tenant when measuring usage reads at scale (1000000; 0: skip)",
+    )
+    run.add_argument(
         "--output", type=Path, help="results file (default: bench/results/<UTC time>.json)"
     )
     compare = commands.add_parser("compare", help="compare two results files (B relative to A)")
@@ -127,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             only=args.only,
             micro=args.micro,
             usage_records=max(0, args.usage_records),
+            usage_scale_records=max(0, args.usage_scale_records),
             output=args.output,
         )
         return run(options)

@@ -42,6 +42,7 @@ from bench.services import (
     running,
     seed_usage,
 )
+from bench.usage_scale import run_usage_scale
 
 ENDPOINTS = ("echo", "predict", "predict-jwt", "batch", "usage")
 MODELGATE_ENDPOINTS = ("predict", "predict-jwt", "batch", "usage")
@@ -65,6 +66,8 @@ class RunOptions:
     micro: bool
     usage_records: int
     output: Path | None
+    # Records of the big tenant in the usage-at-scale step (bench/usage_scale.py); 0: skipped.
+    usage_scale_records: int = 0
 
 
 def log(message: str) -> None:
@@ -213,7 +216,9 @@ def estimate_seconds(options: RunOptions) -> float:
     cell_s = options.warmup_s + options.duration_s + CELL_OVERHEAD_ESTIMATE_S
     per_pass = per_pass_cells * cell_s + starts * STARTUP_ESTIMATE_S
     micro_s = 25.0 if options.micro else 0.0
-    return 20.0 + micro_s + per_pass * len(options.workers)
+    # The fill runs at a few thousand records per second on two cores.
+    scale_s = 90.0 + options.usage_scale_records / 6000 if options.usage_scale_records else 0.0
+    return 20.0 + micro_s + scale_s + per_pass * len(options.workers)
 
 
 def check_dependencies(options: RunOptions) -> dict[str, str]:
@@ -271,6 +276,10 @@ def run(options: RunOptions, on_table: Callable[[str], None] = print) -> int:
             report.micro = run_micro_sync(env, log)
         for workers in options.workers:
             run_pass(env, workers, options, report)
+        if options.usage_scale_records:
+            scale = run_usage_scale(env, options.usage_scale_records, log)
+            meta["usage_scale"] = scale.to_json()
+            report.notes.extend(scale.lines())
     meta["elapsed_s"] = round(time.monotonic() - started, 1)
     path = write_json(report, options.output)
     on_table(render_table(report))
