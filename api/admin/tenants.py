@@ -45,7 +45,9 @@ class TenantCreate(BaseModel):
 
     name: Name
     plan: PlanName | None = Field(
-        default=None, description="the plan's name; omitted: the default plan, `standard`"
+        default=None,
+        description="the name of an existing, active plan (another is refused with 422); "
+        "omitted: the default plan, `standard`",
     )
     rate_limit: RateLimitText | None = Field(
         default=None, description="overrides the plan's rate limits; null: the plan's"
@@ -64,7 +66,10 @@ class TenantUpdate(BaseModel):
 
     # Optional but not nullable: the schema shows no null, and the service refuses one.
     name: Name | SkipJsonSchema[None] = None
-    plan: PlanName | SkipJsonSchema[None] = None
+    plan: PlanName | SkipJsonSchema[None] = Field(
+        default=None,
+        description="move the tenant to this existing, active plan (another is refused with 422)",
+    )
     rate_limit: RateLimitText | None = None
     monthly_quota: MonthlyQuota | None = None
     status: Literal["active", "suspended"] | SkipJsonSchema[None] = None
