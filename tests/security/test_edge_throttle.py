@@ -400,3 +400,40 @@ async def test_the_failure_throttle_fails_closed_when_redis_is_down(
         assert lookups == []
         private_redis.start()
         assert (await predict(app.client, generate_key())).status_code == 401
+
+
+async def test_failed_logins_count_against_the_client_a_trusted_proxy_names(
+    edge: Harness,
+) -> None:
+    """SECURITY.md line 8 behind a trusted proxy: failed logins at /auth/token are throttled
+    per forwarded client (not per proxy, and not per spoofed entry); a key that fails there
+    also spends the client's failed-credential budget, as on any other route."""
+    per_address = int(edge.state.settings.login_failures_per_address.split("/")[0])
+    proxy, attacker = proxy_address(), client_address()
+
+    def wrong() -> dict[str, str]:
+        # A new account each time: only the address's budget is under test.
+        email = f"{uuid.uuid4().hex}@example.com"
+        return {"grant_type": "password", "username": email, "password": "guess!"}
+
+    async with client_from(edge, proxy) as via_proxy:
+        for i in range(per_address):
+            forwarded = {"X-Forwarded-For": f"198.51.100.{i}, {attacker}"}
+            response = await via_proxy.post(TOKEN, data=wrong(), headers=forwarded)
+            assert response.status_code == 401
+        throttled = await via_proxy.post(
+            TOKEN, data=wrong(), headers={"X-Forwarded-For": f"{client_address()}, {attacker}"}
+        )
+        assert throttled.status_code == 429
+        assert throttled.json()["type"] == "login-throttled"
+        other = await via_proxy.post(
+            TOKEN, data=wrong(), headers={"X-Forwarded-For": client_address()}
+        )
+        assert other.status_code == 401
+
+        guesser = {"X-Forwarded-For": client_address()}
+        for _ in range(BUDGET):
+            form = {"grant_type": "client_credentials", "client_secret": generate_key()}
+            response = await via_proxy.post(TOKEN, data=form, headers=guesser)
+            assert response.status_code == 401
+        assert_throttled(await via_proxy.get(ME, headers={**bearer(generate_key()), **guesser}))
