@@ -186,13 +186,14 @@ class KeyAuthenticator:
                     del self._cache[digest]
                 return await self._on_miss(
                     address,
+                    digest,
                     lambda: self._single_flight(digest, lambda: self._lookup_key(digest)),
                 )
             # Checked before any database access: garbage never costs a query (but counts as
             # a failure, and is refused like any other once the address is throttled).
-            return await self._on_miss(address, _refuse)
+            return await self._on_miss(address, object(), _refuse)
         if self._tokens is None:
-            return await self._on_miss(address, _refuse)
+            return await self._on_miss(address, object(), _refuse)
         # A token is remembered by its exact text: the same bytes under the same (immutable)
         # secrets verify the same way, and the entry never outlives its exp, so a hit may skip
         # verify_token (a quarter of a millisecond in PyJWT). A token that differs in any
@@ -210,27 +211,29 @@ class KeyAuthenticator:
             claims = verify_token(tokens, credential)
             return await self._single_flight(credential, lambda: self._lookup_token(claims))
 
-        return await self._on_miss(address, verify)
+        return await self._on_miss(address, credential, verify)
 
     async def _on_miss(
         self,
         address: Callable[[], str | None] | None,
+        entry: object,
         verify: Callable[[], Awaitable[AuthSubject]],
     ) -> AuthSubject:
-        """Verify a credential the cache does not hold, under the failure throttle: refused
-        with 429 before any work once the client's address has no failure left, and counted
-        against it when it fails. The cache's hits never come here."""
+        """Verify a credential the cache does not hold (``entry``: its cache entry), under the
+        failure throttle: refused with 429 before any work once the client's address has no
+        failure left, and counted against it when it fails. The cache's hits never come
+        here."""
         throttle = self._throttle
         if throttle is None:
             return await verify()
-        identifier = await throttle.admit(address() if address is not None else None)
+        identifier = await throttle.admit(address() if address is not None else None, entry)
         try:
             return await verify()
         except Unauthenticated:
             await throttle.failed(identifier)
             raise
         finally:
-            throttle.release(identifier)
+            throttle.release(identifier, entry)
 
     async def _single_flight(
         self,

@@ -104,44 +104,55 @@ class CredentialThrottle:
 
     ``admit`` is called for a credential that the authenticator does not hold verified, before
     anything is looked up: it refuses with 429 once the address has no failure left, and
-    otherwise reserves one of the failures left for the duration of the check (``release``), so
-    that a burst of concurrent guesses from one address cannot all pass before the first of
-    them is counted: in one worker, an address never has more checks in flight than failures
-    left. ``failed`` counts a failure (shared by every worker).
+    otherwise holds the credential as being checked until ``release``, so that a burst of
+    concurrent guesses from one address cannot all pass before the first of them is counted:
+    in one worker, an address never has more distinct credentials being checked at once than
+    failures left (concurrent requests with the same credential, which share one lookup, hold
+    one). ``failed`` counts a failed request (shared by every worker).
     """
 
     _NAMESPACE = "mg:authfail:address"
 
     def __init__(self, storage: Storage, per_address: str) -> None:
         self._budget = FailureBudget(MovingWindowRateLimiter(storage), per_address, self._NAMESPACE)
-        # identifier -> checks in flight in this worker; an entry is dropped at zero, so the
-        # map holds at most one entry per check in flight.
-        self._in_flight: dict[str, int] = {}
+        # identifier -> credential being checked -> requests checking it, in this worker;
+        # entries are dropped as they end, so the map holds only what is in flight.
+        self._in_flight: dict[str, dict[object, int]] = {}
 
-    async def admit(self, address: str | None) -> str:
-        """Reserve a check for ``address``; 429 when it has no failure left, 503 when the
-        storage cannot say. Returns the identifier to pass to ``failed`` and ``release``."""
+    async def admit(self, address: str | None, credential: object) -> str:
+        """Hold ``credential`` (its cache entry, or any object unique to the request) as being
+        checked for ``address``; 429 when the address has no failure left, 503 when the
+        storage cannot say. Returns the identifier for ``failed`` and ``release``."""
         identifier = address_identifier(address)
         try:
             remaining, retry_after = await self._budget.window(identifier)
         except Exception as exc:
             # Fail closed, as the rate limiter does: no throttle, no lookup.
             raise DependencyUnavailable("credential throttle unavailable") from exc
-        in_flight = self._in_flight.get(identifier, 0)
-        if remaining - in_flight <= 0:
-            # Spent, or every failure left is already reserved by a check in flight (whose
-            # outcome frees it within a lookup's time).
-            raise CredentialThrottled(retry_after if remaining <= 0 else 1)
-        self._in_flight[identifier] = in_flight + 1
+        if remaining <= 0:
+            raise CredentialThrottled(retry_after)
+        checking = self._in_flight.setdefault(identifier, {})
+        if credential not in checking and len(checking) >= remaining:
+            # Every failure left is held by a credential being checked (whose outcome frees it
+            # within a lookup's time).
+            if not checking:
+                del self._in_flight[identifier]
+            raise CredentialThrottled(1)
+        checking[credential] = checking.get(credential, 0) + 1
         return identifier
 
-    def release(self, identifier: str) -> None:
-        """End the check that ``admit`` reserved."""
-        left = self._in_flight.get(identifier, 0) - 1
+    def release(self, identifier: str, credential: object) -> None:
+        """End the check that ``admit`` began."""
+        checking = self._in_flight.get(identifier)
+        if checking is None:
+            return
+        left = checking.get(credential, 0) - 1
         if left > 0:
-            self._in_flight[identifier] = left
+            checking[credential] = left
         else:
-            self._in_flight.pop(identifier, None)
+            checking.pop(credential, None)
+            if not checking:
+                del self._in_flight[identifier]
 
     async def failed(self, identifier: str) -> None:
         """Count one failed credential against the address."""
@@ -152,5 +163,5 @@ class CredentialThrottle:
 
     @property
     def checks_in_flight(self) -> int:
-        """Checks reserved and not yet released, over every address (for tests)."""
-        return sum(self._in_flight.values())
+        """Requests admitted and not yet released, over every address (for tests)."""
+        return sum(sum(checking.values()) for checking in self._in_flight.values())

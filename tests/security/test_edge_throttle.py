@@ -147,6 +147,19 @@ async def test_concurrent_guesses_from_one_address_never_exceed_the_budget_in_lo
     assert edge.state.authenticator._throttle.checks_in_flight == 0  # type: ignore[union-attr]
 
 
+async def test_a_burst_with_one_uncached_live_key_is_not_taken_for_guessing(
+    edge: Harness,
+) -> None:
+    """Many concurrent requests with the same key that this worker has not verified yet share
+    one lookup and hold one of the address's failures, however many they are."""
+    _, key = await create_tenant_with_key(edge)
+    async with client_from(edge, client_address()) as client:
+        with key_lookups(edge) as lookups:
+            responses = await asyncio.gather(*[predict(client, key) for _ in range(5 * BUDGET)])
+    assert [response.status_code for response in responses] == [200] * (5 * BUDGET)
+    assert len(lookups) == 1
+
+
 async def test_every_kind_of_failed_credential_counts_against_the_address(
     edge: Harness,
 ) -> None:
