@@ -20,6 +20,8 @@ import pytest
 import pytest_asyncio
 from sqlalchemy import event, select
 
+from auth.errors import DependencyUnavailable, Unauthenticated
+from auth.identity.authn import KeyAuthenticator
 from auth.identity.keys import generate_key
 from auth.models import AccessToken, utcnow
 from tests.conftest import (
@@ -35,6 +37,7 @@ from tests.conftest import (
 )
 from tests.security.test_dependency_failures import PrivateRedis, private_redis  # noqa: F401
 from tests.security.test_jwt import _real_token, _sign
+from tests.security.test_key_cache import GatedSessions
 
 PREDICT = "/api/v1/predict"
 ME = "/api/v1/me"
@@ -450,3 +453,27 @@ async def test_failed_logins_count_against_the_client_a_trusted_proxy_names(
             response = await via_proxy.post(TOKEN, data=form, headers=guesser)
             assert response.status_code == 401
         assert_throttled(await via_proxy.get(ME, headers={**bearer(generate_key()), **guesser}))
+
+
+async def test_distinct_lookups_in_flight_are_bounded(edge: Harness) -> None:
+    """Garbage from many addresses cannot grow the single-flight map without bound: past
+    ``max_lookups`` distinct credentials being looked up, a miss is 503 at once; a request for
+    a credential already being looked up still joins it; the map empties as lookups end."""
+    sessions = GatedSessions(edge.sessionmaker)
+    authenticator = KeyAuthenticator(
+        sessions,  # type: ignore[arg-type]
+        edge.state.secrets.key_pepper,
+        max_lookups=3,
+    )
+    keys = [generate_key() for _ in range(3)]
+    waiting = [asyncio.ensure_future(authenticator.authenticate(key)) for key in keys]
+    await asyncio.sleep(0.05)  # the three lookups wait at the gate
+    with pytest.raises(DependencyUnavailable):
+        await authenticator.authenticate(generate_key())
+    joined = asyncio.ensure_future(authenticator.authenticate(keys[0]))
+    await asyncio.sleep(0.01)
+    sessions.gate.set()
+    for outcome in await asyncio.gather(*waiting, joined, return_exceptions=True):
+        assert isinstance(outcome, Unauthenticated)
+    assert sessions.opened == 3
+    assert authenticator._lookups == {}
