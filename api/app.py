@@ -11,17 +11,19 @@ from contextlib import asynccontextmanager
 import structlog
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from api import health, me, models, predict, root, token
 from api.admin import router as admin_router
+from api.body_limit import BodyLimitMiddleware
 from api.errors import install_error_handlers
+from api.forwarded import TrustedProxies
 from api.logging import configure_logging
 from api.middleware import RequestContextMiddleware
 from api.openapi import install_openapi
 from api.state import AppState
 from auth.db import create_engine, create_sessionmaker
 from auth.identity.authn import KeyAuthenticator
+from auth.identity.failure_throttle import CredentialThrottle
 from auth.identity.key_activity import KeyActivity
 from auth.identity.login_throttle import LoginThrottle
 from auth.identity.tokens import prune_tokens_periodically, token_config
@@ -84,6 +86,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             cache_size=settings.key_cache_size,
             lookup_timeout=settings.database_timeout_seconds,
             default_rate_limit=settings.default_rate_limit,
+            throttle=CredentialThrottle(rate_limiter.storage, settings.auth_failures_per_address),
         ),
         rate_limiter=rate_limiter,
         registry=registry,
@@ -133,6 +136,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         telemetry={"tracing": otel, "metrics": otel, "logs": otel},
     )
     app.state.settings = settings
+    # The one reading of X-Forwarded-For (api.deps.client_address); empty: the socket's peer.
+    app.state.trusted_proxies = TrustedProxies(settings.trusted_proxy_networks)
     install_error_handlers(app)
     install_openapi(app)
 
@@ -160,9 +165,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "Retry-After",
             ],
         )
-    # Starlette's body limit, inside the request-context middleware so that its 413 carries a
-    # request id and is turned into problem JSON (FastAPI's own max_body_size sits outside
-    # every user middleware).
-    app.add_middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_body_bytes)
+    # The body limit, enforced when the body is read, so that a route that refuses a
+    # credential before reading the body (api.deps.CredentialFirstRoute) answers 401 whatever
+    # the Content-Length (api.body_limit); inside the request-context middleware, so that the
+    # 413 carries a request id (FastAPI's own max_body_size sits outside every user middleware).
+    app.add_middleware(BodyLimitMiddleware, max_body_size=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware)
     return app

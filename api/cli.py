@@ -136,7 +136,8 @@ def serve(
         host=host,
         port=port,
         workers=workers,
-        # X-Forwarded-For is not trusted: nothing here may be decided by a client's header.
+        # uvicorn's own proxy handling stays off (it would believe 127.0.0.1's X-Forwarded-For
+        # and rewrite the peer): MODELGATE_TRUSTED_PROXIES and api.forwarded alone decide.
         proxy_headers=False,
         server_header=False,
         log_config=None,

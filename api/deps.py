@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Annotated, Any
 
+import fastapi.routing
 import structlog
 from fastapi import Depends, Request, Response
+from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from api.forwarded import TrustedProxies
 from api.metering import BILLABLE
 from api.state import AppState
 from auth.audit import Actor
@@ -57,9 +60,16 @@ SessionDep = Annotated[AsyncSession, Depends(get_session)]
 
 
 def client_address(request: Request) -> str | None:
-    """The peer's address as the socket reports it (a client's forwarding header is never
-    believed here)."""
-    return request.client.host if request.client else None
+    """Where the request comes from: the socket's peer, unless that peer is one of the trusted
+    proxies (``MODELGATE_TRUSTED_PROXIES``), in which case the rightmost address of
+    ``X-Forwarded-For`` that is not a trusted proxy (``api.forwarded``). The one place that
+    reads ``X-Forwarded-For``: the audit trail, the login throttle and the failed-credential
+    throttle all ask here."""
+    peer = request.client.host if request.client else None
+    proxies: TrustedProxies | None = getattr(request.app.state, "trusted_proxies", None)
+    if not proxies:
+        return peer
+    return proxies.client_address(peer, request.headers.getlist("x-forwarded-for"))
 
 
 def request_actor(request: Request, subject: AuthSubject) -> Actor:
@@ -84,7 +94,51 @@ async def forbid_caching(response: Response) -> None:
 NoStore = Depends(forbid_caching)
 
 
-class DatabaseRoute(APIRoute):
+class CredentialFirstRoute(APIRoute):
+    """A route that checks the request's credential before FastAPI reads its body.
+
+    FastAPI reads and parses a body before it solves the dependencies, so with the
+    ``Authenticator`` dependency alone an anonymous client could make the server read and parse
+    up to ``MODELGATE_MAX_BODY_BYTES``. A route of this class that requires a credential (an
+    ``Authenticator`` among its dependencies, its router's included) first authenticates the
+    request from its headers (``authenticate_request``: 401, or 429 for a throttled address);
+    the dependency then finds the subject on ``request.state`` and does the rest (scopes, the
+    rate-limit hit) once, as before. The body limit (``api.body_limit``) lets that 401 through
+    unread, with ``Connection: close``. A route without an ``Authenticator`` is unchanged.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        if not any(isinstance(d.call, Authenticator) for d in _dependants(_in_force(self))):
+            return handler
+
+        async def authenticate_then_handle(request: Request) -> Response:
+            await authenticate_request(request)
+            return await handler(request)
+
+        return authenticate_then_handle
+
+
+# FastAPI builds an included route's handler with the route as its inclusion sees it (its
+# router's dependencies added) in this context variable; without it, the route's own.
+_INCLUDED_ROUTE = getattr(fastapi.routing, "_effective_route_context_var", None)
+
+
+def _in_force(route: APIRoute) -> Dependant:
+    included = _INCLUDED_ROUTE.get() if _INCLUDED_ROUTE is not None else None
+    if included is not None and getattr(included, "original_route", None) is route:
+        dependant: Dependant = included.dependant
+        return dependant
+    return route.dependant
+
+
+def _dependants(dependant: Dependant) -> Iterator[Dependant]:
+    yield dependant
+    for child in dependant.dependencies:
+        yield from _dependants(child)
+
+
+class DatabaseRoute(CredentialFirstRoute):
     """A route that works on the database: the whole request (its credential check included)
     gets ``database_timeout_seconds`` for its database work, answered 503 past it, and the
     request's session is committed after the endpoint returns and before the response is sent,
@@ -113,6 +167,19 @@ class DatabaseRoute(APIRoute):
             return response
 
         return bounded_handler_then_commit
+
+
+async def authenticate_request(request: Request) -> AuthSubject:
+    """Verify the request's bearer credential and keep the subject on ``request.state`` (401
+    for a missing or bad credential; 429 once the client's address has failed too often, see
+    ``auth.identity.failure_throttle``). The client's address is worked out only if the
+    credential is not in the authenticator's cache."""
+    credential = bearer_credential(request.headers.get("authorization"))
+    subject = await app_state(request).authenticator.authenticate(
+        credential, lambda: client_address(request)
+    )
+    request.state.subject = subject
+    return subject
 
 
 class Authenticator(HTTPBearer):
@@ -146,15 +213,17 @@ class Authenticator(HTTPBearer):
     async def __call__(self, request: Request) -> AuthSubject:  # type: ignore[override]
         # Read directly rather than through StateDep: one dependency less on the hot path.
         state = app_state(request)
-        credential = bearer_credential(request.headers.get("authorization"))
-        subject = await state.authenticator.authenticate(credential)
+        # api.routing authenticated the request from its headers before its body was read;
+        # a route it does not guard authenticates here.
+        subject: AuthSubject | None = getattr(request.state, "subject", None)
+        if subject is None:
+            subject = await authenticate_request(request)
         if subject.key_id is not None:  # an admin user's JWT has no key (auth.identity.authn)
             state.key_activity.touch(subject.key_id)
         structlog.contextvars.bind_contextvars(
             key_id=str(subject.key_id),
             tenant_id=str(subject.tenant.id) if subject.tenant else None,
         )
-        request.state.subject = subject
         if self.tenant_only and subject.tenant is None:
             raise Forbidden("this route is for tenant credentials")
         if self.admin_only and not subject.is_admin:

@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import PredictScope, app_state
+from api.deps import CredentialFirstRoute, PredictScope, app_state
 from api.errors import problem_responses
 from api.metering import charge
 from api.state import AppState
@@ -24,8 +24,9 @@ from ml import (
     Prediction,
 )
 
-# No database session here: usage goes through the usage writer (api.metering.charge).
-router = APIRouter(tags=["predictions"])
+# No database session here: usage goes through the usage writer (api.metering.charge). The
+# credential is checked before the body is read (api.deps.CredentialFirstRoute).
+router = APIRouter(route_class=CredentialFirstRoute, tags=["predictions"])
 
 # What any model's float32 input holds; a version may accept less (its input_range in
 # GET /models/{name}), refused with 422 naming the feature.

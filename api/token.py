@@ -74,6 +74,7 @@ async def issue_token(
     session: SessionDep,
 ) -> TokenResponse:
     """Exchange an API key or an admin user's password for a JWT (failed logins throttled)."""
+    # Behind MODELGATE_TRUSTED_PROXIES, the client their X-Forwarded-For names.
     address = client_address(request) or "unknown"
     if form.grant_type == "client_credentials":
         secret = form.client_secret or ""
@@ -83,7 +84,7 @@ async def issue_token(
     # Before any lookup or password check: a throttled attacker costs a counter read.
     await state.login_throttle.check(address, account)
     try:
-        minted = await _mint(form, state, session, request)
+        minted = await _mint(form, state, session, request, address)
     except Unauthenticated:
         exhausted = await state.login_throttle.failed(address, account)
         if exhausted:
@@ -97,13 +98,15 @@ async def issue_token(
 
 
 async def _mint(
-    form: TokenForm, state: AppState, session: AsyncSession, request: Request
+    form: TokenForm, state: AppState, session: AsyncSession, request: Request, address: str
 ) -> MintedToken:
     if form.grant_type == "client_credentials":
         secret = form.client_secret or ""
         if not looks_like_key(secret):
             raise Unauthenticated("client_secret must be an API key")
-        subject = await state.authenticator.authenticate(secret)
+        # A key that fails here counts against the address's failed-credential budget too,
+        # as it would on any other route.
+        subject = await state.authenticator.authenticate(secret, lambda: address)
         if form.client_id is not None and form.client_id != str(subject.key_id):
             raise Unauthenticated("client_id does not match the key")
         authorize(subject, frozenset())  # a suspended tenant's key gets no token either

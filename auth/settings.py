@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import multiprocessing
 import os
 import secrets
@@ -10,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from auth.errors import ConfigurationError
@@ -18,6 +19,27 @@ from auth.errors import ConfigurationError
 # A secret shorter than this is refused in production: 32 bytes is HMAC-SHA256's block-size floor
 # recommended by RFC 2104 and the minimum PyJWT accepts for HS256 without warning.
 MIN_SECRET_LENGTH = 32
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(value: str) -> tuple[IPNetwork, ...]:
+    """Comma-separated IP addresses and CIDR networks; ``ValueError`` naming a bad entry (a
+    network with host bits set, ``10.0.0.1/8``, is refused: it is ambiguous)."""
+    networks = []
+    for entry in value.split(","):
+        text = entry.strip()
+        if not text:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(text, strict=True))
+        except ValueError as exc:
+            raise ValueError(
+                f"MODELGATE_TRUSTED_PROXIES: {text!r} is not an IP address or network "
+                f"(e.g. 10.0.0.1, 10.0.0.0/8, fd00::/8): {exc}"
+            ) from None
+    return tuple(networks)
 
 
 class Settings(BaseSettings):
@@ -88,8 +110,31 @@ class Settings(BaseSettings):
     login_failures_per_account: str = Field(
         default="5/minute", pattern=r"^[1-9][0-9]{0,5}/(second|minute|hour|day)$"
     )
+    # Failed credentials (API keys and JWTs on any route, /auth/token included) that one client
+    # address may present before its uncached credentials are refused with 429 without any
+    # lookup (auth.identity.failure_throttle). Generous: a client that fails this often is
+    # guessing, not mistyping.
+    auth_failures_per_address: str = Field(
+        default="60/minute", pattern=r"^[1-9][0-9]{0,5}/(second|minute|hour|day)$"
+    )
+    # Comma-separated addresses and networks (CIDR) of the reverse proxies in front of the
+    # service: only a peer among them is believed about X-Forwarded-For (api.forwarded).
+    trusted_proxies: str = ""
     # How often each worker deletes access-token records that expired a while ago.
     token_prune_interval_seconds: float = Field(default=600.0, gt=0, le=86_400)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _valid_trusted_proxies(cls, value: str) -> str:
+        # Parsed here so that a typo stops the server at start-up with the entry named, rather
+        # than silently trusting nothing (or everything).
+        parse_networks(value)
+        return value
+
+    @property
+    def trusted_proxy_networks(self) -> tuple[IPNetwork, ...]:
+        """The trusted proxies' networks (a single address is a /32 or /128)."""
+        return parse_networks(self.trusted_proxies)
 
     @property
     def cors_origin_list(self) -> list[str]:

@@ -285,6 +285,10 @@ def make_settings(backend: Backend, model_dir: Path, var_dir: Path, **overrides:
         "key_pepper": "test-pepper-" + "x" * 32,
         "jwt_secret": "test-jwt-secret-" + "y" * 32,
         "default_rate_limit": "1000/minute",
+        # Every in-process test comes from the same address, on a Redis shared by every module
+        # (and every run): failed credentials must not throttle one test for another's. The
+        # throttle's own tests (tests/security/test_edge_throttle.py) set a budget of their own.
+        "auth_failures_per_address": "999999/minute",
         "log_level": "WARNING",
     }
     values.update(overrides)

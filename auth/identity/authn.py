@@ -14,7 +14,14 @@ from functools import cached_property
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from auth.errors import DatabaseTimedOut, Forbidden, TenantSuspended, Unauthenticated
+from auth.errors import (
+    DatabaseTimedOut,
+    DependencyUnavailable,
+    Forbidden,
+    TenantSuspended,
+    Unauthenticated,
+)
+from auth.identity.failure_throttle import CredentialThrottle
 from auth.identity.keys import ADMIN_SCOPE, has_valid_checksum, key_digest, looks_like_key
 from auth.identity.tokens import TokenClaims, TokenConfig, verify_token
 from auth.limits.plans import EffectiveLimits, effective_limits
@@ -22,6 +29,10 @@ from auth.models import AccessToken, AdminPrincipal, ApiKey, Plan, Tenant, utcno
 
 # Longer Authorization headers are refused before any parsing (SECURITY.md line 1).
 MAX_AUTHORIZATION_LENGTH = 8 * 1024
+# Distinct credentials being looked up at once in one worker (the single-flight map's bound):
+# far more than the database pool serves at once, so only a flood of distinct guesses from
+# many addresses reaches it, and is refused with 503 rather than queued without end.
+MAX_LOOKUPS_IN_FLIGHT = 1024
 
 
 @dataclass(frozen=True)
@@ -129,7 +140,15 @@ class KeyAuthenticator:
     of a token, or of the key a token was minted from), expiry, suspension and limit changes
     still reach every worker within that time. Failures are never cached: an unknown key costs a
     lookup each time it is tried (its checksum must be valid first, and a token's signature).
-    Concurrent misses of one entry share one lookup.
+    Concurrent misses of one entry share one lookup, and at most ``max_lookups`` distinct
+    entries are looked up at once.
+
+    With a ``throttle``, every credential the cache does not hold passes the client address's
+    failure budget first (``auth.identity.failure_throttle``), and every failure is counted
+    against it: once an address has failed too often, its uncached credentials are refused
+    with 429 before any lookup, while keys and tokens already verified in this worker keep
+    working from it (a tenant sharing a NAT with an attacker keeps its live key). A cache hit
+    never consults the throttle.
     """
 
     def __init__(
@@ -142,9 +161,13 @@ class KeyAuthenticator:
         cache_size: int = 10_000,
         lookup_timeout: float | None = None,
         default_rate_limit: str = "100/minute",
+        throttle: CredentialThrottle | None = None,
+        max_lookups: int = MAX_LOOKUPS_IN_FLIGHT,
     ) -> None:
         self._default_rate_limit = default_rate_limit
         self._sessionmaker = sessionmaker
+        self._throttle = throttle
+        self._max_lookups = max_lookups
         self._lookup_timeout = lookup_timeout
         self._pepper = pepper
         self._tokens = tokens
@@ -155,21 +178,32 @@ class KeyAuthenticator:
         self._cache: dict[str, tuple[float, AuthSubject]] = {}
         self._lookups: dict[str, asyncio.Future[AuthSubject]] = {}
 
-    async def authenticate(self, credential: str) -> AuthSubject:
-        """The subject for a credential; 401 for anything that is not a live key or token."""
+    async def authenticate(
+        self, credential: str, address: Callable[[], str | None] | None = None
+    ) -> AuthSubject:
+        """The subject for a credential; 401 for anything that is not a live key or token.
+
+        ``address`` gives the client's address; it is asked for only when the credential is
+        not in the cache, for the failure throttle (429 once the address has failed too often,
+        before anything is looked up)."""
         if looks_like_key(credential):
-            if not has_valid_checksum(credential):
-                # Checked before any database access: garbage never costs a query.
-                raise Unauthenticated("invalid credential")
-            digest = key_digest(self._pepper, credential)
-            cached = self._cache.get(digest)
-            if cached is not None:
-                if cached[0] > time.monotonic():
-                    return cached[1]
-                del self._cache[digest]
-            return await self._single_flight(digest, lambda: self._lookup_key(digest))
+            if has_valid_checksum(credential):
+                digest = key_digest(self._pepper, credential)
+                cached = self._cache.get(digest)
+                if cached is not None:
+                    if cached[0] > time.monotonic():
+                        return cached[1]
+                    del self._cache[digest]
+                return await self._on_miss(
+                    address,
+                    digest,
+                    lambda: self._single_flight(digest, lambda: self._lookup_key(digest)),
+                )
+            # Checked before any database access: garbage never costs a query (but counts as
+            # a failure, and is refused like any other once the address is throttled).
+            return await self._on_miss(address, object(), _refuse)
         if self._tokens is None:
-            raise Unauthenticated("invalid credential")
+            return await self._on_miss(address, object(), _refuse)
         # A token is remembered by its exact text: the same bytes under the same (immutable)
         # secrets verify the same way, and the entry never outlives its exp, so a hit may skip
         # verify_token (a quarter of a millisecond in PyJWT). A token that differs in any
@@ -179,9 +213,37 @@ class KeyAuthenticator:
             if cached[0] > time.monotonic():
                 return cached[1]
             del self._cache[credential]
-        # Signature, algorithm, kid and claims, without I/O: a forged token never costs a query.
-        claims = verify_token(self._tokens, credential)
-        return await self._single_flight(credential, lambda: self._lookup_token(claims))
+        tokens = self._tokens
+
+        async def verify() -> AuthSubject:
+            # Signature, algorithm, kid and claims, without I/O: a forged token never costs a
+            # query.
+            claims = verify_token(tokens, credential)
+            return await self._single_flight(credential, lambda: self._lookup_token(claims))
+
+        return await self._on_miss(address, credential, verify)
+
+    async def _on_miss(
+        self,
+        address: Callable[[], str | None] | None,
+        entry: object,
+        verify: Callable[[], Awaitable[AuthSubject]],
+    ) -> AuthSubject:
+        """Verify a credential the cache does not hold (``entry``: its cache entry), under the
+        failure throttle: refused with 429 before any work once the client's address has no
+        failure left, and counted against it when it fails. The cache's hits never come
+        here."""
+        throttle = self._throttle
+        if throttle is None:
+            return await verify()
+        identifier = await throttle.admit(address() if address is not None else None, entry)
+        try:
+            return await verify()
+        except Unauthenticated:
+            await throttle.failed(identifier)
+            raise
+        finally:
+            throttle.release(identifier, entry)
 
     async def _single_flight(
         self,
@@ -192,6 +254,10 @@ class KeyAuthenticator:
         if pending is not None:
             # shield: one waiter being cancelled must not cancel the lookup the others share.
             return await self._bounded(asyncio.shield(pending))
+        if len(self._lookups) >= self._max_lookups:
+            # Lookups of distinct credentials already fill the map (and the database's pool
+            # many times over): refuse rather than let garbage grow it without bound.
+            raise DependencyUnavailable("too many credential checks in flight")
         future = asyncio.ensure_future(self._verify(entry, lookup))
         self._lookups[entry] = future
         try:
@@ -344,6 +410,11 @@ class KeyAuthenticator:
                 jti=record.jti,
             )
         return subject, min(ends)
+
+
+async def _refuse() -> AuthSubject:
+    """A credential refused without any lookup (a key whose checksum is wrong)."""
+    raise Unauthenticated("invalid credential")
 
 
 def _live_key_ends(key: ApiKey, now: datetime) -> list[datetime]:

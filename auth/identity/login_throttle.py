@@ -10,18 +10,11 @@ counter by logging in as himself.
 
 from __future__ import annotations
 
-import time
-
-from limits import RateLimitItem, parse
 from limits.aio.storage import Storage
 from limits.aio.strategies import MovingWindowRateLimiter
 
 from auth.errors import DependencyUnavailable, ModelgateError
-
-_ADDRESS_NAMESPACE = "mg:login:address"
-_ACCOUNT_NAMESPACE = "mg:login:account"
-# Bounds what a client's input can make a storage key (a long e-mail, an address string).
-_MAX_IDENTIFIER = 200
+from auth.identity.failure_throttle import FailureBudget, address_identifier
 
 
 class LoginThrottled(ModelgateError):
@@ -37,27 +30,29 @@ class LoginThrottled(ModelgateError):
 
 
 class LoginThrottle:
-    """Counts failed logins per address and per account, and refuses both once over budget."""
+    """Counts failed logins per address and per account, and refuses both once over budget
+    (two ``FailureBudget``s of ``auth.identity.failure_throttle``)."""
 
     def __init__(self, storage: Storage, per_address: str, per_account: str) -> None:
-        self._strategy = MovingWindowRateLimiter(storage)
-        self._per_address: RateLimitItem = parse(per_address)
-        self._per_account: RateLimitItem = parse(per_account)
+        strategy = MovingWindowRateLimiter(storage)
+        self._per_address = FailureBudget(strategy, per_address, "mg:login:address")
+        self._per_account = FailureBudget(strategy, per_account, "mg:login:account")
 
-    def _budgets(self, address: str, account: str) -> list[tuple[RateLimitItem, str, str]]:
+    def _budgets(self, address: str, account: str) -> list[tuple[str, FailureBudget, str]]:
         return [
-            (self._per_address, _ADDRESS_NAMESPACE, address[:_MAX_IDENTIFIER]),
-            (self._per_account, _ACCOUNT_NAMESPACE, account[:_MAX_IDENTIFIER]),
+            # An IPv6 client is counted by its /64, as for failed credentials.
+            ("address", self._per_address, address_identifier(address)),
+            ("account", self._per_account, account),
         ]
 
     async def check(self, address: str, account: str) -> None:
         """Raise ``LoginThrottled`` (with the seconds until a slot frees) when the address or
         the account has no failure left in its budget."""
         try:
-            for item, namespace, identifier in self._budgets(address, account):
-                if not await self._strategy.test(item, namespace, identifier):
-                    stats = await self._strategy.get_window_stats(item, namespace, identifier)
-                    raise LoginThrottled(max(1, int(stats.reset_time - time.time() + 0.999)))
+            for _, budget, identifier in self._budgets(address, account):
+                retry_after = await budget.retry_after(identifier)
+                if retry_after is not None:
+                    raise LoginThrottled(retry_after)
         except LoginThrottled:
             raise
         except Exception as exc:
@@ -68,15 +63,11 @@ class LoginThrottle:
         """Count one failure against both budgets; returns which budgets ("address",
         "account") this very failure used up, so that the caller records the start of a burst
         once."""
-        exhausted = []
         try:
-            for label, (item, namespace, identifier) in zip(
-                ("address", "account"), self._budgets(address, account), strict=True
-            ):
-                if await self._strategy.hit(item, namespace, identifier):
-                    stats = await self._strategy.get_window_stats(item, namespace, identifier)
-                    if stats.remaining <= 0:
-                        exhausted.append(label)
+            return [
+                label
+                for label, budget, identifier in self._budgets(address, account)
+                if await budget.spend(identifier)
+            ]
         except Exception as exc:
             raise DependencyUnavailable("login throttle unavailable") from exc
-        return exhausted

@@ -30,6 +30,10 @@ def tour_environment(
             "MODELGATE_VAR_DIR": str(tmp_path / "var"),
             "MODELGATE_REDIS_URL": backend.redis_url,
             "MODELGATE_LOG_LEVEL": "WARNING",
+            # Every test's server sees 127.0.0.1, on a Redis shared by every test and run; tests
+            # that fire failed credentials on purpose (revocation, the fuzzer's auth probes)
+            # must not be throttled by each other. tests/e2e/test_edge_addresses.py sets its own.
+            "MODELGATE_AUTH_FAILURES_PER_ADDRESS": "999999/minute",
         }
     )
     if backend.name == "postgres":

@@ -62,8 +62,12 @@ async def test_the_rate_limit_is_per_key_whatever_the_client_address(
     harness: Harness, backend: Backend, served_model_dir: Path, tmp_path: Path
 ) -> None:
     """SECURITY.md line 13: one key's limit is shared by every address it comes from, a second
-    key behind the same address has its own, and X-Forwarded-For changes nothing."""
-    settings = make_settings(backend, served_model_dir, tmp_path)
+    key behind the same address has its own, and X-Forwarded-For changes nothing, even from
+    trusted proxies (it may name the client, never split a key's limit). The client address
+    that X-Forwarded-For may name (failed credentials, the audit trail) is proved in
+    test_edge_throttle.py and tests/e2e/test_edge_addresses.py."""
+    # The clients below are the trusted proxies: their X-Forwarded-For is believed.
+    settings = make_settings(backend, served_model_dir, tmp_path, trusted_proxies="10.0.0.0/29")
     async with running_app(settings, backend) as app:
         _, key = await create_tenant_with_key(app, rate_limit="4/minute")
         _, neighbour = await create_tenant_with_key(app, rate_limit="4/minute")
