@@ -423,11 +423,13 @@ class RateLimiter:
     def __init__(self, settings: Settings) -> None:
         self.default_limit: str = settings.default_rate_limit
         self.admin_limit: str = settings.admin_rate_limit
-        # Checked at start: a bad setting must stop the process, not every request.
-        _parse_setting("default_rate_limit", self.default_limit)
-        _parse_setting("admin_rate_limit", self.admin_limit)
         self.fallback_limit: str = settings.fallback_rate_limit
-        _parse_setting("fallback_rate_limit", self.fallback_limit)
+        # Parsed at start: a bad setting must stop the process, not every request.
+        self._default_policy = _parse_setting("default_rate_limit", self.default_limit)
+        self._admin_policy = _parse_setting("admin_rate_limit", self.admin_limit)
+        self._fallback_policy = _parse_setting("fallback_rate_limit", self.fallback_limit)
+        # Stored limit strings found invalid (each logged once).
+        self._invalid_seen: set[str] = set()
         self.fail_open = settings.rate_limit_on_redis_failure == "open"
         self.storage_uri = settings.redis_url or "memory://"
         self.strategy_name = settings.rate_limit_strategy
@@ -479,15 +481,13 @@ class RateLimiter:
         A storage failure or timeout fails closed with 503 (an unlimited API is worse than a
         briefly unavailable one), unless the fail-open mode is configured.
         """
-        policy = parse_rate_limits(
-            rate_limits or (self.admin_limit if admin else self.default_limit)
-        )
+        policy = self._policy(rate_limits, admin)
         now = time.time()
         if self._redis is None:
             refused, stats = await self._hit_memory(self._strategy, policy, key_id, cost)
         elif self.skipping_redis():
             refused, stats = await self._hit_fallback(key_id, cost)
-            policy = parse_rate_limits(self.fallback_limit)
+            policy = self._fallback_policy
         else:
             try:
                 # Bounded by the client's socket timeouts (connect and read), which are the
@@ -498,7 +498,7 @@ class RateLimiter:
                 if not self.fail_open:
                     raise DependencyUnavailable("rate limiter unavailable") from exc
                 refused, stats = await self._hit_fallback(key_id, cost)
-                policy = parse_rate_limits(self.fallback_limit)
+                policy = self._fallback_policy
             except Exception as exc:
                 # Redis answered, with an error (a key of the wrong type...): this request fails
                 # closed. redis-py's errors do not all derive from OSError; none may be a 500.
@@ -514,6 +514,21 @@ class RateLimiter:
             wrapper = Limit(item, _subject_key, None, False, None, None, None, cost, False)
             raise KeyRateLimitExceeded(wrapper, status)
         return status
+
+    def _policy(self, rate_limits: str | None, admin: bool) -> RateLimitPolicy:
+        default = self._admin_policy if admin else self._default_policy
+        if rate_limits is None:
+            return default
+        try:
+            return parse_rate_limits(rate_limits)
+        except InvalidRequest:
+            # A stored string that does not parse (written behind the API's back) is the
+            # operator's to fix, not the client's: the default for the credential's kind
+            # applies, and the string is logged once, not on every request.
+            if rate_limits not in self._invalid_seen and len(self._invalid_seen) < 1000:
+                self._invalid_seen.add(rate_limits)
+                logger.error("invalid stored rate limit; the default applies", value=rate_limits)
+            return default
 
     def skipping_redis(self) -> bool:
         """Whether, in fail-open mode, a recent failure says not to ask Redis yet."""
@@ -541,9 +556,7 @@ class RateLimiter:
             self._skip_redis_until = 0.0
 
     async def _hit_fallback(self, key_id: str, cost: int) -> tuple[int, list[WindowStats]]:
-        return await self._hit_memory(
-            self._fallback, parse_rate_limits(self.fallback_limit), key_id, cost
-        )
+        return await self._hit_memory(self._fallback, self._fallback_policy, key_id, cost)
 
     async def _hit_memory(
         self,

@@ -25,7 +25,7 @@ from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from sqlalchemy import func, select, update
 
 from api.deps import AnyCredential, PredictScope
-from auth.errors import DependencyUnavailable, InvalidRequest
+from auth.errors import ConfigurationError, DependencyUnavailable, InvalidRequest
 from auth.identity.authn import AuthSubject
 from auth.limits.limiter import (
     KeyRateLimitExceeded,
@@ -744,3 +744,23 @@ async def test_refusals_are_counted_in_process_by_status_and_type(limits_app: Ha
             select(func.count()).select_from(UsageRecord).where(UsageRecord.tenant_id == tenant.id)
         )
     assert rows == 1
+
+
+async def test_an_invalid_stored_limit_gets_the_default_not_an_error(limits_app: Harness) -> None:
+    """A limit string written behind the API's back that does not parse is the operator's to
+    fix: the client is served under the default, never answered 422 or 500."""
+    tenant, key = await create_tenant_with_key(limits_app)
+    await set_tenant_limits(limits_app, tenant.id, "1/second;" * 6)
+    response = await _predict(limits_app, key)
+    assert response.status_code == 200, response.text
+    assert response.headers["X-RateLimit-Limit"] == "50"
+
+
+@pytest.mark.parametrize(
+    "setting", ["default_rate_limit", "admin_rate_limit", "fallback_rate_limit"]
+)
+def test_an_invalid_limit_setting_stops_the_process(
+    backend: Backend, tmp_path: Path, setting: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=f"MODELGATE_{setting.upper()}"):
+        RateLimiter(make_settings(backend, tmp_path, tmp_path, **{setting: "0/minute"}))
