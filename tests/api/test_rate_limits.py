@@ -764,3 +764,21 @@ def test_an_invalid_limit_setting_stops_the_process(
 ) -> None:
     with pytest.raises(ConfigurationError, match=f"MODELGATE_{setting.upper()}"):
         RateLimiter(make_settings(backend, tmp_path, tmp_path, **{setting: "0/minute"}))
+
+
+async def test_browsers_may_read_the_rate_limit_headers(
+    backend: Backend, served_model_dir: Path, tmp_path: Path
+) -> None:
+    settings = make_settings(
+        backend, served_model_dir, tmp_path, cors_origins="https://console.example"
+    )
+    async with running_app(settings, backend) as app:
+        _, key = await create_tenant_with_key(app)
+        response = await app.client.get(
+            "/api/v1/me", headers={**bearer(key), "Origin": "https://console.example"}
+        )
+    assert response.status_code == 200
+    exposed = {
+        h.strip().lower() for h in response.headers["Access-Control-Expose-Headers"].split(",")
+    }
+    assert {"ratelimit-policy", "ratelimit", "retry-after", "x-ratelimit-remaining"} <= exposed
