@@ -27,6 +27,7 @@ from auth.identity.failure_throttle import CredentialThrottle
 from auth.identity.key_activity import KeyActivity
 from auth.identity.login_throttle import LoginThrottle
 from auth.identity.tokens import prune_tokens_periodically, token_config
+from auth.limits.concurrency import ConcurrencyLimiter
 from auth.limits.limiter import RateLimiter
 from auth.settings import Settings, check_production, declared_workers, get_settings, load_secrets
 from auth.usage_writer import UsageWriter
@@ -89,6 +90,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             throttle=CredentialThrottle(rate_limiter.storage, settings.auth_failures_per_address),
         ),
         rate_limiter=rate_limiter,
+        concurrency=ConcurrencyLimiter(rate_limiter, settings.concurrency_slot_ttl_seconds),
         registry=registry,
         usage_writer=usage_writer,
         key_activity=key_activity,
@@ -162,6 +164,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "X-RateLimit-Limit",
                 "X-RateLimit-Remaining",
                 "X-RateLimit-Reset",
+                "RateLimit-Policy",
+                "RateLimit",
                 "Retry-After",
             ],
         )

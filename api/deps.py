@@ -233,12 +233,18 @@ class Authenticator(HTTPBearer):
         authorize(subject, self.required_scopes)
         if self.billable:
             setattr(request.state, BILLABLE, True)
+        if subject.max_in_flight is not None:
+            # Before the rate limit, so that a request refused here costs none of it. The slot
+            # is the middleware's to release, once, when the response is finished (or failed).
+            request.state.inflight = await state.concurrency.acquire(
+                subject.limit_id, subject.max_in_flight
+            )
         try:
             request.state.rate_limit = await state.rate_limiter.hit(
-                subject.limit_id, subject.rate_limits
+                subject.limit_id, subject.rate_limits, admin=subject.tenant is None
             )
         except KeyRateLimitExceeded as exc:
-            # The 429 carries the X-RateLimit-* headers too.
+            # The 429 carries the rate-limit headers too.
             request.state.rate_limit = exc.status
             raise
         return subject

@@ -67,6 +67,11 @@ def problem_response(
     headers = dict(headers or {})
     if status == 401:
         headers.setdefault("WWW-Authenticate", "Bearer")
+    elif status in (429, 503) and "Retry-After" not in headers:
+        # Every refusal a client may retry says when (the error's own figure when it has one).
+        headers["Retry-After"] = "1"
+    # For the middleware's count of refusals by problem type (AppState.rejections).
+    request.state.problem_type = type_
     return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
 
 

@@ -40,7 +40,10 @@ class LiveResponse(BaseModel):
     status: Literal["ok"]
 
 
-CheckState = Literal["ok", "unavailable", "not_configured"]
+# "degraded": Redis is down but the rate limits fail open (MODELGATE_RATE_LIMIT_ON_REDIS_FAILURE=
+# open), so the process still serves, under the per-process fallback limit: it stays ready (taking
+# every worker out of rotation would defeat the point of failing open) and says so here.
+CheckState = Literal["ok", "degraded", "unavailable", "not_configured"]
 
 
 class ReadinessChecks(BaseModel):
@@ -110,11 +113,13 @@ async def ready(state: StateDep, request: Request) -> JSONResponse:
     database_ok, redis_ok = await asyncio.gather(
         _database_ok(state), state.rate_limiter.is_healthy()
     )
+    limiter = state.rate_limiter
+    redis: CheckState = "not_configured"
+    if limiter.uses_redis:
+        redis = "ok" if redis_ok else ("degraded" if limiter.fail_open else "unavailable")
     checks = ReadinessChecks(
         database="ok" if database_ok else "unavailable",
-        redis=("ok" if redis_ok else "unavailable")
-        if state.rate_limiter.uses_redis
-        else "not_configured",
+        redis=redis,
         models="ok" if state.registry.is_ready else "unavailable",
     )
     failed = [f"{v.name}/{v.version}" for v in state.registry.failed_versions()]

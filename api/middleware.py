@@ -1,7 +1,7 @@
 """Pure ASGI middleware (Starlette's BaseHTTPMiddleware costs a task per request): request ids,
 rate-limit headers, problem JSON for the body limit's 413 and for unexpected errors, the billing
-guarantee (no 2xx for a billable request without its usage record), and one log line per
-request."""
+guarantee (no 2xx for a billable request without its usage record), the count of refused
+requests, the release of the request's concurrency slot, and one log line per request."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.metering import BILLABLE, BILLED
+from auth.limits.concurrency import Slot, release_detached
 from auth.limits.limiter import RateLimitStatus
 
 logger = structlog.get_logger("modelgate.request")
@@ -28,6 +29,10 @@ _TOO_LARGE = (
     "the request body exceeds the size limit",
 )
 _UNBILLED = (503, "service-unavailable", "Service unavailable", "usage could not be recorded")
+# Refusals counted per status and problem type (AppState.rejections).
+_REJECTED = frozenset({401, 403, 429, 503})
+# The state key under which the error handlers leave the problem type of their answer.
+PROBLEM_TYPE = "problem_type"
 _NOSNIFF = (b"x-content-type-options", b"nosniff")
 _INTERNAL = (500, "internal-error", "Internal server error", "an unexpected error occurred")
 
@@ -73,21 +78,20 @@ class RequestContextMiddleware:
                     replacement = _UNBILLED
                 if replacement is not None:
                     replaced_body = True
+                    status = replacement[0]
+                    state[PROBLEM_TYPE] = replacement[1]
+                    _count_rejection(scope, status, state)
                     await _send_problem(send, request_id, replacement)
                     return
+                if status in _REJECTED:
+                    _count_rejection(scope, status, state)
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode()))
                 # No browser may guess a content type other than the one declared.
                 headers.append(_NOSNIFF)
                 limit: RateLimitStatus | None = state.get("rate_limit")
                 if limit is not None:
-                    headers.extend(
-                        [
-                            (b"x-ratelimit-limit", str(limit.limit).encode()),
-                            (b"x-ratelimit-remaining", str(limit.remaining).encode()),
-                            (b"x-ratelimit-reset", str(int(limit.reset_at)).encode()),
-                        ]
-                    )
+                    headers.extend(limit.headers())
                 message["headers"] = headers
             await send(message)
 
@@ -103,6 +107,10 @@ class RequestContextMiddleware:
             if not response_started:
                 await _send_problem(send, request_id, _INTERNAL)
         finally:
+            slot: Slot | None = state.get("inflight")
+            if slot is not None:
+                # Once the response is sent, or the request failed or was cancelled.
+                await release_detached(slot)
             self._log(scope, status, started)
 
     @staticmethod
@@ -116,6 +124,12 @@ class RequestContextMiddleware:
             status=status,
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
         )
+
+
+def _count_rejection(scope: Scope, status: int, state: dict[str, Any]) -> None:
+    app_state = getattr(scope["app"].state, "modelgate", None) if "app" in scope else None
+    if app_state is not None:
+        app_state.rejections.count(status, state.get(PROBLEM_TYPE) or "unknown")
 
 
 def log_unexpected(exc: BaseException) -> None:
@@ -158,6 +172,7 @@ async def _send_problem(send: Send, request_id: str, problem: tuple[int, str, st
                 (b"x-request-id", request_id.encode()),
                 _NOSNIFF,
                 (b"connection", b"close"),
+                *([(b"retry-after", b"1")] if status in (429, 503) else []),
             ],
         }
     )

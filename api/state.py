@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -11,10 +12,29 @@ from auth.identity.authn import KeyAuthenticator
 from auth.identity.key_activity import KeyActivity
 from auth.identity.login_throttle import LoginThrottle
 from auth.identity.tokens import TokenConfig
+from auth.limits.concurrency import ConcurrencyLimiter
 from auth.limits.limiter import RateLimiter
 from auth.settings import Secrets, Settings
 from auth.usage_writer import UsageWriter
 from ml import ModelRegistry
+
+
+class Rejections:
+    """Requests this process refused (401, 403, 429, 503), by status and problem type: counted
+    in memory, never written to the database (a flood of refusals must not cost a row each)."""
+
+    __slots__ = ("counts",)
+
+    def __init__(self) -> None:
+        self.counts: Counter[tuple[int, str]] = Counter()
+
+    def count(self, status: int, problem_type: str) -> None:
+        """One more refusal."""
+        self.counts[(status, problem_type)] += 1
+
+    def snapshot(self) -> dict[tuple[int, str], int]:
+        """The counts so far, as a plain dict (status, problem type) -> count."""
+        return dict(self.counts)
 
 
 @dataclass
@@ -27,9 +47,12 @@ class AppState:
     sessionmaker: async_sessionmaker[AsyncSession]
     authenticator: KeyAuthenticator
     rate_limiter: RateLimiter
+    # Each key's requests in flight (AuthSubject.max_in_flight), on the rate limiter's Redis.
+    concurrency: ConcurrencyLimiter
     registry: ModelRegistry
     usage_writer: UsageWriter
     key_activity: KeyActivity
     tokens: TokenConfig
     login_throttle: LoginThrottle
     started_at: float = field(default_factory=time.monotonic)
+    rejections: Rejections = field(default_factory=Rejections)

@@ -60,6 +60,17 @@ class Settings(BaseSettings):
     var_dir: Path = Path("./var")
 
     default_rate_limit: str = "100/minute"
+    # The limit of an operator's credential (admin key or admin user's token) whose own limits
+    # are not set: generous, but an admin key is still a key that can leak.
+    admin_rate_limit: str = "1000/minute"
+    # What rate limits do while Redis is unreachable or slower than redis_timeout_seconds:
+    # "closed" answers 503 (with Retry-After); "open" applies fallback_rate_limit per key in
+    # each process's memory until Redis answers again.
+    rate_limit_on_redis_failure: Literal["closed", "open"] = "closed"
+    fallback_rate_limit: str = "20/minute"
+    # A request's slot of its key's max_in_flight is dropped after this long even if never
+    # released (a worker killed mid-request): longer than any request may take.
+    concurrency_slot_ttl_seconds: float = Field(default=60.0, gt=0, le=3600)
     # An exact strategy by default: a fixed window lets twice the limit through around its
     # edge. The moving window stores one entry per request, so its cost grows with the limit.
     rate_limit_strategy: Literal["fixed-window", "moving-window", "sliding-window-counter"] = (

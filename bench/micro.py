@@ -296,6 +296,27 @@ async def run_micro(env: BenchEnvironment, log: Callable[[str], None]) -> list[M
                 lambda: state.rate_limiter.hit(limiter_id, BENCH_RATE_LIMIT),
             )
         )
+        stacked = ";".join((BENCH_RATE_LIMIT, "1000000000/hour", "1000000000/day"))
+        add(
+            await time_async(
+                "limiter.hit.redis.3limits",
+                "RateLimiter.hit on Redis with three limits, tested then counted in one script",
+                lambda: state.rate_limiter.hit(limiter_id, stacked),
+            )
+        )
+
+        async def in_flight() -> None:
+            slot = await state.concurrency.acquire(limiter_id, 1_000_000)
+            await slot.release()
+
+        add(
+            await time_async(
+                "concurrency.redis",
+                "ConcurrencyLimiter on Redis: take a slot and give it back (two round trips; "
+                "only for keys with max_in_flight)",
+                in_flight,
+            )
+        )
         for strategy in ("moving-window", "fixed-window"):
             other = RateLimiter(bench_settings(env, rate_limit_strategy=strategy))
             other_id = f"bench-micro-{uuid.uuid4()}"

@@ -4,6 +4,8 @@ are proved with requests from varying socket addresses and X-Forwarded-For value
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -13,29 +15,36 @@ from typing import Any
 
 import httpx
 import pytest
+import pytest_asyncio
 import redis
+from fastapi import FastAPI
 from limits.aio import strategies as limits_strategies
 from limits.aio.storage import MemoryStorage
 from limits.aio.storage.redis.redispy import RedispyBridge
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
-from auth.errors import DependencyUnavailable
+from api.deps import AnyCredential, PredictScope
+from auth.errors import ConfigurationError, DependencyUnavailable, InvalidRequest
+from auth.identity.authn import AuthSubject
 from auth.limits.limiter import (
     KeyRateLimitExceeded,
     RateLimiter,
     _sliding_window_stats,
     parse_rate_limit,
+    parse_rate_limits,
 )
-from auth.models import UsageRecord
+from auth.models import Tenant, UsageRecord
 from tests.conftest import (
     IRIS_SETOSA,
     Backend,
     Harness,
     bearer,
+    create_admin_key,
     create_tenant_with_key,
     make_settings,
     only_on,
+    running_app,
 )
 
 
@@ -340,3 +349,436 @@ def test_a_sliding_window_opened_by_the_check_resets_a_window_later() -> None:
         stats = _sliding_window_stats(item, [0, -2, 1, ttl_ms], 1_000.0)
         assert stats.reset_time == 1_000.0 + item.get_expiry()
         assert stats.remaining == item.amount - 1
+
+
+# --- Several limits per key, the headers, the admin limit, the concurrency limit, refusals ---
+
+
+async def set_tenant_limits(harness: Harness, tenant_id: uuid.UUID, rate_limits: str) -> None:
+    """Give a tenant a limit string as the plan system stores it (several limits, ";"), behind
+    the API, whose own field takes one limit."""
+    async with harness.sessionmaker() as session:
+        await session.execute(
+            update(Tenant).where(Tenant.id == tenant_id).values(rate_limit=rate_limits)
+        )
+        await session.commit()
+
+
+async def _hits(limiter: RateLimiter, key_id: str, limits: str, count: int) -> int:
+    """``count`` concurrent checks against ``limits``; how many were allowed."""
+
+    async def one() -> bool:
+        try:
+            await limiter.hit(key_id, limits)
+        except KeyRateLimitExceeded:
+            return False
+        return True
+
+    return sum(await asyncio.gather(*[one() for _ in range(count)]))
+
+
+@pytest.mark.parametrize("strategy", ["sliding-window-counter", "moving-window", "fixed-window"])
+async def test_a_request_one_limit_refuses_costs_the_others_nothing(
+    backend: Backend, tmp_path: Path, strategy: str
+) -> None:
+    """ "3/second;7/minute": three bursts of five, each in a second of its own. The per-second
+    limit refuses two of each burst; had those refusals counted against the minute, the third
+    burst would get 1 request through (3 + 2 counted, twice), not the 1 it gets as the minute's
+    last (3 + 3 + 1 = 7)."""
+    limiter = RateLimiter(make_settings(backend, tmp_path, tmp_path, rate_limit_strategy=strategy))
+    key_id = f"multi-{uuid.uuid4()}"
+    try:
+        allowed = []
+        for burst in range(3):
+            if burst:
+                # Past the whole previous second and the one before it (a sliding window
+                # weighs the previous one in).
+                await asyncio.sleep(2.05)
+            allowed.append(await _hits(limiter, key_id, "3/second;7/minute", 5))
+        assert allowed == [3, 3, 1], allowed
+        with pytest.raises(KeyRateLimitExceeded) as refused:
+            await limiter.hit(key_id, "3/second;7/minute")
+        # The minute is what refuses now, and what the headers report.
+        assert refused.value.status.name == "1m"
+        assert refused.value.status.limit == 7
+        # Seconds away (when the minute frees a request), not the second's reset.
+        assert refused.value.status.retry_after > 2
+    finally:
+        await limiter.close()
+
+
+@only_on("postgres")  # the backend with Redis
+async def test_several_limits_are_checked_in_one_redis_round_trip(
+    backend: Backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limiter = RateLimiter(make_settings(backend, tmp_path, tmp_path))
+    pipelined = limiter._redis
+    assert pipelined is not None
+    sent: list[int] = []
+    execute = pipelined._execute
+
+    async def counting(batch: list[Any]) -> list[Any]:
+        sent.append(len(batch))
+        return await execute(batch)
+
+    monkeypatch.setattr(pipelined, "_execute", counting)
+    try:
+        status = await limiter.hit(f"one-trip-{uuid.uuid4()}", "10/second;100/minute;1000/hour")
+        assert sent == [1]
+        assert status.policy is not None
+        assert len(status.policy.items) == 3
+    finally:
+        await limiter.close()
+
+
+def test_a_limit_dominated_by_another_of_the_same_window_is_dropped() -> None:
+    policy = parse_rate_limits("10/minute; 5/minute; 100/hour; 7 per 1 minute")
+    assert [str(item) for item in policy.items] == ["5 per 1 minute", "100 per 1 hour"]
+    assert policy.header == '"1m";q=5;w=60, "1h";q=100;w=3600'
+    assert parse_rate_limits("10 per 2 seconds;1/day").header == '"2s";q=10;w=2, "1d";q=1;w=86400'
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        "many",
+        "0/second",
+        f"{10**9 + 1}/second",
+        "1/second;2/minute;3/hour;4/day;5/month;6/year",
+        "1/second;" * 40,
+    ],
+)
+def test_a_limit_string_out_of_bounds_is_refused(value: str) -> None:
+    with pytest.raises(InvalidRequest):
+        parse_rate_limits(value)
+
+
+async def _predict(harness: Harness, key: str) -> httpx.Response:
+    return await harness.client.post(
+        "/api/v1/predict", json={"features": IRIS_SETOSA}, headers=bearer(key)
+    )
+
+
+@pytest.mark.parametrize(
+    ("limits", "policy", "reported"),
+    [
+        # the fewest remaining: the second's 1, not the minute's 4
+        ("2/second;5/minute", '"1s";q=2;w=1, "1m";q=5;w=60', ("2", "1", '"1s";r=1;t=1')),
+        # the fewest remaining: the hour's 2, not the minute's 4
+        ("5/minute;3/hour", '"1m";q=5;w=60, "1h";q=3;w=3600', ("3", "2", '"1h";r=2;t=3600')),
+        # as many remaining: the one that resets latest
+        ("3/minute;3/hour", '"1m";q=3;w=60, "1h";q=3;w=3600', ("3", "2", '"1h";r=2;t=3600')),
+    ],
+)
+async def test_headers_list_every_policy_and_report_the_tightest(
+    harness: Harness, limits: str, policy: str, reported: tuple[str, str, str]
+) -> None:
+    tenant, key = await create_tenant_with_key(harness)
+    await set_tenant_limits(harness, tenant.id, limits)
+    response = await _predict(harness, key)
+    assert response.status_code == 200, response.text
+    assert response.headers["RateLimit-Policy"] == policy
+    limit, remaining, ratelimit = reported
+    assert response.headers["X-RateLimit-Limit"] == limit
+    assert response.headers["X-RateLimit-Remaining"] == remaining
+    name, r, t = ratelimit.split(";")
+    got_name, got_r, got_t = response.headers["RateLimit"].split(";")
+    assert (got_name, got_r) == (name, r)
+    # Seconds until that limit frees a request: within its window (limits' in-memory sliding
+    # window aligns its windows to the clock, so not always the whole window on a first hit).
+    assert 1 <= int(got_t.removeprefix("t=")) <= int(t.removeprefix("t="))
+    reset_in = int(response.headers["X-RateLimit-Reset"]) - time.time()
+    assert reset_in <= int(t.removeprefix("t=")) + 1
+
+
+async def test_a_refusal_reports_the_limit_that_refused_and_retry_after_agrees(
+    harness: Harness,
+) -> None:
+    tenant, key = await create_tenant_with_key(harness)
+    await set_tenant_limits(harness, tenant.id, "2/minute;100/hour")
+    statuses = [(await _predict(harness, key)).status_code for _ in range(2)]
+    assert statuses == [200, 200]
+    refused = await _predict(harness, key)
+    assert refused.status_code == 429
+    assert refused.json()["type"] == "rate-limited"
+    assert refused.headers["X-RateLimit-Limit"] == "2"
+    assert refused.headers["X-RateLimit-Remaining"] == "0"
+    name, r, t = refused.headers["RateLimit"].split(";")
+    assert (name, r) == ('"1m"', "r=0")
+    # The draft: RateLimit's reset and Retry-After name the same moment.
+    assert t == f"t={refused.headers['Retry-After']}"
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+
+
+# The app of the tests below: small admin and login limits, and routes that hold a request in
+# flight until the test lets it go, or fail.
+ADMIN_LIMIT = "3/minute"
+TENANT_DEFAULT = "50/minute"
+
+
+def _add_test_routes(app: FastAPI) -> None:
+    gates: dict[str, asyncio.Event] = {}
+    app.state.gates = gates
+
+    @app.get("/test/hold")
+    async def hold(gate: str, subject: AnyCredential) -> dict[str, str]:
+        await gates.setdefault(gate, asyncio.Event()).wait()
+        return {"key": subject.limit_id}
+
+    @app.get("/test/fail")
+    async def fail(subject: AnyCredential) -> dict[str, str]:
+        raise RuntimeError("a route that fails after the slot was taken")
+
+    @app.get("/test/unbilled")
+    async def unbilled(subject: PredictScope) -> dict[str, str]:
+        return {"served": "without a usage record"}
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def limits_app(
+    backend: Backend, served_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Harness]:
+    settings = make_settings(
+        backend,
+        served_model_dir,
+        tmp_path_factory.mktemp("var"),
+        admin_rate_limit=ADMIN_LIMIT,
+        default_rate_limit=TENANT_DEFAULT,
+        login_failures_per_address="2/minute",
+    )
+    async with running_app(settings, backend, customize=_add_test_routes) as running:
+        yield running
+
+
+@pytest.fixture
+def in_flight_limits(limits_app: Harness, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """max_in_flight per key id, set the way the plan system will set it: on the subject the
+    authenticator returns (until plans fill it, nothing else does)."""
+    limits: dict[str, int] = {}
+    authenticate = limits_app.state.authenticator.authenticate
+
+    async def with_limits(credential: str) -> AuthSubject:
+        subject = await authenticate(credential)
+        return dataclasses.replace(subject, max_in_flight=limits.get(subject.limit_id))
+
+    monkeypatch.setattr(limits_app.state.authenticator, "authenticate", with_limits)
+    return limits
+
+
+async def _key_with_in_flight_limit(
+    app: Harness, limits: dict[str, int], max_in_flight: int
+) -> tuple[str, str]:
+    """A new tenant key whose requests in flight are bounded; (its id, the key)."""
+    _, key = await create_tenant_with_key(app)
+    me = await app.client.get("/api/v1/me", headers=bearer(key))
+    key_id = str(me.json()["key"]["id"])
+    limits[key_id] = max_in_flight
+    return key_id, key
+
+
+async def _slots_held(app: Harness, key_id: str) -> int:
+    """Slots held for the key: on Redis, the entries of its set; else this process's count."""
+    if app.backend.redis_url:
+        with redis.Redis.from_url(app.backend.redis_url) as client:
+            return int(client.zcard(f"mg:inflight:{key_id}"))
+    return app.state.concurrency.held(key_id)
+
+
+def _gates(app: Harness) -> dict[str, asyncio.Event]:
+    gates: dict[str, asyncio.Event] = app.client._transport.app.state.gates  # type: ignore[attr-defined]
+    return gates
+
+
+async def _hold(
+    app: Harness, key: str, key_id: str
+) -> tuple[asyncio.Event, asyncio.Task[httpx.Response]]:
+    """Send a request of ``key`` that stays in flight until the returned event is set; returns
+    once it holds its slot."""
+    gate = uuid.uuid4().hex
+    event = _gates(app).setdefault(gate, asyncio.Event())
+    before = await _slots_held(app, key_id)
+    task = asyncio.ensure_future(
+        app.client.get("/test/hold", params={"gate": gate}, headers=bearer(key))
+    )
+    for _ in range(500):
+        if await _slots_held(app, key_id) > before or task.done():
+            break
+        await asyncio.sleep(0.01)
+    assert not task.done(), (await task).text
+    return event, task
+
+
+async def test_a_request_beyond_max_in_flight_is_refused_at_once_then_admitted_once_a_slot_frees(
+    limits_app: Harness, in_flight_limits: dict[str, int]
+) -> None:
+    key_id, key = await _key_with_in_flight_limit(limits_app, in_flight_limits, 1)
+    event, held = await _hold(limits_app, key, key_id)
+    started = time.monotonic()
+    refused = await limits_app.client.get("/api/v1/me", headers=bearer(key))
+    assert time.monotonic() - started < 1.0  # refused, not queued behind the held request
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["type"] == "concurrency-limit-exceeded"
+    assert refused.headers["Retry-After"] == "1"
+    # Another key is not held back by this one's requests.
+    _, other = await create_tenant_with_key(limits_app)
+    assert (await limits_app.client.get("/api/v1/me", headers=bearer(other))).status_code == 200
+    event.set()
+    assert (await held).status_code == 200
+    assert await _slots_held(limits_app, key_id) == 0
+    admitted = await limits_app.client.get("/api/v1/me", headers=bearer(key))
+    assert admitted.status_code == 200, admitted.text
+    assert await _slots_held(limits_app, key_id) == 0
+
+
+async def test_a_slot_is_released_exactly_once_when_the_route_fails(
+    limits_app: Harness, in_flight_limits: dict[str, int]
+) -> None:
+    """With room for two: one request held, one that fails (500) after taking its slot. Had the
+    failure kept its slot, the next request would be refused; had it been released twice, the
+    held request's slot would be given back too and a third request would be admitted."""
+    key_id, key = await _key_with_in_flight_limit(limits_app, in_flight_limits, 2)
+    event, held = await _hold(limits_app, key, key_id)
+    failed = await limits_app.client.get("/test/fail", headers=bearer(key))
+    assert failed.status_code == 500
+    assert await _slots_held(limits_app, key_id) == 1
+    second_event, second = await _hold(limits_app, key, key_id)
+    assert await _slots_held(limits_app, key_id) == 2
+    third = await limits_app.client.get("/api/v1/me", headers=bearer(key))
+    assert third.status_code == 429
+    assert third.json()["type"] == "concurrency-limit-exceeded"
+    event.set()
+    second_event.set()
+    assert [(await held).status_code, (await second).status_code] == [200, 200]
+    assert await _slots_held(limits_app, key_id) == 0
+
+
+async def test_a_slot_is_released_when_the_client_goes_away(
+    limits_app: Harness, in_flight_limits: dict[str, int]
+) -> None:
+    key_id, key = await _key_with_in_flight_limit(limits_app, in_flight_limits, 1)
+    _, held = await _hold(limits_app, key, key_id)
+    held.cancel()  # the client disconnects while the request is in flight
+    with contextlib.suppress(asyncio.CancelledError):
+        await held
+    for _ in range(100):
+        if await _slots_held(limits_app, key_id) == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert await _slots_held(limits_app, key_id) == 0
+    admitted = await limits_app.client.get("/api/v1/me", headers=bearer(key))
+    assert admitted.status_code == 200, admitted.text
+
+
+async def test_no_max_in_flight_means_no_slot(limits_app: Harness) -> None:
+    _, key = await create_tenant_with_key(limits_app)
+    me = await limits_app.client.get("/api/v1/me", headers=bearer(key))
+    assert me.status_code == 200
+    assert await _slots_held(limits_app, str(me.json()["key"]["id"])) == 0
+
+
+async def test_an_admin_credential_without_limits_gets_the_admin_limit(
+    limits_app: Harness,
+) -> None:
+    admin = await create_admin_key(limits_app)
+    statuses = []
+    for _ in range(4):
+        response = await limits_app.client.get("/api/v1/admin/tenants", headers=bearer(admin))
+        statuses.append(response.status_code)
+        assert response.headers["X-RateLimit-Limit"] == "3"
+        assert response.headers["RateLimit-Policy"] == '"1m";q=3;w=60'
+    assert statuses == [200, 200, 200, 429]
+    # A tenant's key without a limit of its own still gets the tenants' default.
+    _, key = await create_tenant_with_key(limits_app)
+    response = await limits_app.client.get("/api/v1/me", headers=bearer(key))
+    assert response.headers["X-RateLimit-Limit"] == "50"
+
+
+async def test_every_429_and_503_carries_retry_after(limits_app: Harness) -> None:
+    """Rate limit, monthly quota, login throttle, a billable answer without its usage record
+    (the middleware's own 503); the concurrency limit, Redis and database outages are proved
+    above and in tests/security."""
+    answers: dict[str, httpx.Response] = {}
+    tenant, key = await create_tenant_with_key(limits_app)
+    await set_tenant_limits(limits_app, tenant.id, "1/minute")
+    await _predict(limits_app, key)
+    answers["rate-limited"] = await _predict(limits_app, key)
+    _, broke = await create_tenant_with_key(limits_app, monthly_quota=0)
+    answers["quota-exceeded"] = await _predict(limits_app, broke)
+    for _ in range(3):
+        answers["login-throttled"] = await limits_app.client.post(
+            "/api/v1/auth/token",
+            data={"grant_type": "client_credentials", "client_secret": "mg_not-a-key"},
+        )
+    _, fresh = await create_tenant_with_key(limits_app)
+    answers["service-unavailable"] = await limits_app.client.get(
+        "/test/unbilled", headers=bearer(fresh)
+    )
+    for problem_type, response in answers.items():
+        assert response.status_code in (429, 503), (problem_type, response.text)
+        assert response.json()["type"] == problem_type
+        assert int(response.headers["Retry-After"]) >= 1, problem_type
+
+
+async def test_refusals_are_counted_in_process_by_status_and_type(limits_app: Harness) -> None:
+    before = limits_app.state.rejections.snapshot()
+    tenant, key = await create_tenant_with_key(limits_app)
+    await set_tenant_limits(limits_app, tenant.id, "1/minute")
+    assert (await _predict(limits_app, key)).status_code == 200
+    assert (await _predict(limits_app, key)).status_code == 429
+    assert (await _predict(limits_app, key)).status_code == 429
+    assert (await limits_app.client.get("/api/v1/me", headers=bearer("mg_nope"))).status_code == 401
+    _, other = await create_tenant_with_key(limits_app)
+    forbidden = await limits_app.client.get("/api/v1/admin/tenants", headers=bearer(other))
+    assert forbidden.status_code == 403
+    after = limits_app.state.rejections.snapshot()
+    delta = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+    assert delta == {
+        (429, "rate-limited"): 2,
+        (401, "unauthenticated"): 1,
+        (403, forbidden.json()["type"]): 1,
+    }
+    # Refusals bill nothing and write nothing.
+    async with limits_app.sessionmaker() as session:
+        rows = await session.scalar(
+            select(func.count()).select_from(UsageRecord).where(UsageRecord.tenant_id == tenant.id)
+        )
+    assert rows == 1
+
+
+async def test_an_invalid_stored_limit_gets_the_default_not_an_error(limits_app: Harness) -> None:
+    """A limit string written behind the API's back that does not parse is the operator's to
+    fix: the client is served under the default, never answered 422 or 500."""
+    tenant, key = await create_tenant_with_key(limits_app)
+    await set_tenant_limits(limits_app, tenant.id, "1/second;" * 6)
+    response = await _predict(limits_app, key)
+    assert response.status_code == 200, response.text
+    assert response.headers["X-RateLimit-Limit"] == "50"
+
+
+@pytest.mark.parametrize(
+    "setting", ["default_rate_limit", "admin_rate_limit", "fallback_rate_limit"]
+)
+def test_an_invalid_limit_setting_stops_the_process(
+    backend: Backend, tmp_path: Path, setting: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=f"MODELGATE_{setting.upper()}"):
+        RateLimiter(make_settings(backend, tmp_path, tmp_path, **{setting: "0/minute"}))
+
+
+async def test_browsers_may_read_the_rate_limit_headers(
+    backend: Backend, served_model_dir: Path, tmp_path: Path
+) -> None:
+    settings = make_settings(
+        backend, served_model_dir, tmp_path, cors_origins="https://console.example"
+    )
+    async with running_app(settings, backend) as app:
+        _, key = await create_tenant_with_key(app)
+        response = await app.client.get(
+            "/api/v1/me", headers={**bearer(key), "Origin": "https://console.example"}
+        )
+    assert response.status_code == 200
+    exposed = {
+        h.strip().lower() for h in response.headers["Access-Control-Expose-Headers"].split(",")
+    }
+    assert {"ratelimit-policy", "ratelimit", "retry-after", "x-ratelimit-remaining"} <= exposed

@@ -312,3 +312,101 @@ async def test_database_failing_at_the_usage_write_is_503_never_2xx_then_recover
         served = {warm.json()["prediction_id"], recovered.json()["prediction_id"]}
         assert {str(request_id) for request_id in billed} == served
         assert counter == 2
+
+
+async def test_fail_open_mode_applies_the_fallback_limit_during_an_outage_then_recovers(
+    private_redis: PrivateRedis,
+    served_model_dir: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """MODELGATE_RATE_LIMIT_ON_REDIS_FAILURE=open: while Redis is down each process applies the
+    fallback limit per key in memory (never unlimited, never a 500, never a wait past the
+    timeout), readiness stays 200 and names Redis as degraded, the outage is logged once, and
+    the key's own limits are back, on Redis, once it returns."""
+    backend = Backend("sqlite", f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}", private_redis.url)
+    await asyncio.to_thread(upgrade_database, backend.database_url)
+    settings = make_settings(
+        backend,
+        served_model_dir,
+        tmp_path,
+        redis_timeout_seconds=0.5,
+        rate_limit_on_redis_failure="open",
+        fallback_rate_limit="3/minute",
+    )
+    async with running_app(settings, backend) as app:
+        _, key = await create_tenant_with_key(app)
+
+        async def predict() -> httpx.Response:
+            return await app.client.post(
+                "/api/v1/predict", json={"features": IRIS_SETOSA}, headers=bearer(key)
+            )
+
+        ok = await predict()
+        assert ok.status_code == 200, ok.text
+        assert ok.headers["X-RateLimit-Limit"] == "1000"
+
+        private_redis.stop()
+        caplog.clear()
+        statuses = []
+        for _ in range(5):
+            started = time.monotonic()
+            response = await predict()
+            assert time.monotonic() - started < 2.0
+            statuses.append(response.status_code)
+            assert response.headers["X-RateLimit-Limit"] == "3", response.text
+        assert statuses == [200, 200, 200, 429, 429]
+        assert int(response.headers["Retry-After"]) >= 1
+        assert response.json()["type"] == "rate-limited"
+        outage_lines = [r for r in caplog.records if "redis unavailable" in str(r.msg)]
+        assert len(outage_lines) == 1, [str(r.msg) for r in caplog.records]
+        ready = await app.client.get("/api/v1/health/ready")
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["checks"]["redis"] == "degraded"
+
+        private_redis.start()
+        await asyncio.sleep(1.1)  # the fail-open mode asks Redis again a second after a failure
+        recovered = await predict()
+        assert recovered.status_code == 200, recovered.text
+        assert recovered.headers["X-RateLimit-Limit"] == "1000"
+        assert not app.state.rate_limiter.redis_failing
+        assert [r for r in caplog.records if "redis available again" in str(r.msg)]
+        ready = await app.client.get("/api/v1/health/ready")
+        assert ready.json()["checks"]["redis"] == "ok"
+
+
+async def test_slow_redis_in_fail_open_mode_costs_one_timeout_not_one_per_request(
+    private_redis: PrivateRedis, served_model_dir: Path, tmp_path: Path
+) -> None:
+    """Redis that accepts connections and answers nothing: the first request waits for the
+    timeout and is served under the fallback limit; the next ones, for a second, do not ask
+    Redis at all."""
+    timeout = 0.5
+    backend = Backend("sqlite", f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}", private_redis.url)
+    await asyncio.to_thread(upgrade_database, backend.database_url)
+    settings = make_settings(
+        backend,
+        served_model_dir,
+        tmp_path,
+        redis_timeout_seconds=timeout,
+        rate_limit_on_redis_failure="open",
+    )
+    async with running_app(settings, backend) as app:
+        _, key = await create_tenant_with_key(app)
+        assert (
+            await app.client.post(
+                "/api/v1/predict", json={"features": IRIS_SETOSA}, headers=bearer(key)
+            )
+        ).status_code == 200
+        private_redis.pause(4.0)
+        elapsed = []
+        for _ in range(3):
+            started = time.monotonic()
+            response = await app.client.post(
+                "/api/v1/predict", json={"features": IRIS_SETOSA}, headers=bearer(key)
+            )
+            elapsed.append(time.monotonic() - started)
+            assert response.status_code == 200, response.text
+            assert response.headers["X-RateLimit-Limit"] == "20"  # the default fallback
+        assert elapsed[0] <= timeout + 1.0, elapsed
+        assert max(elapsed[1:]) < timeout * 0.8, elapsed
