@@ -56,6 +56,27 @@ def _units_recorded(database_url: str, tenant_id: str) -> int:
     return asyncio.run(read())
 
 
+async def _burst(ports: list[int], key: str, count: int) -> list[int]:
+    """``count`` concurrent predictions with ``key``, alternating between the processes; a 429
+    must be the concurrency limit's."""
+    headers = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(timeout=30) as client:
+
+        async def one(index: int) -> int:
+            port = ports[index % len(ports)]
+            response = await client.post(
+                f"http://127.0.0.1:{port}/api/v1/predict",
+                json={"features": IRIS_SETOSA},
+                headers=headers,
+            )
+            if response.status_code == 429:
+                assert response.json()["type"].endswith("concurrency-limit-exceeded")
+                assert response.headers["retry-after"] == "1"
+            return response.status_code
+
+        return list(await asyncio.gather(*(one(index) for index in range(count))))
+
+
 def _shape(response: httpx.Response) -> tuple[int, str, dict[str, Any]]:
     body = {k: v for k, v in response.json().items() if k != "request_id"}
     return response.status_code, response.headers["content-type"], body
@@ -85,10 +106,14 @@ def test_plans_hold_across_two_serving_processes(
         )
     )
     _cli(environment, tmp_path, "plans", "create", "--name", "wine-only", "--models", "wine")
+    _cli(
+        environment, tmp_path, "plans", "create", "--name", "one-at-a-time", "--max-in-flight", "1"
+    )
     listed = _cli(environment, tmp_path, "plans", "list").splitlines()
     assert {json.loads(line)["name"] for line in listed} >= {"metered", "wine-only", "standard"}
     quota_tenant, quota_key = _tenant_key(environment, tmp_path, "quota", "metered")
     _, outsider_key = _tenant_key(environment, tmp_path, "outsider", "wine-only")
+    _, serial_key = _tenant_key(environment, tmp_path, "serial", "one-at-a-time")
 
     with ExitStack() as stack:
         ports = [stack.enter_context(serve(environment, tmp_path)) for _ in range(2)]
@@ -130,6 +155,16 @@ def test_plans_hold_across_two_serving_processes(
             assert outside.status_code == 404
             assert _shape(outside) == _shape(unknown)
             assert client.get("/models", headers=outsider).json()["models"] == []
+
+        # The plan's max_in_flight: a burst over both processes is partly refused at once (429,
+        # never queued, never a 5xx), and once it is over the key is served again.
+        statuses = asyncio.run(_burst(ports, serial_key, 40))
+        assert set(statuses) <= {200, 429}, statuses
+        assert statuses.count(200) >= 1
+        assert statuses.count(429) >= 1, "40 concurrent requests never met max_in_flight=1"
+        serial = {"Authorization": f"Bearer {serial_key}"}
+        after = clients[0].post("/predict", json={"features": IRIS_SETOSA}, headers=serial)
+        assert after.status_code == 200, after.text
 
         # A plan change reaches both processes within a second (each has the key cached).
         assert [me(client)["rate_limit"] for client in clients] == ["100/minute"] * 2
