@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+import jwt
 import pytest
 
 from auth.identity.keys import generate_key
@@ -72,8 +73,11 @@ def token_address(port: int, source: str, key: str, admin: str, forwarded: str) 
         assert minted.status_code == 200, minted.text
         records = http.get("/admin/tokens", headers={"Authorization": f"Bearer {admin}"})
     assert records.status_code == 200, records.text
-    newest = records.json()["tokens"][0]
-    address: str | None = newest["client_addr"]
+    # Found by its jti: records are listed by issue time, which has whole seconds only, so two
+    # tokens of the same second may come in either order.
+    jti = jwt.decode(minted.json()["access_token"], options={"verify_signature": False})["jti"]
+    [record] = [r for r in records.json()["tokens"] if r["jti"] == jti]
+    address: str | None = record["client_addr"]
     return address
 
 

@@ -74,7 +74,11 @@ def test_the_openapi_document_holds_under_fuzzing(
 ) -> None:
     # The fuzzer sends a few thousand requests a minute from one key: the limit is not what
     # is under test here (tests/api/test_rate_limits.py is).
-    environment = {**tour_environment, "MODELGATE_DEFAULT_RATE_LIMIT": "1000000/minute"}
+    environment = {
+        **tour_environment,
+        "MODELGATE_DEFAULT_RATE_LIMIT": "1000000/minute",
+        "MODELGATE_ADMIN_RATE_LIMIT": "1000000/minute",
+    }
     with serve(environment, tmp_path) as port:
         url = f"http://127.0.0.1:{port}"
         admin = run_cli(environment, tmp_path, "admin", "create-key", "--name", "fuzz")
