@@ -397,6 +397,9 @@ def test_jwt_is_refused_within_a_second_on_both_workers_after_revocation(
             "MODELGATE_REDIS_URL": backend.redis_url,
             "MODELGATE_JWT_SECRET": secret,
             "MODELGATE_LOG_LEVEL": "INFO",
+            # Every test's failed credentials come from 127.0.0.1 and share Redis: this one's
+            # 401s must not be turned into 429s by the others' (as in tests/e2e/conftest.py).
+            "MODELGATE_AUTH_FAILURES_PER_ADDRESS": "999999/minute",
         }
     )
     with new_postgres_database() as url:
