@@ -71,10 +71,15 @@ class Settings(BaseSettings):
     # A request's slot of its key's max_in_flight is dropped after this long even if never
     # released (a worker killed mid-request): longer than any request may take.
     concurrency_slot_ttl_seconds: float = Field(default=60.0, gt=0, le=3600)
-    # An exact strategy by default: a fixed window lets twice the limit through around its
-    # edge. The moving window stores one entry per request, so its cost grows with the limit.
+    # Exact by default: the moving window counts the requests of the last window itself, so no
+    # span of a window's length ever holds more than the limit, across any edge (a plan's
+    # "10 per 2 seconds" means that). It keeps up to the limit's amount of timestamps per key
+    # in Redis (about 20 bytes each); the sliding window counter keeps two counters whatever
+    # the limit but weighs the previous window as if its requests were spread evenly, so a
+    # burst just after an edge may exceed the limit in a span; a fixed window lets twice the
+    # limit through around its edge.
     rate_limit_strategy: Literal["fixed-window", "moving-window", "sliding-window-counter"] = (
-        "sliding-window-counter"
+        "moving-window"
     )
     # How long a Redis call may take before the request fails closed with 503.
     redis_timeout_seconds: float = Field(default=0.5, gt=0)
