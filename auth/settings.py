@@ -235,7 +235,7 @@ def declared_workers() -> int:
 
 def check_production(settings: Settings, workers: int) -> None:
     """Refuse to start in production with missing, weak or generated secrets, ``*`` CORS, or
-    several workers without a shared Redis."""
+    several workers without a shared Redis or on SQLite."""
     if not settings.is_production:
         return
     secrets_ = load_secrets(settings)
@@ -259,4 +259,9 @@ def check_production(settings: Settings, workers: int) -> None:
     if workers > 1 and not settings.redis_url:
         raise ConfigurationError(
             "several workers need MODELGATE_REDIS_URL: in-process rate limits are per worker"
+        )
+    if workers > 1 and settings.database_url.startswith("sqlite"):
+        raise ConfigurationError(
+            "several workers need a database server in MODELGATE_DATABASE_URL (Postgres): "
+            "SQLite takes one writer at a time"
         )

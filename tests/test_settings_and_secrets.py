@@ -92,9 +92,24 @@ def test_production_refuses_several_workers_without_redis(tmp_path: Path) -> Non
             key_pepper=STRONG,
             jwt_secret=STRONG,
             redis_url="redis://127.0.0.1:6379/0",
+            database_url="postgresql+asyncpg://postgres@127.0.0.1:5432/test",
         ),
         workers=2,
     )
+
+
+def test_production_refuses_several_workers_on_sqlite(tmp_path: Path) -> None:
+    settings = _settings(
+        tmp_path,
+        env="production",
+        key_pepper=STRONG,
+        jwt_secret=STRONG,
+        redis_url="redis://127.0.0.1:6379/0",
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'one.db'}",
+    )
+    check_production(settings, workers=1)
+    with pytest.raises(ConfigurationError, match="MODELGATE_DATABASE_URL"):
+        check_production(settings, workers=2)
 
 
 @pytest.mark.parametrize(
@@ -122,4 +137,10 @@ def test_the_app_factory_counts_workers_from_web_concurrency(
     monkeypatch.setenv("WEB_CONCURRENCY", "4")
     with pytest.raises(ConfigurationError, match="REDIS_URL"):
         create_app(settings)
-    create_app(settings.model_copy(update={"redis_url": "redis://r:6379/0"}))
+    with pytest.raises(ConfigurationError, match="DATABASE_URL"):
+        create_app(settings.model_copy(update={"redis_url": "redis://r:6379/0"}))
+    create_app(
+        settings.model_copy(
+            update={"redis_url": "redis://r:6379/0", "database_url": "postgresql+asyncpg://db/x"}
+        )
+    )
