@@ -38,6 +38,19 @@ def seconds_to_next_month(moment: datetime) -> int:
     return max(1, int((following - moment).total_seconds()))
 
 
+# A daily rollup row's columns, key first: the usage writer's upsert and the rebuild fill them.
+DAILY_COLUMNS = (
+    "tenant_id",
+    "day",
+    "api_key_id",
+    "model",
+    "model_version",
+    "plan_id",
+    "requests",
+    "units",
+)
+
+
 @dataclass(frozen=True)
 class UsageEvent:
     """One successful prediction request, as it is billed."""
@@ -329,16 +342,7 @@ async def rebuild_rollups(session: AsyncSession) -> int:
     )
     await session.execute(
         insert(UsageDaily).from_select(
-            [
-                "tenant_id",
-                "day",
-                "api_key_id",
-                "model",
-                "model_version",
-                "plan_id",
-                "requests",
-                "units",
-            ],
+            list(DAILY_COLUMNS),
             select(*columns, func.count(), func.sum(UsageRecord.units)).group_by(*columns),
         )
     )

@@ -40,7 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from auth.errors import DependencyUnavailable, QuotaExceeded
 from auth.models import UsageDaily, UsageRecord
-from auth.usage import UsageEvent, month_of, seconds_to_next_month
+from auth.usage import DAILY_COLUMNS, UsageEvent, month_of, seconds_to_next_month
 from auth.usage_partitions import IS_PARTITIONED, create_partitions
 
 logger = structlog.get_logger(__name__)
@@ -77,16 +77,6 @@ _ADD_DAILY = (
     "ON CONFLICT (tenant_id, day, api_key_id, model, model_version, plan_id) DO UPDATE SET "
     "requests = usage_daily.requests + excluded.requests, "
     "units = usage_daily.units + excluded.units"
-)
-_DAILY_COLUMNS = (
-    "tenant_id",
-    "day",
-    "api_key_id",
-    "model",
-    "model_version",
-    "plan_id",
-    "requests",
-    "units",
 )
 _RECORD_COLUMNS = (
     "request_id",
@@ -149,7 +139,7 @@ class UsageWriter:
         self._dialect = engine.dialect.name
         self._sql = _Statements.for_dialect(self._dialect)
         self._processors = _bind_processors(UsageRecord, _RECORD_COLUMNS, engine.dialect)
-        self._daily_processors = _bind_processors(UsageDaily, _DAILY_COLUMNS, engine.dialect)
+        self._daily_processors = _bind_processors(UsageDaily, DAILY_COLUMNS, engine.dialect)
         self._connection: AsyncConnection | None = None
         # Postgres: whether usage_record is partitioned by month (None: not asked yet), and the
         # months whose partition is known to exist (auth.usage_partitions).

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from auth.audit import Actor, record_event
 from auth.errors import Conflict, Forbidden, InvalidRequest, NotFound
-from auth.limits.plans import MAX_IN_FLIGHT, check_rate_limits
+from auth.limits.plans import check_max_in_flight, check_rate_limits
 from auth.models import ApiKey, Tenant, utcnow
 from auth.schemas import IssuedKey, KeyView
 
@@ -267,10 +267,7 @@ async def revoke_key(
 def _check_key_limits(rate_limits: str | None, max_in_flight: int | None) -> None:
     if rate_limits is not None:
         check_rate_limits(rate_limits)
-    if max_in_flight is not None and not 1 <= max_in_flight <= MAX_IN_FLIGHT:
-        raise InvalidRequest(
-            f"max_in_flight must be between 1 and {MAX_IN_FLIGHT}", loc=("max_in_flight",)
-        )
+    check_max_in_flight(max_in_flight)
 
 
 # What ``update_key_limits`` may change.

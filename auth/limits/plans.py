@@ -66,16 +66,20 @@ def check_monthly_quota(quota: int | None) -> None:
         )
 
 
+def check_max_in_flight(bound: int | None) -> None:
+    """422 unless the bound is None (none) or 1..MAX_IN_FLIGHT requests."""
+    if bound is not None and not 1 <= bound <= MAX_IN_FLIGHT:
+        raise InvalidRequest(
+            f"max_in_flight must be between 1 and {MAX_IN_FLIGHT}", loc=("max_in_flight",)
+        )
+
+
 def _check_bounds(values: dict[str, Any]) -> None:
     """Every bound a plan's value must keep, whatever entry point set it."""
     if values.get("rate_limits") is not None:
         check_rate_limits(values["rate_limits"])
     check_monthly_quota(values.get("monthly_quota"))
-    in_flight = values.get("max_in_flight")
-    if in_flight is not None and not 1 <= in_flight <= MAX_IN_FLIGHT:
-        raise InvalidRequest(
-            f"max_in_flight must be between 1 and {MAX_IN_FLIGHT}", loc=("max_in_flight",)
-        )
+    check_max_in_flight(values.get("max_in_flight"))
     price = values.get("price_per_1000_units")
     if price is not None and not 0 <= price <= MAX_PRICE_PER_1000_UNITS:
         raise InvalidRequest(
