@@ -405,6 +405,12 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
+def wrong_checksum(key: str) -> str:
+    """``key`` with its last character changed, so that its checksum no longer holds (a fixed
+    replacement would leave the key intact whenever it already ends with that character)."""
+    return key[:-1] + ("A" if key[-1] != "A" else "B")
+
+
 IRIS_SETOSA = [5.1, 3.5, 1.4, 0.2]
 IRIS_VIRGINICA = [6.7, 3.0, 5.2, 2.3]
 

@@ -30,6 +30,7 @@ from tests.conftest import (
     create_tenant_with_key,
     refused_within,
     update_key,
+    wrong_checksum,
 )
 
 PREDICT = "/api/v1/predict"
@@ -120,7 +121,7 @@ class _ExplodingSessionmaker:
 async def test_wrong_checksum_is_refused_without_touching_the_database() -> None:
     authenticator = KeyAuthenticator(_ExplodingSessionmaker(), b"pepper")  # type: ignore[arg-type]
     key = generate_key()
-    forged = key[:-1] + ("A" if key[-1] != "A" else "B")
+    forged = wrong_checksum(key)
     with pytest.raises(Unauthenticated):
         await authenticator.authenticate(forged)
 
@@ -129,7 +130,7 @@ async def test_wrong_checksum_over_http_is_401(harness: Harness) -> None:
     """SECURITY.md line 2: an mg_ key with a wrong checksum is 401 (and never reaches the
     database: the test above proves it)."""
     _, key = await create_tenant_with_key(harness)
-    forged = key[:-1] + ("A" if key[-1] != "A" else "B")
+    forged = wrong_checksum(key)
     _assert_401(
         await harness.client.post(PREDICT, json={"features": IRIS_SETOSA}, headers=bearer(forged))
     )

@@ -9,7 +9,7 @@ import pytest
 import structlog
 
 from auth.identity.keys import generate_key, key_digest
-from tests.conftest import Harness, bearer, create_admin_key, create_tenant_with_key
+from tests.conftest import Harness, bearer, create_admin_key, create_tenant_with_key, wrong_checksum
 
 
 def _app_formatter() -> logging.Formatter:
@@ -39,7 +39,7 @@ async def test_logs_carry_no_key_digest_or_body(
     tenant, key = await create_tenant_with_key(harness)
     admin = await create_admin_key(harness)
     unknown = generate_key()  # well formed: it is looked up in the database, by its digest
-    forged = key[:-1] + ("A" if key[-1] != "A" else "B")  # wrong checksum
+    forged = wrong_checksum(key)  # wrong checksum
     marker = [5.123456789, 3.987654321, 1.4, 0.2]
     pepper = harness.state.secrets.key_pepper
     predict = "/api/v1/predict"

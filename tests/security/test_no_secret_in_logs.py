@@ -22,6 +22,7 @@ from tests.conftest import (
     make_settings,
     running_app,
     unique,
+    wrong_checksum,
 )
 
 # Each trigger refuses the write with a message that quotes the secret-derived column, as a
@@ -92,7 +93,7 @@ async def test_error_paths_log_no_key_digest_or_secret(
                 "/api/v1/predict", json={"features": IRIS_SETOSA}, headers=bearer(key)
             )
             assert unbilled.status_code == 503, unbilled.text
-            for credential in (key[:-1] + "x", key + "x", "mg_" + "a" * 40):
+            for credential in (wrong_checksum(key), key + "x", "mg_" + "a" * 40):
                 refused_key = await app.client.post(
                     "/api/v1/predict", json={"features": IRIS_SETOSA}, headers=bearer(credential)
                 )
