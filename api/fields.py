@@ -5,7 +5,7 @@ or a database column."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, AwareDatetime, BeforeValidator, Field, WithJsonSchema
 
@@ -23,6 +23,8 @@ from auth.usage import EARLIEST_DAY, LATEST_DAY
 # refuses NUL in text columns.
 PRINTABLE_PATTERN = r"^[^\x00-\x1f\x7f]+$"
 
+# The scopes a tenant's key may carry (an admin key's "admin" is never a tenant's to ask for).
+TenantScope = Literal["predict", "usage:read", "keys:manage"]
 Name = Annotated[str, Field(min_length=1, max_length=200, pattern=PRINTABLE_PATTERN)]
 # What the limiter accepts, with amounts that fit every counter: up to five limits, each
 # checked on every request (auth.limits.plans bounds the windows too).

@@ -8,7 +8,6 @@ from datetime import datetime
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.admin.tenants import KeyList, TenantScope
 from api.deps import (
     DatabaseRoute,
     KeysScope,
@@ -20,10 +19,10 @@ from api.deps import (
     request_actor,
 )
 from api.errors import problem_responses
-from api.fields import KeyExpiry, Name
+from api.fields import KeyExpiry, Name, TenantScope
 from api.usage_schemas import EndDay, GroupBy, StartDay, UsageReport, usage_report
 from auth.identity.keys import issue_tenant_key, list_tenant_keys, revoke_key
-from auth.schemas import IssuedKey, KeyView, TenantView
+from auth.schemas import IssuedKey, KeyList, KeyView, TenantView
 from auth.tenants import get_tenant
 from auth.usage import DEFAULT_BREAKDOWNS, report_window, usage_summary
 

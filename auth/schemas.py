@@ -77,6 +77,12 @@ class KeyView(BaseModel):
         )
 
 
+class KeyList(BaseModel):
+    """A tenant's keys (metadata only: never a key or its digest)."""
+
+    keys: list[KeyView]
+
+
 class IssuedKey(KeyView):
     """A newly issued (or rotated-in) key; ``key`` is shown in this response only."""
 

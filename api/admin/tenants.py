@@ -21,6 +21,7 @@ from api.fields import (
     PageLimit,
     PageOffset,
     RateLimitText,
+    TenantScope,
 )
 from auth.identity.keys import (
     MAX_ROTATION_GRACE_SECONDS,
@@ -30,12 +31,10 @@ from auth.identity.keys import (
     rotate_key,
     update_key_limits,
 )
-from auth.schemas import IssuedKey, KeyView, TenantView
+from auth.schemas import IssuedKey, KeyList, KeyView, TenantView
 from auth.tenants import create_tenant, get_tenant, list_tenants, update_tenant
 
 router = APIRouter(route_class=DatabaseRoute, tags=["admin"])
-
-TenantScope = Literal["predict", "usage:read", "keys:manage"]
 
 
 class TenantCreate(BaseModel):
@@ -109,12 +108,6 @@ class KeyUpdate(BaseModel):
         default=None, description="checked on top of the tenant's; null: none of its own"
     )
     max_in_flight: MaxInFlight | None = Field(default=None, description="null: the plan's bound")
-
-
-class KeyList(BaseModel):
-    """A tenant's keys."""
-
-    keys: list[KeyView]
 
 
 class KeyRotate(BaseModel):
