@@ -11,9 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi import FastAPI
 from sqlalchemy import func, select
 
-from auth.models import UsageRecord
+from api.deps import DatabaseRoute, SessionDep
+from auth.models import AdminPrincipal, UsageRecord
+from auth.tenants import get_or_create_admin
 from ml.registry import LoadedModel
 from tests.conftest import (
     IRIS_SETOSA,
@@ -23,10 +26,40 @@ from tests.conftest import (
     create_tenant_with_key,
     make_settings,
     running_app,
+    unique,
     update_key,
 )
 
 DEADLINE = 0.5
+
+
+# What the test routes below wait for: the handler's work, or its session's commit.
+GATES: dict[str, asyncio.Event] = {}
+
+
+def _add_writing_routes(app: FastAPI) -> None:
+    """Routes that write an admin principal, on the database routes' class (which commits the
+    request's session before answering), slowed at the gate their path names."""
+
+    async def slow_work(session: SessionDep, name: str) -> dict[str, str]:
+        await get_or_create_admin(session, name)
+        await GATES["work"].wait()
+        return {"name": name}
+
+    async def slow_commit(session: SessionDep, name: str) -> dict[str, str]:
+        await get_or_create_admin(session, name)
+        commit = session.commit
+
+        async def gated_commit() -> None:
+            await GATES["commit"].wait()
+            await commit()
+
+        session.commit = gated_commit  # type: ignore[method-assign]
+        return {"name": name}
+
+    for path, endpoint in (("/slow-work", slow_work), ("/slow-commit", slow_commit)):
+        # Ahead of the 404 catch-all, as a real route would be.
+        app.router.routes.insert(0, DatabaseRoute(path, endpoint, methods=["POST"]))
 
 
 @pytest.fixture
@@ -36,8 +69,16 @@ async def harness(
     settings = make_settings(
         backend, served_model_dir, tmp_path / "var", request_timeout_seconds=DEADLINE
     )
-    async with running_app(settings, backend) as running:
+    GATES.update(work=asyncio.Event(), commit=asyncio.Event())
+    async with running_app(settings, backend, customize=_add_writing_routes) as running:
         yield running
+
+
+async def _admin_exists(harness: Harness, name: str) -> bool:
+    async with harness.sessionmaker() as session:
+        return (
+            await session.scalar(select(AdminPrincipal.id).where(AdminPrincipal.name == name))
+        ) is not None
 
 
 async def _records(harness: Harness, tenant_id: uuid.UUID) -> int:
@@ -139,3 +180,29 @@ async def test_a_body_that_never_finishes_arriving_is_cut_off_at_the_deadline(
     assert response.status_code == 503
     assert response.json()["type"] == "service-unavailable"
     assert response.headers["connection"] == "close"
+
+
+async def test_a_write_past_its_deadline_is_answered_503_and_rolled_back(harness: Harness) -> None:
+    name = unique("admin")
+    response = await asyncio.wait_for(
+        harness.client.post("/slow-work", params={"name": name}), timeout=DEADLINE * 20
+    )
+    assert response.status_code == 503
+    assert response.json()["type"] == "service-unavailable"
+    GATES["work"].set()
+    assert not await _admin_exists(harness, name)
+
+
+async def test_a_write_whose_commit_is_under_way_at_its_deadline_is_committed_and_answered(
+    harness: Harness,
+) -> None:
+    """The deadline passes during the commit: the request waits for it and answers 200 (a 503
+    for a write that was made would invite a client to make it twice)."""
+    name = unique("admin")
+    request = asyncio.create_task(harness.client.post("/slow-commit", params={"name": name}))
+    await asyncio.sleep(DEADLINE * 3)
+    assert not request.done(), request.result().status_code
+    GATES["commit"].set()
+    response = await request
+    assert response.status_code == 200, response.text
+    assert await _admin_exists(harness, name)

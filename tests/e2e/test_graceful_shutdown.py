@@ -49,13 +49,19 @@ class Outcome:
 
 
 @contextmanager
-def _server(environment: dict[str, str], cwd: Path, workers: int) -> Iterator[tuple[Any, int]]:
+def _server(
+    environment: dict[str, str], cwd: Path, workers: int, **settings: str
+) -> Iterator[tuple[Any, int]]:
     """A ``modelgate serve`` process, ready; killed (whole group) if the test leaves it running."""
     port = free_port()
     server = subprocess.Popen(
         [str(BIN / "modelgate"), "serve", "--port", str(port), "--workers", str(workers)],
         cwd=hermetic_cwd(cwd),
-        env={**environment, "MODELGATE_SHUTDOWN_TIMEOUT_SECONDS": str(SHUTDOWN_TIMEOUT)},
+        env={
+            **environment,
+            "MODELGATE_SHUTDOWN_TIMEOUT_SECONDS": str(SHUTDOWN_TIMEOUT),
+            **{f"MODELGATE_{name.upper()}": value for name, value in settings.items()},
+        },
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -87,20 +93,25 @@ def _tenant_key(environment: dict[str, str], cwd: Path) -> tuple[str, str]:
     return tenant["id"], issued.stdout.strip().splitlines()[-1]
 
 
-async def _recorded_units(database_url: str, tenant_id: str) -> int:
+async def _fetch(database_url: str, sql: str, *arguments: object) -> Any:
     url = make_url(database_url)
     connection = await asyncpg.connect(
         host=url.host, port=url.port or 5432, user=url.username, database=url.database
     )
     try:
-        return int(
-            await connection.fetchval(
-                "SELECT coalesce(sum(units), 0) FROM usage_record WHERE tenant_id = $1",
-                uuid.UUID(tenant_id),
-            )
-        )
+        return await connection.fetchval(sql, *arguments)
     finally:
         await connection.close()
+
+
+def _recorded_units(database_url: str, tenant_id: str) -> int:
+    sql = "SELECT coalesce(sum(units), 0) FROM usage_record WHERE tenant_id = $1"
+    return int(asyncio.run(_fetch(database_url, sql, uuid.UUID(tenant_id))))
+
+
+def _key_last_used(database_url: str, tenant_id: str) -> Any:
+    sql = "SELECT max(last_used_at) FROM api_key WHERE tenant_id = $1"
+    return asyncio.run(_fetch(database_url, sql, uuid.UUID(tenant_id)))
 
 
 def _wait_exit(server: Any, signalled_at: float) -> float:
@@ -196,7 +207,7 @@ def test_sigterm_under_load_answers_every_accepted_request_and_bills_every_2xx(
     assert ok >= 200
     # The server did stop: requests after the signal failed to connect (nothing hung).
     assert any(o.error for o in outcomes), "no request failed after the server exited"
-    recorded = asyncio.run(_recorded_units(tour_environment["MODELGATE_DATABASE_URL"], tenant_id))
+    recorded = _recorded_units(tour_environment["MODELGATE_DATABASE_URL"], tenant_id)
     assert recorded == ok, (recorded, ok, len(in_flight))
 
 
@@ -231,9 +242,15 @@ def test_a_request_in_flight_at_sigterm_is_answered_while_new_connections_are_re
 ) -> None:
     """A request whose body is still arriving keeps its worker draining: meanwhile the port
     refuses new connections (none waits, unserved, in a listening socket's backlog), and the
-    request, once its body is complete, is answered 200 and billed."""
+    request, once its body is complete, is answered 200 and billed. The key's last use, which
+    workers write only every hour here, is written as the worker closes."""
     tenant_id, key = _tenant_key(tour_environment, tmp_path)
-    with _server(tour_environment, tmp_path, workers) as (server, port):
+    database_url = tour_environment["MODELGATE_DATABASE_URL"]
+    assert _key_last_used(database_url, tenant_id) is None
+    with _server(tour_environment, tmp_path, workers, key_last_used_flush_seconds="3600") as (
+        server,
+        port,
+    ):
         connection, rest = _send_partial_prediction(port, key)
         with connection:
             time.sleep(0.5)  # the worker has read the headers: the request is in flight
@@ -256,4 +273,5 @@ def test_a_request_in_flight_at_sigterm_is_answered_while_new_connections_are_re
         exited_after = _wait_exit(server, signalled_at)
     assert server.returncode == 0
     assert exited_after < SHUTDOWN_TIMEOUT, exited_after
-    assert asyncio.run(_recorded_units(tour_environment["MODELGATE_DATABASE_URL"], tenant_id)) == 1
+    assert _recorded_units(database_url, tenant_id) == 1
+    assert _key_last_used(database_url, tenant_id) is not None
