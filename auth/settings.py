@@ -113,10 +113,11 @@ class Settings(BaseSettings):
     # How long a request may run before it is answered 503 and cancelled (api.timeout): until
     # its response starts, or until its usage is handed to the usage writer, whichever comes
     # first (from then on it finishes, so that it is never billed without its answer).
-    request_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    request_timeout_seconds: float = Field(default=20.0, gt=0, le=3600)
     # On SIGTERM each worker stops accepting and gives its requests in flight this long to
     # finish (uvicorn's timeout_graceful_shutdown), then has this long again to flush the
-    # pending usage and close its pools (api.app.lifespan).
+    # pending usage and close its pools (api.app.lifespan). Longer than the request timeout, so
+    # that the drain lets every request end by its own deadline.
     shutdown_timeout_seconds: int = Field(default=30, ge=1, le=3600)
     log_level: str = "INFO"
 

@@ -178,7 +178,7 @@ def test_request_and_shutdown_timeouts_are_settings_with_bounds(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     defaults = _settings(tmp_path)
-    assert (defaults.request_timeout_seconds, defaults.shutdown_timeout_seconds) == (30.0, 30)
+    assert (defaults.request_timeout_seconds, defaults.shutdown_timeout_seconds) == (20.0, 30)
     monkeypatch.setenv("MODELGATE_REQUEST_TIMEOUT_SECONDS", "2.5")
     monkeypatch.setenv("MODELGATE_SHUTDOWN_TIMEOUT_SECONDS", "7")
     configured = _settings(tmp_path)
