@@ -21,6 +21,7 @@ from api.logging import configure_logging
 from api.middleware import RequestContextMiddleware
 from api.openapi import install_openapi
 from api.state import AppState
+from api.timeout import RequestTimeoutMiddleware
 from auth.db import create_engine, create_sessionmaker
 from auth.identity.authn import KeyAuthenticator
 from auth.identity.failure_throttle import CredentialThrottle
@@ -112,11 +113,21 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         pruner.cancel()
-        # Pending usage is committed before the engine goes away.
-        await usage_writer.close()
-        await key_activity.close()
-        await rate_limiter.close()
-        await engine.dispose()
+        # uvicorn comes here once the requests in flight are answered (or after
+        # MODELGATE_SHUTDOWN_TIMEOUT_SECONDS); closing gets as long again, so that a database or
+        # Redis that stopped answering cannot keep the process from exiting.
+        try:
+            async with asyncio.timeout(settings.shutdown_timeout_seconds):
+                # Pending usage is committed before the engine goes away.
+                await usage_writer.close()
+                await key_activity.close()
+                await rate_limiter.close()
+                await engine.dispose()
+        except TimeoutError:
+            logger.error(
+                "closing did not finish within MODELGATE_SHUTDOWN_TIMEOUT_SECONDS",
+                timeout_seconds=settings.shutdown_timeout_seconds,
+            )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -174,5 +185,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # the Content-Length (api.body_limit); inside the request-context middleware, so that the
     # 413 carries a request id (FastAPI's own max_body_size sits outside every user middleware).
     app.add_middleware(BodyLimitMiddleware, max_body_size=settings.max_body_bytes)
+    # Inside the request-context middleware too: the 503 of a request past its deadline carries
+    # a request id, is logged, and gives the request's concurrency slot back.
+    app.add_middleware(RequestTimeoutMiddleware, timeout_seconds=settings.request_timeout_seconds)
     app.add_middleware(RequestContextMiddleware)
     return app

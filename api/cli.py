@@ -13,6 +13,7 @@ from typing import Annotated, TypeVar
 import typer
 from alembic import command
 from alembic.config import Config
+from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from auth.audit import CLI_ACTOR, ChainReport, verify_chain
@@ -120,27 +121,30 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to bind.")] = 8000,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
 ) -> None:
-    """Migrate the database if needed, load the models and serve the API."""
-    import uvicorn
+    """Migrate the database if needed, load the models and serve the API; on SIGTERM, drain
+    and exit 0 (see the README's Shutdown)."""
+    from api import serving
 
-    settings = get_settings()
+    try:
+        settings = get_settings()
+    except ValidationError as exc:
+        raise _fail(_settings_error(exc)) from None
     try:
         check_production(settings, workers)
         load_secrets(settings)  # generate development secrets once, before workers race
     except ConfigurationError as exc:
         raise _fail(str(exc)) from None
     upgrade_database(settings.database_url)
-    uvicorn.run(
-        "api.app:create_app",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        # uvicorn's own proxy handling stays off (it would believe 127.0.0.1's X-Forwarded-For
-        # and rewrite the peer): MODELGATE_TRUSTED_PROXIES and api.forwarded alone decide.
-        proxy_headers=False,
-        server_header=False,
-        log_config=None,
+    serving.run(host, port, workers, settings.shutdown_timeout_seconds)
+
+
+def _settings_error(exc: ValidationError) -> str:
+    """The first invalid setting, named by its environment variable, without its value (it
+    may be a secret)."""
+    error = exc.errors(include_input=False, include_url=False)[0]
+    name = "_".join(str(part) for part in error["loc"]).upper()
+    return f"MODELGATE_{name}: {error['msg']}" + (
+        f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
     )
 
 

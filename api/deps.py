@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from api.forwarded import TrustedProxies
 from api.metering import BILLABLE
 from api.state import AppState
+from api.timeout import lift_deadline
 from auth.audit import Actor
 from auth.errors import DatabaseTimedOut, Forbidden
 from auth.identity.authn import AuthSubject, authorize, bearer_credential
@@ -161,6 +162,8 @@ class DatabaseRoute(CredentialFirstRoute):
                         and session.in_transaction()
                         and response.status_code < 400
                     ):
+                        # Committed, then answered, whatever the request's deadline.
+                        await lift_deadline(request.scope)
                         await session.commit()
             except TimeoutError:
                 raise DatabaseTimedOut from None

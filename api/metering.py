@@ -14,6 +14,7 @@ import uuid
 from starlette.requests import Request
 
 from api.state import AppState
+from api.timeout import lift_deadline
 from auth.identity.authn import AuthSubject
 from auth.models import utcnow
 from auth.usage import UsageEvent
@@ -50,5 +51,8 @@ async def charge(
         latency_ms=latency_ms,
         created_at=utcnow(),
     )
+    # From here the request runs to its answer: a deadline that cut it off while its record is
+    # being committed would bill a request answered 503 (api.timeout).
+    await lift_deadline(request.scope)
     await state.usage_writer.charge(event, tenant.monthly_quota)
     setattr(request.state, BILLED, True)

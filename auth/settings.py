@@ -110,6 +110,15 @@ class Settings(BaseSettings):
     key_last_used_flush_seconds: float = Field(default=10.0, ge=0.05, le=3600)
     max_batch_size: int = Field(default=100, ge=1, le=1000)
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
+    # How long a request may run before it is answered 503 and cancelled (api.timeout): until
+    # its response starts, or until its usage is handed to the usage writer, whichever comes
+    # first (from then on it finishes, so that it is never billed without its answer).
+    request_timeout_seconds: float = Field(default=20.0, gt=0, le=3600)
+    # On SIGTERM each worker stops accepting and gives its requests in flight this long to
+    # finish (uvicorn's timeout_graceful_shutdown), then has this long again to flush the
+    # pending usage and close its pools (api.app.lifespan). Longer than the request timeout, so
+    # that the drain lets every request end by its own deadline.
+    shutdown_timeout_seconds: int = Field(default=30, ge=1, le=3600)
     log_level: str = "INFO"
 
     # JWT access tokens (auth.identity.tokens). A token is verified against the current secret or

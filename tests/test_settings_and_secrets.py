@@ -6,6 +6,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from api.app import create_app
 from auth.errors import ConfigurationError
@@ -144,3 +145,49 @@ def test_the_app_factory_counts_workers_from_web_concurrency(
             update={"redis_url": "redis://r:6379/0", "database_url": "postgresql+asyncpg://db/x"}
         )
     )
+
+
+def test_production_refuses_a_short_jwt_secret_or_previous_secret(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, env="production", key_pepper=STRONG, jwt_secret="short")
+    with pytest.raises(ConfigurationError, match="MODELGATE_JWT_SECRET must be at least 32"):
+        check_production(settings, workers=1)
+    settings = _settings(
+        tmp_path,
+        env="production",
+        key_pepper=STRONG,
+        jwt_secret=STRONG,
+        jwt_previous_secrets=f"{STRONG}, old",
+    )
+    with pytest.raises(ConfigurationError, match="MODELGATE_JWT_PREVIOUS_SECRETS"):
+        check_production(settings, workers=1)
+
+
+def test_production_refuses_wildcard_cors_among_explicit_origins(tmp_path: Path) -> None:
+    settings = _settings(
+        tmp_path,
+        env="production",
+        key_pepper=STRONG,
+        jwt_secret=STRONG,
+        cors_origins="https://a.example, *",
+    )
+    with pytest.raises(ConfigurationError, match="MODELGATE_CORS_ORIGINS"):
+        check_production(settings, workers=1)
+
+
+def test_request_and_shutdown_timeouts_are_settings_with_bounds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    defaults = _settings(tmp_path)
+    assert (defaults.request_timeout_seconds, defaults.shutdown_timeout_seconds) == (20.0, 30)
+    monkeypatch.setenv("MODELGATE_REQUEST_TIMEOUT_SECONDS", "2.5")
+    monkeypatch.setenv("MODELGATE_SHUTDOWN_TIMEOUT_SECONDS", "7")
+    configured = _settings(tmp_path)
+    assert (configured.request_timeout_seconds, configured.shutdown_timeout_seconds) == (2.5, 7)
+    for name, value in (
+        ("request_timeout_seconds", 0),
+        ("request_timeout_seconds", 3601),
+        ("shutdown_timeout_seconds", 0),
+        ("shutdown_timeout_seconds", 0.5),
+    ):
+        with pytest.raises(ValidationError, match=name):
+            _settings(tmp_path, **{name: value})
