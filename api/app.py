@@ -122,7 +122,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the application; ``uvicorn --factory api.app:create_app`` calls this per worker."""
     settings = settings or get_settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     # Here rather than only in `modelgate serve`: every way of starting the app (uvicorn or
     # gunicorn with --factory, a test) refuses the same production configurations.
     check_production(settings, declared_workers())

@@ -111,6 +111,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=100, ge=1, le=1000)
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     log_level: str = "INFO"
+    # "json": one JSON object per line, for log shippers; "console": structlog's coloured,
+    # aligned lines for a developer's terminal (`make run` uses it).
+    log_format: Literal["json", "console"] = "json"
 
     # JWT access tokens (auth.identity.tokens). A token is verified against the current secret or
     # one of the previous ones (comma-separated, kept for verification only during a rotation).
