@@ -14,7 +14,7 @@ BENCH_ARGS ?=
 $(BIN)/modelgate: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,otel]"
 	@touch $@
 
 install: $(BIN)/modelgate

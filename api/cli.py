@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
@@ -123,9 +124,12 @@ def serve(
     """Migrate the database if needed, load the models and serve the API."""
     import uvicorn
 
+    from api.tracing import check_environment as check_tracing_environment
+
     settings = get_settings()
     try:
         check_production(settings, workers)
+        check_tracing_environment(os.environ)
         load_secrets(settings)  # generate development secrets once, before workers race
     except ConfigurationError as exc:
         raise _fail(str(exc)) from None
