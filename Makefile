@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# `make run` writes structlog's console lines; a deployment keeps the default, JSON.
+LOG_FORMAT ?= console
 
 BENCH_ARGS ?=
 
@@ -12,7 +14,7 @@ BENCH_ARGS ?=
 $(BIN)/modelgate: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,otel]"
 	@touch $@
 
 install: $(BIN)/modelgate
@@ -26,7 +28,7 @@ run: install
 	@echo "    $(BIN)/modelgate admin create-key --name ops"
 	@echo "then follow the five-minute tour in README.md."
 	@echo ""
-	$(BIN)/modelgate serve --host $(HOST) --port $(PORT)
+	MODELGATE_LOG_FORMAT=$(LOG_FORMAT) $(BIN)/modelgate serve --host $(HOST) --port $(PORT)
 
 test: install
 	$(BIN)/python -m pytest

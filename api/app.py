@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import os
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager
 
 import structlog
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.telemetry import TelemetryConfig
+from opentelemetry.trace import TracerProvider
 
 from api import health, me, models, predict, root, token
 from api.admin import router as admin_router
@@ -22,6 +23,7 @@ from api.middleware import RequestContextMiddleware
 from api.openapi import install_openapi
 from api.state import AppState
 from api.timeout import RequestTimeoutMiddleware
+from api.tracing import instrumented, provider_from_environment
 from auth.db import create_engine, create_sessionmaker
 from auth.identity.authn import KeyAuthenticator
 from auth.identity.failure_throttle import CredentialThrottle
@@ -108,6 +110,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # ~35 ms in the bench).
     gc.collect()
     gc.freeze()
+    tracing = ExitStack()
+    tracer_provider: TracerProvider | None = app.state.tracer_provider
+    if tracer_provider is not None:
+        tracing.enter_context(instrumented(tracer_provider, engine, rate_limiter.client))
     pruner = asyncio.create_task(prune_tokens_periodically(sessionmaker, settings))
     try:
         yield
@@ -128,26 +134,29 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 "closing did not finish within MODELGATE_SHUTDOWN_TIMEOUT_SECONDS",
                 timeout_seconds=settings.shutdown_timeout_seconds,
             )
+        tracing.close()
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the application; ``uvicorn --factory api.app:create_app`` calls this per worker."""
+def create_app(
+    settings: Settings | None = None, *, tracer_provider: TracerProvider | None = None
+) -> FastAPI:
+    """Build the application; ``uvicorn --factory api.app:create_app`` calls this per worker.
+    Traces go to ``tracer_provider`` if given, else to the one the ``OTEL_*`` variables configure
+    (``api.tracing``); with neither, tracing is off."""
     settings = settings or get_settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     # Here rather than only in `modelgate serve`: every way of starting the app (uvicorn or
     # gunicorn with --factory, a test) refuses the same production configurations.
     check_production(settings, declared_workers())
-    # FastAPI's native OpenTelemetry asks the global providers whether they are configured on
-    # every request (an environment lookup each time); when no OTEL_* variable is set at start
-    # there is nothing to report to, so it is switched off and costs nothing.
-    otel = any(name.startswith("OTEL_") for name in os.environ)
+    tracer_provider = tracer_provider or provider_from_environment()
     app = FastAPI(
         title="modelgate",
         version="0.1.0",
         summary="Multi-tenant machine-learning predictions, metered and rate-limited.",
         lifespan=lifespan,
-        telemetry={"tracing": otel, "metrics": otel, "logs": otel},
+        telemetry=_telemetry(tracer_provider),
     )
+    app.state.tracer_provider = tracer_provider
     app.state.settings = settings
     # The one reading of X-Forwarded-For (api.deps.client_address); empty: the socket's peer.
     app.state.trusted_proxies = TrustedProxies(settings.trusted_proxy_networks)
@@ -190,3 +199,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestTimeoutMiddleware, timeout_seconds=settings.request_timeout_seconds)
     app.add_middleware(RequestContextMiddleware)
     return app
+
+
+def _telemetry(tracer_provider: TracerProvider | None) -> TelemetryConfig:
+    """FastAPI's native OpenTelemetry: request spans when there is a provider to give them to,
+    and nothing else. Off, FastAPI tests one flag per request instead of asking the global
+    providers whether they are configured. Its metrics stay off (Prometheus at /metrics is the
+    one source of metrics), and so do its logs: they export exception messages, and a driver's
+    message can quote a SQL parameter such as a key's digest. Its own exporter set-up from the
+    environment stays off too: ``api.tracing`` is the one that reads the OTEL_* variables."""
+    return {
+        "tracing": tracer_provider is not None,
+        "tracer_provider": tracer_provider,
+        "metrics": False,
+        "logs": False,
+        "auto_configure": False,
+    }

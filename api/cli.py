@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
@@ -124,6 +125,7 @@ def serve(
     """Migrate the database if needed, load the models and serve the API; on SIGTERM, drain
     and exit 0 (see the README's Shutdown)."""
     from api import serving
+    from api.tracing import check_environment as check_tracing_environment
 
     try:
         settings = get_settings()
@@ -131,6 +133,7 @@ def serve(
         raise _fail(_settings_error(exc)) from None
     try:
         check_production(settings, workers)
+        check_tracing_environment(os.environ)
         load_secrets(settings)  # generate development secrets once, before workers race
     except ConfigurationError as exc:
         raise _fail(str(exc)) from None

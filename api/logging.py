@@ -1,11 +1,13 @@
-"""structlog JSON logs. Request-scoped fields (request_id, tenant_id, key_id) are bound through
-contextvars; credentials, digests and request bodies are never logged."""
+"""structlog logs: JSON lines (the default), or structlog's console renderer for development
+(``MODELGATE_LOG_FORMAT=console``). Request-scoped fields (request_id, tenant_id, key_id) are bound
+through contextvars; credentials, digests and request bodies are never logged."""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
+from typing import Literal, TextIO
 
 import structlog
 
@@ -21,11 +23,31 @@ def _add_process_id(
 
 
 class _ModelgateHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """The JSON handler on stderr; a class of its own so that it can be found again."""
+    """The app's handler on stderr; a class of its own so that it can be found again."""
 
 
-def configure_logging(level: str = "INFO") -> None:
-    """Route stdlib and structlog records through one JSON renderer on stderr."""
+LogFormat = Literal["json", "console"]
+
+
+def _renderer(log_format: LogFormat, colors: bool) -> list[structlog.types.Processor]:
+    """The last processors of every record: how a line is written."""
+    if log_format == "console":
+        # Plain tracebacks: the default (rich's, when installed) prints each frame's local
+        # variables, and a local can be a credential.
+        return [
+            structlog.dev.ConsoleRenderer(
+                colors=colors, exception_formatter=structlog.dev.plain_traceback
+            )
+        ]
+    return [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+
+
+def configure_logging(
+    level: str = "INFO", log_format: LogFormat = "json", stream: TextIO | None = None
+) -> None:
+    """Route stdlib and structlog records through one renderer (JSON or console) on ``stream``
+    (stderr)."""
+    stream = stream or sys.stderr
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
@@ -48,11 +70,10 @@ def configure_logging(level: str = "INFO") -> None:
         foreign_pre_chain=shared,
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
+            *_renderer(log_format, colors=stream.isatty()),
         ],
     )
-    handler = _ModelgateHandler(sys.stderr)
+    handler = _ModelgateHandler(stream)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     # Replace our own handler (the app may be built more than once in a process), and leave

@@ -16,6 +16,7 @@ import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.metering import BILLABLE, BILLED
+from auth.identity.authn import AuthSubject
 from auth.limits.concurrency import Slot, release_detached
 from auth.limits.limiter import RateLimitStatus
 
@@ -115,15 +116,41 @@ class RequestContextMiddleware:
 
     @staticmethod
     def _log(scope: Scope, status: int, started: float) -> None:
+        """The request's access line: who (tenant and key ids, never a credential), which route
+        (its template, never the raw path with its ids), the answer and how long it took."""
         if not _REQUEST_LOG.isEnabledFor(logging.INFO):
             return  # under load the level is usually WARNING: skip building the event
+        subject: AuthSubject | None = scope["state"].get("subject")
+        tenant = subject.tenant if subject is not None else None
+        key_id = subject.key_id if subject is not None else None
         logger.info(
             "request",
             method=scope.get("method"),
-            path=scope.get("path"),  # the path only: query strings may carry data
+            route=route_template(scope),
             status=status,
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            tenant_id=str(tenant.id) if tenant is not None else None,
+            key_id=str(key_id) if key_id is not None else None,
         )
+
+
+# The route of a request the router matched to no route (a 404 of its own, a redirect).
+UNMATCHED = "unmatched"
+
+
+def route_template(scope: Scope) -> str:
+    """The path template of the route that answered (``/api/v1/admin/keys/{key_id}/revoke``),
+    or ``unmatched``: a bounded set of values, free of ids and of whatever a client puts in a
+    path. Read once the app has answered. FastAPI keeps the route a router included under a
+    prefix in its own scope entry, with the full template; ``scope["route"]`` holds the route
+    as declared, without the prefixes of the routers that include it."""
+    included = scope.get("fastapi", {}).get("effective_route_context")
+    template = getattr(included, "path_format", None)
+    if isinstance(template, str) and template:
+        return template
+    route = scope.get("route")
+    template = getattr(route, "path_format", None) or getattr(route, "path", None)
+    return template if isinstance(template, str) and template else UNMATCHED
 
 
 def _count_rejection(scope: Scope, status: int, state: dict[str, Any]) -> None:

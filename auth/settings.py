@@ -120,6 +120,9 @@ class Settings(BaseSettings):
     # that the drain lets every request end by its own deadline.
     shutdown_timeout_seconds: int = Field(default=30, ge=1, le=3600)
     log_level: str = "INFO"
+    # "json": one JSON object per line, for log shippers; "console": structlog's coloured,
+    # aligned lines for a developer's terminal (`make run` uses it).
+    log_format: Literal["json", "console"] = "json"
 
     # JWT access tokens (auth.identity.tokens). A token is verified against the current secret or
     # one of the previous ones (comma-separated, kept for verification only during a rotation).

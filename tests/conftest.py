@@ -53,7 +53,7 @@ def is_product_setting(name: str) -> bool:
     if upper.startswith(TEST_VARIABLE_PREFIX):
         return False
     # WEB_CONCURRENCY is how the app factory counts its workers (auth.settings.declared_workers);
-    # any OTEL_* variable switches FastAPI's telemetry on (api.app.create_app).
+    # the OTEL_* variables switch traces on (api.tracing).
     return upper.startswith(("MODELGATE_", "OTEL_")) or upper == "WEB_CONCURRENCY"
 
 

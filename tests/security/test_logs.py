@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 
 import httpx
 import pytest
 import structlog
 
+from api.logging import configure_logging
 from auth.identity.keys import generate_key, key_digest
 from tests.conftest import Harness, bearer, create_admin_key, create_tenant_with_key, wrong_checksum
 
@@ -83,17 +86,30 @@ async def test_logs_carry_no_key_digest_or_body(
         ]
         keys_path = f"/api/v1/admin/tenants/{tenant.id}/keys"
         issued = await harness.client.post(keys_path, json={"name": "new"}, headers=bearer(admin))
-        responses.append((issued, keys_path, 201))
+        # The route's template, not the path with the tenant's id in it.
+        responses.append((issued, "/api/v1/admin/tenants/{tenant_id}/keys", 201))
     new_key = issued.json()["key"]
 
     # First, the app really logged each request (and not only httpx its own lines), so the
     # search below reads what the app writes.
     lines = _request_lines(caplog.records)
-    for response, path, status in responses:
+    for response, route, status in responses:
         assert response.status_code == status, response.text
         line = lines.get(response.headers["X-Request-ID"])
-        assert line is not None, f"no request log line for {path} {status}"
-        assert (line["method"], line["path"], line["status"]) == ("POST", path, status)
+        assert line is not None, f"no request log line for {route} {status}"
+        assert (line["method"], line["route"], line["status"]) == ("POST", route, status)
+        assert isinstance(line["duration_ms"], float)
+        assert "path" not in line
+    # Who made each request, by id: the tenant's key on its own predictions, nobody on the
+    # refused ones, the operator's key (no tenant) on the key it issued.
+    key_id = str((await harness.client.get("/api/v1/me", headers=bearer(key))).json()["key"]["id"])
+    by_request = [lines[response.headers["X-Request-ID"]] for response, _, _ in responses]
+    assert [(line["tenant_id"], line["key_id"]) for line in by_request[:2]] == [
+        (str(tenant.id), key_id)
+    ] * 2
+    assert [(line["tenant_id"], line["key_id"]) for line in by_request[2:4]] == [(None, None)] * 2
+    assert by_request[5]["tenant_id"] is None
+    assert by_request[5]["key_id"] is not None
     formatter = _app_formatter()
     text = "\n".join(
         f"{formatter.format(record)} {record.getMessage()} {record.__dict__}"
@@ -105,3 +121,38 @@ async def test_logs_carry_no_key_digest_or_body(
         assert key_digest(pepper, secret) not in text
     assert "5.123456789" not in text
     assert "3.987654321" not in text
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+def test_each_log_format_writes_its_lines_and_no_local_of_a_traceback(log_format: str) -> None:
+    """MODELGATE_LOG_FORMAT: JSON lines, or structlog's console lines for development; either
+    way a logged exception's traceback shows no frame's local variables (rich's console
+    traceback, structlog's default when rich is installed, would print them)."""
+    stream = io.StringIO()
+    root = logging.getLogger()
+    handlers, level, config = root.handlers[:], root.level, structlog.get_config()
+    secret = "mg_" + "s3cr3t" * 6
+
+    def authenticate(credential: str) -> None:
+        raise ValueError("bad credential")
+
+    try:
+        configure_logging("INFO", log_format, stream=stream)  # type: ignore[arg-type]
+        structlog.get_logger("modelgate.request").info("request", route="/api/v1/predict")
+        try:
+            authenticate(secret)
+        except ValueError:
+            structlog.get_logger("modelgate.test").exception("authentication failed")
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        structlog.configure(**config)
+    text = stream.getvalue()
+    first = text.splitlines()[0]
+    if log_format == "json":
+        assert json.loads(first)["route"] == "/api/v1/predict"
+    else:
+        assert not first.startswith("{")
+        assert "route=/api/v1/predict" in first
+    assert "in authenticate" in text  # the traceback is there...
+    assert secret not in text  # ...without the frame's locals
