@@ -12,12 +12,13 @@ import structlog
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from api import health, me, models, predict, root, token
+from api import health, me, metrics, models, predict, root, token
 from api.admin import router as admin_router
 from api.body_limit import BodyLimitMiddleware
 from api.errors import install_error_handlers
 from api.forwarded import TrustedProxies
 from api.logging import configure_logging
+from api.metrics_endpoint import install_metrics
 from api.middleware import RequestContextMiddleware
 from api.openapi import install_openapi
 from api.state import AppState
@@ -50,6 +51,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     registry = ModelRegistry(settings.model_dir)
     # Hash checks, unpickling and warm-up take a while: keep the event loop free.
     await asyncio.to_thread(registry.load)
+    metrics.record_registry(registry)
     rate_limiter = RateLimiter(settings)
     if not rate_limiter.uses_redis:
         logger.warning(
@@ -65,6 +67,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         max_batch=settings.usage_flush_max_records,
         max_wait_seconds=settings.usage_flush_wait_ms / 1000,
         timeout_seconds=settings.usage_flush_timeout_seconds,
+        observer=metrics.observe_usage_flush,
     )
     usage_writer.start()
     key_activity = KeyActivity(
@@ -117,6 +120,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await key_activity.close()
         await rate_limiter.close()
         await engine.dispose()
+        metrics.worker_exiting()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -149,6 +153,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in routers:
         app.include_router(router, prefix=API_PREFIX)
     app.include_router(root.router)
+    install_metrics(app)
 
     origins = settings.cors_origin_list
     if origins:

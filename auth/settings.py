@@ -111,6 +111,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=100, ge=1, le=1000)
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     log_level: str = "INFO"
+    # The bearer token GET /metrics asks for (None: the route is public). As long as the other
+    # secrets: a scrape's figures are the operator's, and nothing throttles guesses at it.
+    metrics_token: SecretStr | None = Field(default=None, min_length=MIN_SECRET_LENGTH)
 
     # JWT access tokens (auth.identity.tokens). A token is verified against the current secret or
     # one of the previous ones (comma-separated, kept for verification only during a rotation).
@@ -138,6 +141,12 @@ class Settings(BaseSettings):
     trusted_proxies: str = ""
     # How often each worker deletes access-token records that expired a while ago.
     token_prune_interval_seconds: float = Field(default=600.0, gt=0, le=86_400)
+
+    @field_validator("metrics_token", mode="before")
+    @classmethod
+    def _empty_metrics_token_is_none(cls, value: object) -> object:
+        # MODELGATE_METRICS_TOKEN= (set but empty) leaves the route public, as unset does.
+        return None if value == "" else value
 
     @field_validator("trusted_proxies")
     @classmethod
