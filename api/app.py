@@ -13,12 +13,13 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.telemetry import TelemetryConfig
 from opentelemetry.trace import TracerProvider
 
-from api import health, me, models, predict, root, token
+from api import health, me, metrics, models, predict, root, token
 from api.admin import router as admin_router
 from api.body_limit import BodyLimitMiddleware
 from api.errors import install_error_handlers
 from api.forwarded import TrustedProxies
 from api.logging import configure_logging
+from api.metrics_endpoint import install_metrics
 from api.middleware import RequestContextMiddleware
 from api.openapi import install_openapi
 from api.state import AppState
@@ -53,6 +54,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     registry = ModelRegistry(settings.model_dir)
     # Hash checks, unpickling and warm-up take a while: keep the event loop free.
     await asyncio.to_thread(registry.load)
+    metrics.record_registry(registry)
     rate_limiter = RateLimiter(settings)
     if not rate_limiter.uses_redis:
         logger.warning(
@@ -68,6 +70,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         max_batch=settings.usage_flush_max_records,
         max_wait_seconds=settings.usage_flush_wait_ms / 1000,
         timeout_seconds=settings.usage_flush_timeout_seconds,
+        observer=metrics.observe_usage_flush,
     )
     usage_writer.start()
     key_activity = KeyActivity(
@@ -135,6 +138,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 timeout_seconds=settings.shutdown_timeout_seconds,
             )
         tracing.close()
+        metrics.worker_exiting()
 
 
 def create_app(
@@ -169,6 +173,7 @@ def create_app(
     for router in routers:
         app.include_router(router, prefix=API_PREFIX)
     app.include_router(root.router)
+    install_metrics(app)
 
     origins = settings.cors_origin_list
     if origins:

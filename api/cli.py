@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import date, timedelta
@@ -138,6 +141,7 @@ def serve(
     except ConfigurationError as exc:
         raise _fail(str(exc)) from None
     upgrade_database(settings.database_url)
+    prepare_metrics_directory(workers)
     serving.run(host, port, workers, settings.shutdown_timeout_seconds)
 
 
@@ -149,6 +153,27 @@ def _settings_error(exc: ValidationError) -> str:
     return f"MODELGATE_{name}: {error['msg']}" + (
         f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
     )
+
+
+# prometheus-client's variable: where each worker keeps its metrics' values (api.metrics).
+MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def prepare_metrics_directory(workers: int) -> Path | None:
+    """Before several workers start: point them at a fresh, empty directory for their metrics,
+    inside ``$PROMETHEUS_MULTIPROC_DIR`` if the operator set it, else in the temp directory,
+    removed when the server exits. Values left by an earlier run would be summed with this
+    one's. One process keeps its metrics in memory and needs none."""
+    if workers < 2:
+        os.environ.pop(MULTIPROC_DIR, None)
+        return None
+    parent = os.environ.get(MULTIPROC_DIR) or None
+    if parent is not None:
+        Path(parent).mkdir(parents=True, exist_ok=True)
+    directory = Path(tempfile.mkdtemp(prefix="modelgate-metrics-", dir=parent))
+    os.environ[MULTIPROC_DIR] = str(directory)
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    return directory
 
 
 @db_app.command("upgrade")

@@ -15,6 +15,7 @@ from typing import Any
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api import metrics
 from api.metering import BILLABLE, BILLED
 from auth.identity.authn import AuthSubject
 from auth.limits.concurrency import Slot, release_detached
@@ -112,6 +113,7 @@ class RequestContextMiddleware:
             if slot is not None:
                 # Once the response is sent, or the request failed or was cancelled.
                 await release_detached(slot)
+            metrics.record_request(scope, status, time.perf_counter() - started)
             self._log(scope, status, started)
 
     @staticmethod
@@ -154,9 +156,11 @@ def route_template(scope: Scope) -> str:
 
 
 def _count_rejection(scope: Scope, status: int, state: dict[str, Any]) -> None:
+    problem_type = state.get(PROBLEM_TYPE) or "unknown"
+    metrics.record_rejection(status, problem_type)
     app_state = getattr(scope["app"].state, "modelgate", None) if "app" in scope else None
     if app_state is not None:
-        app_state.rejections.count(status, state.get(PROBLEM_TYPE) or "unknown")
+        app_state.rejections.count(status, problem_type)
 
 
 def log_unexpected(exc: BaseException) -> None:

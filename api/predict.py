@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from api import metrics
 from api.deps import CredentialFirstRoute, PredictScope, app_state
 from api.errors import problem_responses
 from api.metering import charge
@@ -157,6 +158,7 @@ async def _predict_and_bill(
         units=len(rows),
         latency_ms=inference_ms,
     )
+    metrics.record_prediction(model.name, model.version, model.runtime, len(rows))
     return predictions, inference_ms
 
 

@@ -123,6 +123,9 @@ class Settings(BaseSettings):
     # "json": one JSON object per line, for log shippers; "console": structlog's coloured,
     # aligned lines for a developer's terminal (`make run` uses it).
     log_format: Literal["json", "console"] = "json"
+    # The bearer token GET /metrics asks for (None: the route is public). As long as the other
+    # secrets: a scrape's figures are the operator's, and nothing throttles guesses at it.
+    metrics_token: SecretStr | None = Field(default=None, min_length=MIN_SECRET_LENGTH)
 
     # JWT access tokens (auth.identity.tokens). A token is verified against the current secret or
     # one of the previous ones (comma-separated, kept for verification only during a rotation).
@@ -150,6 +153,12 @@ class Settings(BaseSettings):
     trusted_proxies: str = ""
     # How often each worker deletes access-token records that expired a while ago.
     token_prune_interval_seconds: float = Field(default=600.0, gt=0, le=86_400)
+
+    @field_validator("metrics_token", mode="before")
+    @classmethod
+    def _empty_metrics_token_is_none(cls, value: object) -> object:
+        # MODELGATE_METRICS_TOKEN= (set but empty) leaves the route public, as unset does.
+        return None if value == "" else value
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -28,8 +28,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date
 from typing import Any
@@ -51,6 +52,20 @@ class _Pending:
     event: UsageEvent
     monthly_quota: int | None
     future: asyncio.Future[None] = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class FlushStats:
+    """One flush, for an observer (metrics): its records, how long it took, how many records
+    were queued behind it when it ended, and whether it failed (its requests got 503)."""
+
+    records: int
+    seconds: float
+    queued: int
+    failed: bool
+
+
+FlushObserver = Callable[[FlushStats], None]
 
 
 # The writer's statements in Postgres' parameter style; SQLite's "?" is derived from them.
@@ -127,8 +142,10 @@ class UsageWriter:
         max_batch: int = 500,
         max_wait_seconds: float = 0.0,
         timeout_seconds: float = 5.0,
+        observer: FlushObserver | None = None,
     ) -> None:
         self._engine = engine
+        self._observer = observer
         self._max_batch = max_batch
         self._max_wait = max_wait_seconds
         self._timeout = timeout_seconds
@@ -200,11 +217,23 @@ class UsageWriter:
                 batch = [p for p in self._queue[: self._max_batch] if not p.future.done()]
                 del self._queue[: self._max_batch]
                 if batch:
-                    await self._flush(batch)
+                    started = time.perf_counter()
+                    failed = not await self._flush(batch)
+                    if self._observer is not None:
+                        elapsed = time.perf_counter() - started
+                        self._observe(self._observer, len(batch), elapsed, failed)
             if self._closing:
                 return
 
-    async def _flush(self, batch: list[_Pending]) -> None:
+    def _observe(self, observer: FlushObserver, records: int, seconds: float, failed: bool) -> None:
+        try:
+            observer(FlushStats(records, seconds, len(self._queue), failed))
+        except Exception as exc:
+            # Measuring must never stop billing.
+            logger.warning("usage flush observer failed", error=type(exc).__name__)
+
+    async def _flush(self, batch: list[_Pending]) -> bool:
+        """Write ``batch`` and answer its requests; whether the write succeeded."""
         try:
             async with asyncio.timeout(self._timeout):
                 try:
@@ -227,7 +256,7 @@ class UsageWriter:
                     pending.future.set_exception(
                         DependencyUnavailable("usage could not be recorded", retry_after=2)
                     )
-            return
+            return False
         for pending in batch:
             if pending.future.done():
                 continue
@@ -236,6 +265,7 @@ class UsageWriter:
                 pending.future.set_exception(_quota_exceeded(pending.event, pending.monthly_quota))
             else:
                 pending.future.set_result(None)
+        return True
 
     async def _driver(self) -> Any:
         """The driver connection (asyncpg or aiosqlite) the writer keeps for itself."""

@@ -41,6 +41,7 @@ from ml.manifest import (
     sha256_bytes,
     sha256_fileobj,
 )
+from ml.observe import batch_done
 from ml.onnx_export import PROBABILITIES_OUTPUT, load_session, predict_probabilities
 
 logger = logging.getLogger(__name__)
@@ -145,15 +146,16 @@ class LoadedModel:
             if len(self._pending) == 1:
                 loop.call_soon(self._infer_pending)
             return await future
+        batch_done(self.runtime, len(matrix))
         return await asyncio.to_thread(self._infer, matrix)
 
     def _infer_pending(self) -> None:
         pending, self._pending = self._pending, []
         matrices = [matrix for matrix, _ in pending]
         try:
-            predictions = self._infer(
-                matrices[0] if len(matrices) == 1 else np.concatenate(matrices)
-            )
+            batch = matrices[0] if len(matrices) == 1 else np.concatenate(matrices)
+            batch_done(self.runtime, len(batch))
+            predictions = self._infer(batch)
         except Exception as exc:
             for _, future in pending:
                 if not future.done():
