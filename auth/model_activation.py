@@ -70,4 +70,4 @@ async def activate_version(
 async def active_versions(session: AsyncSession) -> dict[str, str]:
     """Every recorded activation: model name -> version (one small query)."""
     rows = await session.execute(select(ModelActivation.name, ModelActivation.version))
-    return dict(rows.tuples())
+    return {row.name: row.version for row in rows}

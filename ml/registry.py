@@ -553,6 +553,8 @@ class ModelRegistry:
         if entry is not None and version in entry.loaded:
             return entry.statuses[version], entry.loaded[version]
         version_dir = self.model_dir / name / version
+        if not version_dir.is_dir():
+            return None, None
         if not _inside(version_dir, self.model_dir):
             logger.warning("model %s version %s: directory outside the registry", name, version)
             return None, None
