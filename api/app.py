@@ -18,6 +18,7 @@ from api.admin import router as admin_router
 from api.body_limit import BodyLimitMiddleware
 from api.errors import install_error_handlers
 from api.forwarded import TrustedProxies
+from api.lifecycle import apply_activations, check_models_periodically, follow_activations
 from api.logging import configure_logging
 from api.metrics_endpoint import install_metrics
 from api.middleware import RequestContextMiddleware
@@ -61,6 +62,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             "MODELGATE_REDIS_URL is not set: rate limits are kept in this process only, "
             "which is correct for a single process and wrong for several workers"
         )
+    try:
+        # The operator's activations (in the database) before the first request, not a second
+        # after it.
+        await apply_activations(registry, sessionmaker, settings.database_timeout_seconds)
+    except Exception as exc:
+        logger.warning("model activations could not be read at start", error=type(exc).__name__)
     if not registry.is_ready:
         logger.warning(
             "no model is ready; run `modelgate models train`", dir=str(settings.model_dir)
@@ -117,11 +124,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     tracer_provider: TracerProvider | None = app.state.tracer_provider
     if tracer_provider is not None:
         tracing.enter_context(instrumented(tracer_provider, engine, rate_limiter.client))
-    pruner = asyncio.create_task(prune_tokens_periodically(sessionmaker, settings))
+    background = [
+        asyncio.create_task(prune_tokens_periodically(sessionmaker, settings)),
+        asyncio.create_task(
+            follow_activations(registry, sessionmaker, settings.database_timeout_seconds)
+        ),
+        asyncio.create_task(
+            check_models_periodically(registry, settings.model_check_interval_seconds)
+        ),
+    ]
     try:
         yield
     finally:
-        pruner.cancel()
+        for task in background:
+            task.cancel()
         # uvicorn comes here once the requests in flight are answered (or after
         # MODELGATE_SHUTDOWN_TIMEOUT_SECONDS); closing gets as long again, so that a database or
         # Redis that stopped answering cannot keep the process from exiting.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -17,7 +18,7 @@ from typing import Annotated, TypeVar
 import typer
 from alembic import command
 from alembic.config import Config
-from pydantic import ValidationError
+from pydantic import JsonValue, ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from auth.audit import CLI_ACTOR, ChainReport, verify_chain
@@ -588,6 +589,189 @@ def models_convert(
         typer.echo(f"{label}: served by {manifest.runtime}")
     if failures:
         raise typer.Exit(1)
+
+
+# Metrics given at registration are a small JSON object (they end up in the manifest).
+_MAX_METRICS_CHARS = 16_384
+
+
+def _metrics_option(text: str | None) -> dict[str, JsonValue] | None:
+    import json
+
+    if text is None:
+        return None
+    if len(text) > _MAX_METRICS_CHARS:
+        raise _fail(f"--metrics: at most {_MAX_METRICS_CHARS} characters")
+    try:
+        metrics = json.loads(text)
+    except ValueError:
+        raise _fail("--metrics: not JSON") from None
+    if not isinstance(metrics, dict):
+        raise _fail("--metrics: a JSON object, e.g. '{\"accuracy\": 0.97}'")
+    return metrics
+
+
+def _names_option(text: str | None) -> list[str] | None:
+    return None if text is None else [name.strip() for name in text.split(",")]
+
+
+@models_app.command("register")
+def models_register(
+    path: Annotated[Path, typer.Argument(help="A fitted classifier: .joblib or .onnx file.")],
+    name: Annotated[str, typer.Option("--name", help="The model's name.")],
+    version: Annotated[str, typer.Option("--version", help="The new version's number.")],
+    metrics: Annotated[
+        str | None, typer.Option(help="JSON object to record, e.g. '{\"accuracy\": 0.97}'.")
+    ] = None,
+    reference: Annotated[
+        Path | None,
+        typer.Option(
+            help="CSV of the training rows: their range is recorded and the ONNX conversion "
+            "must match scikit-learn on them (default: 2,000 seeded random rows, no range)."
+        ),
+    ] = None,
+    feature_names: Annotated[
+        str | None, typer.Option(help="Comma-separated (default: the model's own, or numbered).")
+    ] = None,
+    class_names: Annotated[
+        str | None, typer.Option(help="Comma-separated (default: the model's classes).")
+    ] = None,
+) -> None:
+    """Copy a model file into the registry as a new version (converted to ONNX and checked as
+    `train` does, with its manifest); `models activate` then serves it."""
+    import numpy as np
+
+    from ml import ConversionError, register_model
+    from ml.manifest import NAME_PATTERN, VERSION_PATTERN
+    from ml.train import register_onnx, synthetic_rows
+
+    # Checked before anything is read: the name and version become directories of the registry.
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise _fail("--name: letters, digits, '_' and '-' (at most 64, starting alphanumeric)")
+    if not re.fullmatch(VERSION_PATTERN, version):
+        raise _fail("--version: a number from 1 to 999999999")
+    model_dir = get_settings().model_dir
+    rows = None
+    if reference is not None:
+        try:
+            rows = np.loadtxt(reference, delimiter=",", dtype=np.float64, ndmin=2)
+        except (OSError, ValueError) as exc:
+            raise _fail(f"cannot read {reference}: {exc}") from None
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".onnx":
+            manifest = register_onnx(
+                model_dir,
+                name,
+                path.read_bytes(),
+                feature_names=_names_option(feature_names),
+                class_names=_names_option(class_names),
+                reference=rows,
+                version=version,
+                activate=False,
+                metrics=_metrics_option(metrics),
+            )
+        elif suffix in (".joblib", ".pkl", ".pickle"):
+            import joblib
+
+            # The operator's own file, on the operator's command: unpickling it runs its code,
+            # exactly as training would. Serving never unpickles it again once converted.
+            estimator = joblib.load(path)
+            n_features = int(getattr(estimator, "n_features_in_", 0) or 0)
+            own_features = getattr(estimator, "feature_names_in_", None)
+            features = _names_option(feature_names) or (
+                [str(f) for f in own_features]
+                if own_features is not None
+                else [f"feature_{i}" for i in range(n_features)]
+            )
+            classes = _names_option(class_names) or [
+                str(c) for c in getattr(estimator, "classes_", [])
+            ]
+            manifest = register_model(
+                model_dir,
+                name,
+                estimator,
+                feature_names=features,
+                class_names=classes,
+                reference=rows,
+                version=version,
+                activate=False,
+                conversion_rows=synthetic_rows(n_features) if rows is None else None,
+                metrics=_metrics_option(metrics),
+            )
+        else:
+            raise _fail(f"{path}: expected a .joblib or .onnx file")
+    except (ConversionError, OSError, ValueError) as exc:
+        raise _fail(f"{path} not registered: {exc}") from None
+    typer.echo(
+        f"registered {manifest.name} version {manifest.version} ({manifest.runtime}) in "
+        f"{model_dir}; serve it with: modelgate models activate {manifest.name} "
+        f"{manifest.version}"
+    )
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Print every model, one JSON object per line: its versions, their state and input
+    schema, and the active version (recorded activation, else the registry's choice)."""
+    import json
+
+    from auth.model_activation import active_versions
+    from ml import ModelRegistry
+
+    settings = get_settings()
+    registry = ModelRegistry(settings.model_dir)
+    registry.load()
+
+    async def work(session: AsyncSession) -> dict[str, str]:
+        return await active_versions(session)
+
+    recorded = _run_in_session(settings, work)
+    for info in registry.models():
+        active = recorded.get(info.name, info.active_version)
+        versions = [
+            {
+                "version": status.version,
+                "state": status.state,
+                "error": status.error,
+                "runtime": status.runtime,
+                "created_at": None
+                if status.manifest is None
+                else status.manifest.created_at.isoformat(),
+                "n_features": None if status.manifest is None else status.manifest.n_features,
+                "metrics": None if status.manifest is None else status.manifest.metrics,
+            }
+            for status in info.versions
+        ]
+        document = {
+            "name": info.name,
+            "active_version": active,
+            "activated_in": "database" if info.name in recorded else "registry",
+            "versions": versions,
+        }
+        typer.echo(json.dumps(document))
+
+
+@models_app.command("activate")
+def models_activate(
+    name: Annotated[str, typer.Argument(help="The model's name.")],
+    version: Annotated[str, typer.Argument(help="The version to serve.")],
+) -> None:
+    """Verify and warm up a version here, then record it as the model's active version (audited):
+    every running worker serves it within 2 seconds. Rollback is the same command."""
+    from auth.model_activation import ActivationView, activate_version
+    from ml import ModelError, ModelRegistry
+
+    settings = get_settings()
+    try:
+        ModelRegistry(settings.model_dir).load_version(name, version)
+    except ModelError as exc:
+        raise _fail(f"not activated: {exc.message}") from None
+
+    async def work(session: AsyncSession) -> ActivationView:
+        return await activate_version(session, CLI_ACTOR, name, version)
+
+    typer.echo(_run_in_session(settings, work).model_dump_json())
 
 
 def main() -> None:

@@ -54,12 +54,27 @@ class ReadinessChecks(BaseModel):
     models: CheckState
 
 
+class UnavailableModel(BaseModel):
+    """A model whose requests that pin no version are refused with 503, and why."""
+
+    model: str
+    active_version: str | None
+    reason: str
+
+
 class ReadinessResponse(BaseModel):
     """Whether the process can serve traffic, and which dependency is down if not."""
 
     status: Literal["ready", "unavailable"]
     checks: ReadinessChecks
-    failed_model_versions: list[str]
+    failed_model_versions: list[str] = Field(
+        description="`name/version` of every version that failed to load or its self-check"
+    )
+    unavailable_models: list[UnavailableModel] = Field(
+        description="Models whose active version is not ready (no other version is served in "
+        "its place): the `models` check is `degraded` while some model still serves, "
+        "`unavailable` when none does"
+    )
 
 
 class ReadinessProblem(Problem):
@@ -67,6 +82,7 @@ class ReadinessProblem(Problem):
 
     checks: ReadinessChecks
     failed_model_versions: list[str]
+    unavailable_models: list[UnavailableModel]
 
 
 @router.get("/health", response_model=HealthResponse, responses=problem_responses(500))
@@ -109,7 +125,7 @@ async def _database_ok(state: AppState) -> bool:
     },
 )
 async def ready(state: StateDep, request: Request) -> JSONResponse:
-    """Report whether the database, Redis (if configured) and models are ready."""
+    """Report whether the database, Redis (if configured) and models are ready, and why not."""
     database_ok, redis_ok = await asyncio.gather(
         _database_ok(state), state.rate_limiter.is_healthy()
     )
@@ -117,15 +133,29 @@ async def ready(state: StateDep, request: Request) -> JSONResponse:
     redis: CheckState = "not_configured"
     if limiter.uses_redis:
         redis = "ok" if redis_ok else ("degraded" if limiter.fail_open else "unavailable")
+    registry = state.registry
+    failed = registry.failed_versions()
+    problems = [
+        UnavailableModel(model=p.name, active_version=p.version, reason=p.reason)
+        for p in registry.problems()
+    ]
+    models: CheckState = "unavailable"
+    if registry.is_ready:
+        unhealthy = any(status.state == "unhealthy" for status in failed)
+        models = "degraded" if problems or unhealthy else "ok"
     checks = ReadinessChecks(
-        database="ok" if database_ok else "unavailable",
-        redis=redis,
-        models="ok" if state.registry.is_ready else "unavailable",
+        database="ok" if database_ok else "unavailable", redis=redis, models=models
     )
-    failed = [f"{v.name}/{v.version}" for v in state.registry.failed_versions()]
+    failed_names = [f"{v.name}/{v.version}" for v in failed]
+    unavailable = [p.model_dump() for p in problems]
     down = [name for name, value in checks.model_dump().items() if value == "unavailable"]
     if not down:
-        body = ReadinessResponse(status="ready", checks=checks, failed_model_versions=failed)
+        body = ReadinessResponse(
+            status="ready",
+            checks=checks,
+            failed_model_versions=failed_names,
+            unavailable_models=problems,
+        )
         return JSONResponse(body.model_dump())
     return problem_response(
         request,
@@ -135,5 +165,6 @@ async def ready(state: StateDep, request: Request) -> JSONResponse:
         f"not ready: {', '.join(down)} unavailable",
         {"Retry-After": "2"},
         checks=checks.model_dump(),
-        failed_model_versions=failed,
+        failed_model_versions=failed_names,
+        unavailable_models=unavailable,
     )

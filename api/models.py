@@ -11,21 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from api.deps import AnyCredential, StateDep
 from api.errors import problem_responses
-from ml import DEFAULT_MODEL, ModelInfo, ModelNotFound, ModelUnavailable
+from ml import DEFAULT_MODEL, ModelInfo, ModelNotFound, ModelUnavailable, VersionStatus
+from ml.manifest import FeatureRange
 
 router = APIRouter(tags=["models"])
-
-
-class ModelVersionOut(BaseModel):
-    """One version of a model and whether it is being served."""
-
-    version: str
-    state: str
-    error: str | None
-    runtime: Literal["onnx", "sklearn"] | None = Field(
-        description="What serves this version: ONNX Runtime, or scikit-learn when the version "
-        "has no ONNX file; null while it is not ready"
-    )
 
 
 class FeatureRangeOut(BaseModel):
@@ -35,13 +24,62 @@ class FeatureRangeOut(BaseModel):
     max: float
 
 
+class InputSchemaOut(BaseModel):
+    """What one version takes: a row of ``n_features`` finite numbers, each within its
+    ``input_range``."""
+
+    n_features: int
+    feature_names: list[str]
+    input_range: list[FeatureRangeOut] = Field(
+        description="Per feature, the values a prediction may send (others are refused with "
+        "422 naming the feature)"
+    )
+    training_range: list[FeatureRangeOut] | None = Field(
+        description="Per feature, the values the training data held (not enforced); null when "
+        "not recorded"
+    )
+
+
+class ModelVersionOut(BaseModel):
+    """One version of a model, its health and the input it takes."""
+
+    version: str
+    state: Literal["ready", "failed", "unhealthy"] = Field(
+        description="`ready`: served; `failed`: it could not be loaded; `unhealthy`: it failed "
+        "its periodic self-check (canary prediction or re-hash of its files) and could not be "
+        "reloaded. Only `ready` versions are served"
+    )
+    error: str | None
+    runtime: Literal["onnx", "sklearn"] | None = Field(
+        description="What serves this version: ONNX Runtime, or scikit-learn when the version "
+        "has no ONNX file; null while it is not ready"
+    )
+    active: bool = Field(description="Whether requests that pin no version get this version")
+    created_at: datetime | None = Field(description="When it was registered; null if unknown")
+    class_names: list[str]
+    input_schema: InputSchemaOut | None = Field(
+        description="null when the version's manifest cannot be trusted"
+    )
+    metrics: dict[str, JsonValue] | None = Field(
+        description="What the operator recorded at registration (e.g. test accuracy)"
+    )
+
+
 class ModelOut(BaseModel):
     """A model, its versions, the active one, and the input it expects."""
 
     model_config = ConfigDict(protected_namespaces=())
 
     name: str
-    active_version: str | None
+    active_version: str | None = Field(
+        description="The version requests that pin none are served by (an operator's "
+        "activation, else the registry's choice); it may be failed or unhealthy, and then no "
+        "other version is served in its place"
+    )
+    serving: bool = Field(description="Whether requests that pin no version are served")
+    unavailable_reason: str | None = Field(
+        description="Why requests that pin no version get 503; null while `serving`"
+    )
     versions: list[ModelVersionOut]
     n_features: int | None
     feature_names: list[str]
@@ -87,21 +125,45 @@ class DefaultModelInfo(BaseModel):
     )
 
 
+def _ranges(ranges: list[FeatureRange] | None) -> list[FeatureRangeOut] | None:
+    return None if ranges is None else [FeatureRangeOut(min=r.min, max=r.max) for r in ranges]
+
+
+def _version_out(status: VersionStatus, active: str | None) -> ModelVersionOut:
+    manifest = status.manifest
+    schema = None
+    if manifest is not None:
+        schema = InputSchemaOut(
+            n_features=manifest.n_features,
+            feature_names=list(manifest.feature_names),
+            input_range=_ranges(manifest.accepted_range) or [],
+            training_range=_ranges(manifest.training_range),
+        )
+    return ModelVersionOut(
+        version=status.version,
+        state=status.state,
+        error=status.error,
+        runtime=status.runtime,
+        active=status.version == active,
+        created_at=None if manifest is None else manifest.created_at,
+        class_names=[] if manifest is None else list(manifest.class_names),
+        input_schema=schema,
+        metrics=None if manifest is None else manifest.metrics,
+    )
+
+
 def _model_out(info: ModelInfo) -> ModelOut:
     return ModelOut(
         name=info.name,
         active_version=info.active_version,
-        versions=[
-            ModelVersionOut(version=v.version, state=v.state, error=v.error, runtime=v.runtime)
-            for v in info.versions
-        ],
+        serving=info.unavailable_reason is None,
+        unavailable_reason=info.unavailable_reason,
+        versions=[_version_out(v, info.active_version) for v in info.versions],
         n_features=info.n_features,
         feature_names=info.feature_names,
         class_names=info.class_names,
-        input_range=[FeatureRangeOut(min=r.min, max=r.max) for r in info.input_range],
-        training_range=None
-        if info.training_range is None
-        else [FeatureRangeOut(min=r.min, max=r.max) for r in info.training_range],
+        input_range=_ranges(info.input_range) or [],
+        training_range=_ranges(info.training_range),
     )
 
 
@@ -122,7 +184,7 @@ async def list_models(subject: AnyCredential, state: StateDep) -> ModelList:
     "/models/{name}", response_model=ModelOut, responses=problem_responses(401, 404, 429, 503)
 )
 async def get_model(name: str, subject: AnyCredential, state: StateDep) -> ModelOut:
-    """Describe one model: versions, the active version and input schema."""
+    """Describe one model: its versions, each one's health and input schema, the active one."""
     if subject.tenant is not None and not subject.tenant.may_use(name):
         # Outside the caller's plan: the answer of a model that does not exist.
         raise ModelNotFound("model not found")

@@ -331,3 +331,17 @@ class AuditChainHead(Base):
     id: Mapped[int] = mapped_column(SmallInteger, primary_key=True, autoincrement=False)
     last_event_id: Mapped[int] = mapped_column(BigInteger)
     last_hash: Mapped[str] = mapped_column(String(64))
+
+
+class ModelActivation(Base):
+    """The version of a model that requests pinning no version are served by, as an operator
+    activated it (``auth.model_activation``). Every worker reads it about once a second; a
+    model without a row is served by the registry's own choice."""
+
+    __tablename__ = "model_activation"
+
+    # The registry's name and version patterns (ml.manifest); checked by the service.
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[str] = mapped_column(String(16))
+    activated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    activated_by: Mapped[str] = mapped_column(String(200))  # the audit trail's actor name

@@ -109,6 +109,10 @@ class Settings(BaseSettings):
     # one per request.
     key_last_used_flush_seconds: float = Field(default=10.0, ge=0.05, le=3600)
     max_batch_size: int = Field(default=100, ge=1, le=1000)
+    # How often each worker checks every loaded model version (a canary prediction and a
+    # re-hash of its files, in a thread): a version that fails is reloaded from the registry,
+    # and is not served while it stays broken (api.lifecycle).
+    model_check_interval_seconds: float = Field(default=30.0, gt=0, le=86_400)
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     # How long a request may run before it is answered 503 and cancelled (api.timeout): until
     # its response starts, or until its usage is handed to the usage writer, whichever comes

@@ -86,6 +86,10 @@ class Manifest(BaseModel):
     # Manifests written before these fields existed have neither.
     model_type: Annotated[str, Field(min_length=1, max_length=200)] | None = None
     parameters: dict[str, JsonValue] | None = None
+    # The libraries that wrote the version ("scikit-learn", "onnx", "skl2onnx", "numpy"...), and
+    # the metrics the operator gave at registration (accuracy on a test set, say); published.
+    framework_versions: dict[str, Annotated[str, Field(max_length=64)]] | None = None
+    metrics: dict[str, JsonValue] | None = None
 
     @field_validator("created_at")
     @classmethod

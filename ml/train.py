@@ -1,5 +1,6 @@
 """Training the default model and registering model versions on disk."""
 
+import importlib
 import json
 import logging
 import math
@@ -7,7 +8,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,13 @@ from ml.manifest import (
     sha256_file,
     write_manifest,
 )
-from ml.onnx_export import ConversionError, convert
+from ml.onnx_export import (
+    PROBABILITIES_OUTPUT,
+    ConversionError,
+    convert,
+    load_session,
+    predict_probabilities,
+)
 from ml.registry import DEFAULT_MODEL, load_verified_estimator
 
 logger = logging.getLogger(__name__)
@@ -80,76 +87,198 @@ def register_model(
     class_names: Sequence[str],
     reference: npt.ArrayLike | None = None,
     input_range: Sequence[tuple[float, float]] | None = None,
+    *,
+    version: str | None = None,
+    activate: bool = True,
+    conversion_rows: npt.ArrayLike | None = None,
+    metrics: dict[str, JsonValue] | None = None,
 ) -> Manifest:
-    """Store a fitted classifier as the next version of ``name`` and make it the active one.
+    """Store a fitted classifier as a new version of ``name`` (the next number unless
+    ``version`` is given) and, with ``activate``, make it the active one (its ``ACTIVE`` file).
 
     ``input_range`` (one ``(min, max)`` per feature) is what predictions may send; values
     outside it are refused. Without it, anything a float32 holds is accepted. The range of the
     ``reference`` rows is recorded as the training range, published but not enforced.
 
-    With ``reference`` rows (the training data, say), the classifier is also converted to ONNX
-    and the conversion is kept only if it matches scikit-learn on them; that version is then
-    served by ONNX Runtime. Without them, or if the conversion is refused, scikit-learn serves it.
+    With ``reference`` rows (the training data, say), or else ``conversion_rows``, the
+    classifier is also converted to ONNX and the conversion is kept only if it matches
+    scikit-learn on them; that version is then served by ONNX Runtime. Without them, or if the
+    conversion is refused, scikit-learn serves it.
 
     ``class_names[i]`` names ``estimator.classes_[i]`` (the column order of ``predict_proba``).
     The version directory is assembled under a hidden temporary name and renamed into place, so
     a reader never sees a half-written version; ``ACTIVE`` is then replaced atomically.
-    Raises ``ValueError`` if the name is invalid or the estimator does not fit the names given.
+    Raises ``ValueError`` if the name or version is invalid or taken, or the estimator does not
+    fit the names given.
     """
-    if not _NAME_RE.fullmatch(name):
-        raise ValueError(f"invalid model name {name!r}")
     _check_estimator(estimator, len(feature_names), len(class_names))
     accepted = (
         None
         if input_range is None
         else [FeatureRange(min=low, max=high) for low, high in input_range]
     )
-    seen = None if reference is None else _observed_range(reference)
+    check_rows = reference if reference is not None else conversion_rows
 
-    name_dir = Path(model_dir) / name
-    name_dir.mkdir(parents=True, exist_ok=True)
-    # Hidden and not all digits, so the registry never mistakes it for a version.
-    staging = name_dir / f".tmp-{secrets.token_hex(8)}"
-    staging.mkdir()
-    try:
+    def write(staging: Path) -> dict[str, Any]:
         artifact = staging / ARTIFACT_FILE
         with artifact.open("wb") as fileobj:
             joblib.dump(estimator, fileobj)
             fileobj.flush()
             os.fsync(fileobj.fileno())
-        digest = sha256_file(artifact)
         onnx_digest = None
-        if reference is not None:
-            onnx_digest = _write_onnx(staging, name, estimator, reference)
+        if check_rows is not None:
+            onnx_digest = _write_onnx(staging, name, estimator, check_rows)
         model_type, parameters = describe_estimator(estimator)
-        created_at = datetime.now(UTC)
+        return {
+            "artifact": ARTIFACT_FILE,
+            "sha256": sha256_file(artifact),
+            "onnx_artifact": ONNX_ARTIFACT_FILE if onnx_digest else None,
+            "onnx_sha256": onnx_digest,
+            "model_type": model_type,
+            "parameters": parameters,
+        }
+
+    return _store_version(
+        model_dir,
+        name,
+        version,
+        write,
+        {
+            "n_features": len(feature_names),
+            "feature_names": list(feature_names),
+            "class_names": list(class_names),
+            "input_range": accepted,
+            "training_range": None if reference is None else _observed_range(reference),
+            "metrics": metrics,
+        },
+        activate=activate,
+    )
+
+
+def register_onnx(
+    model_dir: Path,
+    name: str,
+    model_bytes: bytes,
+    *,
+    feature_names: Sequence[str] | None = None,
+    class_names: Sequence[str] | None = None,
+    reference: npt.ArrayLike | None = None,
+    version: str | None = None,
+    activate: bool = True,
+    metrics: dict[str, JsonValue] | None = None,
+) -> Manifest:
+    """Store an ONNX classifier (float64 input of one row per instance, a ``probabilities``
+    output) as a new version of ``name``; no pickle is involved.
+
+    It is checked first: ONNX Runtime must load it, and on the ``reference`` rows (the training
+    data, whose range is then recorded; else 2,000 seeded random rows) it must give one finite
+    probability per class that sums to 1 for each row. Without ``feature_names`` or
+    ``class_names``, the features and classes are numbered. Raises :class:`ConversionError` if
+    the model fails a check, ``ValueError`` if the names, the name or the version are invalid.
+    """
+    n_features = onnx_feature_count(model_bytes)
+    rows = synthetic_rows(n_features) if reference is None else np.asarray(reference, np.float64)
+    if rows.ndim != 2 or rows.shape[1] != n_features:
+        raise ValueError(f"reference rows must have {n_features} values each")
+    n_classes = check_onnx(model_bytes, rows)
+    features = list(feature_names or [f"feature_{i}" for i in range(n_features)])
+    classes = list(class_names or [str(i) for i in range(n_classes)])
+    if len(features) != n_features:
+        raise ValueError(f"the model takes {n_features} features but {len(features)} names given")
+    if len(classes) != n_classes:
+        raise ValueError(f"the model has {n_classes} classes but {len(classes)} names given")
+
+    def write(staging: Path) -> dict[str, Any]:
+        atomic_write_bytes(staging / ONNX_ARTIFACT_FILE, model_bytes)
+        digest = sha256_bytes(model_bytes)
+        # The ONNX file is the version's only artifact: the registry serves it and never
+        # looks for a pickle.
+        return {
+            "artifact": ONNX_ARTIFACT_FILE,
+            "sha256": digest,
+            "onnx_artifact": ONNX_ARTIFACT_FILE,
+            "onnx_sha256": digest,
+            "model_type": "onnx",
+            "parameters": {},
+        }
+
+    return _store_version(
+        model_dir,
+        name,
+        version,
+        write,
+        {
+            "n_features": n_features,
+            "feature_names": features,
+            "class_names": classes,
+            "training_range": None if reference is None else _observed_range(rows),
+            "metrics": metrics,
+        },
+        activate=activate,
+    )
+
+
+def framework_versions() -> dict[str, str]:
+    """The versions of the libraries that write and serve model versions, for the manifest."""
+    import onnxruntime
+
+    versions = {"scikit-learn": sklearn.__version__, "numpy": np.__version__}
+    versions["onnxruntime"] = onnxruntime.__version__
+    for module in ("onnx", "skl2onnx"):
+        try:
+            versions[module] = str(importlib.import_module(module).__version__)
+        except (ImportError, AttributeError):  # pragma: no cover - both are dependencies
+            continue
+    return versions
+
+
+def _store_version(
+    model_dir: Path,
+    name: str,
+    version: str | None,
+    write: Callable[[Path], dict[str, Any]],
+    fields: dict[str, Any],
+    *,
+    activate: bool,
+) -> Manifest:
+    """Assemble a version in a hidden staging directory (``write`` puts its files there and
+    returns their manifest fields), then rename it into place under ``version`` or the next
+    free number."""
+    if not _NAME_RE.fullmatch(name):
+        raise ValueError(f"invalid model name {name!r}")
+    if version is not None and not _VERSION_RE.fullmatch(version):
+        raise ValueError(f"invalid version {version!r} (a number from 1 to 999999999)")
+    name_dir = Path(model_dir) / name
+    name_dir.mkdir(parents=True, exist_ok=True)
+    if version is not None and (name_dir / version).exists():
+        raise ValueError(f"model {name!r} already has a version {version}")
+    # Hidden and not all digits, so the registry never mistakes it for a version.
+    staging = name_dir / f".tmp-{secrets.token_hex(8)}"
+    staging.mkdir()
+    try:
+        fields = {
+            **fields,
+            **write(staging),
+            "name": name,
+            "sklearn_version": sklearn.__version__,
+            "framework_versions": framework_versions(),
+            "created_at": datetime.now(UTC),
+        }
         for _ in range(_MAX_VERSION_ATTEMPTS):
-            version = str(_next_version(name_dir))
-            manifest = Manifest(
-                name=name,
-                version=version,
-                artifact=ARTIFACT_FILE,
-                sha256=digest,
-                onnx_artifact=ONNX_ARTIFACT_FILE if onnx_digest else None,
-                onnx_sha256=onnx_digest,
-                sklearn_version=sklearn.__version__,
-                n_features=len(feature_names),
-                feature_names=list(feature_names),
-                class_names=list(class_names),
-                created_at=created_at,
-                input_range=accepted,
-                training_range=seen,
-                model_type=model_type,
-                parameters=parameters,
-            )
+            number = version or str(_next_version(name_dir))
+            manifest = Manifest(version=number, **fields)
             write_manifest(staging / MANIFEST_FILE, manifest)
             fsync_dir(staging)
             try:
                 # Renaming onto an existing, non-empty directory fails, so a concurrent
                 # registration that took this number first is detected rather than clobbered.
-                staging.rename(name_dir / version)
+                staging.rename(name_dir / number)
             except OSError:
-                if (name_dir / version).exists():
+                if (name_dir / number).exists():
+                    if version is not None:
+                        raise ValueError(
+                            f"model {name!r} already has a version {version}"
+                        ) from None
                     continue
                 raise
             break
@@ -159,9 +288,55 @@ def register_model(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     fsync_dir(name_dir)
-    atomic_write_text(name_dir / ACTIVE_FILE, manifest.version + "\n")
-    logger.info("registered model %s version %s as active", name, manifest.version)
+    if activate:
+        atomic_write_text(name_dir / ACTIVE_FILE, manifest.version + "\n")
+    logger.info(
+        "registered model %s version %s%s", name, manifest.version, " as active" if activate else ""
+    )
     return manifest
+
+
+def synthetic_rows(n_features: int) -> npt.NDArray[np.float64]:
+    """2,000 seeded random rows spread over [-10, 10]: what a conversion is checked against
+    when no real data is given (a weaker check than real data)."""
+    generator = np.random.default_rng(0)
+    return generator.uniform(-10, 10, size=(2000, n_features))
+
+
+def onnx_feature_count(model_bytes: bytes) -> int:
+    """How many features an ONNX model takes (one float64 input of shape [batch, n]);
+    raises :class:`ConversionError` if ONNX Runtime cannot load it or it takes another input."""
+    try:
+        session = load_session(model_bytes)
+    except Exception as exc:
+        raise ConversionError("ONNX Runtime cannot load the model") from exc
+    inputs = session.get_inputs()
+    shape = inputs[0].shape if len(inputs) == 1 else None
+    if not shape or len(shape) != 2 or not isinstance(shape[1], int) or shape[1] < 1:
+        raise ConversionError("the model must take one input of shape [batch, features]")
+    if inputs[0].type != "tensor(double)":
+        raise ConversionError("the model must take float64 input")
+    if PROBABILITIES_OUTPUT not in {output.name for output in session.get_outputs()}:
+        raise ConversionError(f"the model has no '{PROBABILITIES_OUTPUT}' output")
+    return int(shape[1])
+
+
+def check_onnx(model_bytes: bytes, rows: npt.NDArray[np.float64]) -> int:
+    """Run the model on ``rows``: one finite probability per class for each, summing to 1.
+    Returns the number of classes; raises :class:`ConversionError` otherwise."""
+    try:
+        probabilities = np.asarray(
+            predict_probabilities(load_session(model_bytes), rows), dtype=np.float64
+        )
+    except Exception as exc:
+        raise ConversionError("ONNX Runtime cannot run the model") from exc
+    if probabilities.ndim != 2 or probabilities.shape[0] != len(rows) or probabilities.shape[1] < 2:
+        raise ConversionError("the model's probabilities have the wrong shape")
+    if not np.isfinite(probabilities).all():
+        raise ConversionError("the model's probabilities are not finite")
+    if np.abs(probabilities.sum(axis=1) - 1).max() > 1e-3:
+        raise ConversionError("the model's probabilities do not sum to 1")
+    return int(probabilities.shape[1])
 
 
 def _observed_range(rows: npt.ArrayLike) -> list[FeatureRange]:
@@ -199,8 +374,7 @@ def convert_version(version_dir: Path, reference: npt.ArrayLike | None = None) -
     # serve time once the ONNX file exists.
     estimator = load_verified_estimator(manifest, version_dir)
     if reference is None:
-        generator = np.random.default_rng(0)
-        reference = generator.uniform(-10, 10, size=(2000, manifest.n_features))
+        reference = synthetic_rows(manifest.n_features)
     model_bytes = convert(estimator, np.asarray(reference, dtype=np.float64))
     atomic_write_bytes(version_dir / ONNX_ARTIFACT_FILE, model_bytes)
     update: dict[str, Any] = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from api.admin import audit, billing, plans, tenants, tokens, usage
+from api.admin import audit, billing, models, plans, tenants, tokens, usage
 from api.deps import require_admin
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
@@ -14,3 +14,4 @@ router.include_router(billing.router)
 router.include_router(audit.router)
 router.include_router(usage.router)
 router.include_router(tokens.router)
+router.include_router(models.router)

@@ -63,10 +63,18 @@ def test_tampered_artifact_is_refused_before_unpickling(
     assert failed[0].error == "model artifact does not match the SHA-256 in its manifest"
     with pytest.raises(ModelUnavailable):
         registry.get("iris", "2")
-    # ACTIVE says 2, but 2 is failed: the highest ready version serves instead.
-    assert registry.get("iris").version == "1"
-    assert registry.active_version("iris") == "1"
-    assert registry.is_ready
+    # ACTIVE says 2, and 2 is failed: no other version serves in its place (issue 11), but a
+    # request that pins version 1 is still served.
+    with pytest.raises(
+        ModelUnavailable, match=r"model 'iris' is unavailable: its active version 2"
+    ):
+        registry.get("iris")
+    assert registry.get("iris", "1").version == "1"
+    assert registry.active_version("iris") is None
+    assert not registry.is_ready
+    [problem] = registry.problems()
+    assert (problem.name, problem.version) == ("iris", "2")
+    assert "does not match the SHA-256" in problem.reason
 
 
 def test_hash_is_compared_in_constant_time(
@@ -94,10 +102,15 @@ def test_model_with_only_failed_versions_is_unavailable_and_not_ready(
     registry = _load(model_dir)
 
     assert not registry.is_ready
-    with pytest.raises(ModelUnavailable, match="no ready version"):
+    with pytest.raises(ModelUnavailable, match="its active version 1 is failed"):
         registry.get("iris")
     info = registry.model_info("iris")
-    assert info.active_version is None
+    # Version 1 stays the active one (ACTIVE names it), and the description says why it is
+    # not served.
+    assert info.active_version == "1"
+    assert info.unavailable_reason is not None
+    assert "does not match the SHA-256" in info.unavailable_reason
+    assert registry.active_version("iris") is None
     assert [v.state for v in info.versions] == ["failed"]
     # The schema is still described from the (trusted, matching) manifest.
     assert info.n_features == 4
