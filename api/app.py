@@ -12,7 +12,7 @@ import structlog
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from api import health, me, models, predict, root, token
+from api import health, me, models, predict, root, token, v2
 from api.admin import router as admin_router
 from api.body_limit import BodyLimitMiddleware
 from api.errors import install_error_handlers
@@ -149,6 +149,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in routers:
         app.include_router(router, prefix=API_PREFIX)
     app.include_router(root.router)
+    app.include_router(v2.router)  # the Open Inference Protocol, at /v2 (no prefix)
 
     origins = settings.cors_origin_list
     if origins:
