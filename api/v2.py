@@ -40,6 +40,7 @@ from api.v2_schemas import (
     OutputTensor,
     RequestedOutput,
     ServerLive,
+    ServerMetadata,
     ServerReady,
     TensorMetadata,
     V2Problem,
@@ -124,6 +125,13 @@ router = APIRouter(route_class=V2Route, tags=["open inference protocol (v2)"])
 
 def _json(body: BaseModel) -> Response:
     return Response(body.model_dump_json(exclude_none=True), media_type="application/json")
+
+
+@router.get("/v2", response_model=ServerMetadata, responses=v2_problems(500))
+async def server_metadata(request: Request) -> ServerMetadata:
+    """Name the server and its version (public, as GET /)."""
+    app = request.app
+    return ServerMetadata(name=app.title, version=app.version, extensions=[])
 
 
 @router.get("/v2/health/live", response_model=ServerLive, responses=v2_problems(500))

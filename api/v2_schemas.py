@@ -171,6 +171,14 @@ class ModelMetadata(BaseModel):
     outputs: list[TensorMetadata]
 
 
+class ServerMetadata(BaseModel):
+    """The server's name, version and protocol extensions."""
+
+    name: str
+    version: str
+    extensions: list[str] = Field(description="None: modelgate defines no protocol extension")
+
+
 class ServerLive(BaseModel):
     """The process is up."""
 
