@@ -13,7 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.telemetry import TelemetryConfig
 from opentelemetry.trace import TracerProvider
 
-from api import health, me, metrics, models, predict, root, token
+from api import health, me, metrics, models, predict, root, token, v2
 from api.admin import router as admin_router
 from api.body_limit import BodyLimitMiddleware
 from api.errors import install_error_handlers
@@ -190,6 +190,7 @@ def create_app(
         app.include_router(router, prefix=API_PREFIX)
     app.include_router(root.router)
     install_metrics(app)
+    app.include_router(v2.router)  # the Open Inference Protocol, at /v2 (no prefix)
 
     origins = settings.cors_origin_list
     if origins:

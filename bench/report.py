@@ -26,6 +26,7 @@ ENDPOINT_LABELS = {
     "predict-jwt": "POST /predict (JWT)",
     "batch": "POST /predict/batch x10",
     "usage": "GET /me/usage",
+    "v2-infer": "POST /v2/models/iris/infer (1 row)",
 }
 
 

@@ -44,8 +44,8 @@ from bench.services import (
 )
 from bench.usage_scale import run_usage_scale
 
-ENDPOINTS = ("echo", "predict", "predict-jwt", "batch", "usage")
-MODELGATE_ENDPOINTS = ("predict", "predict-jwt", "batch", "usage")
+ENDPOINTS = ("echo", "predict", "predict-jwt", "batch", "usage", "v2-infer")
+MODELGATE_ENDPOINTS = ("predict", "predict-jwt", "batch", "usage", "v2-infer")
 BATCH_ROWS = 10
 # Per startup, per cell: the fixed costs beyond warm-up + measurement, for the time estimate.
 STARTUP_ESTIMATE_S = 6.0
@@ -101,6 +101,16 @@ def targets(api_key: str) -> dict[str, Target]:
             rows_per_request=BATCH_ROWS,
         ),
         "usage": Target("usage", "GET", "/api/v1/me/usage", "", auth),
+        # The Open Inference Protocol's infer, one row: to compare with POST /predict.
+        "v2-infer": Target(
+            "v2-infer",
+            "POST",
+            "/v2/models/iris/infer",
+            _json_body(
+                {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP64", "data": IRIS_ROW}]}
+            ),
+            {**json_type, **auth},
+        ),
     }
 
 

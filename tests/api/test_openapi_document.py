@@ -13,6 +13,10 @@ PUBLIC = {
     "/api/v1/health/live",
     "/api/v1/health/ready",
     "/api/v1/auth/token",
+    # The Open Inference Protocol's server health, public as /api/v1/health/* are.
+    "/v2",
+    "/v2/health/live",
+    "/v2/health/ready",
 }
 
 
