@@ -109,6 +109,19 @@ class Settings(BaseSettings):
     # one per request.
     key_last_used_flush_seconds: float = Field(default=10.0, ge=0.05, le=3600)
     max_batch_size: int = Field(default=100, ge=1, le=1000)
+    # Micro-batching of the scikit-learn runtime (ml.batching): concurrent requests for one
+    # version of up to batch_max_size rows share one predict_proba call; the first row of an
+    # idle batcher waits at most batch_max_wait_ms for company. ONNX versions keep their direct
+    # calls (concurrent ONNX requests of one event-loop turn already share a call).
+    batch_enabled: bool = True
+    batch_max_size: int = Field(default=32, ge=1, le=1000)
+    batch_max_wait_ms: float = Field(default=2.0, ge=0, le=10)
+    # The prediction cache (api.prediction_cache) keeps each /predict answer this long, per
+    # tenant, model version and exact features: on Redis when redis_url is set, else in each
+    # process's memory (at most prediction_cache_size answers). 0: no cache (the default: with
+    # ONNX a lookup costs about as much as the prediction; see README, Batching and the cache).
+    prediction_cache_ttl_seconds: float = Field(default=0.0, ge=0, le=86_400)
+    prediction_cache_size: int = Field(default=10_000, ge=1, le=1_000_000)
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     log_level: str = "INFO"
 
