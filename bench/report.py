@@ -24,6 +24,9 @@ ENDPOINT_LABELS = {
     "echo": "echo (framework ceiling)",
     "predict": "POST /predict (API key)",
     "predict-jwt": "POST /predict (JWT)",
+    "predict-sklearn": "/predict scikit-learn, batched",
+    "predict-sklearn-direct": "/predict scikit-learn, direct",
+    "predict-cached": "/predict ONNX, cache hit",
     "batch": "POST /predict/batch x10",
     "usage": "GET /me/usage",
 }
