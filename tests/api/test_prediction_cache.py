@@ -104,6 +104,23 @@ async def test_a_repeated_prediction_is_cached_flagged_and_billed_like_any_other
     assert usage.json()["total_units"] == 2
 
 
+async def test_a_cached_answer_is_refused_whole_once_the_quota_is_spent(
+    harness: Harness,
+) -> None:
+    _, key = await create_tenant_with_key(harness, monthly_quota=1)
+    assert (await _predict(harness, key, IRIS_SETOSA))["cached"] is False
+    hits = _cache(harness).stats.hits
+
+    refused = await harness.client.post(
+        "/api/v1/predict", json={"features": IRIS_SETOSA}, headers=bearer(key)
+    )
+
+    assert _cache(harness).stats.hits == hits + 1  # the answer was there, and not given
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["type"] == "quota-exceeded"
+    assert "probability" not in refused.text
+
+
 async def test_one_tenant_never_receives_or_sees_another_tenants_cached_answer(
     harness: Harness,
 ) -> None:
