@@ -23,6 +23,7 @@ from api.logging import configure_logging
 from api.metrics_endpoint import install_metrics
 from api.middleware import RequestContextMiddleware
 from api.openapi import install_openapi
+from api.prediction_cache import build_prediction_cache
 from api.state import AppState
 from api.timeout import RequestTimeoutMiddleware
 from api.tracing import instrumented, provider_from_environment
@@ -37,6 +38,7 @@ from auth.limits.limiter import RateLimiter
 from auth.settings import Settings, check_production, declared_workers, get_settings, load_secrets
 from auth.usage_writer import UsageWriter
 from ml import ModelRegistry
+from ml.batching import DIRECT, BatchPolicy
 
 logger = structlog.get_logger(__name__)
 
@@ -87,6 +89,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     key_activity.start()
     tokens = token_config(settings, secrets)
+    prediction_cache = build_prediction_cache(
+        ttl_seconds=settings.prediction_cache_ttl_seconds,
+        max_entries=settings.prediction_cache_size,
+        key_pepper=secrets.key_pepper,
+        redis_client=rate_limiter.client,
+        redis_timeout_seconds=settings.redis_timeout_seconds,
+    )
     app.state.modelgate = AppState(
         settings=settings,
         secrets=secrets,
@@ -113,6 +122,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             settings.login_failures_per_address,
             settings.login_failures_per_account,
         ),
+        batching=BatchPolicy(
+            max_size=settings.batch_max_size,
+            max_wait_seconds=settings.batch_max_wait_ms / 1000,
+        )
+        if settings.batch_enabled
+        else DIRECT,
+        prediction_cache=prediction_cache,
     )
     # Everything loaded so far (models, libraries, metadata) lives as long as the process: move
     # it out of the collector's reach. Otherwise every full collection walks those millions of
@@ -146,6 +162,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 # Pending usage is committed before the engine goes away.
                 await usage_writer.close()
                 await key_activity.close()
+                if prediction_cache is not None:
+                    await prediction_cache.drain()
                 await rate_limiter.close()
                 await engine.dispose()
         except TimeoutError:

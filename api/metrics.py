@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from fastapi.routing import iter_route_contexts
 from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
@@ -54,7 +53,6 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # The route label of a request that matched no route (a 404 of the router itself): its path is
 # the client's text and is never a label.
-UNMATCHED = "unmatched"
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Seconds; requests run from well under a millisecond (a cached check) to the timeouts' seconds.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -146,43 +144,10 @@ _prediction_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 _batch_children: dict[str, Any] = {}
 
 
-def route_template(scope: Mapping[str, Any]) -> str:
-    """The path template of the route that handled the request (``/api/v1/models/{name}``), or
-    ``unmatched``: never the raw path, which is the client's text."""
-    route = scope.get("route")
-    if route is None:
-        return UNMATCHED
-    known = _templates.get(id(route))
-    if known is None or known[0] is not route:
-        known = _learn_template(scope.get("app"), route)
-    return known[1]
-
-
-# Route -> its full template. FastAPI leaves the route of its router in scope["route"], whose
-# path lacks the prefix it was included with ("/models/{name}"); the app's route contexts know
-# the whole template. Learnt once per route (the route is kept, so that its id stays its own).
-_templates: dict[int, tuple[object, str]] = {}
-
-
-def _learn_template(app: Any, route: object) -> tuple[object, str]:
-    for context in iter_route_contexts(getattr(app, "routes", ())):
-        original = context.original_route
-        path = context.path_format or getattr(original, "path", None)
-        if isinstance(path, str) and path:
-            _templates[id(original)] = (original, path)
-    known = _templates.get(id(route))
-    if known is None or known[0] is not route:
-        # Not one of the app's own routes (inside a mounted app): its own template.
-        path = getattr(route, "path", None)
-        known = (route, path if isinstance(path, str) and path else UNMATCHED)
-        _templates[id(route)] = known
-    return known
-
-
-def record_request(scope: Mapping[str, Any], status: int, seconds: float) -> None:
-    """Count one answered request and its duration, by route template, method and status."""
-    method = scope.get("method", "")
-    key = (route_template(scope), method if method in _METHODS else "other", status)
+def record_request(route: str, method: str, status: int, seconds: float) -> None:
+    """Count one answered request and its duration, by route template
+    (``api.middleware.route_template``), method and status."""
+    key = (route, method if method in _METHODS else "other", status)
     children = _request_children.get(key)
     if children is None:
         labels = (key[0], key[1], str(status))

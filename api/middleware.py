@@ -113,11 +113,14 @@ class RequestContextMiddleware:
             if slot is not None:
                 # Once the response is sent, or the request failed or was cancelled.
                 await release_detached(slot)
-            metrics.record_request(scope, status, time.perf_counter() - started)
-            self._log(scope, status, started)
+            route = route_template(scope)
+            metrics.record_request(
+                route, scope.get("method", ""), status, time.perf_counter() - started
+            )
+            self._log(scope, route, status, started)
 
     @staticmethod
-    def _log(scope: Scope, status: int, started: float) -> None:
+    def _log(scope: Scope, route: str, status: int, started: float) -> None:
         """The request's access line: who (tenant and key ids, never a credential), which route
         (its template, never the raw path with its ids), the answer and how long it took."""
         if not _REQUEST_LOG.isEnabledFor(logging.INFO):
@@ -128,7 +131,7 @@ class RequestContextMiddleware:
         logger.info(
             "request",
             method=scope.get("method"),
-            route=route_template(scope),
+            route=route,
             status=status,
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
             tenant_id=str(tenant.id) if tenant is not None else None,

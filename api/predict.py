@@ -77,8 +77,12 @@ class PredictResponse(BaseModel):
         description="Unique id of this prediction; for `/predict` the request's `X-Request-ID`"
     )
     timestamp: datetime = Field(description="When the prediction was made (UTC, ISO 8601)")
-    inference_time_ms: float = Field(description="Time of the model call that computed it")
-    cached: bool
+    inference_time_ms: float = Field(
+        description="Time taken to produce it: the model call, or the cache lookup when cached"
+    )
+    cached: bool = Field(
+        description="Whether the answer came from the prediction cache (billed all the same)"
+    )
 
 
 class BatchPredictRequest(BaseModel):
@@ -139,15 +143,32 @@ async def _predict_and_bill(
     model: LoadedModel,
     rows: list[list[float]],
     field: str,
-) -> tuple[list[Prediction], float]:
-    """Run the model, then bill the tenant through the usage writer (the response is sent only
-    once the record is committed). Returns the predictions and the inference time. ``field``
-    names the body member that holds ``rows``, for the 422 that locates a refused value."""
+    *,
+    use_cache: bool = False,
+) -> tuple[list[Prediction], float, bool]:
+    """Run the model (or, with ``use_cache`` and a configured cache, answer from the cache),
+    then bill the tenant through the usage writer (the response is sent only once the record is
+    committed; a cached answer is billed exactly like a computed one). Returns the predictions,
+    the time taken to produce them and whether they came from the cache. ``field`` names the
+    body member that holds ``rows``, for the 422 that locates a refused value."""
     started = time.perf_counter()
     try:
-        predictions = await model.predict_async(rows)
+        # Validated before any cache lookup or batching: a bad row is refused on its own.
+        matrix = model.to_matrix(rows)
     except InvalidFeatures as exc:
         raise InvalidRequest(exc.message, loc=_feature_loc(field, exc)) from None
+    cache = state.prediction_cache if use_cache else None
+    tenant = subject.tenant
+    hit = None
+    if cache is not None and tenant is not None:
+        hit = await cache.get(tenant.id, model, matrix)
+        metrics.record_cache(hit is not None)
+    if hit is not None:
+        predictions = [hit]
+    else:
+        predictions = await model.infer_async(matrix, state.batching)
+        if cache is not None and tenant is not None:
+            cache.put(tenant.id, model, matrix, predictions[0])
     inference_ms = (time.perf_counter() - started) * 1000
     await charge(
         request,
@@ -159,7 +180,7 @@ async def _predict_and_bill(
         latency_ms=inference_ms,
     )
     metrics.record_prediction(model.name, model.version, model.runtime, len(rows))
-    return predictions, inference_ms
+    return predictions, inference_ms, hit is not None
 
 
 def _feature_loc(field: str, exc: InvalidFeatures) -> tuple[str | int, ...]:
@@ -190,8 +211,8 @@ async def predict(
     """Predict the class of one instance (1 unit)."""
     state = app_state(request)
     model = served_model(state, subject, body.model, body.model_version)
-    [result], inference_ms = await _predict_and_bill(
-        request, state, subject, model, [body.features], "features"
+    [result], inference_ms, cached = await _predict_and_bill(
+        request, state, subject, model, [body.features], "features", use_cache=True
     )
     return _json(
         PredictResponse(
@@ -203,7 +224,7 @@ async def predict(
             prediction_id=request.state.request_id,
             timestamp=datetime.now(UTC),
             inference_time_ms=round(inference_ms, 3),
-            cached=False,
+            cached=cached,
         )
     )
 
@@ -221,7 +242,7 @@ async def predict_batch(
     if len(body.instances) > min(limit, HARD_MAX_INSTANCES):
         raise InvalidRequest(f"a batch holds at most {limit} instances", loc=("body", "instances"))
     model = served_model(state, subject, body.model, body.model_version)
-    results, inference_ms = await _predict_and_bill(
+    results, inference_ms, _ = await _predict_and_bill(
         request, state, subject, model, body.instances, "instances"
     )
     request_id: str = request.state.request_id

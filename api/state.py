@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from api.prediction_cache import PredictionCache
 from auth.identity.authn import KeyAuthenticator
 from auth.identity.key_activity import KeyActivity
 from auth.identity.login_throttle import LoginThrottle
@@ -17,6 +18,7 @@ from auth.limits.limiter import RateLimiter
 from auth.settings import Secrets, Settings
 from auth.usage_writer import UsageWriter
 from ml import ModelRegistry
+from ml.batching import DIRECT, BatchPolicy
 
 
 class Rejections:
@@ -56,3 +58,7 @@ class AppState:
     login_throttle: LoginThrottle
     started_at: float = field(default_factory=time.monotonic)
     rejections: Rejections = field(default_factory=Rejections)
+    # How scikit-learn calls are micro-batched (ml.batching).
+    batching: BatchPolicy = DIRECT
+    # None when MODELGATE_PREDICTION_CACHE_TTL_SECONDS is 0; its hits and misses in .stats.
+    prediction_cache: PredictionCache | None = None

@@ -113,6 +113,19 @@ class Settings(BaseSettings):
     # re-hash of its files, in a thread): a version that fails is reloaded from the registry,
     # and is not served while it stays broken (api.lifecycle).
     model_check_interval_seconds: float = Field(default=30.0, gt=0, le=86_400)
+    # Micro-batching of the scikit-learn runtime (ml.batching): concurrent requests for one
+    # version of up to batch_max_size rows share one predict_proba call; the first row of an
+    # idle batcher waits at most batch_max_wait_ms for company. ONNX versions keep their direct
+    # calls (concurrent ONNX requests of one event-loop turn already share a call).
+    batch_enabled: bool = True
+    batch_max_size: int = Field(default=32, ge=1, le=1000)
+    batch_max_wait_ms: float = Field(default=2.0, ge=0, le=10)
+    # The prediction cache (api.prediction_cache) keeps each /predict answer this long, per
+    # tenant, model version and exact features: on Redis when redis_url is set, else in each
+    # process's memory (at most prediction_cache_size answers). 0: no cache (the default: with
+    # ONNX a lookup costs about as much as the prediction; see README, Batching and the cache).
+    prediction_cache_ttl_seconds: float = Field(default=0.0, ge=0, le=86_400)
+    prediction_cache_size: int = Field(default=10_000, ge=1, le=1_000_000)
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     # How long a request may run before it is answered 503 and cancelled (api.timeout): until
     # its response starts, or until its usage is handed to the usage writer, whichever comes

@@ -23,6 +23,7 @@ from sqlalchemy import text
 
 from api.app import create_app
 from api.cli import upgrade_database
+from api.prediction_cache import MemoryBackend, PredictionCache, RedisBackend, cache_secret
 from api.state import AppState
 from auth.audit import Actor
 from auth.db import create_engine, create_sessionmaker
@@ -37,6 +38,7 @@ from auth.usage_writer import UsageWriter
 from bench import IRIS_ROW
 from bench.services import BENCH_RATE_LIMIT, MICRO_LIMITER_IDS, SERVER_LOG_LEVEL, BenchEnvironment
 from ml import LoadedModel
+from ml.batching import BatchPolicy
 
 REPEATS = 5
 # Each repeat runs for about this long; the iteration count is calibrated per benchmark.
@@ -121,6 +123,24 @@ async def time_amortized(
         iterations=result.iterations * concurrency,
         repeats=result.repeats,
     )
+
+
+async def time_concurrent(
+    name: str,
+    description: str,
+    operation: Callable[[], Awaitable[object]],
+    concurrency: int = 64,
+    repeats: int = 3,
+) -> MicroResult:
+    """Time ``concurrency`` concurrent calls a few times (after one warm-up round), per call:
+    for operations too slow for :func:`time_amortized`'s calibration (scikit-learn)."""
+    await asyncio.gather(*(operation() for _ in range(concurrency)))
+    per_op: list[float] = []
+    for _ in range(repeats):
+        started = time.perf_counter_ns()
+        await asyncio.gather(*(operation() for _ in range(concurrency)))
+        per_op.append((time.perf_counter_ns() - started) / concurrency / 1000)
+    return _result(name, description, per_op, concurrency)
 
 
 def _sklearn_runtime(model: LoadedModel, env: BenchEnvironment) -> LoadedModel:
@@ -416,6 +436,65 @@ async def run_micro(env: BenchEnvironment, log: Callable[[str], None]) -> list[M
                 "model.predict.sklearn.10",
                 "the same version on scikit-learn, 10 rows",
                 lambda: sklearn_model.predict(ten),
+            )
+        )
+        for result in await _batching_and_cache(state, model, sklearn_model, tenant.id):
+            add(result)
+    return results
+
+
+async def _batching_and_cache(
+    state: AppState, model: LoadedModel, sklearn_model: LoadedModel, tenant_id: uuid.UUID
+) -> list[MicroResult]:
+    """Micro-batching (ONNX and scikit-learn, 64 concurrent single rows, per request) and the
+    prediction cache's hit (Redis and memory) against the ONNX prediction it replaces."""
+    one = [IRIS_ROW]
+    policy = state.batching  # the server's default: MODELGATE_BATCH_MAX_SIZE, _MAX_WAIT_MS
+    wait_ms = policy.max_wait_seconds * 1000
+    # The ONNX session's function behind the batcher, as scikit-learn's would be.
+    onnx_batched = LoadedModel(model.manifest, model._predict_proba, "sklearn")
+    onnx_policy = BatchPolicy(max_size=64, max_wait_seconds=policy.max_wait_seconds)
+    results = [
+        await time_amortized(
+            "model.onnx.x64.direct",
+            "64 concurrent 1-row predict_async on ONNX (inline, one call per loop turn), "
+            "per request",
+            lambda: model.predict_async(one),
+        ),
+        await time_amortized(
+            "model.onnx.x64.batcher",
+            f"the same through the micro-batcher (a thread, up to 64 rows, {wait_ms:g} ms "
+            "wait), per request",
+            lambda: onnx_batched.predict_async(one, onnx_policy),
+        ),
+        await time_concurrent(
+            "model.sklearn.x64.direct",
+            "64 concurrent 1-row predict_async on scikit-learn, one call each, per request",
+            lambda: sklearn_model.predict_async(one),
+        ),
+        await time_concurrent(
+            "model.sklearn.x64.batched",
+            f"the same micro-batched (up to {policy.max_size} rows, {wait_ms:g} ms wait), "
+            "per request",
+            lambda: sklearn_model.predict_async(one, policy),
+        ),
+    ]
+    secret = cache_secret(state.secrets.key_pepper)
+    timeout = state.settings.redis_timeout_seconds
+    matrix = model.to_matrix(one)
+    answer = model.predict(one)[0]
+    for label, backend in (
+        ("redis", RedisBackend(state.rate_limiter.client, 60, timeout)),
+        ("memory", MemoryBackend(60, 1000)),
+    ):
+        cache = PredictionCache(backend, secret)
+        cache.put(tenant_id, model, matrix, answer)
+        await cache.drain()
+        results.append(
+            await time_async(
+                f"cache.{label}.hit",
+                f"PredictionCache.get, a hit ({label}): key HMAC, lookup, decode",
+                lambda cache=cache: cache.get(tenant_id, model, matrix),  # type: ignore[misc]
             )
         )
     return results

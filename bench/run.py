@@ -31,6 +31,7 @@ from bench.services import (
     BENCH_MONTHLY_QUOTA,
     BENCH_RATE_LIMIT,
     SERVER_LOG_LEVEL,
+    SKLEARN_MODEL,
     BenchEnvironment,
     Server,
     bench_environment,
@@ -44,8 +45,26 @@ from bench.services import (
 )
 from bench.usage_scale import run_usage_scale
 
-ENDPOINTS = ("echo", "predict", "predict-jwt", "batch", "usage", "v2-infer")
-MODELGATE_ENDPOINTS = ("predict", "predict-jwt", "batch", "usage", "v2-infer")
+ENDPOINTS = (
+    "echo",
+    "predict",
+    "predict-jwt",
+    "batch",
+    "usage",
+    "predict-sklearn",
+    "predict-sklearn-direct",
+    "predict-cached",
+    "v2-infer",
+)
+MODELGATE_ENDPOINTS = ("predict", "predict-jwt", "batch", "usage", "predict-sklearn", "v2-infer")
+# Endpoints driven on a server of their own, started with these settings on top of the bench's.
+VARIANT_SERVERS: dict[str, dict[str, str]] = {
+    # The scikit-learn version with micro-batching switched off: one call per request.
+    "predict-sklearn-direct": {"MODELGATE_BATCH_ENABLED": "false"},
+    # The ONNX version with the prediction cache on (Redis): every request after the first is
+    # a hit, so this is the cache's best case.
+    "predict-cached": {"MODELGATE_PREDICTION_CACHE_TTL_SECONDS": "60"},
+}
 BATCH_ROWS = 10
 # Per startup, per cell: the fixed costs beyond warm-up + measurement, for the time estimate.
 STARTUP_ESTIMATE_S = 6.0
@@ -109,6 +128,23 @@ def targets(api_key: str) -> dict[str, Target]:
             _json_body(
                 {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP64", "data": IRIS_ROW}]}
             ),
+            {**json_type, **auth},
+        ),
+        **{
+            name: Target(
+                name,
+                "POST",
+                "/api/v1/predict",
+                _json_body({"features": IRIS_ROW, "model": SKLEARN_MODEL}),
+                {**json_type, **auth},
+            )
+            for name in ("predict-sklearn", "predict-sklearn-direct")
+        },
+        "predict-cached": Target(
+            "predict-cached",
+            "POST",
+            "/api/v1/predict",
+            _json_body({"features": IRIS_ROW}),
             {**json_type, **auth},
         ),
     }
@@ -185,6 +221,16 @@ def run_pass(
                 cell = Cell("echo", workers, connections)
                 report.cells.append(cell)
                 measure_cell(server, all_targets["echo"], cell, options)
+    for endpoint, settings in VARIANT_SERVERS.items():
+        if endpoint not in options.only:
+            continue
+        variables = ", ".join(f"{name}={value}" for name, value in settings.items())
+        log(f"starting modelgate serve with {workers} worker(s) and {variables}")
+        with running(modelgate_server(env, workers, settings, endpoint)) as server:
+            for connections in options.connections:
+                cell = Cell(endpoint, workers, connections)
+                report.cells.append(cell)
+                measure_cell(server, all_targets[endpoint], cell, options)
     wanted = [name for name in MODELGATE_ENDPOINTS if name in options.only]
     if not wanted:
         return
@@ -221,8 +267,11 @@ def run_pass(
 def estimate_seconds(options: RunOptions) -> float:
     """A rough duration of the whole run, printed up front."""
     modelgate = [e for e in MODELGATE_ENDPOINTS if e in options.only]
-    per_pass_cells = len(options.connections) * (("echo" in options.only) + len(modelgate))
-    starts = ("echo" in options.only) + bool(modelgate)
+    variants = [e for e in VARIANT_SERVERS if e in options.only]
+    per_pass_cells = len(options.connections) * (
+        ("echo" in options.only) + len(modelgate) + len(variants)
+    )
+    starts = ("echo" in options.only) + bool(modelgate) + len(variants)
     cell_s = options.warmup_s + options.duration_s + CELL_OVERHEAD_ESTIMATE_S
     per_pass = per_pass_cells * cell_s + starts * STARTUP_ESTIMATE_S
     micro_s = 25.0 if options.micro else 0.0

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -33,6 +35,7 @@ from auth.models import ApiKey, MonthlyUsage, Tenant, UsageDaily, UsageRecord
 from auth.usage import UsageEvent
 from auth.usage_writer import UsageWriter
 from bench import ROOT, BenchError
+from ml.manifest import ACTIVE_FILE, MANIFEST_FILE, read_manifest, write_manifest
 
 DEFAULT_DATABASE_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -46,6 +49,8 @@ BENCH_RATE_LIMIT = "100000000/minute"
 # tenant may have).
 BENCH_MONTHLY_QUOTA = MAX_MONTHLY_QUOTA
 HOST = "127.0.0.1"
+# The default model again, served by scikit-learn (no ONNX file): what micro-batching is for.
+SKLEARN_MODEL = "iris-sklearn"
 CONNECT_TIMEOUT_SECONDS = 5.0
 # Limiter ids the micro-benchmarks count against, registered so that cleanup can find them.
 MICRO_LIMITER_IDS: list[str] = []
@@ -212,6 +217,7 @@ def provision(env: BenchEnvironment) -> None:
     """Migrate the fresh database, train the default model, create the tenant and its key."""
     modelgate_cli(env, "db", "upgrade")
     modelgate_cli(env, "models", "train")
+    register_sklearn_copy(env.model_dir)
     tenant = json.loads(
         modelgate_cli(
             env,
@@ -230,6 +236,23 @@ def provision(env: BenchEnvironment) -> None:
         env, "keys", "issue", "--tenant", env.tenant_id, "--scopes", "predict,usage:read"
     )
     env.api_key = output.strip().splitlines()[-1]
+
+
+def register_sklearn_copy(model_dir: Path) -> None:
+    """Register the trained ``iris`` version again as ``SKLEARN_MODEL`` version 1 without its
+    ONNX file, so that scikit-learn serves it (the pickle and its hash are unchanged)."""
+    source = model_dir / "iris" / "1"
+    target = model_dir / SKLEARN_MODEL / "1"
+    target.mkdir(parents=True)
+    manifest = read_manifest(source / MANIFEST_FILE)
+    shutil.copyfile(source / manifest.artifact, target / manifest.artifact)
+    write_manifest(
+        target / MANIFEST_FILE,
+        manifest.model_copy(
+            update={"name": SKLEARN_MODEL, "onnx_artifact": None, "onnx_sha256": None}
+        ),
+    )
+    (model_dir / SKLEARN_MODEL / ACTIVE_FILE).write_text("1\n")
 
 
 @contextlib.contextmanager
@@ -419,8 +442,13 @@ class Server:
         self._process = None
 
 
-def modelgate_server(env: BenchEnvironment, workers: int) -> Server:
-    """``modelgate serve --workers N`` on a free port."""
+def modelgate_server(
+    env: BenchEnvironment, workers: int, settings: dict[str, str] | None = None, label: str = ""
+) -> Server:
+    """``modelgate serve --workers N`` on a free port; ``settings`` adds ``MODELGATE_*``
+    variables (a variant of the server, named ``label``)."""
+    if settings:
+        env = dataclasses.replace(env, env={**env.env, **settings})
     port = free_port()
     argv = [
         sys.executable,
@@ -434,7 +462,8 @@ def modelgate_server(env: BenchEnvironment, workers: int) -> Server:
         "--workers",
         str(workers),
     ]
-    return Server(f"modelgate w{workers}", argv, env, port, "/api/v1/health/ready")
+    name = f"modelgate{'-' + label if label else ''} w{workers}"
+    return Server(name, argv, env, port, "/api/v1/health/ready")
 
 
 def echo_server(env: BenchEnvironment, workers: int) -> Server:

@@ -20,6 +20,11 @@ def set_batch_observer(observer: BatchObserver | None) -> None:
     _batch_observer = observer
 
 
+def batch_observer() -> BatchObserver | None:
+    """The process's batch observer, if one is installed."""
+    return _batch_observer
+
+
 def batch_done(runtime: str, rows: int) -> None:
     """Report one call of a runtime on ``rows`` rows (after the requests that arrived together
     were coalesced into it)."""

@@ -29,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 import sklearn
 
+from ml.batching import DIRECT, BatchPolicy, MicroBatcher
 from ml.errors import InvalidFeatures, ModelNotFound, ModelUnavailable
 from ml.manifest import (
     ACTIVE_FILE,
@@ -79,6 +80,7 @@ class LoadedModel:
     version has an ONNX file and by scikit-learn otherwise."""
 
     __slots__ = (
+        "_batcher",
         "_bounds",
         "_class_names",
         "_lower",
@@ -111,6 +113,8 @@ class LoadedModel:
         self._bounds = tuple((r.min, r.max) for r in accepted)
         # Rows of concurrent requests waiting for this event-loop turn's ONNX call.
         self._pending: list[tuple[FeatureMatrix, asyncio.Future[list[Prediction]]]] = []
+        # Concurrent scikit-learn requests sharing one predict_proba call (ml.batching).
+        self._batcher: MicroBatcher[Prediction] = MicroBatcher(self._infer, runtime)
 
     @property
     def name(self) -> str:
@@ -128,18 +132,27 @@ class LoadedModel:
         Raises :class:`InvalidFeatures` before touching the runtime if any row has the wrong
         number of values or a value that is not a finite real number (bools are refused).
         """
-        return self._infer(self._to_matrix(rows))
+        return self._infer(self.to_matrix(rows))
 
-    async def predict_async(self, rows: Sequence[Sequence[float]]) -> list[Prediction]:
-        """Like :meth:`predict`, without stalling the event loop.
+    async def predict_async(
+        self, rows: Sequence[Sequence[float]], batching: BatchPolicy = DIRECT
+    ) -> list[Prediction]:
+        """Like :meth:`predict`, without stalling the event loop (see :meth:`infer_async`)."""
+        return await self.infer_async(self.to_matrix(rows), batching)
+
+    async def infer_async(
+        self, matrix: FeatureMatrix, batching: BatchPolicy = DIRECT
+    ) -> list[Prediction]:
+        """Predict the rows of a matrix that :meth:`to_matrix` returned, off the event loop.
 
         ONNX Runtime answers a forest in tens of microseconds: less than a hop to a thread and
         back costs, so it runs inline (``bench`` measures both), and the rows of every request
         that reaches this point in the same event-loop turn go to one ONNX call (a call's fixed
         cost is most of it: 10 rows cost about twice one). scikit-learn takes milliseconds of
-        CPU per call and would stall every other request, so it runs in a worker thread.
+        CPU per call and would stall every other request, so it runs in a worker thread; with
+        ``batching`` enabled, concurrent requests of up to ``batching.max_size`` rows share
+        that call (:class:`ml.batching.MicroBatcher`).
         """
-        matrix = self._to_matrix(rows)
         if self.runtime == "onnx" and len(matrix) <= INLINE_MAX_ROWS:
             loop = asyncio.get_running_loop()
             future: asyncio.Future[list[Prediction]] = loop.create_future()
@@ -147,6 +160,8 @@ class LoadedModel:
             if len(self._pending) == 1:
                 loop.call_soon(self._infer_pending)
             return await future
+        if self.runtime == "sklearn" and batching.enabled and len(matrix) <= batching.max_size:
+            return await self._batcher.submit(matrix, batching)
         batch_done(self.runtime, len(matrix))
         return await asyncio.to_thread(self._infer, matrix)
 
@@ -169,7 +184,11 @@ class LoadedModel:
                 future.set_result(predictions[start:end])
             start = end
 
-    def _to_matrix(self, rows: Sequence[Sequence[float]]) -> FeatureMatrix:
+    def to_matrix(self, rows: Sequence[Sequence[float]]) -> FeatureMatrix:
+        """``rows`` validated for this version, as a float64 matrix (one row per instance).
+
+        Raises :class:`InvalidFeatures` naming the first offending row and feature.
+        """
         n_features = self._n_features
         if isinstance(rows, _TEXT_TYPES) or not isinstance(rows, _ROW_TYPES):
             raise InvalidFeatures("features must be a list of rows of numbers")

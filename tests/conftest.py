@@ -42,6 +42,7 @@ from auth.schemas import TenantView
 from auth.settings import Settings, get_settings
 from auth.tenants import create_tenant, get_or_create_admin
 from ml import train_default
+from ml.observe import batch_observer, set_batch_observer
 
 TEST_VARIABLE_PREFIX = "MODELGATE_TEST_"
 
@@ -403,6 +404,19 @@ async def update_key(harness: Harness, key: str, **values: Any) -> None:
 def bearer(key: str) -> dict[str, str]:
     """The Authorization header for a credential."""
     return {"Authorization": f"Bearer {key}"}
+
+
+@contextmanager
+def recorded_batches() -> Iterator[list[tuple[str, int]]]:
+    """The (runtime, rows) of every runtime call made inside the block, as ``ml.observe``
+    reports them (the observer installed before, the metrics', is put back after)."""
+    calls: list[tuple[str, int]] = []
+    previous = batch_observer()
+    set_batch_observer(lambda runtime, rows: calls.append((runtime, rows)))
+    try:
+        yield calls
+    finally:
+        set_batch_observer(previous)
 
 
 def wrong_checksum(key: str) -> str:
