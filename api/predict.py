@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -136,27 +137,28 @@ def served_model(
     return state.registry.get(name, version)
 
 
-async def _predict_and_bill(
+async def predict_and_bill(
     request: Request,
     state: AppState,
     subject: AuthSubject,
     model: LoadedModel,
     rows: list[list[float]],
-    field: str,
+    locate: Callable[[InvalidFeatures], tuple[str | int, ...]],
     *,
     use_cache: bool = False,
 ) -> tuple[list[Prediction], float, bool]:
     """Run the model (or, with ``use_cache`` and a configured cache, answer from the cache),
-    then bill the tenant through the usage writer (the response is sent only once the record is
-    committed; a cached answer is billed exactly like a computed one). Returns the predictions,
-    the time taken to produce them and whether they came from the cache. ``field`` names the
-    body member that holds ``rows``, for the 422 that locates a refused value."""
+    then bill the tenant one unit per row through the usage writer (the response is sent only
+    once the record is committed; a cached answer is billed exactly like a computed one).
+    Returns the predictions, the time taken to produce them and whether they came from the
+    cache. ``locate`` gives the 422's location of a refused value in the request's body. Every
+    prediction route (/predict, /predict/batch, the V2 infer) goes through here."""
     started = time.perf_counter()
     try:
         # Validated before any cache lookup or batching: a bad row is refused on its own.
         matrix = model.to_matrix(rows)
     except InvalidFeatures as exc:
-        raise InvalidRequest(exc.message, loc=_feature_loc(field, exc)) from None
+        raise InvalidRequest(exc.message, loc=locate(exc)) from None
     cache = state.prediction_cache if use_cache else None
     tenant = subject.tenant
     hit = None
@@ -183,9 +185,13 @@ async def _predict_and_bill(
     return predictions, inference_ms, hit is not None
 
 
-def _feature_loc(field: str, exc: InvalidFeatures) -> tuple[str | int, ...]:
-    loc: tuple[str | int, ...] = ("body", field)
-    if field == "instances" and exc.row is not None:
+def _features_loc(exc: InvalidFeatures) -> tuple[str | int, ...]:
+    return ("body", "features") if exc.feature is None else ("body", "features", exc.feature)
+
+
+def _instances_loc(exc: InvalidFeatures) -> tuple[str | int, ...]:
+    loc: tuple[str | int, ...] = ("body", "instances")
+    if exc.row is not None:
         loc += (exc.row,)
     if exc.feature is not None:
         loc += (exc.feature,)
@@ -211,8 +217,8 @@ async def predict(
     """Predict the class of one instance (1 unit)."""
     state = app_state(request)
     model = served_model(state, subject, body.model, body.model_version)
-    [result], inference_ms, cached = await _predict_and_bill(
-        request, state, subject, model, [body.features], "features", use_cache=True
+    [result], inference_ms, cached = await predict_and_bill(
+        request, state, subject, model, [body.features], _features_loc, use_cache=True
     )
     return _json(
         PredictResponse(
@@ -242,8 +248,8 @@ async def predict_batch(
     if len(body.instances) > min(limit, HARD_MAX_INSTANCES):
         raise InvalidRequest(f"a batch holds at most {limit} instances", loc=("body", "instances"))
     model = served_model(state, subject, body.model, body.model_version)
-    results, inference_ms, _ = await _predict_and_bill(
-        request, state, subject, model, body.instances, "instances"
+    results, inference_ms, _ = await predict_and_bill(
+        request, state, subject, model, body.instances, _instances_loc
     )
     request_id: str = request.state.request_id
     name, version = model.manifest.name, model.manifest.version

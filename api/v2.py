@@ -18,7 +18,6 @@ from __future__ import annotations
 import inspect
 import json
 import sys
-import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Annotated, Any
 
@@ -28,8 +27,7 @@ from pydantic import BaseModel
 from api import health
 from api.deps import Authenticator, CredentialFirstRoute, PredictScope, app_state
 from api.errors import PROBLEM_DESCRIPTIONS, PROBLEM_MEDIA_TYPE, problem_response
-from api.metering import charge
-from api.predict import HARD_MAX_INSTANCES, served_model
+from api.predict import HARD_MAX_INSTANCES, predict_and_bill, served_model
 from api.v2_schemas import (
     INTEGER_BOUNDS,
     InferInput,
@@ -378,25 +376,17 @@ async def _infer(
     outputs = _requested_outputs(body.outputs)
     max_rows = min(state.settings.max_batch_size, HARD_MAX_INSTANCES)
     rows = input_rows(body.inputs[0], manifest.n_features, max_rows)
-    started = time.perf_counter()
-    try:
-        predictions = await model.predict_async(rows)
-    except InvalidFeatures as exc:
+    n_features = manifest.n_features
+
+    def locate(exc: InvalidFeatures) -> tuple[str | int, ...]:
+        # The flat index of the refused value in the input tensor's row-major data.
         loc: tuple[str | int, ...] = ("body", "inputs", 0, "data")
         if exc.feature is not None:
-            loc += ((exc.row or 0) * manifest.n_features + exc.feature,)
-        raise InvalidRequest(exc.message, loc=loc) from None
-    inference_ms = (time.perf_counter() - started) * 1000
+            loc += ((exc.row or 0) * n_features + exc.feature,)
+        return loc
+
     # One unit per row, as /predict/batch: the quota refuses the request whole.
-    await charge(
-        request,
-        state,
-        subject,
-        model=manifest.name,
-        model_version=manifest.version,
-        units=len(rows),
-        latency_ms=inference_ms,
-    )
+    predictions, _, _ = await predict_and_bill(request, state, subject, model, rows, locate)
     return _json(
         InferResponse(
             model_name=manifest.name,
