@@ -13,6 +13,8 @@ PUBLIC = {
     "/api/v1/health/live",
     "/api/v1/health/ready",
     "/api/v1/auth/token",
+    # Public unless MODELGATE_METRICS_TOKEN is set (its 401 is documented).
+    "/metrics",
 }
 
 
