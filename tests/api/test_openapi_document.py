@@ -17,6 +17,8 @@ PUBLIC = {
     "/v2",
     "/v2/health/live",
     "/v2/health/ready",
+    # Public unless MODELGATE_METRICS_TOKEN is set (its 401 is documented).
+    "/metrics",
 }
 
 
