@@ -187,6 +187,8 @@ def create_app(
     # gunicorn with --factory, a test) refuses the same production configurations.
     check_production(settings, declared_workers())
     tracer_provider = tracer_provider or provider_from_environment()
+    if tracer_provider is not None:
+        configure_logging(settings.log_level, settings.log_format, trace_ids=True)
     app = FastAPI(
         title="modelgate",
         version="0.1.0",

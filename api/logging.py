@@ -10,6 +10,7 @@ import sys
 from typing import Literal, TextIO
 
 import structlog
+from opentelemetry import trace
 
 SQL_PARAMETER_LOGGERS = ("aiosqlite", "asyncpg", "sqlalchemy.engine", "sqlalchemy.pool")
 
@@ -19,6 +20,25 @@ def _add_process_id(
 ) -> structlog.types.EventDict:
     # With several workers, which process answered is part of every story a log tells.
     event_dict["pid"] = os.getpid()
+    return event_dict
+
+
+# Whether lines name their trace (traces on). A flag read by the processor rather than a
+# processor added or not: loggers already used keep the processors they were first used with.
+_trace_ids = False
+
+
+def _add_trace_ids(
+    _logger: object, _method: str, event_dict: structlog.types.EventDict
+) -> structlog.types.EventDict:
+    # With traces on, a line logged inside a traced request names its trace and span: from a
+    # log line to its trace, and back.
+    if not _trace_ids:
+        return event_dict
+    context = trace.get_current_span().get_span_context()
+    if context.is_valid:
+        event_dict.setdefault("trace_id", format(context.trace_id, "032x"))
+        event_dict.setdefault("span_id", format(context.span_id, "016x"))
     return event_dict
 
 
@@ -43,16 +63,23 @@ def _renderer(log_format: LogFormat, colors: bool) -> list[structlog.types.Proce
 
 
 def configure_logging(
-    level: str = "INFO", log_format: LogFormat = "json", stream: TextIO | None = None
+    level: str = "INFO",
+    log_format: LogFormat = "json",
+    stream: TextIO | None = None,
+    *,
+    trace_ids: bool = False,
 ) -> None:
     """Route stdlib and structlog records through one renderer (JSON or console) on ``stream``
-    (stderr)."""
+    (stderr). With ``trace_ids`` (traces on), lines logged inside a span carry its ids."""
+    global _trace_ids
+    _trace_ids = trace_ids
     stream = stream or sys.stderr
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         _add_process_id,
+        _add_trace_ids,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     structlog.configure(

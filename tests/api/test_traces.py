@@ -3,6 +3,7 @@ inside it; nothing traced, and nothing to pay, when the OTEL_* variables ask for
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -57,7 +58,7 @@ def _ancestors(span: ReadableSpan, by_id: dict[int, ReadableSpan]) -> list[Reada
 
 @only_on("postgres")
 async def test_each_request_is_one_trace_with_its_database_and_redis_spans(
-    backend: Backend, served_model_dir: Path, tmp_path: Path
+    backend: Backend, served_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
@@ -65,13 +66,14 @@ async def test_each_request_is_one_trace_with_its_database_and_redis_spans(
     async with traced_app(backend, served_model_dir, tmp_path, provider) as app:
         _, key = await create_tenant_with_key(app)
         exporter.clear()  # the test's own set-up is no request
-        responses = [
-            await app.client.post(
-                "/api/v1/predict", json={"features": IRIS_SETOSA}, headers=bearer(key)
-            )
-            for _ in range(3)
-        ]
-        me = await app.client.get("/api/v1/me", headers=bearer(key))
+        with caplog.at_level(logging.INFO):
+            responses = [
+                await app.client.post(
+                    "/api/v1/predict", json={"features": IRIS_SETOSA}, headers=bearer(key)
+                )
+                for _ in range(3)
+            ]
+            me = await app.client.get("/api/v1/me", headers=bearer(key))
         pepper = app.state.secrets.key_pepper
         assert _instrumented(app)
     assert not _instrumented(app)  # undone with the lifespan
@@ -103,6 +105,17 @@ async def test_each_request_is_one_trace_with_its_database_and_redis_spans(
         (s for s in servers if s.name == "POST /api/v1/predict"), key=lambda s: s.start_time or 0
     )
     assert "postgresql" in {_db_system(s) for s in traces[first.context.trace_id]}
+
+    # Each request's access line names its trace: from the log to the trace.
+    access = {
+        record.msg["request_id"]: record.msg
+        for record in caplog.records
+        if isinstance(record.msg, dict) and record.msg.get("event") == "request"
+    }
+    for response in [*responses, me]:
+        line = access[response.headers["X-Request-ID"]]
+        (server,) = [s for s in servers if format(s.context.trace_id, "032x") == line["trace_id"]]
+        assert server.name.endswith(line["route"])
 
     # No span carries the key or its digest (the SQL text has placeholders, Redis's arguments
     # are "?").
