@@ -454,3 +454,14 @@ async def test_an_oversized_body_is_413_with_the_error_object(harness: Harness) 
     body = _with(IRIS_EXAMPLE, id=padding)
     response = await harness.client.post(INFER, json=body, headers=bearer(key))
     _assert_v2_error(response, 413)
+
+
+@pytest.mark.parametrize("content", [b"{", b"\xff\xfe", b"[]", b"null", b""])
+async def test_a_body_that_is_not_an_infer_request_is_422_with_the_error_object(
+    harness: Harness, content: bytes
+) -> None:
+    _, key = await create_tenant_with_key(harness)
+    response = await harness.client.post(
+        INFER, content=content, headers={**bearer(key), "Content-Type": "application/json"}
+    )
+    _assert_v2_error(response, 422)
