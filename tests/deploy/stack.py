@@ -194,9 +194,9 @@ class Replica:
     def log_lines(self) -> int:
         return len(self.log_path.read_text().splitlines())
 
-    def answered(self, path: str, status: int, since: int = 0) -> int:
-        """How many requests for ``path`` this replica answered with ``status`` after line
-        ``since`` of its log (its own request log lines, each with its pid)."""
+    def answered(self, route: str, status: int, since: int = 0) -> int:
+        """How many requests for ``route`` this replica answered with ``status`` after line
+        ``since`` of its log (its own access lines, each with its pid)."""
         count = 0
         for line in self.log_path.read_text().splitlines()[since:]:
             try:
@@ -205,7 +205,7 @@ class Replica:
                 continue
             if (
                 event.get("event") == "request"
-                and event.get("path") == path
+                and event.get("route") == route
                 and event.get("status") == status
             ):
                 assert event.get("pid") == self.process.pid, event

@@ -301,6 +301,18 @@ def test_compose_wires_the_replicas_behind_nginx(
         "redis": {"condition": "service_healthy"},
     }
     assert nginx["depends_on"] == {"api": {"condition": "service_healthy"}}
+    # A replica stopped is given the time its drain and its close may take before SIGKILL.
+    shutdown = Settings(
+        _env_file=None,
+        **{  # type: ignore[arg-type]
+            key.removeprefix(ENV_PREFIX).lower(): value
+            for key, value in environment_of(api).items()
+            if key == "MODELGATE_SHUTDOWN_TIMEOUT_SECONDS"
+        },
+    ).shutdown_timeout_seconds
+    grace = re.fullmatch(r"(\d+)s", api["stop_grace_period"])
+    assert grace is not None
+    assert int(grace[1]) > 2 * shutdown, (api["stop_grace_period"], shutdown)
     # Every service something waits on for health has a health check (the api's: the image's).
     for name in ("postgres", "redis", "nginx"):
         assert services[name]["healthcheck"]["test"], name

@@ -181,6 +181,16 @@ def test_through_nginx_only_the_client_address_nginx_saw_reaches_the_throttle(
     assert token_address(stack.replicas[1].port, direct, key, stack.admin, audited) == direct
 
 
+@only_on("postgres")
+def test_metrics_are_scraped_from_each_replica_and_not_served_through_nginx(stack: Stack) -> None:
+    with httpx.Client(timeout=30) as http:
+        assert http.get(f"{stack.proxy.url}/metrics").status_code == 404
+        for served in stack.replicas:
+            direct = http.get(f"http://127.0.0.1:{served.port}/metrics")
+            assert direct.status_code == 200
+            assert "modelgate_" in direct.text
+
+
 async def _recorded_units(database_url: str, tenant_id: str) -> int:
     url = make_url(database_url)
     connection = await asyncpg.connect(
@@ -303,10 +313,12 @@ async def _load(url: str, key: str, stop: asyncio.Event, load: Load, clients: in
     await asyncio.gather(*[one_client() for _ in range(clients)])
 
 
-async def _until(condition: Callable[[], object], timeout: float, what: str) -> None:
+async def _until(
+    condition: Callable[[], object], timeout: float, what: Callable[[], object]
+) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, what
+        assert time.monotonic() < deadline, what()
         await asyncio.sleep(0.1)
 
 
@@ -352,16 +364,22 @@ def _stop_a_replica_under_load(
         async def scenario() -> None:
             stop = asyncio.Event()
             driving = asyncio.create_task(_load(proxy.url, key, stop, load, clients=8))
+
+            def so_far() -> object:
+                statuses = sorted(set(load.predictions))
+                errors = proxy.error_log.read_text().splitlines()[-5:]
+                return ("both replicas must serve first", statuses, load.failures[-3:], errors)
+
             await _until(
                 lambda: first.answered(PREDICT, 200) and second.answered(PREDICT, 200),
-                30,
-                "both replicas must serve before one is stopped",
+                60,
+                so_far,
             )
             await asyncio.sleep(1.0)
             if take_out_first:
                 proxy.take_out(first.port)
                 await _until(
-                    lambda: "reconfiguring" in proxy.error_log.read_text(), 10, "no reload"
+                    lambda: "reconfiguring" in proxy.error_log.read_text(), 10, lambda: "reload"
                 )
                 # Until the replica has had nothing new to answer for a second.
                 seen = -1
@@ -369,12 +387,12 @@ def _stop_a_replica_under_load(
                     seen = now
                     await asyncio.sleep(1.0)
             first.terminate()
-            await _until(lambda: first.process.poll() is not None, 30, "replica did not stop")
+            await _until(lambda: first.process.poll() is not None, 90, lambda: "replica stop")
             served_before = second.answered(PREDICT, 200)
             await _until(
                 lambda: second.answered(PREDICT, 200) > served_before + 20,
-                30,
-                "the remaining replica must go on serving",
+                60,
+                lambda: ("the remaining replica must go on serving", so_far()),
             )
             stop.set()
             await driving
