@@ -33,7 +33,15 @@ router = APIRouter(route_class=CredentialFirstRoute, tags=["predictions"])
 # What any model's float32 input holds; a version may accept less (its input_range in
 # GET /models/{name}), refused with 422 naming the feature.
 FeatureValue = Annotated[
-    float, Field(strict=True, allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)
+    float,
+    Field(
+        strict=True,
+        allow_inf_nan=False,
+        ge=-FLOAT32_MAX,
+        le=FLOAT32_MAX,
+        description="A finite JSON number (no NaN, no infinity, no string or boolean), within "
+        "float32's range and the model's input_range",
+    ),
 ]
 ModelName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$")]
 ModelVersion = Annotated[str, Field(min_length=1, max_length=50, pattern=r"^[A-Za-z0-9_.-]+$")]
