@@ -224,7 +224,7 @@ class Authenticator(HTTPBearer):
         if subject.key_id is not None:  # an admin user's JWT has no key (auth.identity.authn)
             state.key_activity.touch(subject.key_id)
         structlog.contextvars.bind_contextvars(
-            key_id=str(subject.key_id),
+            key_id=str(subject.key_id) if subject.key_id is not None else None,
             tenant_id=str(subject.tenant.id) if subject.tenant else None,
         )
         if self.tenant_only and subject.tenant is None:
