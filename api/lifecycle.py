@@ -10,6 +10,7 @@ import time
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from api import metrics
 from auth.model_activation import active_versions
 from ml import ModelRegistry
 
@@ -33,9 +34,13 @@ async def apply_activations(
     async with asyncio.timeout(timeout), sessionmaker() as session:
         recorded = await active_versions(session)
     current = registry.activations()
+    changed = False
     for name, version in sorted(recorded.items()):
         if current.get(name) != version:
             await asyncio.to_thread(registry.set_active, name, version)
+            changed = True
+    if changed:
+        metrics.record_active_versions(registry)
 
 
 async def follow_activations(
@@ -65,6 +70,7 @@ async def check_models_periodically(registry: ModelRegistry, interval: float) ->
         await asyncio.sleep(interval)
         try:
             await asyncio.to_thread(registry.self_check)
+            metrics.record_registry(registry)
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -199,14 +199,19 @@ def observe_usage_flush(stats: FlushStats) -> None:
         USAGE_FLUSH_FAILURES.inc()
 
 
-def record_registry(registry: ModelRegistry) -> None:
-    """After a load of the registry: each model's active version, and the versions that failed
-    in this load. Call it after every (re)load."""
+def record_active_versions(registry: ModelRegistry) -> None:
+    """Each model's active version, after a switch (an activation, a self-check)."""
     for info in registry.models():
         for status in info.versions:
             MODEL_ACTIVE_VERSION.labels(info.name, status.version).set(
                 1 if status.version == info.active_version else 0
             )
+
+
+def record_registry(registry: ModelRegistry) -> None:
+    """After a load of the registry (at start, and each self-check, which retries the versions
+    that failed): each model's active version, and the versions that failed in this load."""
+    record_active_versions(registry)
     for status in registry.failed_versions():
         MODEL_LOAD_FAILURES.labels(status.name, status.version).inc()
 

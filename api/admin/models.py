@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from api import metrics
 from api.deps import AdminScope, CredentialFirstRoute, app_state, request_actor
 from api.errors import problem_responses
 from auth.errors import Conflict, DatabaseTimedOut
@@ -67,4 +68,5 @@ async def activate_model(
         raise DatabaseTimedOut from None
     # This worker switches now; the others within a second (api.lifecycle).
     await asyncio.to_thread(state.registry.set_active, name, body.version)
+    metrics.record_active_versions(state.registry)
     return view

@@ -96,6 +96,17 @@ async def _activate(app: Harness, admin: str, version: str, name: str = "iris") 
     )
 
 
+async def _active_in_metrics(app: Harness) -> dict[str, float]:
+    """modelgate_model_active_version of iris's versions, as /metrics reports it."""
+    text = (await app.client.get("/metrics")).text
+    prefix = 'modelgate_model_active_version{model="iris",version="'
+    return {
+        line[len(prefix) :].split('"', 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(prefix)
+    }
+
+
 async def test_activation_switches_the_served_version_rolls_back_and_is_audited(
     backend: Backend, models: Path, tmp_path: Path
 ) -> None:
@@ -110,11 +121,13 @@ async def test_activation_switches_the_served_version_rolls_back_and_is_audited(
         assert (body["name"], body["version"], body["previous_version"]) == ("iris", "2", None)
         assert body["activated_by"].startswith("admin:")
         assert (await _served_version(app, key)).json()["model_version"] == "2"
+        assert await _active_in_metrics(app) == {"1": 0.0, "2": 1.0}
 
         rollback = await _activate(app, admin, "1")
         assert rollback.status_code == 200, rollback.text
         assert rollback.json()["previous_version"] == "2"
         assert (await _served_version(app, key)).json()["model_version"] == "1"
+        assert await _active_in_metrics(app) == {"1": 1.0, "2": 0.0}
 
         async with app.sessionmaker() as session:
             events = (
@@ -284,6 +297,7 @@ async def test_an_activation_recorded_elsewhere_reaches_this_worker_within_two_s
                 break
             assert sent <= 2.0, f"still served version 1 at {sent:.2f} s"
             await asyncio.sleep(0.05)
+        assert await _active_in_metrics(app) == {"1": 0.0, "2": 1.0}
 
 
 async def test_an_activation_recorded_before_start_applies_from_the_first_request(
