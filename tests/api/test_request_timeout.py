@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from sqlalchemy import func, select
 from api.deps import DatabaseRoute, SessionDep
 from auth.models import AdminPrincipal, UsageRecord
 from auth.tenants import get_or_create_admin
+from ml.batching import DIRECT
 from ml.registry import LoadedModel
 from tests.conftest import (
     IRIS_SETOSA,
@@ -92,13 +93,14 @@ async def _records(harness: Harness, tenant_id: uuid.UUID) -> int:
 def _gate_predictions(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
     """Make every prediction wait until the returned event is set (a slow model)."""
     gate = asyncio.Event()
-    original = LoadedModel.predict_async
+    original = LoadedModel.infer_async
 
-    async def slow_predict(self: LoadedModel, rows: Sequence[Sequence[float]]) -> Any:
+    async def slow_infer(self: LoadedModel, matrix: Any, batching: Any = DIRECT) -> Any:
         await gate.wait()
-        return await original(self, rows)
+        return await original(self, matrix, batching)
 
-    monkeypatch.setattr(LoadedModel, "predict_async", slow_predict)
+    # Every prediction route runs its validated rows through infer_async (api.predict).
+    monkeypatch.setattr(LoadedModel, "infer_async", slow_infer)
     return gate
 
 
