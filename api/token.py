@@ -107,6 +107,8 @@ async def _mint(
         # A key that fails here counts against the address's failed-credential budget too,
         # as it would on any other route.
         subject = await state.authenticator.authenticate(secret, lambda: address)
+        # The access line names the key exchanged (by its ids), as on every other route.
+        request.state.subject = subject
         if form.client_id is not None and form.client_id != str(subject.key_id):
             raise Unauthenticated("client_id does not match the key")
         authorize(subject, frozenset())  # a suspended tenant's key gets no token either

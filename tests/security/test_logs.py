@@ -88,7 +88,13 @@ async def test_logs_carry_no_key_digest_or_body(
         issued = await harness.client.post(keys_path, json={"name": "new"}, headers=bearer(admin))
         # The route's template, not the path with the tenant's id in it.
         responses.append((issued, "/api/v1/admin/tenants/{tenant_id}/keys", 201))
+        exchanged = await harness.client.post(
+            "/api/v1/auth/token",
+            data={"grant_type": "client_credentials", "client_secret": key},
+        )
+        responses.append((exchanged, "/api/v1/auth/token", 200))
     new_key = issued.json()["key"]
+    token = exchanged.json()["access_token"]
 
     # First, the app really logged each request (and not only httpx its own lines), so the
     # search below reads what the app writes.
@@ -110,12 +116,14 @@ async def test_logs_carry_no_key_digest_or_body(
     assert [(line["tenant_id"], line["key_id"]) for line in by_request[2:4]] == [(None, None)] * 2
     assert by_request[5]["tenant_id"] is None
     assert by_request[5]["key_id"] is not None
+    # The key exchanged for a token, by the ids of the key (never the key or the token).
+    assert (by_request[6]["tenant_id"], by_request[6]["key_id"]) == (str(tenant.id), key_id)
     formatter = _app_formatter()
     text = "\n".join(
         f"{formatter.format(record)} {record.getMessage()} {record.__dict__}"
         for record in caplog.records
     )
-    for secret in (key, new_key, unknown, forged, admin):
+    for secret in (key, new_key, unknown, forged, admin, token):
         assert secret not in text
         assert secret[:-1] not in text  # nor most of it
         assert key_digest(pepper, secret) not in text
