@@ -51,8 +51,7 @@ _MULTIPROC_DIR = os.environ.get(MULTIPROC_DIR_VARIABLE) or None
 # The `_created` series double the output for nothing a dashboard uses.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
-# The route label of a request that matched no route (a 404 of the router itself): its path is
-# the client's text and is never a label.
+# Methods labelled as themselves; any other method a client sends is labelled "other".
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Seconds; requests run from well under a millisecond (a cached check) to the timeouts' seconds.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
