@@ -406,6 +406,24 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
+async def recorded_units(database_url: str, tenant_id: str) -> int:
+    """The units of every usage record of a tenant in a Postgres database (a server's, read
+    from outside it)."""
+    url = make_url(database_url)
+    connection = await asyncpg.connect(
+        host=url.host, port=url.port or 5432, user=url.username, database=url.database
+    )
+    try:
+        return int(
+            await connection.fetchval(
+                "SELECT coalesce(sum(units), 0) FROM usage_record WHERE tenant_id = $1",
+                uuid.UUID(tenant_id),
+            )
+        )
+    finally:
+        await connection.close()
+
+
 @contextmanager
 def recorded_batches() -> Iterator[list[tuple[str, int]]]:
     """The (runtime, rows) of every runtime call made inside the block, as ``ml.observe``

@@ -20,13 +20,11 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import asyncpg
 import httpx
 import pytest
-from sqlalchemy.engine import make_url
 
 from auth.identity.keys import generate_key
-from tests.conftest import IRIS_SETOSA, Backend, only_on
+from tests.conftest import IRIS_SETOSA, Backend, only_on, recorded_units
 from tests.deploy.stack import (
     NGINX,
     NGINX_INSTALLED,
@@ -191,22 +189,6 @@ def test_metrics_are_scraped_from_each_replica_and_not_served_through_nginx(stac
             assert "modelgate_" in direct.text
 
 
-async def _recorded_units(database_url: str, tenant_id: str) -> int:
-    url = make_url(database_url)
-    connection = await asyncpg.connect(
-        host=url.host, port=url.port or 5432, user=url.username, database=url.database
-    )
-    try:
-        return int(
-            await connection.fetchval(
-                "SELECT coalesce(sum(units), 0) FROM usage_record WHERE tenant_id = $1",
-                uuid.UUID(tenant_id),
-            )
-        )
-    finally:
-        await connection.close()
-
-
 async def _burst(url: str, key: str, count: int) -> list[int]:
     """``count`` concurrent predictions through ``url``, each claiming another origin."""
     async with httpx.AsyncClient(base_url=url, timeout=30) as http:
@@ -237,7 +219,7 @@ def test_a_rate_limit_holds_across_replicas_and_usage_is_billed_once(stack: Stac
     assert all(served), served
     assert all(stack.answered(PREDICT, 429, marks)), stack.answered(PREDICT, 429, marks)
     database_url = stack.environment["MODELGATE_DATABASE_URL"]
-    assert asyncio.run(_recorded_units(database_url, tenant_id)) == statuses.count(200)
+    assert asyncio.run(recorded_units(database_url, tenant_id)) == statuses.count(200)
 
 
 @only_on("postgres")
@@ -400,7 +382,7 @@ def _stop_a_replica_under_load(
         asyncio.run(scenario())
         served = first.answered(PREDICT, 200), second.answered(PREDICT, 200)
         errors = [line for line in proxy.error_log.read_text().splitlines() if "[error]" in line]
-    recorded = asyncio.run(_recorded_units(environment["MODELGATE_DATABASE_URL"], tenant["id"]))
+    recorded = asyncio.run(recorded_units(environment["MODELGATE_DATABASE_URL"], tenant["id"]))
     returncode = first.process.returncode
     assert returncode is not None
     return Stopped(load, served, returncode, recorded, errors)

@@ -29,7 +29,7 @@ import httpx
 import pytest
 from sqlalchemy.engine import make_url
 
-from tests.conftest import IRIS_SETOSA, Backend, only_on
+from tests.conftest import IRIS_SETOSA, Backend, only_on, recorded_units
 from tests.e2e.servers import BIN, free_port, hermetic_cwd, run_cli, wait_ready
 
 pytestmark = pytest.mark.e2e
@@ -102,11 +102,6 @@ async def _fetch(database_url: str, sql: str, *arguments: object) -> Any:
         return await connection.fetchval(sql, *arguments)
     finally:
         await connection.close()
-
-
-def _recorded_units(database_url: str, tenant_id: str) -> int:
-    sql = "SELECT coalesce(sum(units), 0) FROM usage_record WHERE tenant_id = $1"
-    return int(asyncio.run(_fetch(database_url, sql, uuid.UUID(tenant_id))))
 
 
 def _key_last_used(database_url: str, tenant_id: str) -> Any:
@@ -207,7 +202,7 @@ def test_sigterm_under_load_answers_every_accepted_request_and_bills_every_2xx(
     assert ok >= 200
     # The server did stop: requests after the signal failed to connect (nothing hung).
     assert any(o.error for o in outcomes), "no request failed after the server exited"
-    recorded = _recorded_units(tour_environment["MODELGATE_DATABASE_URL"], tenant_id)
+    recorded = asyncio.run(recorded_units(tour_environment["MODELGATE_DATABASE_URL"], tenant_id))
     assert recorded == ok, (recorded, ok, len(in_flight))
 
 
@@ -273,5 +268,5 @@ def test_a_request_in_flight_at_sigterm_is_answered_while_new_connections_are_re
         exited_after = _wait_exit(server, signalled_at)
     assert server.returncode == 0
     assert exited_after < SHUTDOWN_TIMEOUT, exited_after
-    assert _recorded_units(database_url, tenant_id) == 1
+    assert asyncio.run(recorded_units(database_url, tenant_id)) == 1
     assert _key_last_used(database_url, tenant_id) is not None

@@ -11,15 +11,12 @@ import json
 import os
 import signal
 import time
-import uuid
 from pathlib import Path
 
-import asyncpg
 import httpx
 import pytest
-from sqlalchemy.engine import make_url
 
-from tests.conftest import IRIS_SETOSA, Backend, only_on
+from tests.conftest import IRIS_SETOSA, Backend, only_on, recorded_units
 from tests.e2e.servers import run_cli, serve
 
 pytestmark = pytest.mark.e2e
@@ -90,22 +87,6 @@ async def _drive(port: int, key: str, log_path: Path) -> tuple[int, int, int]:
     return ok, failed, in_flight_at_kill
 
 
-async def _recorded_units(database_url: str, tenant_id: str) -> int:
-    url = make_url(database_url)
-    connection = await asyncpg.connect(
-        host=url.host, port=url.port or 5432, user=url.username, database=url.database
-    )
-    try:
-        return int(
-            await connection.fetchval(
-                "SELECT coalesce(sum(units), 0) FROM usage_record WHERE tenant_id = $1",
-                uuid.UUID(tenant_id),
-            )
-        )
-    finally:
-        await connection.close()
-
-
 @only_on("postgres")
 def test_a_worker_killed_midway_loses_no_billed_request(
     backend: Backend, tour_environment: dict[str, str], tmp_path: Path
@@ -129,6 +110,6 @@ def test_a_worker_killed_midway_loses_no_billed_request(
     log_path = tmp_path / "server.log"
     with serve(environment, tmp_path, workers=2, log_path=log_path) as port:
         ok, failed, in_flight_at_kill = asyncio.run(_drive(port, key_text, log_path))
-    recorded = asyncio.run(_recorded_units(environment["MODELGATE_DATABASE_URL"], tenant["id"]))
+    recorded = asyncio.run(recorded_units(environment["MODELGATE_DATABASE_URL"], tenant["id"]))
     assert recorded >= ok, (recorded, ok)
     assert recorded - ok <= in_flight_at_kill, (recorded, ok, failed, in_flight_at_kill)
