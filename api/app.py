@@ -13,20 +13,21 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.telemetry import TelemetryConfig
 from opentelemetry.trace import TracerProvider
 
-from api import health, me, metrics, models, predict, root, token, v2
-from api.admin import router as admin_router
-from api.body_limit import BodyLimitMiddleware
-from api.errors import install_error_handlers
-from api.forwarded import TrustedProxies
-from api.lifecycle import apply_activations, check_models_periodically, follow_activations
-from api.logging import configure_logging
-from api.metrics_endpoint import install_metrics
-from api.middleware import RequestContextMiddleware
-from api.openapi import install_openapi
-from api.prediction_cache import build_prediction_cache
-from api.state import AppState
-from api.timeout import RequestTimeoutMiddleware
-from api.tracing import instrumented, provider_from_environment
+from api.http.body_limit import BodyLimitMiddleware
+from api.http.errors import install_error_handlers
+from api.http.forwarded import TrustedProxies
+from api.http.middleware import RequestContextMiddleware
+from api.http.openapi import install_openapi
+from api.http.timeout import RequestTimeoutMiddleware
+from api.inference.cache import build_prediction_cache
+from api.observability import metrics
+from api.observability.logging import configure_logging
+from api.observability.tracing import instrumented, provider_from_environment
+from api.routes import catalog, health, me, predict, root, token, v2
+from api.routes.admin import router as admin_router
+from api.routes.metrics import install_metrics
+from api.server.activations import apply_activations, check_models_periodically, follow_activations
+from api.services import AppState
 from auth.db import create_engine, create_sessionmaker
 from auth.identity.authn import KeyAuthenticator
 from auth.identity.failure_throttle import CredentialThrottle
@@ -36,7 +37,7 @@ from auth.identity.tokens import prune_tokens_periodically, token_config
 from auth.limits.concurrency import ConcurrencyLimiter
 from auth.limits.limiter import RateLimiter
 from auth.settings import Settings, check_production, declared_workers, get_settings, load_secrets
-from auth.usage_writer import UsageWriter
+from auth.usage.writer import UsageWriter
 from ml import ModelRegistry
 from ml.batching import DIRECT, BatchPolicy
 
@@ -180,7 +181,7 @@ def create_app(
 ) -> FastAPI:
     """Build the application; ``uvicorn --factory api.app:create_app`` calls this per worker.
     Traces go to ``tracer_provider`` if given, else to the one the ``OTEL_*`` variables configure
-    (``api.tracing``); with neither, tracing is off."""
+    (``api.observability.tracing``); with neither, tracing is off."""
     settings = settings or get_settings()
     configure_logging(settings.log_level, settings.log_format)
     # Here rather than only in `modelgate serve`: every way of starting the app (uvicorn or
@@ -198,14 +199,14 @@ def create_app(
     )
     app.state.tracer_provider = tracer_provider
     app.state.settings = settings
-    # The one reading of X-Forwarded-For (api.deps.client_address); empty: the socket's peer.
+    # The one reading of X-Forwarded-For (api.http.deps.client_address); empty: the socket's peer.
     app.state.trusted_proxies = TrustedProxies(settings.trusted_proxy_networks)
     install_error_handlers(app)
     install_openapi(app)
 
     # Included straight into the app (not through an /api/v1 router of their own): every level
     # of nesting is one more router a request walks through. Predictions come first.
-    routers = (predict.router, health.router, models.router, me.router, token.router, admin_router)
+    routers = (predict.router, health.router, catalog.router, me.router, token.router, admin_router)
     for router in routers:
         app.include_router(router, prefix=API_PREFIX)
     app.include_router(root.router)
@@ -232,8 +233,8 @@ def create_app(
             ],
         )
     # The body limit, enforced when the body is read, so that a route that refuses a
-    # credential before reading the body (api.deps.CredentialFirstRoute) answers 401 whatever
-    # the Content-Length (api.body_limit); inside the request-context middleware, so that the
+    # credential before reading the body (api.http.deps.CredentialFirstRoute) answers 401 whatever
+    # the Content-Length (api.http.body_limit); inside the request-context middleware, so that the
     # 413 carries a request id (FastAPI's own max_body_size sits outside every user middleware).
     app.add_middleware(BodyLimitMiddleware, max_body_size=settings.max_body_bytes)
     # Inside the request-context middleware too: the 503 of a request past its deadline carries
@@ -249,7 +250,8 @@ def _telemetry(tracer_provider: TracerProvider | None) -> TelemetryConfig:
     providers whether they are configured. Its metrics stay off (Prometheus at /metrics is the
     one source of metrics), and so do its logs: they export exception messages, and a driver's
     message can quote a SQL parameter such as a key's digest. Its own exporter set-up from the
-    environment stays off too: ``api.tracing`` is the one that reads the OTEL_* variables."""
+    environment stays off too: ``api.observability.tracing`` is the one that reads the OTEL_*
+    variables."""
     return {
         "tracing": tracer_provider is not None,
         "tracer_provider": tracer_provider,

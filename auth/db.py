@@ -74,7 +74,7 @@ def create_engine(
         # up on a server that stops answering at all (a hung host, a stalled network), which
         # no server-side setting can catch. The driver's is a little longer, so that a slow
         # statement ends with the server's clean cancellation; only a little, because a
-        # request cancelled at its deadline (api.deps.DatabaseRoute) still waits for the
+        # request cancelled at its deadline (api.http.deps.DatabaseRoute) still waits for the
         # driver to give up on a server that does not answer (measured: deadline + this).
         server_settings["statement_timeout"] = str(int(statement_timeout_seconds * 1000))
         connect_args["command_timeout"] = statement_timeout_seconds + DRIVER_TIMEOUT_MARGIN

@@ -1,5 +1,5 @@
 """Which version of each model is active: set by an operator (HTTP or CLI), audited, and read
-by every worker about once a second (api.lifecycle), so that an activation or a rollback
+by every worker about once a second (api.server.activations), so that an activation or a rollback
 reaches every worker within 2 seconds. The model registry is read-only for the API; this table
 is where the choice lives."""
 

@@ -191,7 +191,7 @@ class UsageRecord(Base):
     """One billable prediction request. ``(request_id, created_at)`` is unique, so a retried
     write (which repeats both) bills once.
 
-    On Postgres the table is partitioned by month of ``created_at`` (``auth.usage_partitions``),
+    On Postgres the table is partitioned by month of ``created_at`` (``auth.usage.partitions``),
     which is why the unique constraint, and the primary key there, include it.
     """
 

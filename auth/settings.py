@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     # it may not exceed the 1 second that the contract promises.
     key_cache_ttl_seconds: float = Field(default=1.0, gt=0, le=1.0)
     key_cache_size: int = Field(default=10_000, ge=1)
-    # Group commit of usage (auth.usage_writer): at most this many records per transaction,
+    # Group commit of usage (auth.usage.writer): at most this many records per transaction,
     # and how long the writer may wait for more before it flushes (0: flush as soon as the
     # previous commit is done, which already batches everything that arrived meanwhile).
     usage_flush_max_records: int = Field(default=500, ge=1, le=5000)
@@ -111,7 +111,7 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=100, ge=1, le=1000)
     # How often each worker checks every loaded model version (a canary prediction and a
     # re-hash of its files, in a thread): a version that fails is reloaded from the registry,
-    # and is not served while it stays broken (api.lifecycle).
+    # and is not served while it stays broken (api.server.activations).
     model_check_interval_seconds: float = Field(default=30.0, gt=0, le=86_400)
     # Micro-batching of the scikit-learn runtime (ml.batching): concurrent requests for one
     # version of up to batch_max_size rows share one predict_proba call; the first row of an
@@ -120,14 +120,14 @@ class Settings(BaseSettings):
     batch_enabled: bool = True
     batch_max_size: int = Field(default=32, ge=1, le=1000)
     batch_max_wait_ms: float = Field(default=2.0, ge=0, le=10)
-    # The prediction cache (api.prediction_cache) keeps each /predict answer this long, per
+    # The prediction cache (api.inference.cache) keeps each /predict answer this long, per
     # tenant, model version and exact features: on Redis when redis_url is set, else in each
     # process's memory (at most prediction_cache_size answers). 0: no cache (the default: with
     # ONNX a lookup costs about as much as the prediction; see README, Batching and the cache).
     prediction_cache_ttl_seconds: float = Field(default=0.0, ge=0, le=86_400)
     prediction_cache_size: int = Field(default=10_000, ge=1, le=1_000_000)
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
-    # How long a request may run before it is answered 503 and cancelled (api.timeout): until
+    # How long a request may run before it is answered 503 and cancelled (api.http.timeout): until
     # its response starts, or until its usage is handed to the usage writer, whichever comes
     # first (from then on it finishes, so that it is never billed without its answer).
     request_timeout_seconds: float = Field(default=20.0, gt=0, le=3600)
@@ -166,7 +166,7 @@ class Settings(BaseSettings):
         default="60/minute", pattern=r"^[1-9][0-9]{0,5}/(second|minute|hour|day)$"
     )
     # Comma-separated addresses and networks (CIDR) of the reverse proxies in front of the
-    # service: only a peer among them is believed about X-Forwarded-For (api.forwarded).
+    # service: only a peer among them is believed about X-Forwarded-For (api.http.forwarded).
     trusted_proxies: str = ""
     # How often each worker deletes access-token records that expired a while ago.
     token_prune_interval_seconds: float = Field(default=600.0, gt=0, le=86_400)

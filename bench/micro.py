@@ -23,8 +23,8 @@ from sqlalchemy import text
 
 from api.app import create_app
 from api.cli import upgrade_database
-from api.prediction_cache import MemoryBackend, PredictionCache, RedisBackend, cache_secret
-from api.state import AppState
+from api.inference.cache import MemoryBackend, PredictionCache, RedisBackend, cache_secret
+from api.services import AppState
 from auth.audit import Actor
 from auth.db import create_engine, create_sessionmaker
 from auth.identity.keys import has_valid_checksum, issue_tenant_key, key_digest
@@ -33,8 +33,8 @@ from auth.limits.limiter import RateLimiter
 from auth.models import utcnow
 from auth.settings import Settings
 from auth.tenants import create_tenant
-from auth.usage import UsageEvent
-from auth.usage_writer import UsageWriter
+from auth.usage.ledger import UsageEvent
+from auth.usage.writer import UsageWriter
 from bench import IRIS_ROW
 from bench.services import BENCH_RATE_LIMIT, MICRO_LIMITER_IDS, SERVER_LOG_LEVEL, BenchEnvironment
 from ml import LoadedModel

@@ -32,8 +32,8 @@ from sqlalchemy.engine import URL, make_url
 from auth.db import create_engine
 from auth.limits.plans import MAX_MONTHLY_QUOTA
 from auth.models import ApiKey, MonthlyUsage, Tenant, UsageDaily, UsageRecord
-from auth.usage import UsageEvent
-from auth.usage_writer import UsageWriter
+from auth.usage.ledger import UsageEvent
+from auth.usage.writer import UsageWriter
 from bench import ROOT, BenchError
 from ml.manifest import ACTIVE_FILE, MANIFEST_FILE, read_manifest, write_manifest
 

@@ -2,7 +2,7 @@
 --days D``.
 
 Writes N usage records for the tenant (on its oldest key), spread evenly over the D UTC days that
-end today, through the service's own write path (the transaction ``auth.usage_writer.UsageWriter``
+end today, through the service's own write path (the transaction ``auth.usage.writer.UsageWriter``
 commits for a flush: records, monthly counters and daily rollups together, 5,000 records each),
 and prints its rate. Quotas are
 not checked: this is test data, not traffic.
@@ -21,8 +21,8 @@ from sqlalchemy import select
 
 from auth.db import create_engine, create_sessionmaker
 from auth.models import ApiKey, Tenant
-from auth.usage import UsageEvent
-from auth.usage_writer import UsageWriter
+from auth.usage.ledger import UsageEvent
+from auth.usage.writer import UsageWriter
 
 # Records per transaction (the service's own flushes hold at most 5,000).
 BATCH = 5_000

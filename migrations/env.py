@@ -26,7 +26,7 @@ def _database_url() -> str:
     return str(url) if url else get_settings().database_url
 
 
-# usage_record's monthly partitions on Postgres (auth.usage_partitions): made at run time, not
+# usage_record's monthly partitions on Postgres (auth.usage.partitions): made at run time, not
 # described by the models, so the drift check does not look at them.
 _PARTITION = re.compile(r"^usage_record_[0-9]{4}_[0-9]{2}$")
 

@@ -34,7 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.app import create_app
 from api.cli import upgrade_database
-from api.state import AppState
+from api.services import AppState
 from auth.audit import Actor
 from auth.identity.keys import issue_admin_key, issue_tenant_key, key_digest
 from auth.models import ApiKey
@@ -54,7 +54,7 @@ def is_product_setting(name: str) -> bool:
     if upper.startswith(TEST_VARIABLE_PREFIX):
         return False
     # WEB_CONCURRENCY is how the app factory counts its workers (auth.settings.declared_workers);
-    # the OTEL_* variables switch traces on (api.tracing).
+    # the OTEL_* variables switch traces on (api.observability.tracing).
     return upper.startswith(("MODELGATE_", "OTEL_")) or upper == "WEB_CONCURRENCY"
 
 

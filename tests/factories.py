@@ -9,7 +9,7 @@ from datetime import datetime
 from sqlalchemy import select
 
 from auth.models import ApiKey, Tenant
-from auth.usage import UsageEvent
+from auth.usage.ledger import UsageEvent
 from tests.conftest import Harness
 
 

@@ -5,7 +5,7 @@ the primary key becomes (id, created_at) and the idempotency constraint (request
 created_at), on both dialects for the latter (a retried write repeats its record's created_at,
 so it still fails whole). The records are copied into a new partitioned table, with one
 partition per month they span and one for the current month; the usage writer creates later
-months' partitions as their first records arrive (auth.usage_partitions). Dialect-guarded:
+months' partitions as their first records arrive (auth.usage.partitions). Dialect-guarded:
 on SQLite only the unique constraint changes.
 
 Revision ID: 7d41e9a0c3b2
@@ -105,7 +105,7 @@ def _months(first: datetime, last: datetime) -> list[date]:
 
 
 def _partition_sql(first: date) -> str:
-    # The same DDL as auth.usage_partitions.create_partition_sql, frozen with this revision.
+    # The same DDL as auth.usage.partitions.create_partition_sql, frozen with this revision.
     following = (
         date(first.year + 1, 1, 1) if first.month == 12 else first.replace(month=first.month + 1)
     )

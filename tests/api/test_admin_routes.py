@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from api.admin.billing import BILLING_COLUMNS
+from api.routes.admin.billing import BILLING_COLUMNS
 from auth.identity.keys import issue_admin_key
 from auth.models import AuditEvent, Tenant, utcnow
 from auth.tenants import get_or_create_admin

@@ -1,4 +1,4 @@
-"""The client address behind trusted proxies (api.forwarded): the rightmost-untrusted rule, its
+"""The client address behind trusted proxies (api.http.forwarded): the rightmost-untrusted rule, its
 bounds and its safe readings, and the setting's validation."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from api.forwarded import MAX_HOPS, TrustedProxies
+from api.http.forwarded import MAX_HOPS, TrustedProxies
 from auth.identity.failure_throttle import address_identifier
 from auth.settings import Settings
 

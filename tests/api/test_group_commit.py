@@ -17,7 +17,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from api.app import create_app
 from api.cli import upgrade_database
-from api.deps import PredictScope
+from api.http.deps import PredictScope
 from auth.models import MonthlyUsage, UsageRecord
 from tests.conftest import (
     IRIS_SETOSA,

@@ -14,8 +14,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from api import metrics
-from auth.usage_writer import FlushStats
+from api.observability import metrics
+from auth.usage.writer import FlushStats
 from tests.conftest import (
     IRIS_SETOSA,
     IRIS_VIRGINICA,

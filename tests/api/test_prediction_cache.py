@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from sqlalchemy import select
 
 from api.cli import upgrade_database
-from api.prediction_cache import MemoryBackend, PredictionCache, RedisBackend, cache_secret
+from api.inference.cache import MemoryBackend, PredictionCache, RedisBackend, cache_secret
 from auth.models import UsageRecord
 from ml import ModelRegistry, Prediction
 from tests.conftest import (

@@ -24,7 +24,7 @@ from limits.aio.storage.redis.redispy import RedispyBridge
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from sqlalchemy import func, select, update
 
-from api.deps import AnyCredential, PredictScope
+from api.http.deps import AnyCredential, PredictScope
 from auth.errors import ConfigurationError, DependencyUnavailable, InvalidRequest
 from auth.identity.authn import AuthSubject
 from auth.limits.limiter import (

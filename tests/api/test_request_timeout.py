@@ -1,5 +1,5 @@
-"""The per-request deadline (``MODELGATE_REQUEST_TIMEOUT_SECONDS``, api.timeout): a request past
-it is cancelled and answered 503 problem JSON, billed nothing, and leaves nothing held; a
+"""The per-request deadline (``MODELGATE_REQUEST_TIMEOUT_SECONDS``, api.http.timeout): a request
+past it is cancelled and answered 503 problem JSON, billed nothing, and leaves nothing held; a
 request whose usage is already being committed is answered, never cut off after billing."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import func, select
 
-from api.deps import DatabaseRoute, SessionDep
+from api.http.deps import DatabaseRoute, SessionDep
 from auth.models import AdminPrincipal, UsageRecord
 from auth.tenants import get_or_create_admin
 from ml.batching import DIRECT
@@ -99,7 +99,7 @@ def _gate_predictions(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
         await gate.wait()
         return await original(self, matrix, batching)
 
-    # Every prediction route runs its validated rows through infer_async (api.predict).
+    # Every prediction route runs its validated rows through infer_async (api.routes.predict).
     monkeypatch.setattr(LoadedModel, "infer_async", slow_infer)
     return gate
 

@@ -1,5 +1,6 @@
-"""Traces (api.tracing): one trace per request, with its database statements and Redis commands
-inside it; nothing traced, and nothing to pay, when the OTEL_* variables ask for nothing."""
+"""Traces (api.observability.tracing): one trace per request, with its database statements and
+Redis commands inside it; nothing traced, and nothing to pay, when the OTEL_* variables ask for
+nothing."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from api.app import create_app
-from api.tracing import traces_requested
+from api.observability.tracing import traces_requested
 from auth.identity.keys import key_digest
 from tests.conftest import (
     IRIS_SETOSA,

@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 
 from auth.errors import InvalidRequest
 from auth.models import UsageRecord, utcnow
-from auth.usage import month_of, parse_month, seconds_to_next_month
+from auth.usage.ledger import month_of, parse_month, seconds_to_next_month
 from tests.conftest import IRIS_SETOSA, Harness, bearer, create_tenant_with_key
 from tests.factories import insert_usage, utc_at
 

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import func, select, text
 
 from auth.models import UsageDaily, UsageRecord
-from auth.usage import UsageEvent, prune_records
+from auth.usage.ledger import UsageEvent, prune_records
 from tests.conftest import Harness, create_tenant_with_key, only_on
 from tests.factories import insert_usage, utc_at
 

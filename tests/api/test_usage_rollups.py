@@ -12,7 +12,7 @@ from sqlalchemy import func, select, update
 
 from auth.errors import InvalidRequest
 from auth.models import UsageDaily, UsageRecord
-from auth.usage import prune_records, rebuild_rollups
+from auth.usage.ledger import prune_records, rebuild_rollups
 from tests.conftest import IRIS_SETOSA, Harness, bearer, create_admin_key, create_tenant_with_key
 from tests.factories import insert_usage, utc_at
 

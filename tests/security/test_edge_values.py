@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from api.errors import classify_database_error
+from api.http.errors import classify_database_error
 from auth.db import create_engine
 from tests.conftest import (
     IRIS_SETOSA,

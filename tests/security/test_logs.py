@@ -10,14 +10,15 @@ import httpx
 import pytest
 import structlog
 
-from api.logging import configure_logging
+from api.observability.logging import configure_logging
 from auth.identity.keys import generate_key, key_digest
 from tests.conftest import Harness, bearer, create_admin_key, create_tenant_with_key, wrong_checksum
 
 
 def _app_formatter() -> logging.Formatter:
-    """The formatter of the handler the app installed (``api.logging.configure_logging``), so
-    that the test reads each line as the app writes it, not only the record behind it."""
+    """The formatter of the handler the app installed
+    (``api.observability.logging.configure_logging``), so that the test reads each line as the app
+    writes it, not only the record behind it."""
     for handler in logging.getLogger().handlers:
         if isinstance(handler.formatter, structlog.stdlib.ProcessorFormatter):
             return handler.formatter

@@ -1,0 +1,266 @@
+"""FastAPI dependencies: the app state, the request's database session, and identity."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from typing import Annotated, Any
+
+import fastapi.routing
+import structlog
+from fastapi import Depends, Request, Response
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPBearer
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from api.http.forwarded import TrustedProxies
+from api.http.timeout import lift_deadline
+from api.inference.metering import BILLABLE
+from api.services import AppState
+from auth.audit import Actor
+from auth.errors import DatabaseTimedOut, Forbidden
+from auth.identity.authn import AuthSubject, authorize, bearer_credential
+from auth.limits.limiter import KeyRateLimitExceeded
+from auth.settings import Settings
+
+
+def app_state(request: Request) -> AppState:
+    """The process's components (engine, limiter, registry...). The prediction routes call it
+    directly: on the hot path every declared dependency costs FastAPI's solver a visit."""
+    state: AppState = request.app.state.modelgate
+    return state
+
+
+async def get_app_state(request: Request) -> AppState:
+    """``app_state`` as a dependency; async, so FastAPI does not send it to the threadpool on
+    every request."""
+    return app_state(request)
+
+
+StateDep = Annotated[AppState, Depends(get_app_state)]
+
+
+async def get_settings_dep(state: StateDep) -> Settings:
+    """The settings the app was built with."""
+    return state.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+
+
+async def get_session(request: Request, state: StateDep) -> AsyncIterator[AsyncSession]:
+    """One session per request. ``DatabaseRoute`` commits it before the response is sent;
+    this teardown only closes it (rolling back whatever was not committed)."""
+    async with state.sessionmaker() as session:
+        request.state.session = session
+        yield session
+
+
+SessionDep = Annotated[AsyncSession, Depends(get_session)]
+
+
+def client_address(request: Request) -> str | None:
+    """Where the request comes from: the socket's peer, unless that peer is one of the trusted
+    proxies (``MODELGATE_TRUSTED_PROXIES``), in which case the rightmost address of
+    ``X-Forwarded-For`` that is not a trusted proxy (``api.http.forwarded``). The one place that
+    reads ``X-Forwarded-For``: the audit trail, the login throttle and the failed-credential
+    throttle all ask here."""
+    peer = request.client.host if request.client else None
+    proxies: TrustedProxies | None = getattr(request.app.state, "trusted_proxies", None)
+    if not proxies:
+        return peer
+    return proxies.client_address(peer, request.headers.getlist("x-forwarded-for"))
+
+
+def request_actor(request: Request, subject: AuthSubject) -> Actor:
+    """The audit trail's view of who is making this request's change, and from where."""
+    return Actor(
+        name=subject.actor,
+        key_id=subject.key_id,
+        client_addr=client_address(request),
+        user_agent=request.headers.get("user-agent"),
+        request_id=getattr(request.state, "request_id", None),
+    )
+
+
+async def forbid_caching(response: Response) -> None:
+    """For a route whose answer carries a secret (a new key, a token): no cache on the way may
+    keep it (``Cache-Control: no-store``, and ``Pragma: no-cache`` for HTTP/1.0 caches)."""
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["Pragma"] = "no-cache"
+
+
+# A route's ``dependencies=[NoStore]``.
+NoStore = Depends(forbid_caching)
+
+
+class CredentialFirstRoute(APIRoute):
+    """A route that checks the request's credential before FastAPI reads its body.
+
+    FastAPI reads and parses a body before it solves the dependencies, so with the
+    ``Authenticator`` dependency alone an anonymous client could make the server read and parse
+    up to ``MODELGATE_MAX_BODY_BYTES``. A route of this class that requires a credential (an
+    ``Authenticator`` among its dependencies, its router's included) first authenticates the
+    request from its headers (``authenticate_request``: 401, or 429 for a throttled address);
+    the dependency then finds the subject on ``request.state`` and does the rest (scopes, the
+    rate-limit hit) once, as before. The body limit (``api.http.body_limit``) lets that 401 through
+    unread, with ``Connection: close``. A route without an ``Authenticator`` is unchanged.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        if not any(isinstance(d.call, Authenticator) for d in _dependants(_in_force(self))):
+            return handler
+
+        async def authenticate_then_handle(request: Request) -> Response:
+            await authenticate_request(request)
+            return await handler(request)
+
+        return authenticate_then_handle
+
+
+# FastAPI builds an included route's handler with the route as its inclusion sees it (its
+# router's dependencies added) in this context variable; without it, the route's own.
+_INCLUDED_ROUTE = getattr(fastapi.routing, "_effective_route_context_var", None)
+
+
+def _in_force(route: APIRoute) -> Dependant:
+    included = _INCLUDED_ROUTE.get() if _INCLUDED_ROUTE is not None else None
+    if included is not None and getattr(included, "original_route", None) is route:
+        dependant: Dependant = included.dependant
+        return dependant
+    return route.dependant
+
+
+def _dependants(dependant: Dependant) -> Iterator[Dependant]:
+    yield dependant
+    for child in dependant.dependencies:
+        yield from _dependants(child)
+
+
+class DatabaseRoute(CredentialFirstRoute):
+    """A route that works on the database: the whole request (its credential check included)
+    gets ``database_timeout_seconds`` for its database work, answered 503 past it, and the
+    request's session is committed after the endpoint returns and before the response is sent,
+    so that a 2xx response always means its writes are durable."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def bounded_handler_then_commit(request: Request) -> Response:
+            # One deadline for the request rather than one per statement: a database that
+            # stalls would otherwise cost the connection check, the reconnect and each
+            # statement a timeout of its own.
+            timeout = app_state(request).settings.database_timeout_seconds
+            try:
+                async with asyncio.timeout(timeout):
+                    response = await handler(request)
+                    session: AsyncSession | None = getattr(request.state, "session", None)
+                    if (
+                        session is not None
+                        and session.in_transaction()
+                        and response.status_code < 400
+                    ):
+                        # Committed, then answered, whatever the request's deadline.
+                        await lift_deadline(request.scope)
+                        await session.commit()
+            except TimeoutError:
+                raise DatabaseTimedOut from None
+            return response
+
+        return bounded_handler_then_commit
+
+
+async def authenticate_request(request: Request) -> AuthSubject:
+    """Verify the request's bearer credential and keep the subject on ``request.state`` (401
+    for a missing or bad credential; 429 once the client's address has failed too often, see
+    ``auth.identity.failure_throttle``). The client's address is worked out only if the
+    credential is not in the authenticator's cache."""
+    credential = bearer_credential(request.headers.get("authorization"))
+    subject = await app_state(request).authenticator.authenticate(
+        credential, lambda: client_address(request)
+    )
+    request.state.subject = subject
+    return subject
+
+
+class Authenticator(HTTPBearer):
+    """The one way in for identity: verifies the bearer credential, checks the scopes, and
+    counts the request against the key's rate limit.
+
+    It is an ``HTTPBearer`` so that OpenAPI shows the scheme (the "Authorize" button) without a
+    second dependency to solve on every request; parsing and errors are ours.
+    """
+
+    def __init__(
+        self,
+        required_scopes: set[str],
+        *,
+        tenant_only: bool = False,
+        admin_only: bool = False,
+        billable: bool = False,
+    ) -> None:
+        super().__init__(
+            auto_error=False,
+            scheme_name="HTTPBearer",
+            description="An API key (mg_...) or a JWT",
+        )
+        self.required_scopes = frozenset(required_scopes)
+        self.tenant_only = tenant_only
+        self.admin_only = admin_only
+        # A billable route may answer 2xx only after api.inference.metering.charge (the middleware
+        # enforces it).
+        self.billable = billable
+
+    async def __call__(self, request: Request) -> AuthSubject:  # type: ignore[override]
+        # Read directly rather than through StateDep: one dependency less on the hot path.
+        state = app_state(request)
+        # api.routing authenticated the request from its headers before its body was read;
+        # a route it does not guard authenticates here.
+        subject: AuthSubject | None = getattr(request.state, "subject", None)
+        if subject is None:
+            subject = await authenticate_request(request)
+        if subject.key_id is not None:  # an admin user's JWT has no key (auth.identity.authn)
+            state.key_activity.touch(subject.key_id)
+        structlog.contextvars.bind_contextvars(
+            key_id=str(subject.key_id) if subject.key_id is not None else None,
+            tenant_id=str(subject.tenant.id) if subject.tenant else None,
+        )
+        if self.tenant_only and subject.tenant is None:
+            raise Forbidden("this route is for tenant credentials")
+        if self.admin_only and not subject.is_admin:
+            # The scope alone is not enough: a key whose row somehow carried "admin" but
+            # belongs to a tenant must never reach an operator route.
+            raise Forbidden("this route is for operator credentials")
+        authorize(subject, self.required_scopes)
+        if self.billable:
+            setattr(request.state, BILLABLE, True)
+        if subject.max_in_flight is not None:
+            # Before the rate limit, so that a request refused here costs none of it. The slot
+            # is the middleware's to release, once, when the response is finished (or failed).
+            request.state.inflight = await state.concurrency.acquire(
+                subject.limit_id, subject.max_in_flight
+            )
+        try:
+            request.state.rate_limit = await state.rate_limiter.hit(
+                subject.limit_id, subject.rate_limits, admin=subject.tenant is None
+            )
+        except KeyRateLimitExceeded as exc:
+            # The 429 carries the rate-limit headers too.
+            request.state.rate_limit = exc.status
+            raise
+        return subject
+
+
+require_admin = Authenticator({"admin"}, admin_only=True)
+
+PredictScope = Annotated[
+    AuthSubject, Depends(Authenticator({"predict"}, tenant_only=True, billable=True))
+]
+UsageScope = Annotated[AuthSubject, Depends(Authenticator({"usage:read"}, tenant_only=True))]
+KeysScope = Annotated[AuthSubject, Depends(Authenticator({"keys:manage"}, tenant_only=True))]
+TenantCredential = Annotated[AuthSubject, Depends(Authenticator(set(), tenant_only=True))]
+AnyCredential = Annotated[AuthSubject, Depends(Authenticator(set()))]
+# The same instance as the /admin router's dependency, so FastAPI runs it once per request.
+AdminScope = Annotated[AuthSubject, Depends(require_admin)]

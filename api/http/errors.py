@@ -1,0 +1,289 @@
+"""RFC 9457 problem JSON for every error; no stack trace, secret or key ever reaches a client."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from slowapi.errors import RateLimitExceeded
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.http.middleware import log_unexpected
+from auth.errors import (
+    Conflict,
+    DependencyUnavailable,
+    InvalidRequest,
+    ModelgateError,
+    NotFound,
+)
+from auth.limits.limiter import KeyRateLimitExceeded
+from ml import InvalidFeatures, ModelNotFound, ModelUnavailable
+
+logger = structlog.get_logger(__name__)
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem; ``type`` is a relative URI reference naming the problem."""
+
+    type: str = Field(examples=["quota-exceeded"])
+    title: str
+    status: int
+    detail: str
+    request_id: str | None = None
+
+
+class ValidationProblem(Problem):
+    """A 422 problem with the offending fields."""
+
+    errors: list[dict[str, Any]]
+
+
+def problem_response(
+    request: Request,
+    status: int,
+    type_: str,
+    title: str,
+    detail: str,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    """Build a problem JSON response carrying the request id."""
+    body = {
+        "type": type_,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "request_id": getattr(request.state, "request_id", None),
+        **extra,
+    }
+    headers = dict(headers or {})
+    if status == 401:
+        headers.setdefault("WWW-Authenticate", "Bearer")
+    elif status in (429, 503) and "Retry-After" not in headers:
+        # Every refusal a client may retry says when (the error's own figure when it has one).
+        headers["Retry-After"] = "1"
+    # For the middleware's count of refusals by problem type (AppState.rejections).
+    request.state.problem_type = type_
+    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
+
+
+def _from_error(request: Request, error: ModelgateError) -> JSONResponse:
+    headers = {}
+    retry_after = getattr(error, "retry_after", None)
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    extra: dict[str, Any] = {}
+    if error.status_code == 422:
+        # Every 422 names what was wrong, whether the schema or a service refused it.
+        loc = list(error.loc) if isinstance(error, InvalidRequest) else []
+        extra["errors"] = [{"loc": loc, "msg": error.detail, "type": "value_error"}]
+    return problem_response(
+        request, error.status_code, error.type, error.title, error.detail, headers, **extra
+    )
+
+
+async def _modelgate_error(request: Request, exc: Exception) -> JSONResponse:
+    if not isinstance(exc, ModelgateError):
+        raise exc
+    return _from_error(request, exc)
+
+
+async def _model_error(request: Request, exc: Exception) -> JSONResponse:
+    mapped: ModelgateError
+    if isinstance(exc, ModelNotFound):
+        mapped = NotFound(str(exc))
+    elif isinstance(exc, InvalidFeatures):
+        mapped = InvalidRequest(str(exc))
+    else:
+        mapped = DependencyUnavailable(str(exc) or "model unavailable", retry_after=5)
+    return _from_error(request, mapped)
+
+
+async def _rate_limited(request: Request, exc: Exception) -> JSONResponse:
+    if not isinstance(exc, RateLimitExceeded):
+        raise exc
+    headers = {}
+    if isinstance(exc, KeyRateLimitExceeded):
+        headers["Retry-After"] = str(exc.status.retry_after)
+    return problem_response(
+        request,
+        429,
+        "rate-limited",
+        "Too many requests",
+        f"rate limit exceeded: {exc.detail}",
+        headers,
+    )
+
+
+def _safe_validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+    # Pydantic echoes the offending input; it could be a secret, so it is dropped.
+    return [
+        {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+        for e in exc.errors()
+    ]
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    if not isinstance(exc, RequestValidationError):
+        raise exc
+    return problem_response(
+        request,
+        422,
+        "validation-error",
+        "Invalid request",
+        "the request does not match the expected schema",
+        errors=_safe_validation_errors(exc),
+    )
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    if not isinstance(exc, StarletteHTTPException):
+        raise exc
+    headers = dict(exc.headers or {})
+    if exc.status_code == 400:
+        # The framework could not parse the body at all (bytes that are not UTF-8 JSON): as
+        # invalid as a body that parses to the wrong shape, and answered the same way.
+        return _from_error(
+            request, InvalidRequest("the request body is not valid JSON", loc=("body",))
+        )
+    if exc.status_code == 405:
+        # Starlette lists the methods of the first route that matched the path; a path served
+        # by several routes (GET and POST) supports all of theirs.
+        headers["Allow"] = ", ".join(_allowed_methods(request))
+    slug = {404: "not-found", 405: "method-not-allowed", 413: "payload-too-large"}.get(
+        exc.status_code, "http-error"
+    )
+    detail = exc.detail if isinstance(exc.detail, str) else "request refused"
+    return problem_response(request, exc.status_code, slug, detail, detail, headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in request.app.routes:
+        path_regex = getattr(route, "path_regex", None)
+        if path_regex is not None and path_regex.match(request.url.path):
+            methods.update(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
+def _outage(request: Request, exc: Exception, detail: str) -> JSONResponse:
+    # The driver's message may include SQL with parameters: log the class only.
+    logger.warning(detail, error=type(exc).__name__)
+    return _from_error(request, DependencyUnavailable(detail, retry_after=2))
+
+
+# SQLSTATE classes (the first two characters) that mean the database or the way to it is
+# unwell, not that the request or the code is wrong: connection exception, transaction
+# rollback (serialization, deadlock), insufficient resources, operator intervention (a
+# cancelled statement: the statement timeout), system error.
+_OUTAGE_CLASSES = frozenset({"08", "40", "53", "57", "58"})
+
+
+# SQLite's result codes for the same idea: busy, locked, out of memory, I/O error, corrupt,
+# full, cannot open. Anything else (SQLITE_ERROR: bad SQL, a function's error) is ours.
+_SQLITE_OUTAGE_CODES = frozenset({5, 6, 7, 10, 11, 13, 14})
+
+
+def _sqlstate(exc: DBAPIError) -> str:
+    return str(getattr(exc.orig, "sqlstate", None) or "")
+
+
+def classify_database_error(exc: DBAPIError) -> Literal["data", "conflict", "outage", "bug"]:
+    """What a database error means for the client: a value it sent that the database refused
+    (422), a constraint (409), an outage (503), or a bug in our SQL (500)."""
+    state = _sqlstate(exc)
+    if isinstance(exc, DataError) or state.startswith("22"):
+        return "data"
+    if isinstance(exc, IntegrityError) or state.startswith("23"):
+        return "conflict"
+    sqlite_code = getattr(exc.orig, "sqlite_errorcode", None)
+    if sqlite_code is not None:
+        # The primary result code is the low byte of an extended one.
+        return "outage" if sqlite_code & 0xFF in _SQLITE_OUTAGE_CODES else "bug"
+    if (
+        exc.connection_invalidated
+        or state[:2] in _OUTAGE_CLASSES
+        or (not state and isinstance(exc, OperationalError | InterfaceError))
+    ):
+        return "outage"
+    return "bug"
+
+
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    if isinstance(exc, PoolTimeout):
+        return _outage(request, exc, "database unavailable")
+    if not isinstance(exc, DBAPIError):
+        raise exc
+    kind = classify_database_error(exc)
+    # Only the class is logged: a driver's message can quote the parameter it refused.
+    if kind == "data":
+        logger.warning("database refused a value", error=type(exc).__name__)
+        return _from_error(request, InvalidRequest("a value is out of the range this field holds"))
+    if kind == "conflict":
+        logger.warning("database constraint refused a write", error=type(exc).__name__)
+        return _from_error(request, Conflict("the request conflicts with existing data"))
+    if kind == "bug":
+        raise exc
+    return _outage(request, exc, "database unavailable")
+
+
+async def _overflow(request: Request, exc: Exception) -> JSONResponse:
+    # Every value is bounded where it is parsed, so this is a bound missing somewhere (SQLite
+    # raises it for an integer past 64 bits): still the value's fault, and worth a log line.
+    log_unexpected(exc)
+    return _from_error(request, InvalidRequest("a number is out of the range this field holds"))
+
+
+async def _connection_error(request: Request, exc: Exception) -> JSONResponse:
+    # Raised below the drivers (a refused or timed-out socket): which dependency is unknown.
+    return _outage(request, exc, "a dependency is unavailable")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the handlers that turn every error into problem JSON."""
+    app.add_exception_handler(ModelgateError, _modelgate_error)
+    app.add_exception_handler(ModelNotFound, _model_error)
+    app.add_exception_handler(ModelUnavailable, _model_error)
+    app.add_exception_handler(InvalidFeatures, _model_error)
+    app.add_exception_handler(RateLimitExceeded, _rate_limited)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(DBAPIError, _database_error)
+    app.add_exception_handler(PoolTimeout, _database_error)
+    # A refused or timed-out connection to a dependency is an outage, not a bug.
+    app.add_exception_handler(OSError, _connection_error)
+    app.add_exception_handler(OverflowError, _overflow)
+    # Anything else is answered 500 by RequestContextMiddleware, inside the request's context.
+
+
+PROBLEM_DESCRIPTIONS = {
+    401: "Missing or invalid credential",
+    403: "Credential lacks the required scope, or tenant suspended",
+    404: "Not found",
+    409: "Conflict",
+    413: "Request body too large",
+    422: "Invalid request",
+    429: "Rate limit or monthly quota exceeded",
+    500: "Unexpected error (never a stack trace)",
+    503: "A dependency (database, Redis, model) is unavailable",
+}
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for the problems particular to a route (api.http.openapi adds
+    those every credential, parameter or body can cause)."""
+    return {
+        status: {
+            "model": ValidationProblem if status == 422 else Problem,
+            "description": PROBLEM_DESCRIPTIONS.get(status, "Error"),
+        }
+        for status in statuses
+    }

@@ -1,0 +1,1 @@
+"""The one inference-and-billing pipeline shared by every prediction front end."""

@@ -1,0 +1,58 @@
+"""The billing guarantee, wired once: a request that authenticated for a billable scope can only
+be answered with a 2xx after its usage record is committed.
+
+``Authenticator(..., billable=True)`` marks the request; :func:`charge` is the one way to bill
+it; ``RequestContextMiddleware`` refuses to start a 2xx response for a marked request that was
+not billed (it answers 503 instead), so a new prediction route that forgets to bill cannot serve
+for free.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from starlette.requests import Request
+
+from api.http.timeout import lift_deadline
+from api.services import AppState
+from auth.identity.authn import AuthSubject
+from auth.models import utcnow
+from auth.usage.ledger import UsageEvent
+
+# Keys in the ASGI scope's state, read by the middleware.
+BILLABLE = "billable"
+BILLED = "billed"
+
+
+async def charge(
+    request: Request,
+    state: AppState,
+    subject: AuthSubject,
+    *,
+    model: str,
+    model_version: str,
+    units: int,
+    latency_ms: float,
+) -> None:
+    """Record the request's usage and wait until it is durable.
+
+    Raises ``QuotaExceeded`` (nothing is recorded) or ``DependencyUnavailable``.
+    """
+    tenant = subject.require_tenant()
+    event = UsageEvent(
+        request_id=uuid.UUID(request.state.request_id),
+        tenant_id=tenant.id,
+        api_key_id=subject.require_key_id(),
+        model=model,
+        model_version=model_version,
+        plan_id=tenant.plan_id,
+        units=units,
+        status_code=200,
+        latency_ms=latency_ms,
+        created_at=utcnow(),
+    )
+    # From here the request runs to its answer: a deadline that cut it off while its record is
+    # being committed would bill a request answered 503 (api.http.timeout).
+    await lift_deadline(request.scope)
+    await state.usage_writer.charge(event, tenant.monthly_quota)
+    setattr(request.state, BILLED, True)

@@ -1,0 +1,260 @@
+"""What modelgate measures for Prometheus, and the small API that records it.
+
+Every metric is declared here, once, with bounded labels: route templates (never raw paths or
+ids), methods from a fixed set, statuses, problem types, and the operator's model names and
+versions. Per-tenant and per-key figures are the usage API's business, never labels here: one
+series per tenant would grow without bound.
+
+The recorders (:func:`record_request`, :func:`record_prediction`, :func:`record_rejection`,
+:func:`record_cache`, :func:`observe_batch`, :func:`observe_usage_flush`,
+:func:`record_registry`) are what the rest of ``api`` calls; they cost a few microseconds each
+(a dictionary lookup of the labelled child, then prometheus-client's own update).
+
+Several workers: ``modelgate serve --workers N`` points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh
+directory before the workers start (``api.cli``); each worker's values then live in files there,
+and :func:`render` sums them, so a scrape answered by any worker reports the whole server. One
+process needs no directory. Nothing here may import ``api.http.errors`` (it imports the middleware,
+which records through this module); the route is ``api.routes.metrics``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    multiprocess,
+)
+
+from auth.usage.writer import FlushStats
+
+if TYPE_CHECKING:
+    from ml import ModelRegistry
+
+logger = structlog.get_logger(__name__)
+
+# Read once, as prometheus-client itself does when it is first imported: the two must agree.
+MULTIPROC_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+_MULTIPROC_DIR = os.environ.get(MULTIPROC_DIR_VARIABLE) or None
+
+# The `_created` series double the output for nothing a dashboard uses.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+# Methods labelled as themselves; any other method a client sends is labelled "other".
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# Seconds; requests run from well under a millisecond (a cached check) to the timeouts' seconds.
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Rows per inference call, and records per usage transaction (at most 5,000 by setting).
+_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+_RECORD_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
+_FLUSH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+
+HTTP_REQUESTS = Counter(
+    "modelgate_http_requests_total",
+    "HTTP requests answered, by route template, method and status.",
+    ("route", "method", "status"),
+)
+HTTP_DURATION = Histogram(
+    "modelgate_http_request_duration_seconds",
+    "Time from a request's arrival to the end of its response, by route template, method and "
+    "status.",
+    ("route", "method", "status"),
+    buckets=_LATENCY_BUCKETS,
+)
+PREDICTIONS = Counter(
+    "modelgate_predictions_total",
+    "Prediction requests served (and billed), by model, version and runtime.",
+    ("model", "version", "runtime"),
+)
+PREDICTION_ROWS = Counter(
+    "modelgate_prediction_rows_total",
+    "Instances predicted in served requests (the units billed), by model, version and runtime.",
+    ("model", "version", "runtime"),
+)
+AUTH_FAILURES = Counter(
+    "modelgate_auth_failures_total",
+    "Requests refused for their credential (401) or its rights (403), by problem type.",
+    ("reason",),
+)
+LIMIT_REJECTIONS = Counter(
+    "modelgate_limit_rejections_total",
+    "Requests refused with 429, by problem type: rate-limited, quota-exceeded, "
+    "concurrency-limit-exceeded, auth-throttled, login-throttled.",
+    ("reason",),
+)
+CACHE_HITS = Counter("modelgate_cache_hits_total", "Predictions answered from the cache.")
+CACHE_MISSES = Counter(
+    "modelgate_cache_misses_total", "Predictions looked up in the cache and not found there."
+)
+INFERENCE_BATCH_ROWS = Histogram(
+    "modelgate_inference_batch_rows",
+    "Rows per call of a model's runtime, after the requests that arrived together were "
+    "coalesced, by runtime.",
+    ("runtime",),
+    buckets=_ROW_BUCKETS,
+)
+USAGE_FLUSH_RECORDS = Histogram(
+    "modelgate_usage_flush_records",
+    "Usage records per group-commit transaction of the usage writer.",
+    buckets=_RECORD_BUCKETS,
+)
+USAGE_FLUSH_DURATION = Histogram(
+    "modelgate_usage_flush_duration_seconds",
+    "Time of one usage-writer flush (the transaction, and its retry if any).",
+    buckets=_FLUSH_BUCKETS,
+)
+USAGE_FLUSH_FAILURES = Counter(
+    "modelgate_usage_flush_failures_total",
+    "Usage-writer flushes that failed: every request in them was answered 503.",
+)
+USAGE_QUEUE_DEPTH = Gauge(
+    "modelgate_usage_queue_depth",
+    "Usage records waiting for the next flush, summed over the workers (sampled after each flush).",
+    multiprocess_mode="livesum",
+)
+MODEL_LOAD_FAILURES = Counter(
+    "modelgate_model_load_failures_total",
+    "Model versions that failed to load (manifest, hash check, artifact or warm-up), by model "
+    "and version; each load of the registry counts its failures once.",
+    ("model", "version"),
+)
+MODEL_ACTIVE_VERSION = Gauge(
+    "modelgate_model_active_version",
+    "1 for the version each model serves by default, 0 for its other versions.",
+    ("model", "version"),
+    # The most recent value any live worker set: during a switch, the newest state.
+    multiprocess_mode="livemostrecent",
+)
+
+# Labelled children, cached: prometheus-client's labels() validates and locks on every call.
+_request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+_prediction_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+_batch_children: dict[str, Any] = {}
+
+
+def record_request(route: str, method: str, status: int, seconds: float) -> None:
+    """Count one answered request and its duration, by route template
+    (``api.http.middleware.route_template``), method and status."""
+    key = (route, method if method in _METHODS else "other", status)
+    children = _request_children.get(key)
+    if children is None:
+        labels = (key[0], key[1], str(status))
+        children = (HTTP_REQUESTS.labels(*labels), HTTP_DURATION.labels(*labels))
+        _request_children[key] = children
+    children[0].inc()
+    children[1].observe(seconds)
+
+
+def record_rejection(status: int, problem_type: str) -> None:
+    """Count a refusal by its problem type: 401 and 403 as authentication failures, 429 as a
+    limit's rejection (other statuses are in the request counts only)."""
+    if status in (401, 403):
+        AUTH_FAILURES.labels(problem_type).inc()
+    elif status == 429:
+        LIMIT_REJECTIONS.labels(problem_type).inc()
+
+
+def record_prediction(model: str, version: str, runtime: str, rows: int) -> None:
+    """Count one served prediction request of ``rows`` instances."""
+    key = (model, version, runtime)
+    children = _prediction_children.get(key)
+    if children is None:
+        children = (PREDICTIONS.labels(*key), PREDICTION_ROWS.labels(*key))
+        _prediction_children[key] = children
+    children[0].inc()
+    children[1].inc(rows)
+
+
+def record_cache(hit: bool) -> None:
+    """Count one lookup of the prediction cache."""
+    (CACHE_HITS if hit else CACHE_MISSES).inc()
+
+
+def observe_batch(runtime: str, rows: int) -> None:
+    """Record the rows of one call of a model's runtime (``onnx`` or ``sklearn``)."""
+    child = _batch_children.get(runtime)
+    if child is None:
+        child = _batch_children[runtime] = INFERENCE_BATCH_ROWS.labels(runtime)
+    child.observe(rows)
+
+
+def observe_usage_flush(stats: FlushStats) -> None:
+    """The usage writer's observer (``UsageWriter(observer=...)``): one flush's figures."""
+    USAGE_FLUSH_RECORDS.observe(stats.records)
+    USAGE_FLUSH_DURATION.observe(stats.seconds)
+    USAGE_QUEUE_DEPTH.set(stats.queued)
+    if stats.failed:
+        USAGE_FLUSH_FAILURES.inc()
+
+
+def record_active_versions(registry: ModelRegistry) -> None:
+    """Each model's active version, after a switch (an activation, a self-check)."""
+    for info in registry.models():
+        for status in info.versions:
+            MODEL_ACTIVE_VERSION.labels(info.name, status.version).set(
+                1 if status.version == info.active_version else 0
+            )
+
+
+def record_registry(registry: ModelRegistry) -> None:
+    """After a load of the registry (at start, and each self-check, which retries the versions
+    that failed): each model's active version, and the versions that failed in this load."""
+    record_active_versions(registry)
+    for status in registry.failed_versions():
+        MODEL_LOAD_FAILURES.labels(status.name, status.version).inc()
+
+
+def render() -> bytes:
+    """Every metric in Prometheus' text format: this process's, or with several workers all of
+    theirs summed (reading their files: blocking, call it from a thread)."""
+    if _MULTIPROC_DIR is None:
+        return generate_latest(REGISTRY)
+    forget_dead_workers(_MULTIPROC_DIR)
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=_MULTIPROC_DIR)  # type: ignore[no-untyped-call]
+    return generate_latest(registry)
+
+
+# prometheus-client's file per process and kind: counter_1234.db, gauge_livesum_1234.db...
+_LIVE_GAUGE_FILE = re.compile(r"gauge_live[a-z]+_(\d+)\.db")
+
+
+def forget_dead_workers(directory: str) -> None:
+    """Drop the gauges of workers that are gone (a worker that was killed and replaced): a
+    gauge is a live value. Their counters and histograms stay, so that totals never go down."""
+    for pid in _pids(Path(directory).iterdir()):
+        if pid != os.getpid() and not _alive(pid):
+            multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+
+
+def worker_exiting() -> None:
+    """A worker's last word at shutdown: its gauges go with it."""
+    if _MULTIPROC_DIR is not None:
+        multiprocess.mark_process_dead(os.getpid(), _MULTIPROC_DIR)  # type: ignore[no-untyped-call]
+
+
+def _pids(paths: Iterable[Path]) -> set[int]:
+    return {
+        int(match.group(1)) for path in paths if (match := _LIVE_GAUGE_FILE.fullmatch(path.name))
+    }
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False  # another user's process holds the number now: our worker is gone
+    return True

@@ -1,0 +1,1 @@
+"""The URL surface: one module per resource; ``admin/`` holds the operator routes."""

@@ -1,0 +1,37 @@
+"""Any tenant's usage, for operators: the same report as ``/me/usage``."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from api.http.deps import DatabaseRoute, SessionDep
+from api.http.errors import problem_responses
+from api.schemas.usage import EndDay, GroupBy, StartDay, UsageReport, usage_report
+from auth.tenants import get_tenant
+from auth.usage.ledger import DEFAULT_BREAKDOWNS, report_window, usage_summary
+
+router = APIRouter(route_class=DatabaseRoute, tags=["admin"])
+
+
+@router.get(
+    "/usage",
+    response_model=UsageReport,
+    responses=problem_responses(401, 403, 404, 422, 429, 503),
+)
+async def tenant_usage(
+    session: SessionDep,
+    tenant_id: Annotated[uuid.UUID, Query(description="the tenant to report on")],
+    start: StartDay = None,
+    end: EndDay = None,
+    group_by: GroupBy = None,
+) -> UsageReport:
+    """Report a tenant's usage by day, model or key, with its quota position."""
+    tenant = await get_tenant(session, tenant_id)
+    first, last = report_window(start, end)
+    summary = await usage_summary(
+        session, tenant.id, tenant.monthly_quota, first, last, group_by or DEFAULT_BREAKDOWNS
+    )
+    return usage_report(summary)

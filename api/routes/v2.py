@@ -1,0 +1,425 @@
+"""The Open Inference Protocol (V2) over REST, at ``/v2``: health, model metadata, model
+readiness and inference, for the clients of KServe, MLServer and Triton.
+
+The same service as ``/api/v1``: health is public (as ``/api/v1/health/*``); every model route
+takes a tenant credential with the ``predict`` scope and counts against the key's rate limit;
+inference is metered like ``/predict/batch`` (one unit per row, the quota refuses a request
+whole, the usage record is durable before the response is sent). Which models a caller may see
+is decided by ``api.routes.predict.served_model``: a model outside the plan is answered as an
+unknown one.
+
+Errors: the protocol's error object is ``{"error": "<message>"}``; ours are problem JSON. Every
+error a ``/v2`` route answers is both: the problem JSON body (``application/problem+json``,
+with ``type``, ``title``, ``status``, ``detail``, ``request_id``) also carries ``error``, equal
+to ``detail`` (``V2Route``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path, Request, Response
+from pydantic import BaseModel
+
+from api.http.deps import Authenticator, CredentialFirstRoute, PredictScope, app_state
+from api.http.errors import PROBLEM_DESCRIPTIONS, PROBLEM_MEDIA_TYPE, problem_response
+from api.routes import health
+from api.routes.predict import HARD_MAX_INSTANCES, predict_and_bill, served_model
+from api.schemas.v2 import (
+    INTEGER_BOUNDS,
+    InferInput,
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    ModelReady,
+    OutputTensor,
+    RequestedOutput,
+    ServerLive,
+    ServerMetadata,
+    ServerReady,
+    TensorMetadata,
+    V2Problem,
+)
+from auth.errors import DependencyUnavailable, InvalidRequest
+from auth.identity.authn import AuthSubject
+from ml import FLOAT32_MAX, InvalidFeatures, LoadedModel, ModelUnavailable, Prediction
+from ml.manifest import NAME_PATTERN, VERSION_PATTERN
+
+# Metadata and readiness: the same caller as inference, not billed.
+PredictReader = Annotated[AuthSubject, Depends(Authenticator({"predict"}, tenant_only=True))]
+ModelNamePath = Annotated[str, Path(min_length=1, max_length=100, pattern=NAME_PATTERN)]
+ModelVersionPath = Annotated[str, Path(min_length=1, max_length=50, pattern=VERSION_PATTERN)]
+
+INPUT_NAME = "features"
+OUTPUT_NAMES = ("prediction", "probability", "class_name")
+PLATFORMS = {"onnx": "onnx_onnxv1", "sklearn": "sklearn_joblib"}
+FLOAT_BOUNDS = {"FP32": FLOAT32_MAX, "FP64": sys.float_info.max}
+# How long a client should wait before asking again about a model that cannot serve.
+UNAVAILABLE_RETRY_SECONDS = 5
+
+
+class V2Route(CredentialFirstRoute):
+    """A ``/v2`` route: checks the credential before the body (``CredentialFirstRoute``), and
+    gives every problem JSON it answers the protocol's ``error`` member (the ``detail``)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def answer_with_error_member(request: Request) -> Response:
+            try:
+                response = await handler(request)
+            except Exception as exc:
+                # Answered here by the app's own handler for it (the same problem JSON as
+                # anywhere else), so that the body can carry `error` too.
+                on_error = _exception_handler(request, exc)
+                if on_error is None:
+                    raise
+                response = on_error(request, exc)
+                if inspect.isawaitable(response):
+                    response = await response
+            return with_error_member(response)
+
+        return answer_with_error_member
+
+
+def _exception_handler(request: Request, exc: Exception) -> Callable[..., Any] | None:
+    handlers: dict[Any, Callable[..., Any]] = request.app.exception_handlers
+    for cls in type(exc).__mro__:
+        if cls in handlers:
+            return handlers[cls]
+    return None
+
+
+def with_error_member(response: Response) -> Response:
+    """A problem JSON response that is also the protocol's error object: ``error`` is its
+    ``detail``. Any other response is returned as it is."""
+    return with_members(response)
+
+
+def with_members(response: Response, **members: object) -> Response:
+    """A problem JSON response with ``error`` (its ``detail``) and ``members`` added."""
+    if response.media_type != PROBLEM_MEDIA_TYPE or not response.body:
+        return response
+    body = json.loads(bytes(response.body))
+    body.update(members, error=body.get("detail", ""))
+    response.body = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    response.headers["content-length"] = str(len(response.body))
+    return response
+
+
+def v2_problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for a ``/v2`` route's problems (they carry ``error``)."""
+    return {
+        status: {"model": V2Problem, "description": PROBLEM_DESCRIPTIONS.get(status, "Error")}
+        for status in statuses
+    }
+
+
+router = APIRouter(route_class=V2Route, tags=["open inference protocol (v2)"])
+
+
+def _json(body: BaseModel) -> Response:
+    return Response(body.model_dump_json(exclude_none=True), media_type="application/json")
+
+
+@router.get("/v2", response_model=ServerMetadata, responses=v2_problems(500))
+async def server_metadata(request: Request) -> ServerMetadata:
+    """Name the server and its version (public, as GET /)."""
+    app = request.app
+    return ServerMetadata(name=app.title, version=app.version, extensions=[])
+
+
+@router.get("/v2/health/live", response_model=ServerLive, responses=v2_problems(500))
+async def server_live() -> ServerLive:
+    """Report that the server is live (public, as /api/v1/health/live)."""
+    return ServerLive(live=True)
+
+
+@router.get(
+    "/v2/health/ready",
+    response_model=ServerReady,
+    responses={
+        503: {
+            "model": V2Problem,
+            "description": "Not ready: `ready` is false, `checks` says which dependency is down",
+        }
+    },
+)
+async def server_ready(request: Request) -> Response:
+    """Report whether the server is ready (public; the same checks as /api/v1/health/ready)."""
+    answer = await health.ready(app_state(request), request)
+    if answer.status_code == 200:
+        return _json(ServerReady(ready=True))
+    return with_members(answer, ready=False)
+
+
+def _metadata(model: LoadedModel, versions: Sequence[str]) -> ModelMetadata:
+    manifest = model.manifest
+    rows = -1  # any number of rows, up to the batch limit
+    return ModelMetadata(
+        name=manifest.name,
+        versions=list(versions),
+        platform=PLATFORMS[model.runtime],
+        inputs=[
+            TensorMetadata(name=INPUT_NAME, datatype="FP64", shape=[rows, manifest.n_features])
+        ],
+        outputs=[
+            TensorMetadata(name="prediction", datatype="INT64", shape=[rows]),
+            TensorMetadata(
+                name="probability", datatype="FP64", shape=[rows, len(manifest.class_names)]
+            ),
+            TensorMetadata(name="class_name", datatype="BYTES", shape=[rows]),
+        ],
+    )
+
+
+async def _describe(
+    request: Request, subject: AuthSubject, name: str, version: str | None
+) -> Response:
+    state = app_state(request)
+    model = served_model(state, subject, name, version)
+    versions = [status.version for status in state.registry.model_info(model.name).versions]
+    return _json(_metadata(model, versions))
+
+
+MODEL_ERRORS = v2_problems(401, 403, 404, 429, 503)
+
+
+@router.get("/v2/models/{model_name}", response_model=ModelMetadata, responses=MODEL_ERRORS)
+async def model_metadata(
+    model_name: ModelNamePath, subject: PredictReader, request: Request
+) -> Response:
+    """Describe a model's active version: platform, input and output tensors."""
+    return await _describe(request, subject, model_name, None)
+
+
+@router.get(
+    "/v2/models/{model_name}/versions/{model_version}",
+    response_model=ModelMetadata,
+    responses=MODEL_ERRORS,
+)
+async def model_version_metadata(
+    model_name: ModelNamePath,
+    model_version: ModelVersionPath,
+    subject: PredictReader,
+    request: Request,
+) -> Response:
+    """Describe one version of a model: platform, input and output tensors."""
+    return await _describe(request, subject, model_name, model_version)
+
+
+async def _readiness(
+    request: Request, subject: AuthSubject, name: str, version: str | None
+) -> Response:
+    state = app_state(request)
+    try:
+        model = served_model(state, subject, name, version)
+    except ModelUnavailable as exc:
+        # The model exists and is the caller's to use (else ModelNotFound): it may be named.
+        return with_members(
+            problem_response(
+                request,
+                503,
+                DependencyUnavailable.type,
+                DependencyUnavailable.title,
+                exc.message,
+                {"Retry-After": str(UNAVAILABLE_RETRY_SECONDS)},
+            ),
+            name=name,
+            ready=False,
+        )
+    return _json(ModelReady(name=model.name, ready=True))
+
+
+READY_ERRORS = {
+    **MODEL_ERRORS,
+    503: {"model": V2Problem, "description": "Not ready: `ready` is false, `name` the model"},
+}
+
+
+@router.get("/v2/models/{model_name}/ready", response_model=ModelReady, responses=READY_ERRORS)
+async def model_ready(
+    model_name: ModelNamePath, subject: PredictReader, request: Request
+) -> Response:
+    """Report whether a model's active version can serve (200) or not (503)."""
+    return await _readiness(request, subject, model_name, None)
+
+
+@router.get(
+    "/v2/models/{model_name}/versions/{model_version}/ready",
+    response_model=ModelReady,
+    responses=READY_ERRORS,
+)
+async def model_version_ready(
+    model_name: ModelNamePath,
+    model_version: ModelVersionPath,
+    subject: PredictReader,
+    request: Request,
+) -> Response:
+    """Report whether one version of a model can serve (200) or not (503)."""
+    return await _readiness(request, subject, model_name, model_version)
+
+
+def _requested_outputs(outputs: list[RequestedOutput] | None) -> list[str]:
+    if outputs is None:
+        return list(OUTPUT_NAMES)
+    names = []
+    for index, output in enumerate(outputs):
+        loc = ("body", "outputs", index, "name")
+        # The client's name is not echoed: it could be anything pasted in the wrong field.
+        if output.name not in OUTPUT_NAMES:
+            raise InvalidRequest(
+                f"outputs[{index}] names no output of this model ({', '.join(OUTPUT_NAMES)})",
+                loc=loc,
+            )
+        if output.name in names:
+            raise InvalidRequest(f"outputs[{index}] names an output already requested", loc=loc)
+        names.append(output.name)
+    return names
+
+
+def input_rows(tensor: InferInput, n_features: int, max_rows: int) -> list[list[float]]:
+    """The rows of an input tensor of shape [rows, n_features], each value checked against the
+    tensor's datatype (raises ``InvalidRequest`` naming what is wrong)."""
+    loc: tuple[str | int, ...] = ("body", "inputs", 0)
+    shape = tensor.shape
+    if len(shape) != 2 or shape[1] != n_features:
+        raise InvalidRequest(
+            f"the input's shape must be [rows, {n_features}] for this model", loc=(*loc, "shape")
+        )
+    rows = shape[0]
+    if not 1 <= rows <= max_rows:
+        raise InvalidRequest(
+            f"an inference request holds 1 to {max_rows} rows", loc=(*loc, "shape")
+        )
+    data = tensor.data
+    values: list[int | float]
+    if isinstance(data[0], list):
+        nested: list[list[int | float]] = data
+        if len(nested) != rows or any(len(row) != n_features for row in nested):
+            raise InvalidRequest(
+                f"the input's data must be {rows} rows of {n_features} values, as its shape says",
+                loc=(*loc, "data"),
+            )
+        values = [value for row in nested for value in row]
+    else:
+        values = data
+        if len(values) != rows * n_features:
+            raise InvalidRequest(
+                f"the input's data holds {len(values)} values; its shape says {rows * n_features}",
+                loc=(*loc, "data"),
+            )
+    floats = _as_floats(values, tensor.datatype, (*loc, "data"))
+    return [floats[start : start + n_features] for start in range(0, len(floats), n_features)]
+
+
+def _as_floats(values: list[int | float], datatype: str, loc: tuple[str | int, ...]) -> list[float]:
+    integer_bounds = INTEGER_BOUNDS.get(datatype)
+    if integer_bounds is not None:
+        lower, upper = integer_bounds
+        for index, value in enumerate(values):
+            if type(value) is not int or not lower <= value <= upper:
+                raise InvalidRequest(
+                    f"value {index} of the input is not an integer in {datatype}'s range",
+                    loc=(*loc, index),
+                )
+        return [float(value) for value in values]
+    bound = FLOAT_BOUNDS[datatype]
+    for index, value in enumerate(values):
+        # Integers first compared as integers: float() of a huge one would overflow.
+        if not -bound <= value <= bound:
+            raise InvalidRequest(
+                f"value {index} of the input is out of {datatype}'s finite range",
+                loc=(*loc, index),
+            )
+    return [float(value) for value in values]
+
+
+def _outputs(names: list[str], predictions: list[Prediction], n_classes: int) -> list[OutputTensor]:
+    rows = len(predictions)
+    tensors = {
+        "prediction": lambda: OutputTensor(
+            name="prediction",
+            datatype="INT64",
+            shape=[rows],
+            data=[p.prediction for p in predictions],
+        ),
+        "probability": lambda: OutputTensor(
+            name="probability",
+            datatype="FP64",
+            shape=[rows, n_classes],
+            data=[value for p in predictions for value in p.probability],
+        ),
+        "class_name": lambda: OutputTensor(
+            name="class_name",
+            datatype="BYTES",
+            shape=[rows],
+            data=[p.class_name for p in predictions],
+        ),
+    }
+    return [tensors[name]() for name in names]
+
+
+async def _infer(
+    request: Request,
+    subject: AuthSubject,
+    body: InferRequest,
+    name: str,
+    version: str | None,
+) -> Response:
+    state = app_state(request)
+    model = served_model(state, subject, name, version)
+    manifest = model.manifest
+    outputs = _requested_outputs(body.outputs)
+    max_rows = min(state.settings.max_batch_size, HARD_MAX_INSTANCES)
+    rows = input_rows(body.inputs[0], manifest.n_features, max_rows)
+    n_features = manifest.n_features
+
+    def locate(exc: InvalidFeatures) -> tuple[str | int, ...]:
+        # The flat index of the refused value in the input tensor's row-major data.
+        loc: tuple[str | int, ...] = ("body", "inputs", 0, "data")
+        if exc.feature is not None:
+            loc += ((exc.row or 0) * n_features + exc.feature,)
+        return loc
+
+    # One unit per row, as /predict/batch: the quota refuses the request whole.
+    predictions, _, _ = await predict_and_bill(request, state, subject, model, rows, locate)
+    return _json(
+        InferResponse(
+            model_name=manifest.name,
+            model_version=manifest.version,
+            id=request.state.request_id if body.id is None else body.id,
+            outputs=_outputs(outputs, predictions, len(manifest.class_names)),
+        )
+    )
+
+
+INFER_ERRORS = v2_problems(401, 403, 404, 413, 429, 503)
+
+
+@router.post("/v2/models/{model_name}/infer", response_model=InferResponse, responses=INFER_ERRORS)
+async def model_infer(
+    model_name: ModelNamePath, body: InferRequest, subject: PredictScope, request: Request
+) -> Response:
+    """Infer with a model's active version (one unit per row of the input)."""
+    return await _infer(request, subject, body, model_name, None)
+
+
+@router.post(
+    "/v2/models/{model_name}/versions/{model_version}/infer",
+    response_model=InferResponse,
+    responses=INFER_ERRORS,
+)
+async def model_version_infer(
+    model_name: ModelNamePath,
+    model_version: ModelVersionPath,
+    body: InferRequest,
+    subject: PredictScope,
+    request: Request,
+) -> Response:
+    """Infer with one version of a model (one unit per row of the input)."""
+    return await _infer(request, subject, body, model_name, model_version)

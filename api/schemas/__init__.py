@@ -1,0 +1,1 @@
+"""Request and response shapes, and the bounded field types clients send."""

@@ -1,0 +1,77 @@
+"""Each worker's part in the model lifecycle: it applies the operator's activations (kept in
+the database, ``auth.model_activation``) about once a second, and checks every loaded model
+version every ``MODELGATE_MODEL_CHECK_INTERVAL_SECONDS`` (``ml.ModelRegistry.self_check``)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import structlog
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from api.observability import metrics
+from auth.model_activation import active_versions
+from ml import ModelRegistry
+
+logger = structlog.get_logger(__name__)
+
+# An activation reaches every worker within this poll, plus the time to load the version: the
+# contract's 2 seconds. One small query per worker per second.
+ACTIVATION_POLL_SECONDS = 1.0
+# A database that cannot be read is logged at most this often.
+_WARN_EVERY_SECONDS = 60.0
+
+
+async def apply_activations(
+    registry: ModelRegistry,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    timeout: float,
+) -> None:
+    """Make the registry's active versions those recorded in the database (loading a version
+    in a thread when this worker has not loaded it yet). Models without a record keep the
+    registry's own choice."""
+    async with asyncio.timeout(timeout), sessionmaker() as session:
+        recorded = await active_versions(session)
+    current = registry.activations()
+    changed = False
+    for name, version in sorted(recorded.items()):
+        if current.get(name) != version:
+            await asyncio.to_thread(registry.set_active, name, version)
+            changed = True
+    if changed:
+        metrics.record_active_versions(registry)
+
+
+async def follow_activations(
+    registry: ModelRegistry,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    timeout: float,
+    interval: float = ACTIVATION_POLL_SECONDS,
+) -> None:
+    """Apply the recorded activations every ``interval`` seconds, until cancelled; a failed
+    read keeps the versions this worker has (and is retried at the next tick)."""
+    warned_at = -_WARN_EVERY_SECONDS
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await apply_activations(registry, sessionmaker, timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if time.monotonic() - warned_at >= _WARN_EVERY_SECONDS:
+                warned_at = time.monotonic()
+                logger.warning("model activations could not be read", error=type(exc).__name__)
+
+
+async def check_models_periodically(registry: ModelRegistry, interval: float) -> None:
+    """Run the registry's self-check every ``interval`` seconds in a thread, until cancelled."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await asyncio.to_thread(registry.self_check)
+            metrics.record_registry(registry)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("model self-check raised")
