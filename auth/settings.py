@@ -123,7 +123,8 @@ class Settings(BaseSettings):
     # The prediction cache (api.inference.cache) keeps each /predict answer this long, per
     # tenant, model version and exact features: on Redis when redis_url is set, else in each
     # process's memory (at most prediction_cache_size answers). 0: no cache (the default: with
-    # ONNX a lookup costs about as much as the prediction; see README, Batching and the cache).
+    # ONNX a lookup costs about as much as the prediction; see docs/models.md, the prediction
+    # cache).
     prediction_cache_ttl_seconds: float = Field(default=0.0, ge=0, le=86_400)
     prediction_cache_size: int = Field(default=10_000, ge=1, le=1_000_000)
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
