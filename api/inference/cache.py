@@ -30,7 +30,7 @@ import numpy as np
 import structlog
 
 from ml import LoadedModel, Prediction
-from ml.registry import FeatureMatrix
+from ml.model import FeatureMatrix
 
 logger = structlog.get_logger(__name__)
 

@@ -18,7 +18,7 @@ from api.http.deps import DatabaseRoute, SessionDep
 from auth.models import AdminPrincipal, UsageRecord
 from auth.tenants import get_or_create_admin
 from ml.batching import DIRECT
-from ml.registry import LoadedModel
+from ml.model import LoadedModel
 from tests.conftest import (
     IRIS_SETOSA,
     Backend,
