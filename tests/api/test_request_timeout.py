@@ -99,7 +99,7 @@ def _gate_predictions(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
         await gate.wait()
         return await original(self, matrix, batching)
 
-    # Every prediction route runs its validated rows through infer_async (api.routes.predict).
+    # Every prediction route runs its validated rows through infer_async (api.inference.pipeline).
     monkeypatch.setattr(LoadedModel, "infer_async", slow_infer)
     return gate
 
