@@ -60,5 +60,6 @@ class AppState:
     rejections: Rejections = field(default_factory=Rejections)
     # How scikit-learn calls are micro-batched (ml.batching).
     batching: BatchPolicy = DIRECT
-    # None when MODELGATE_PREDICTION_CACHE_TTL_SECONDS is 0; its hits and misses in .stats.
+    # None when MODELGATE_PREDICTION_CACHE_TTL_SECONDS is 0; its hits, misses and errors are
+    # counted in Prometheus (api.observability.metrics).
     prediction_cache: PredictionCache | None = None

@@ -63,7 +63,6 @@ async def predict_and_bill(
     hit = None
     if cache is not None and tenant is not None:
         hit = await cache.get(tenant.id, model, matrix)
-        metrics.record_cache(hit is not None)
     if hit is not None:
         predictions = [hit]
     else:
