@@ -62,7 +62,8 @@ class AppState:
     """Everything a request may need beyond itself; stored on ``app.state.modelgate``."""
 
     settings: Settings
-    secrets: Secrets
+    # Out of the repr: Secrets' own repr shows the key material.
+    secrets: Secrets = field(repr=False)
     engine: AsyncEngine
     sessionmaker: async_sessionmaker[AsyncSession]
     # Redis (or, without MODELGATE_REDIS_URL, memory) for every component below that counts.
