@@ -6,7 +6,7 @@ import ipaddress
 import multiprocessing
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -212,10 +212,11 @@ def get_settings() -> Settings:
 class Secrets:
     """Key material: the pepper for API-key digests and the JWT signing secret."""
 
-    key_pepper: bytes
-    jwt_secret: bytes
+    # Left out of the repr: a traceback, a log line or a debugger must never print key material.
+    key_pepper: bytes = field(repr=False)
+    jwt_secret: bytes = field(repr=False)
     # Earlier signing secrets, still accepted for verification during a rotation.
-    jwt_previous_secrets: tuple[bytes, ...] = ()
+    jwt_previous_secrets: tuple[bytes, ...] = field(default=(), repr=False)
 
 
 def _generated_secret(var_dir: Path, name: str) -> str:
