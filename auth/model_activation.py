@@ -10,6 +10,8 @@ from datetime import datetime
 
 from pydantic import BaseModel
 from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from auth.audit import Actor, record_event
@@ -42,13 +44,26 @@ async def activate_version(
         raise InvalidRequest("invalid model name", loc=("path", "name"))
     if not re.fullmatch(MODEL_VERSION_PATTERN, version):
         raise InvalidRequest("version must be a number from 1 to 999999999", loc=("version",))
-    row = await session.get(ModelActivation, name, with_for_update=True)
-    previous = None if row is None else row.version
     now = utcnow()
-    if row is None:
-        row = ModelActivation(name=name, version=version, activated_at=now, activated_by=actor.name)
-        session.add(row)
+    # The model's first activation inserts its row; a concurrent first activation waits for
+    # that insert to commit (the unique name) and then does nothing, instead of failing on the
+    # name with a 409: no row exists yet that a SELECT ... FOR UPDATE could lock, so locking
+    # alone would let both insert. Then every activation, first or not, locks the row and
+    # reads the version it replaces: concurrent activations apply in turn, the last one wins.
+    dialect = session.get_bind().dialect.name
+    insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
+    inserted = await session.execute(
+        insert(ModelActivation)
+        .values(name=name, version=version, activated_at=now, activated_by=actor.name)
+        .on_conflict_do_nothing(index_elements=[ModelActivation.name])
+    )
+    if inserted.rowcount == 1:  # type: ignore[attr-defined]
+        previous = None
     else:
+        row = await session.get(ModelActivation, name, with_for_update=True, populate_existing=True)
+        if row is None:  # the row is never deleted; a conflict means it exists
+            raise RuntimeError(f"no activation row for {name!r} after a conflict on it")
+        previous = row.version
         row.version, row.activated_at, row.activated_by = version, now, actor.name
     await record_event(
         session,

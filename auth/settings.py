@@ -68,6 +68,12 @@ class Settings(BaseSettings):
     # each process's memory until Redis answers again.
     rate_limit_on_redis_failure: Literal["closed", "open"] = "closed"
     fallback_rate_limit: str = "20/minute"
+    # In the "open" mode, how long after a failed Redis call each process serves from its
+    # fallback without asking Redis, before it tries again: a Redis that hangs costs one
+    # timeout per process this often, not one per request, and service is back on Redis at
+    # most this long after it returns. At most a minute: longer, a recovered Redis would sit
+    # unused while every process keeps its own, looser count.
+    rate_limit_open_retry_seconds: float = Field(default=1.0, gt=0, le=60)
     # A request's slot of its key's max_in_flight is dropped after this long even if never
     # released (a worker killed mid-request): longer than any request may take.
     concurrency_slot_ttl_seconds: float = Field(default=60.0, gt=0, le=3600)

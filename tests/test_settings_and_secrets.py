@@ -199,3 +199,14 @@ def test_request_and_shutdown_timeouts_are_settings_with_bounds(
     ):
         with pytest.raises(ValidationError, match=name):
             _settings(tmp_path, **{name: value})
+
+
+def test_the_fail_open_retry_interval_is_a_setting_with_bounds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert _settings(tmp_path).rate_limit_open_retry_seconds == 1.0
+    monkeypatch.setenv("MODELGATE_RATE_LIMIT_OPEN_RETRY_SECONDS", "0.25")
+    assert _settings(tmp_path).rate_limit_open_retry_seconds == 0.25
+    for value in (0, -1, 61):
+        with pytest.raises(ValidationError, match="rate_limit_open_retry_seconds"):
+            _settings(tmp_path, rate_limit_open_retry_seconds=value)

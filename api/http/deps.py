@@ -236,15 +236,18 @@ class Authenticator(HTTPBearer):
         authorize(subject, self.required_scopes)
         if self.billable:
             setattr(request.state, BILLABLE, True)
+        slot = None
         if subject.max_in_flight is not None:
-            # Before the rate limit, so that a request refused here costs none of it. The slot
-            # is the middleware's to release, once, when the response is finished (or failed).
-            request.state.inflight = await state.concurrency.acquire(
+            # Taken by the rate limiter with the rate-limit check, in its one round trip (a
+            # request refused for it costs none of the rate limit). The slot is the
+            # middleware's to release, once, when the response is finished (or failed): it is
+            # set before the check, so that a check cancelled midway is released too.
+            slot = request.state.inflight = state.concurrency.slot(
                 subject.limit_id, subject.max_in_flight
             )
         try:
             request.state.rate_limit = await state.rate_limiter.hit(
-                subject.limit_id, subject.rate_limits, admin=subject.tenant is None
+                subject.limit_id, subject.rate_limits, admin=subject.tenant is None, slot=slot
             )
         except KeyRateLimitExceeded as exc:
             # The 429 carries the rate-limit headers too.

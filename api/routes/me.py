@@ -141,6 +141,10 @@ async def issue_my_key(
     request: Request,
 ) -> IssuedKey:
     """Issue a key for the caller's tenant; the key is in this response only."""
+    # The new key never outlives the key behind the calling credential (the calling key, or the
+    # key a JWT was minted from): a later expires_at is 422, none is that key's end (see
+    # auth.identity.keys._bounded_by_creator). Said here, not in the docstring or the field's
+    # description, which are the OpenAPI document's text.
     return await issue_tenant_key(
         session,
         state.secrets.key_pepper,
@@ -150,6 +154,7 @@ async def issue_my_key(
         scopes=body.scopes if body.scopes is not None else sorted(subject.scopes),
         expires_at=body.expires_at,
         max_scopes=subject.scopes,
+        created_by=subject.require_key_id(),
     )
 
 

@@ -236,14 +236,12 @@ class KeyAuthenticator:
         throttle = self._throttle
         if throttle is None:
             return await verify()
-        identifier = await throttle.admit(address() if address is not None else None, entry)
-        try:
-            return await verify()
-        except Unauthenticated:
-            await throttle.failed(identifier)
-            raise
-        finally:
-            throttle.release(identifier, entry)
+        async with throttle.checking(address() if address is not None else None, entry) as check:
+            try:
+                return await verify()
+            except Unauthenticated:
+                check.fail()
+                raise
 
     async def _single_flight(
         self,

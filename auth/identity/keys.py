@@ -19,7 +19,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from auth.audit import Actor, record_event
-from auth.errors import Conflict, Forbidden, InvalidRequest, NotFound
+from auth.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unauthenticated
 from auth.limits.plans import check_max_in_flight, check_rate_limits
 from auth.models import ApiKey, Tenant, utcnow
 from auth.schemas import IssuedKey, KeyView
@@ -105,17 +105,23 @@ async def issue_tenant_key(
     scopes: Sequence[str] = DEFAULT_TENANT_SCOPES,
     expires_at: datetime | None = None,
     max_scopes: frozenset[str] | None = None,
+    created_by: uuid.UUID | None = None,
     rate_limits: str | None = None,
     max_in_flight: int | None = None,
 ) -> IssuedKey:
     """Create a key for a tenant, audited as ``key.issue``; the key is in the result only and
     never retrievable again. With ``max_scopes`` (self-service: the calling credential's
-    scopes) a scope beyond them is refused with 403: no credential can mint a stronger one."""
+    scopes) a scope beyond them is refused with 403: no credential can mint a stronger one.
+    With ``created_by`` (self-service: the key behind the calling credential) the new key may
+    not outlive that key: an ``expires_at`` after the creator's end is refused with 422, and a
+    key without one expires at the creator's end (``_bounded_by_creator``)."""
     if await session.get(Tenant, tenant_id) is None:
         raise NotFound("tenant not found")
     if max_scopes is not None and not set(scopes) <= max_scopes:
         beyond = ", ".join(sorted(set(scopes) - max_scopes))
         raise Forbidden(f"a new key may not hold scopes this credential lacks: {beyond}")
+    if created_by is not None:
+        expires_at = await _bounded_by_creator(session, created_by, expires_at)
     if expires_at is not None and expires_at <= utcnow():
         raise InvalidRequest("expires_at must be in the future", loc=("expires_at",))
     if expires_at is not None and expires_at >= LATEST_EXPIRY:
@@ -143,6 +149,41 @@ async def issue_tenant_key(
         detail=_key_detail(key),
     )
     return IssuedKey.issued(key, secret)
+
+
+async def _bounded_by_creator(
+    session: AsyncSession, creator_id: uuid.UUID, expires_at: datetime | None
+) -> datetime | None:
+    """The expiry of a key that the key ``creator_id`` issues for itself: ``expires_at``, or the
+    creator's end when none is asked for; 422 for one after the creator's end.
+
+    "The credential that created it" is the API key behind the request: the calling key, or
+    the key the calling JWT was minted from. Its end is the earlier of its expiry and a
+    revocation already scheduled (a rotation's grace), read from the database here, not from
+    the authenticator's cache. A token's own ``exp`` does not bound the new key: a token is a
+    short-lived session of its key, which mints another whenever it likes while it lives and
+    carries at most the key's scopes; capping at the token's minutes would make every key
+    issued through a token a minutes-long key, and bound nothing the key's holder could not
+    get by calling with the key itself. What a stolen token can do, it can do until its key
+    ends, and so can what it issues."""
+    creator = await session.get(ApiKey, creator_id, populate_existing=True)
+    if creator is None:
+        raise Unauthenticated("invalid credential")
+    ends = [moment for moment in (creator.expires_at, creator.revoked_at) if moment is not None]
+    if not ends:
+        return expires_at
+    end = min(ends)
+    if end <= utcnow():
+        # It ended after the request's credential was checked (within the key cache's TTL).
+        raise Unauthenticated("credential expired")
+    if expires_at is None:
+        return end
+    if expires_at > end:
+        raise InvalidRequest(
+            f"expires_at may not be later than the calling credential's own end, {end.isoformat()}",
+            loc=("expires_at",),
+        )
+    return expires_at
 
 
 async def issue_admin_key(

@@ -1,8 +1,8 @@
 """Failed-login throttling at ``POST /auth/token`` (SECURITY.md line 8).
 
 Failed attempts are counted per client address and per account (an API key's display prefix or
-an admin user's e-mail address) with a moving window of ``limits``, on the rate limiter's own
-storage (Redis when configured, so every worker shares the counts; process memory otherwise).
+an admin user's e-mail address) in a moving window, on the rate limiter's Redis when configured
+(so every worker shares the counts; process memory otherwise).
 An address or account whose budget is spent is refused with 429 before any credential is looked
 up or any password verified. A success resets nothing: an attacker cannot clear a victim's
 counter by logging in as himself.
@@ -11,7 +11,6 @@ counter by logging in as himself.
 from __future__ import annotations
 
 from limits.aio.storage import Storage
-from limits.aio.strategies import MovingWindowRateLimiter
 
 from auth.errors import DependencyUnavailable, ModelgateError
 from auth.identity.failure_throttle import FailureBudget, address_identifier
@@ -34,9 +33,8 @@ class LoginThrottle:
     (two ``FailureBudget``s of ``auth.identity.failure_throttle``)."""
 
     def __init__(self, storage: Storage, per_address: str, per_account: str) -> None:
-        strategy = MovingWindowRateLimiter(storage)
-        self._per_address = FailureBudget(strategy, per_address, "mg:login:address")
-        self._per_account = FailureBudget(strategy, per_account, "mg:login:account")
+        self._per_address = FailureBudget(storage, per_address, "mg:login:address")
+        self._per_account = FailureBudget(storage, per_account, "mg:login:account")
 
     def _budgets(self, address: str, account: str) -> list[tuple[str, FailureBudget, str]]:
         return [

@@ -1,10 +1,15 @@
 """The concurrency limit: how many requests of one key may be in flight at once, across every
 worker (``AuthSubject.max_in_flight``).
 
-On Redis each key has a sorted set of its requests in flight (member: a random slot id; score:
-the Redis server's time when it started). Taking a slot is one script (drop the entries older
-than ``concurrency_slot_ttl_seconds``, count, add), so a worker killed mid-request leaks its
-slots for that long at most; giving it back is one ``ZREM``. Without Redis the counts live in the
+A request's ``Slot`` is made here (``ConcurrencyLimiter.slot``) and taken by the rate limiter in
+the same step as the request's rate-limit check (``RateLimiter.hit(..., slot=slot)``): on Redis,
+in the very script and round trip of that check (``auth.limits.redis_checks``), so that a key
+with ``max_in_flight`` costs one round trip more than one without (the release), not two. Each
+key has a sorted set of its requests in flight there (member: the slot's random id; score: the
+Redis server's time when it was taken); the script drops the entries older than
+``concurrency_slot_ttl_seconds`` (so a worker killed mid-request leaks its slots for that long at
+most), counts, and adds the slot only if the rate limit lets the request through as well. Giving
+it back is one ``ZREM``. Without Redis, and for the fail-open fallback, the counts live in the
 process. A request beyond the limit is refused at once (429 ``concurrency-limit-exceeded``),
 never queued.
 """
@@ -13,30 +18,18 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 
-from auth.errors import DependencyUnavailable, ModelgateError
-from auth.limits.limiter import OUTAGE_ERRORS, RateLimiter
+from auth.errors import ModelgateError
+
+if TYPE_CHECKING:
+    from auth.limits.limiter import RateLimiter
 
 logger = structlog.get_logger(__name__)
 
 _NAMESPACE = "mg:inflight:"
-
-# KEYS[1]: the key's set. ARGV: the limit, the slot's id, how long a slot may live (ms).
-_ACQUIRE = """
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-local ttl = tonumber(ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - ttl)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
-  return 0
-end
-redis.call('ZADD', KEYS[1], now, ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ttl)
-return 1
-"""
 
 
 class ConcurrencyLimitExceeded(ModelgateError):
@@ -52,83 +45,79 @@ class ConcurrencyLimitExceeded(ModelgateError):
 
 
 class Slot:
-    """One request's place among its key's requests in flight; ``release`` gives it back, once
-    however often it is called."""
+    """One request's place among its key's requests in flight (at most ``limit``). It is held
+    once the rate limiter's check took it; ``release`` gives it back, once however often it is
+    called, and is a no-op for a slot that was never taken."""
 
-    __slots__ = ("_limiter", "key_id", "released", "slot_id")
+    __slots__ = ("_limiter", "held_in", "key_id", "limit", "released", "slot_id")
 
-    def __init__(self, limiter: ConcurrencyLimiter, key_id: str, slot_id: str) -> None:
+    def __init__(self, limiter: ConcurrencyLimiter, key_id: str, limit: int) -> None:
         self._limiter = limiter
         self.key_id = key_id
-        self.slot_id = slot_id
+        self.limit = limit
+        self.slot_id = uuid.uuid4().hex
+        # Where the slot may be held: None (not taken), "redis" (taken, or sent to be taken
+        # by a check whose answer never came back: the release removes it either way) or
+        # "memory" (this process's counts).
+        self.held_in: Literal["redis", "memory"] | None = None
         self.released = False
 
+    @property
+    def redis_key(self) -> str:
+        """The key's set of slots on Redis."""
+        return _NAMESPACE + self.key_id
+
+    @property
+    def ttl_ms(self) -> int:
+        """How long the slot lives on Redis if never given back (milliseconds)."""
+        return self._limiter.ttl_ms
+
+    def take_in_memory(self) -> None:
+        """Take the slot in this process's counts, or raise ``ConcurrencyLimitExceeded``."""
+        self._limiter._take_in_memory(self)
+
     async def release(self) -> None:
-        """Give the slot back (a no-op after the first call; never raises)."""
+        """Give the slot back (a no-op after the first call, and for a slot not taken; never
+        raises)."""
         if self.released:
             return
         self.released = True
-        await self._limiter._release(self)
+        if self.held_in is not None:
+            await self._limiter._release(self)
 
 
 class ConcurrencyLimiter:
-    """Counts each key's requests in flight, on Redis (shared by every worker) or in memory.
+    """Makes each request's slot, and keeps the counts in process memory (without Redis, and
+    for the fail-open fallback) and gives slots back; the rate limiter takes them.
 
-    It uses the rate limiter's Redis client and follows its failure mode: while Redis fails,
-    ``closed`` answers 503 and ``open`` counts in this process's memory (the rate limiter logs
-    the outage once, and tells when to try Redis again)."""
+    It uses the rate limiter's Redis client, and follows its failure mode: while Redis fails,
+    ``closed`` answers 503 and ``open`` counts in this process's memory."""
 
     def __init__(self, rate_limiter: RateLimiter, slot_ttl_seconds: float) -> None:
-        self._rate_limiter = rate_limiter
-        client = rate_limiter.client
-        self._client: Any = client
-        self._ttl_ms = int(slot_ttl_seconds * 1000)
-        self._script = client.register_script(_ACQUIRE) if client is not None else None
+        self._client: Any = rate_limiter.client
+        self.ttl_ms = int(slot_ttl_seconds * 1000)
         # In process memory: without Redis, and for the fallback in fail-open mode.
         self._counts: dict[str, int] = {}
-        self.in_memory: set[Slot] = set()
+
+    def slot(self, key_id: str, limit: int) -> Slot:
+        """A slot for one request of ``key_id``, not yet taken: pass it to
+        ``RateLimiter.hit`` (which takes it with the rate-limit check or raises
+        ``ConcurrencyLimitExceeded``), and ``release`` it when the request is over."""
+        return Slot(self, key_id, limit)
 
     def held(self, key_id: str) -> int:
         """Slots this process holds in memory for ``key_id`` (for tests and metrics)."""
         return self._counts.get(key_id, 0)
 
-    async def acquire(self, key_id: str, limit: int) -> Slot:
-        """Take a slot for ``key_id`` or raise ``ConcurrencyLimitExceeded``."""
-        slot = Slot(self, key_id, uuid.uuid4().hex)
-        rate_limiter = self._rate_limiter
-        if self._script is not None and not rate_limiter.skipping_redis():
-            try:
-                # Bounded by the client's socket timeouts, as the rate limiter's calls are.
-                taken = await self._script(
-                    keys=[_NAMESPACE + key_id], args=[limit, slot.slot_id, self._ttl_ms]
-                )
-            except OUTAGE_ERRORS as exc:
-                rate_limiter.redis_failed(exc)
-                if not rate_limiter.fail_open:
-                    raise DependencyUnavailable("concurrency limiter unavailable") from exc
-                return self._acquire_in_memory(slot, limit)
-            except Exception as exc:
-                if type(exc).__module__.startswith("redis"):
-                    raise DependencyUnavailable("concurrency limiter unavailable") from exc
-                raise
-            if not taken:
-                raise ConcurrencyLimitExceeded(limit)
-            return slot
-        if self._script is not None and not rate_limiter.fail_open:
-            raise DependencyUnavailable("concurrency limiter unavailable")
-        return self._acquire_in_memory(slot, limit)
-
-    def _acquire_in_memory(self, slot: Slot, limit: int) -> Slot:
+    def _take_in_memory(self, slot: Slot) -> None:
         held = self._counts.get(slot.key_id, 0)
-        if held >= limit:
-            raise ConcurrencyLimitExceeded(limit)
+        if held >= slot.limit:
+            raise ConcurrencyLimitExceeded(slot.limit)
         self._counts[slot.key_id] = held + 1
-        self.in_memory.add(slot)
-        return slot
+        slot.held_in = "memory"
 
     async def _release(self, slot: Slot) -> None:
-        if slot in self.in_memory:
-            self.in_memory.discard(slot)
+        if slot.held_in == "memory":
             remaining = self._counts.get(slot.key_id, 1) - 1
             if remaining > 0:
                 self._counts[slot.key_id] = remaining
@@ -138,7 +127,7 @@ class ConcurrencyLimiter:
         if self._client is None:
             return
         try:
-            await self._client.zrem(_NAMESPACE + slot.key_id, slot.slot_id)
+            await self._client.zrem(slot.redis_key, slot.slot_id)
         except Exception as exc:
             # The response is already sent; the slot expires by itself after the slot TTL.
             logger.warning("could not release a concurrency slot", error=type(exc).__name__)

@@ -17,8 +17,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from auth.audit import Actor, record_event
 from auth.errors import Conflict, InvalidRequest, NotFound
-from auth.limits.limiter import MAX_LIMITS as MAX_RATE_LIMITS
-from auth.limits.limiter import parse_rate_limits
+from auth.limits.policy import MAX_LIMITS as MAX_RATE_LIMITS
+from auth.limits.policy import parse_rate_limits
 from auth.models import ApiKey, Plan, Tenant
 
 # The plan new tenants get when none is named, created by the migration that introduced plans.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from sklearn.linear_model import LogisticRegression
 from sqlalchemy import delete, select
 
 from auth.db import create_engine, create_sessionmaker
-from auth.model_activation import activate_version
+from auth.model_activation import ActivationView, activate_version
 from auth.models import AuditEvent, ModelActivation
 from ml import register_model
 from tests.conftest import (
@@ -335,3 +336,71 @@ async def test_models_route_publishes_each_version_s_input_schema_and_health(
     assert schema["training_range"][0] == {"min": 4.3, "max": 7.9}
     assert two["class_names"] == ["setosa", "versicolor", "virginica"]
     assert two["created_at"] is not None
+
+
+async def _activations_of(app_or_sessions: Any, name: str) -> list[dict[str, Any]]:
+    async with app_or_sessions() as session:
+        events = (
+            await session.scalars(
+                select(AuditEvent)
+                .where(AuditEvent.action == "model.activate", AuditEvent.target_id == name)
+                .order_by(AuditEvent.id)
+            )
+        ).all()
+    return [dict(event.detail) for event in events]
+
+
+async def test_two_first_activations_racing_both_record_in_turn(backend: Backend) -> None:
+    """Two activations of a model that has no activation row yet, each in its own transaction,
+    at once: both succeed (neither is refused on the row the other inserted), one after the
+    other: the second names the first as the version it replaced, and the row holds the
+    second's version."""
+    name = f"racer-{uuid.uuid4().hex[:8]}"
+    engine = create_engine(backend.database_url)
+    sessions = create_sessionmaker(engine)
+
+    async def activate(version: str) -> ActivationView:
+        async with sessions() as session:
+            view = await activate_version(session, TEST_ACTOR, name, version)
+            await session.commit()
+            return view
+
+    try:
+        views = await asyncio.gather(activate("1"), activate("2"))
+        first, second = sorted(views, key=lambda view: view.previous_version is not None)
+        assert first.previous_version is None
+        assert second.previous_version == first.version
+        async with sessions() as session:
+            row = await session.get(ModelActivation, name)
+        assert row is not None
+        assert row.version == second.version
+        assert await _activations_of(sessions, name) == [
+            {"version": first.version, "previous_version": None},
+            {"version": second.version, "previous_version": first.version},
+        ]
+    finally:
+        await engine.dispose()
+
+
+async def test_two_first_activations_racing_over_http_both_answer_200(
+    backend: Backend, models: Path, tmp_path: Path
+) -> None:
+    """The same race through the route: two operators activate versions of a model never
+    activated before at the same moment; both are answered 200, never 409 or 500, and the
+    version served is the one recorded last."""
+    async with running_app(make_settings(backend, models, tmp_path / "var"), backend) as app:
+        admin = await create_admin_key(app)
+        answers = await asyncio.gather(_activate(app, admin, "2"), _activate(app, admin, "1"))
+        assert [answer.status_code for answer in answers] == [200, 200], [
+            answer.text for answer in answers
+        ]
+        first, second = sorted(
+            (answer.json() for answer in answers),
+            key=lambda body: body["previous_version"] is not None,
+        )
+        assert first["previous_version"] is None
+        assert second["previous_version"] == first["version"]
+        async with app.sessionmaker() as session:
+            row = await session.get(ModelActivation, "iris")
+        assert row is not None
+        assert row.version == second["version"]

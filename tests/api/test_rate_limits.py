@@ -8,7 +8,7 @@ import contextlib
 import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,9 @@ import httpx
 import pytest
 import pytest_asyncio
 import redis
+import redis.asyncio as redis_asyncio
 from fastapi import FastAPI
+from limits import RateLimitItem
 from limits.aio import strategies as limits_strategies
 from limits.aio.storage import MemoryStorage
 from limits.aio.storage.redis.redispy import RedispyBridge
@@ -27,13 +29,10 @@ from sqlalchemy import func, select, update
 from api.http.deps import AnyCredential, PredictScope
 from auth.errors import ConfigurationError, DependencyUnavailable, InvalidRequest
 from auth.identity.authn import AuthSubject
-from auth.limits.limiter import (
-    KeyRateLimitExceeded,
-    RateLimiter,
-    _sliding_window_stats,
-    parse_rate_limit,
-    parse_rate_limits,
-)
+from auth.limits.concurrency import ConcurrencyLimiter
+from auth.limits.limiter import KeyRateLimitExceeded, RateLimiter
+from auth.limits.policy import parse_rate_limits
+from auth.limits.redis_checks import sliding_window_stats
 from auth.models import Tenant, UsageRecord
 from tests.conftest import (
     IRIS_SETOSA,
@@ -45,7 +44,14 @@ from tests.conftest import (
     make_settings,
     only_on,
     running_app,
+    update_key,
 )
+
+
+def one_limit(value: str) -> RateLimitItem:
+    """The one limit a string holds, as the limiter reads it (parse_rate_limits)."""
+    (item,) = parse_rate_limits(value).items
+    return item
 
 
 @asynccontextmanager
@@ -209,7 +215,7 @@ async def test_sliding_window_figures_are_those_of_limits(
 ) -> None:
     """The X-RateLimit-Remaining and -Reset a Redis check reports, computed from the script's
     reply, are what limits' own SlidingWindowCounterRateLimiter reports for the same reply."""
-    item = parse_rate_limit(limit)
+    item = one_limit(limit)
     now = 1_700_000_000.25
     monkeypatch.setattr(limits_strategies.time, "time", lambda: now)
     figures = await RedispyBridge.get_sliding_window(
@@ -225,7 +231,7 @@ async def test_sliding_window_figures_are_those_of_limits(
 
     monkeypatch.setattr(storage, "get_sliding_window", get_sliding_window)
     expected = await SlidingWindowCounterRateLimiter(storage).get_window_stats(item, "k")
-    ours = _sliding_window_stats(item, window, now)
+    ours = sliding_window_stats(item, window, now)
     assert ours.remaining == expected.remaining
     assert ours.reset_time == pytest.approx(expected.reset_time, abs=1e-6)
 
@@ -237,8 +243,8 @@ async def test_concurrent_checks_share_one_redis_round_trip(
     """The checks of requests that arrive together go to Redis in one pipeline, and each
     request gets its own answer back."""
     limiter = RateLimiter(make_settings(backend, tmp_path, tmp_path))
-    pipelined = limiter._redis
-    assert pipelined is not None
+    assert limiter._redis is not None
+    pipelined = limiter._redis.pipeline
     sent: list[int] = []
     execute = pipelined._execute
 
@@ -289,9 +295,11 @@ async def test_a_failing_check_fails_its_request_only(backend: Backend, tmp_path
     request fails closed, the other requests of the same pipeline are answered."""
     limiter = await _redis_limiter(backend, tmp_path)
     broken, fine = f"broken-{uuid.uuid4()}", f"fine-{uuid.uuid4()}"
-    item = parse_rate_limit("100/minute")
+    item = one_limit("100/minute")
+    checks = limiter._redis
+    assert checks is not None
     with redis.Redis.from_url(backend.redis_url) as client:
-        for name in limiter._redis_keys(item, broken):
+        for name in checks.keys_for(item, broken):
             client.hset(name, "not", "a counter")
     try:
         async with asyncio.timeout(5):
@@ -305,7 +313,7 @@ async def test_a_failing_check_fails_its_request_only(backend: Backend, tmp_path
         assert sorted(r.remaining for r in (results[0], results[2])) == [98, 99], results
     finally:
         with redis.Redis.from_url(backend.redis_url) as client:
-            client.delete(*limiter._redis_keys(item, broken))
+            client.delete(*checks.keys_for(item, broken))
         await limiter.close()
 
 
@@ -320,7 +328,7 @@ async def test_redis_headers_report_the_window_of_the_check(
     used to report)."""
     limiter = await _redis_limiter(backend, tmp_path, rate_limit_strategy=strategy)
     key_id = f"figures-{uuid.uuid4()}"
-    item = parse_rate_limit("3/minute")
+    item = one_limit("3/minute")
     try:
         remaining = []
         opened = time.time()
@@ -343,10 +351,10 @@ async def test_redis_headers_report_the_window_of_the_check(
 def test_a_sliding_window_opened_by_the_check_resets_a_window_later() -> None:
     """The one reply where the figures differ from limits' formula on purpose: the check that
     opens a window reads its counter's TTL at exactly twice the window (see
-    ``_sliding_window_stats``)."""
+    ``sliding_window_stats``)."""
     for limit, ttl_ms in (("10/second", 2_000), ("7/minute", 120_000)):
-        item = parse_rate_limit(limit)
-        stats = _sliding_window_stats(item, [0, -2, 1, ttl_ms], 1_000.0)
+        item = one_limit(limit)
+        stats = sliding_window_stats(item, [0, -2, 1, ttl_ms], 1_000.0)
         assert stats.reset_time == 1_000.0 + item.get_expiry()
         assert stats.remaining == item.amount - 1
 
@@ -416,8 +424,8 @@ async def test_several_limits_are_checked_in_one_redis_round_trip(
     backend: Backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     limiter = RateLimiter(make_settings(backend, tmp_path, tmp_path))
-    pipelined = limiter._redis
-    assert pipelined is not None
+    assert limiter._redis is not None
+    pipelined = limiter._redis.pipeline
     sent: list[int] = []
     execute = pipelined._execute
 
@@ -679,6 +687,138 @@ async def test_no_max_in_flight_means_no_slot(limits_app: Harness) -> None:
     me = await limits_app.client.get("/api/v1/me", headers=bearer(key))
     assert me.status_code == 200
     assert await _slots_held(limits_app, str(me.json()["key"]["id"])) == 0
+
+
+@contextlib.contextmanager
+def redis_round_trips(app: Harness, key_id: str) -> Iterator[list[list[str]]]:
+    """The round trips the app's Redis client makes meanwhile about ``key_id`` (its rate-limit
+    counters or its slots: the failure throttle's, by address, are left out), each as the
+    commands it carried: a pipeline is one round trip, whatever it holds."""
+    trips: list[list[str]] = []
+    client = app.state.rate_limiter.client
+    execute_command = client.execute_command
+    pipeline_execute = redis_asyncio.client.Pipeline.execute
+
+    def about_key(args: tuple[Any, ...]) -> bool:
+        return any(key_id in str(arg) for arg in args)
+
+    async def one_command(*args: Any, **options: Any) -> Any:
+        if about_key(args):
+            trips.append([str(args[0])])
+        return await execute_command(*args, **options)
+
+    async def one_pipeline(pipeline: Any, *args: Any, **options: Any) -> Any:
+        commands = [command[0] for command in pipeline.command_stack]
+        if any(about_key(command) for command in commands):
+            trips.append([str(command[0]) for command in commands])
+        return await pipeline_execute(pipeline, *args, **options)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(client, "execute_command", one_command)
+        patch.setattr(redis_asyncio.client.Pipeline, "execute", one_pipeline)
+        yield trips
+
+
+@only_on("postgres")  # the backend with Redis
+async def test_max_in_flight_costs_one_redis_round_trip_more_than_no_bound(
+    limits_app: Harness, in_flight_limits: dict[str, int]
+) -> None:
+    """The slot is taken in the rate-limit check's own script and round trip (one EVALSHA in
+    one pipeline), and given back with one ZREM: a key with max_in_flight costs Redis two round
+    trips per request, one without it one."""
+    bounded_id, bounded = await _key_with_in_flight_limit(limits_app, in_flight_limits, 2)
+    _, free = await create_tenant_with_key(limits_app)
+    me = await limits_app.client.get("/api/v1/me", headers=bearer(free))
+    free_id = str(me.json()["key"]["id"])
+    with redis_round_trips(limits_app, bounded_id) as trips:
+        response = await limits_app.client.get("/api/v1/me", headers=bearer(bounded))
+    assert response.status_code == 200, response.text
+    assert trips == [["EVALSHA"], ["ZREM"]]
+    with redis_round_trips(limits_app, free_id) as trips:
+        response = await limits_app.client.get("/api/v1/me", headers=bearer(free))
+    assert response.status_code == 200, response.text
+    assert trips == [["EVALSHA"]]
+    # A request refused for its slot costs the one round trip, and none of the rate limit.
+    event, held = await _hold(limits_app, bounded, bounded_id)
+    second_event, second = await _hold(limits_app, bounded, bounded_id)
+    with redis_round_trips(limits_app, bounded_id) as trips:
+        refused = await limits_app.client.get("/api/v1/me", headers=bearer(bounded))
+    assert refused.status_code == 429
+    assert refused.json()["type"] == "concurrency-limit-exceeded"
+    assert trips == [["EVALSHA"]]
+    event.set()
+    second_event.set()
+    assert [(await held).status_code, (await second).status_code] == [200, 200]
+    after = await limits_app.client.get("/api/v1/me", headers=bearer(bounded))
+    # The bounded key's requests: /me twice, the two held, this one; not the refused one.
+    assert int(after.headers["X-RateLimit-Remaining"]) == int(TENANT_DEFAULT.split("/")[0]) - 5
+
+
+async def test_a_request_the_rate_limit_refuses_holds_no_slot(
+    backend: Backend, tmp_path: Path
+) -> None:
+    """On Redis and in memory alike: refused by its rate limit, a request holds no slot (the
+    script never adds it; in memory it is given back at once), without waiting for the
+    request's release, so a key at its rate limit never fills its max_in_flight."""
+    limiter = RateLimiter(make_settings(backend, tmp_path, tmp_path))
+    concurrency = ConcurrencyLimiter(limiter, 60.0)
+    key_id = f"refused-slot-{uuid.uuid4()}"
+
+    async def held() -> int:
+        if backend.redis_url:
+            with redis.Redis.from_url(backend.redis_url) as client:
+                return int(client.zcard(f"mg:inflight:{key_id}"))
+        return concurrency.held(key_id)
+
+    try:
+        first = concurrency.slot(key_id, 2)
+        await limiter.hit(key_id, "1/minute", slot=first)
+        assert await held() == 1
+        for _ in range(3):
+            with pytest.raises(KeyRateLimitExceeded):
+                await limiter.hit(key_id, "1/minute", slot=concurrency.slot(key_id, 2))
+            assert await held() == 1
+        await first.release()
+        assert await held() == 0
+    finally:
+        await limiter.close()
+
+
+@only_on("postgres")  # the backend with Redis
+async def test_max_in_flight_holds_across_two_apps_sharing_redis(
+    limits_app: Harness, served_model_dir: Path, tmp_path: Path
+) -> None:
+    """Two app instances on one Redis and one database: a key's max_in_flight (its own, as an
+    operator sets it) counts the requests in flight on both together."""
+    settings = make_settings(
+        limits_app.backend,
+        served_model_dir,
+        tmp_path,
+        admin_rate_limit=ADMIN_LIMIT,
+        default_rate_limit=TENANT_DEFAULT,
+    )
+    async with running_app(settings, limits_app.backend, customize=_add_test_routes) as other:
+        _, key = await create_tenant_with_key(limits_app)
+        await update_key(limits_app, key, max_in_flight=2)
+        me = await other.client.get("/api/v1/me", headers=bearer(key))
+        assert me.json()["limits"]["max_in_flight"] == 2
+        key_id = str(me.json()["key"]["id"])
+        first_event, first = await _hold(limits_app, key, key_id)
+        second_event, second = await _hold(other, key, key_id)
+        for app in (limits_app, other):
+            refused = await app.client.get("/api/v1/me", headers=bearer(key))
+            assert refused.status_code == 429, refused.text
+            assert refused.json()["type"] == "concurrency-limit-exceeded"
+        second_event.set()
+        assert (await second).status_code == 200
+        third_event, third = await _hold(limits_app, key, key_id)
+        refused = await other.client.get("/api/v1/me", headers=bearer(key))
+        assert refused.status_code == 429, refused.text
+        first_event.set()
+        third_event.set()
+        assert [(await first).status_code, (await third).status_code] == [200, 200]
+        assert await _slots_held(limits_app, key_id) == 0
+        assert (await other.client.get("/api/v1/me", headers=bearer(key))).status_code == 200
 
 
 async def test_an_admin_credential_without_limits_gets_the_admin_limit(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timedelta
 
+import httpx
 import pytest
 from sqlalchemy import select
 
@@ -17,6 +18,7 @@ from tests.conftest import (
     create_admin_key,
     create_tenant_with_key,
     refused_within,
+    update_key,
 )
 
 MANAGER = ("predict", "usage:read", "keys:manage")
@@ -137,3 +139,82 @@ async def test_a_key_may_revoke_itself(harness: Harness) -> None:
     revoked = await harness.client.post(f"{KEYS}/{own_id}/revoke", headers=bearer(manager))
     assert revoked.status_code == 200
     await refused_within(harness, manager, seconds=1.0)
+
+
+def _moment(text: str | None) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(text)
+
+
+async def _key_id(harness: Harness, credential: str) -> str:
+    me = await harness.client.get("/api/v1/me", headers=bearer(credential))
+    assert me.status_code == 200, me.text
+    return str(me.json()["key"]["id"])
+
+
+async def _token_for(harness: Harness, key: str) -> str:
+    response = await harness.client.post(
+        "/api/v1/auth/token", data={"grant_type": "client_credentials", "client_secret": key}
+    )
+    assert response.status_code == 200, response.text
+    return str(response.json()["access_token"])
+
+
+@pytest.mark.parametrize("through", ["key", "token"])
+async def test_a_new_key_never_outlives_the_key_behind_the_calling_credential(
+    harness: Harness, through: str
+) -> None:
+    """A keys:manage key that expires at T, or a JWT minted from it: a new key without
+    expires_at expires at T, one at or before T is issued as asked, one after T is 422 and
+    issues nothing."""
+    _, manager = await create_tenant_with_key(harness, scopes=MANAGER)
+    ends = (utcnow() + timedelta(days=2)).replace(microsecond=0)
+    await update_key(harness, manager, expires_at=ends)
+    credential = manager if through == "key" else await _token_for(harness, manager)
+
+    async def issue(**body: str) -> httpx.Response:
+        return await harness.client.post(
+            KEYS, json={"name": "child", **body}, headers=bearer(credential)
+        )
+
+    capped = await issue()
+    assert capped.status_code == 201, capped.text
+    assert _moment(capped.json()["expires_at"]) == ends
+    for asked in (ends - timedelta(hours=1), ends):
+        issued = await issue(expires_at=asked.isoformat())
+        assert issued.status_code == 201, issued.text
+        assert _moment(issued.json()["expires_at"]) == asked
+    for later in (ends + timedelta(seconds=1), ends + timedelta(days=365)):
+        refused = await issue(expires_at=later.isoformat())
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["errors"][0]["loc"][-1] == "expires_at"
+    listing = await harness.client.get(KEYS, headers=bearer(manager))
+    assert len(listing.json()["keys"]) == 4  # the manager and the three issued
+
+
+async def test_a_key_in_its_rotation_grace_issues_keys_that_end_with_the_grace(
+    harness: Harness,
+) -> None:
+    """A rotated key keeps working until its grace ends, and so may still manage keys; a key
+    it issues ends when it does (its scheduled revocation), not later."""
+    _, manager = await create_tenant_with_key(harness, scopes=MANAGER)
+    admin = await create_admin_key(harness)
+    rotated = await harness.client.post(
+        f"/api/v1/admin/keys/{await _key_id(harness, manager)}/rotate",
+        json={"grace_seconds": 3600},
+        headers=bearer(admin),
+    )
+    assert rotated.status_code == 201, rotated.text
+    listing = await harness.client.get(KEYS, headers=bearer(manager))
+    grace_ends = next(
+        datetime.fromisoformat(k["revoked_at"])
+        for k in listing.json()["keys"]
+        if k["revoked_at"] is not None
+    )
+    capped = await harness.client.post(KEYS, json={"name": "child"}, headers=bearer(manager))
+    assert capped.status_code == 201, capped.text
+    assert _moment(capped.json()["expires_at"]) == grace_ends
+    later = grace_ends + timedelta(minutes=1)
+    refused = await harness.client.post(
+        KEYS, json={"name": "late", "expires_at": later.isoformat()}, headers=bearer(manager)
+    )
+    assert refused.status_code == 422, refused.text

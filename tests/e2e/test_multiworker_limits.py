@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from auth.limits.concurrency import ConcurrencyLimiter, ConcurrencyLimitExceeded
+from auth.limits.concurrency import ConcurrencyLimiter, ConcurrencyLimitExceeded, Slot
 from auth.limits.limiter import RateLimiter
 from auth.models import Tenant
 from tests.conftest import IRIS_SETOSA, Backend, make_settings, only_on
@@ -235,30 +235,37 @@ async def test_max_in_flight_holds_across_processes_sharing_redis(
     backend: Backend, tmp_path: Path
 ) -> None:
     """Two limiters, each with its own Redis client, as two processes have: the key's slots are
-    counted once for both; a slot a dead process never gave back is dropped after the slot TTL.
-    (At this level because nothing sets max_in_flight through the API until plans do.)"""
+    counted once for both (taken with the rate-limit check, as a request takes them); a slot a
+    dead process never gave back is dropped after the slot TTL."""
     settings = make_settings(backend, tmp_path, tmp_path, concurrency_slot_ttl_seconds=1.0)
     first, second = RateLimiter(settings), RateLimiter(settings)
-    processes = [ConcurrencyLimiter(first, 1.0), ConcurrencyLimiter(second, 1.0)]
+    processes = [(first, ConcurrencyLimiter(first, 1.0)), (second, ConcurrencyLimiter(second, 1.0))]
     key_id = f"in-flight-{uuid.uuid4()}"
+
+    async def acquire(process: int) -> Slot:
+        limiter, concurrency = processes[process]
+        slot = concurrency.slot(key_id, 3)
+        await limiter.hit(key_id, "1000/minute", slot=slot)
+        return slot
+
     try:
-        held = [await processes[0].acquire(key_id, 3), await processes[1].acquire(key_id, 3)]
-        held.append(await processes[0].acquire(key_id, 3))
-        for process in processes:
+        held = [await acquire(0), await acquire(1)]
+        held.append(await acquire(0))
+        for process in (0, 1):
             with pytest.raises(ConcurrencyLimitExceeded):
-                await process.acquire(key_id, 3)
+                await acquire(process)
         await held[1].release()
         await held[1].release()  # twice: given back once
-        replacement = await processes[0].acquire(key_id, 3)
+        replacement = await acquire(0)
         with pytest.raises(ConcurrencyLimitExceeded):
-            await processes[1].acquire(key_id, 3)
+            await acquire(1)
         # The first process dies holding its slots (nothing releases them): after the TTL
         # the other process may use them.
         del held, replacement
         await asyncio.sleep(1.1)
-        survivors = [await processes[1].acquire(key_id, 3) for _ in range(3)]
+        survivors = [await acquire(1) for _ in range(3)]
         with pytest.raises(ConcurrencyLimitExceeded):
-            await processes[1].acquire(key_id, 3)
+            await acquire(1)
         for slot in survivors:
             await slot.release()
     finally:

@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -19,6 +20,7 @@ from sqlalchemy.engine import make_url
 
 from api.cli import upgrade_database
 from auth.identity.keys import generate_key
+from auth.limits.limiter import RateLimiter
 from auth.models import MonthlyUsage, UsageRecord
 from tests.conftest import (
     IRIS_SETOSA,
@@ -410,3 +412,52 @@ async def test_slow_redis_in_fail_open_mode_costs_one_timeout_not_one_per_reques
             assert response.headers["X-RateLimit-Limit"] == "20"  # the default fallback
         assert elapsed[0] <= timeout + 1.0, elapsed
         assert max(elapsed[1:]) < timeout * 0.8, elapsed
+
+
+async def test_fail_open_mode_asks_redis_again_after_the_configured_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MODELGATE_RATE_LIMIT_OPEN_RETRY_SECONDS: after a failed Redis call each limiter serves
+    from its fallback without asking Redis until the interval has passed, then asks again; two
+    limiters with different intervals, side by side, against a Redis that refuses connections."""
+    unreachable = Backend("sqlite", "sqlite+aiosqlite://", f"redis://127.0.0.1:{_free_port()}/0")
+    asked: dict[float, int] = {}
+    limiters: dict[float, RateLimiter] = {}
+    for interval in (0.3, 3.0):
+        limiter = RateLimiter(
+            make_settings(
+                unreachable,
+                tmp_path,
+                tmp_path,
+                rate_limit_on_redis_failure="open",
+                rate_limit_open_retry_seconds=interval,
+            )
+        )
+        assert limiter._redis is not None
+        run = limiter._redis.pipeline.run
+        asked[interval] = 0
+
+        async def counting(keys: Any, args: Any, interval: float = interval, run: Any = run) -> Any:
+            asked[interval] += 1
+            return await run(keys, args)
+
+        monkeypatch.setattr(limiter._redis.pipeline, "run", counting)
+        limiters[interval] = limiter
+
+    async def hit_each() -> None:
+        for limiter in limiters.values():
+            status = await limiter.hit("retry-key", None)
+            assert status.limit == 20  # served under the default fallback limit
+
+    try:
+        await hit_each()  # asks, fails, falls back
+        await hit_each()  # within both intervals: does not ask
+        assert asked == {0.3: 1, 3.0: 1}
+        await asyncio.sleep(0.5)
+        await hit_each()  # past 0.3 s only
+        assert asked == {0.3: 2, 3.0: 1}
+        await hit_each()
+        assert asked == {0.3: 2, 3.0: 1}
+    finally:
+        for limiter in limiters.values():
+            await limiter.close()

@@ -32,6 +32,7 @@ from tests.conftest import (
     create_admin_key,
     create_tenant_with_key,
     make_settings,
+    only_on,
     running_app,
     update_key,
     wrong_checksum,
@@ -151,6 +152,45 @@ async def test_concurrent_guesses_from_one_address_never_exceed_the_budget_in_lo
     assert edge.state.authenticator._throttle.checks_in_flight == 0  # type: ignore[union-attr]
 
 
+@only_on("postgres")  # the backend with Redis, which the two instances share
+async def test_a_burst_spread_over_two_instances_gets_the_budget_in_total(
+    edge: Harness, served_model_dir: Path, tmp_path: Path
+) -> None:
+    """Distinct guesses from one address sent at once to two app instances sharing Redis (as
+    two workers or two replicas behind a load balancer): each check takes one of the address's
+    failures atomically before its lookup, so the two together look up and refuse with 401
+    exactly the budget, not the budget each; after it both answer 429."""
+    settings = make_settings(
+        edge.backend,
+        served_model_dir,
+        tmp_path,
+        auth_failures_per_address=f"{BUDGET}/minute",
+        trusted_proxies=PROXIES,
+    )
+    address = client_address()
+    async with (
+        running_app(settings, edge.backend) as other,
+        client_from(edge, address) as first,
+        client_from(other, address) as second,
+    ):
+        with key_lookups(edge) as lookups, key_lookups(other) as other_lookups:
+            responses = await asyncio.gather(
+                *[
+                    predict(client, generate_key())
+                    for _ in range(2 * BUDGET)
+                    for client in (first, second)
+                ]
+            )
+        statuses = [response.status_code for response in responses]
+        assert statuses.count(401) == BUDGET, statuses
+        assert statuses.count(429) == 3 * BUDGET, statuses
+        assert len(lookups) + len(other_lookups) == BUDGET
+        for client in (first, second):
+            assert_throttled(await predict(client, generate_key()))
+        for app in (edge, other):
+            assert app.state.authenticator._throttle.checks_in_flight == 0  # type: ignore[union-attr]
+
+
 async def test_a_burst_with_one_uncached_live_key_is_not_taken_for_guessing(
     edge: Harness,
 ) -> None:
@@ -162,6 +202,27 @@ async def test_a_burst_with_one_uncached_live_key_is_not_taken_for_guessing(
             responses = await asyncio.gather(*[predict(client, key) for _ in range(5 * BUDGET)])
     assert [response.status_code for response in responses] == [200] * (5 * BUDGET)
     assert len(lookups) == 1
+
+
+async def test_live_credentials_give_back_the_failure_their_check_reserved(
+    edge: Harness,
+) -> None:
+    """Each uncached credential reserves one of the address's failures before its lookup; a
+    live one gives it back: more live keys than the budget, one after the other from one
+    address, are all served, and the budget is still whole for failures afterwards."""
+    keys = [(await create_tenant_with_key(edge))[1] for _ in range(BUDGET + 2)]
+    throttle = edge.state.authenticator._throttle
+    assert throttle is not None
+    async with client_from(edge, client_address()) as client:
+        for key in keys:
+            assert (await predict(client, key)).status_code == 200
+        for _ in range(100):  # the give-backs run in the background
+            if not throttle._giving_back:
+                break
+            await asyncio.sleep(0.01)
+        for _ in range(BUDGET):
+            assert (await predict(client, generate_key())).status_code == 401
+        assert_throttled(await predict(client, generate_key()))
 
 
 async def test_every_kind_of_failed_credential_counts_against_the_address(
