@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -19,24 +18,6 @@ from auth.settings import Secrets, Settings
 from auth.usage.writer import UsageWriter
 from ml import ModelRegistry
 from ml.batching import DIRECT, BatchPolicy
-
-
-class Rejections:
-    """Requests this process refused (401, 403, 429, 503), by status and problem type: counted
-    in memory, never written to the database (a flood of refusals must not cost a row each)."""
-
-    __slots__ = ("counts",)
-
-    def __init__(self) -> None:
-        self.counts: Counter[tuple[int, str]] = Counter()
-
-    def count(self, status: int, problem_type: str) -> None:
-        """One more refusal."""
-        self.counts[(status, problem_type)] += 1
-
-    def snapshot(self) -> dict[tuple[int, str], int]:
-        """The counts so far, as a plain dict (status, problem type) -> count."""
-        return dict(self.counts)
 
 
 @dataclass
@@ -57,7 +38,6 @@ class AppState:
     tokens: TokenConfig
     login_throttle: LoginThrottle
     started_at: float = field(default_factory=time.monotonic)
-    rejections: Rejections = field(default_factory=Rejections)
     # How scikit-learn calls are micro-batched (ml.batching).
     batching: BatchPolicy = DIRECT
     # None when MODELGATE_PREDICTION_CACHE_TTL_SECONDS is 0; its hits and misses in .stats.

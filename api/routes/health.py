@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import text
 
 from api.http.deps import StateDep
-from api.http.errors import PROBLEM_MEDIA_TYPE, Problem, problem_response, problem_responses
+from api.http.errors import Problem, problem_responses
+from api.http.problems import PROBLEM_MEDIA_TYPE, problem_response
 from api.services import AppState
 
 router = APIRouter(tags=["health"])
@@ -158,7 +159,7 @@ async def ready(state: StateDep, request: Request) -> JSONResponse:
         )
         return JSONResponse(body.model_dump())
     return problem_response(
-        request,
+        request.scope,
         503,
         "service-unavailable",
         "Service unavailable",

@@ -193,13 +193,15 @@ async def test_refusals_are_counted_by_reason(harness: Harness) -> None:
     assert over_quota.json()["type"] == "quota-exceeded"
     after = await scrape(harness.client)
 
-    def grown(name: str, reason: str) -> float:
-        return value(after, name, reason=reason) - value(before, name, reason=reason)
+    def grown(status: int, reason: str) -> float:
+        labels = {"status": str(status), "reason": reason}
+        name = "modelgate_rejections_total"
+        return value(after, name, **labels) - value(before, name, **labels)
 
-    assert grown("modelgate_auth_failures_total", "unauthenticated") == 1
-    assert grown("modelgate_auth_failures_total", forbidden.json()["type"]) == 1
-    assert grown("modelgate_limit_rejections_total", "rate-limited") == 1
-    assert grown("modelgate_limit_rejections_total", "quota-exceeded") == 1
+    assert grown(401, "unauthenticated") == 1
+    assert grown(403, forbidden.json()["type"]) == 1
+    assert grown(429, "rate-limited") == 1
+    assert grown(429, "quota-exceeded") == 1
 
 
 async def test_the_active_version_of_each_model_is_reported(harness: Harness) -> None:
