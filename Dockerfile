@@ -39,7 +39,8 @@ RUN groupadd --system --gid 10001 modelgate \
 COPY --from=build /opt/venv /opt/venv
 # Owned by root (COPY's default): the runtime user reads the code and the registry and can
 # write neither. The registry is read-only besides, so that no one rewrites an artifact and its
-# manifest together; a new model version is published by an operator (README: Deploying).
+# manifest together; a new model version is published by an operator (docs/operations.md:
+# Deploying).
 COPY --from=build /app /app
 RUN chmod -R a-w /app/models \
     && mkdir /app/var \

@@ -38,7 +38,7 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-mutation: install  ## mutmut over the security-critical modules: about an hour on 2 cores (README.md)
+mutation: install  ## mutmut over the security-critical modules: about an hour on 2 cores (docs/testing.md)
 	MODELGATE_TEST_REQUIRE_SERVICES=1 nice -n 10 $(BIN)/mutmut run --max-children 2
 	$(BIN)/mutmut results
 

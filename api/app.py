@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import gc
 from collections.abc import AsyncIterator
 from contextlib import ExitStack, asynccontextmanager
 
-import structlog
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.telemetry import TelemetryConfig
@@ -19,118 +17,25 @@ from api.http.forwarded import TrustedProxies
 from api.http.middleware import RequestContextMiddleware
 from api.http.openapi import install_openapi
 from api.http.timeout import RequestTimeoutMiddleware
-from api.inference.cache import build_prediction_cache
 from api.observability import metrics
 from api.observability.logging import configure_logging
 from api.observability.tracing import instrumented, provider_from_environment
 from api.routes import catalog, health, me, predict, root, token, v2
 from api.routes.admin import router as admin_router
 from api.routes.metrics import install_metrics
-from api.server.activations import apply_activations, check_models_periodically, follow_activations
 from api.services import AppState
-from auth.db import create_engine, create_sessionmaker
-from auth.identity.authn import KeyAuthenticator
-from auth.identity.failure_throttle import CredentialThrottle
-from auth.identity.key_activity import KeyActivity
-from auth.identity.login_throttle import LoginThrottle
-from auth.identity.tokens import prune_tokens_periodically, token_config
-from auth.limits.concurrency import ConcurrencyLimiter
-from auth.limits.limiter import RateLimiter
 from auth.settings import Settings, check_production, declared_workers, get_settings, load_secrets
-from auth.usage.writer import UsageWriter
-from ml import ModelRegistry
-from ml.batching import DIRECT, BatchPolicy
-
-logger = structlog.get_logger(__name__)
 
 API_PREFIX = "/api/v1"
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Open the database engine and the limiter's storage, load the models; close on exit."""
+    """Build the process's services (``api.services``), start them, and close them on exit."""
     settings: Settings = app.state.settings
-    secrets = load_secrets(settings)
-    engine = create_engine(
-        settings.database_url, statement_timeout_seconds=settings.database_timeout_seconds
-    )
-    sessionmaker = create_sessionmaker(engine)
-    registry = ModelRegistry(settings.model_dir)
-    # Hash checks, unpickling and warm-up take a while: keep the event loop free.
-    await asyncio.to_thread(registry.load)
-    metrics.record_registry(registry)
-    rate_limiter = RateLimiter(settings)
-    if not rate_limiter.uses_redis:
-        logger.warning(
-            "MODELGATE_REDIS_URL is not set: rate limits are kept in this process only, "
-            "which is correct for a single process and wrong for several workers"
-        )
-    try:
-        # The operator's activations (in the database) before the first request, not a second
-        # after it.
-        await apply_activations(registry, sessionmaker, settings.database_timeout_seconds)
-    except Exception as exc:
-        logger.warning("model activations could not be read at start", error=type(exc).__name__)
-    if not registry.is_ready:
-        logger.warning(
-            "no model is ready; run `modelgate models train`", dir=str(settings.model_dir)
-        )
-    usage_writer = UsageWriter(
-        engine,
-        max_batch=settings.usage_flush_max_records,
-        max_wait_seconds=settings.usage_flush_wait_ms / 1000,
-        timeout_seconds=settings.usage_flush_timeout_seconds,
-        observer=metrics.observe_usage_flush,
-    )
-    usage_writer.start()
-    key_activity = KeyActivity(
-        engine,
-        interval_seconds=settings.key_last_used_flush_seconds,
-        timeout_seconds=settings.database_timeout_seconds,
-    )
-    key_activity.start()
-    tokens = token_config(settings, secrets)
-    prediction_cache = build_prediction_cache(
-        ttl_seconds=settings.prediction_cache_ttl_seconds,
-        max_entries=settings.prediction_cache_size,
-        key_pepper=secrets.key_pepper,
-        redis_client=rate_limiter.client,
-        redis_timeout_seconds=settings.redis_timeout_seconds,
-    )
-    app.state.modelgate = AppState(
-        settings=settings,
-        secrets=secrets,
-        engine=engine,
-        sessionmaker=sessionmaker,
-        authenticator=KeyAuthenticator(
-            sessionmaker,
-            secrets.key_pepper,
-            tokens=tokens,
-            cache_ttl=settings.key_cache_ttl_seconds,
-            cache_size=settings.key_cache_size,
-            lookup_timeout=settings.database_timeout_seconds,
-            default_rate_limit=settings.default_rate_limit,
-            throttle=CredentialThrottle(rate_limiter.storage, settings.auth_failures_per_address),
-        ),
-        rate_limiter=rate_limiter,
-        concurrency=ConcurrencyLimiter(rate_limiter, settings.concurrency_slot_ttl_seconds),
-        registry=registry,
-        usage_writer=usage_writer,
-        key_activity=key_activity,
-        tokens=tokens,
-        login_throttle=LoginThrottle(
-            rate_limiter.storage,
-            settings.login_failures_per_address,
-            settings.login_failures_per_account,
-        ),
-        batching=BatchPolicy(
-            max_size=settings.batch_max_size,
-            max_wait_seconds=settings.batch_max_wait_ms / 1000,
-        )
-        if settings.batch_enabled
-        else DIRECT,
-        prediction_cache=prediction_cache,
-    )
+    services = AppState.build(settings, load_secrets(settings))
+    await services.start()
+    app.state.modelgate = services
     # Everything loaded so far (models, libraries, metadata) lives as long as the process: move
     # it out of the collector's reach. Otherwise every full collection walks those millions of
     # objects and stalls every request in flight (p99 at 16 connections went from ~200 ms to
@@ -140,38 +45,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     tracing = ExitStack()
     tracer_provider: TracerProvider | None = app.state.tracer_provider
     if tracer_provider is not None:
-        tracing.enter_context(instrumented(tracer_provider, engine, rate_limiter.client))
-    background = [
-        asyncio.create_task(prune_tokens_periodically(sessionmaker, settings)),
-        asyncio.create_task(
-            follow_activations(registry, sessionmaker, settings.database_timeout_seconds)
-        ),
-        asyncio.create_task(
-            check_models_periodically(registry, settings.model_check_interval_seconds)
-        ),
-    ]
+        tracing.enter_context(instrumented(tracer_provider, services.engine, services.redis.client))
     try:
         yield
     finally:
-        for task in background:
-            task.cancel()
-        # uvicorn comes here once the requests in flight are answered (or after
-        # MODELGATE_SHUTDOWN_TIMEOUT_SECONDS); closing gets as long again, so that a database or
-        # Redis that stopped answering cannot keep the process from exiting.
-        try:
-            async with asyncio.timeout(settings.shutdown_timeout_seconds):
-                # Pending usage is committed before the engine goes away.
-                await usage_writer.close()
-                await key_activity.close()
-                if prediction_cache is not None:
-                    await prediction_cache.drain()
-                await rate_limiter.close()
-                await engine.dispose()
-        except TimeoutError:
-            logger.error(
-                "closing did not finish within MODELGATE_SHUTDOWN_TIMEOUT_SECONDS",
-                timeout_seconds=settings.shutdown_timeout_seconds,
-            )
+        await services.close()
         tracing.close()
         metrics.worker_exiting()
 

@@ -1,23 +1,41 @@
-"""The long-lived components one server process holds, built in the app's lifespan."""
+"""The long-lived components one server process holds, and the one place that builds them.
+
+:meth:`AppState.build` is the composition root: it creates each component once, from the
+settings and the secrets, and hands each one what it uses, in the open. Among them the process's
+one Redis connection (``auth.redis_connection``), shared by the rate limiter, the failure and
+login throttles, the concurrency limiter (through the rate limiter, whose failure mode it
+follows) and the prediction cache. :meth:`AppState.start` loads the models and starts the
+background work; :meth:`AppState.close` stops it all, pending usage committed before the engine
+goes away. The app's lifespan (``api.app``) calls these three and nothing else of them.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 
+import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from api.inference.cache import PredictionCache
+from api.inference.cache import PredictionCache, build_prediction_cache
+from api.observability import metrics
+from api.server.activations import apply_activations, check_models_periodically, follow_activations
+from auth.db import create_engine, create_sessionmaker
 from auth.identity.authn import KeyAuthenticator
+from auth.identity.failure_throttle import CredentialThrottle
 from auth.identity.key_activity import KeyActivity
 from auth.identity.login_throttle import LoginThrottle
-from auth.identity.tokens import TokenConfig
+from auth.identity.tokens import TokenConfig, prune_tokens_periodically, token_config
 from auth.limits.concurrency import ConcurrencyLimiter
 from auth.limits.limiter import RateLimiter
+from auth.redis_connection import RedisConnection, connect_redis
 from auth.settings import Secrets, Settings
 from auth.usage.writer import UsageWriter
 from ml import ModelRegistry
 from ml.batching import DIRECT, BatchPolicy
+
+logger = structlog.get_logger(__name__)
 
 
 @dataclass
@@ -25,12 +43,16 @@ class AppState:
     """Everything a request may need beyond itself; stored on ``app.state.modelgate``."""
 
     settings: Settings
-    secrets: Secrets
+    # Out of the repr: Secrets' own repr shows the key material.
+    secrets: Secrets = field(repr=False)
     engine: AsyncEngine
     sessionmaker: async_sessionmaker[AsyncSession]
+    # Redis (or, without MODELGATE_REDIS_URL, memory) for every component below that counts.
+    redis: RedisConnection
     authenticator: KeyAuthenticator
     rate_limiter: RateLimiter
-    # Each key's requests in flight (AuthSubject.max_in_flight), on the rate limiter's Redis.
+    # Each key's requests in flight (AuthSubject.max_in_flight), on the rate limiter's client:
+    # the one Redis client.
     concurrency: ConcurrencyLimiter
     registry: ModelRegistry
     usage_writer: UsageWriter
@@ -40,5 +62,130 @@ class AppState:
     started_at: float = field(default_factory=time.monotonic)
     # How scikit-learn calls are micro-batched (ml.batching).
     batching: BatchPolicy = DIRECT
-    # None when MODELGATE_PREDICTION_CACHE_TTL_SECONDS is 0; its hits and misses in .stats.
+    # None when MODELGATE_PREDICTION_CACHE_TTL_SECONDS is 0; its hits, misses and errors are
+    # counted in Prometheus (api.observability.metrics).
     prediction_cache: PredictionCache | None = None
+    # The periodic work started by start() and cancelled by close().
+    background: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def build(cls, settings: Settings, secrets: Secrets) -> AppState:
+        """Every component, wired to the others; nothing is loaded, started or sent to a
+        server yet (``start``)."""
+        engine = create_engine(
+            settings.database_url, statement_timeout_seconds=settings.database_timeout_seconds
+        )
+        sessionmaker = create_sessionmaker(engine)
+        redis = connect_redis(settings)
+        rate_limiter = RateLimiter(settings, redis.storage)
+        tokens = token_config(settings, secrets)
+        return cls(
+            settings=settings,
+            secrets=secrets,
+            engine=engine,
+            sessionmaker=sessionmaker,
+            redis=redis,
+            authenticator=KeyAuthenticator(
+                sessionmaker,
+                secrets.key_pepper,
+                tokens=tokens,
+                cache_ttl=settings.key_cache_ttl_seconds,
+                cache_size=settings.key_cache_size,
+                lookup_timeout=settings.database_timeout_seconds,
+                default_rate_limit=settings.default_rate_limit,
+                throttle=CredentialThrottle(redis.storage, settings.auth_failures_per_address),
+            ),
+            rate_limiter=rate_limiter,
+            concurrency=ConcurrencyLimiter(rate_limiter, settings.concurrency_slot_ttl_seconds),
+            registry=ModelRegistry(settings.model_dir),
+            usage_writer=UsageWriter(
+                engine,
+                max_batch=settings.usage_flush_max_records,
+                max_wait_seconds=settings.usage_flush_wait_ms / 1000,
+                timeout_seconds=settings.usage_flush_timeout_seconds,
+                observer=metrics.observe_usage_flush,
+            ),
+            key_activity=KeyActivity(
+                engine,
+                interval_seconds=settings.key_last_used_flush_seconds,
+                timeout_seconds=settings.database_timeout_seconds,
+            ),
+            tokens=tokens,
+            login_throttle=LoginThrottle(
+                redis.storage,
+                settings.login_failures_per_address,
+                settings.login_failures_per_account,
+            ),
+            batching=BatchPolicy(
+                max_size=settings.batch_max_size,
+                max_wait_seconds=settings.batch_max_wait_ms / 1000,
+            )
+            if settings.batch_enabled
+            else DIRECT,
+            prediction_cache=build_prediction_cache(
+                ttl_seconds=settings.prediction_cache_ttl_seconds,
+                max_entries=settings.prediction_cache_size,
+                key_pepper=secrets.key_pepper,
+                redis_client=redis.client,
+                redis_timeout_seconds=settings.redis_timeout_seconds,
+            ),
+        )
+
+    async def start(self) -> None:
+        """Load the models and the operator's activations, then start the usage writer, the
+        key activity and the periodic work (token pruning, activations, model self-checks)."""
+        settings, registry, sessionmaker = self.settings, self.registry, self.sessionmaker
+        # Hash checks, unpickling and warm-up take a while: keep the event loop free.
+        await asyncio.to_thread(registry.load)
+        metrics.record_registry(registry)
+        if not self.redis.uses_redis:
+            logger.warning(
+                "MODELGATE_REDIS_URL is not set: rate limits are kept in this process only, "
+                "which is correct for a single process and wrong for several workers"
+            )
+        try:
+            # The operator's activations (in the database) before the first request, not a
+            # second after it.
+            await apply_activations(registry, sessionmaker, settings.database_timeout_seconds)
+        except Exception as exc:
+            logger.warning("model activations could not be read at start", error=type(exc).__name__)
+        if not registry.is_ready:
+            logger.warning(
+                "no model is ready; run `modelgate models train`", dir=str(settings.model_dir)
+            )
+        self.usage_writer.start()
+        self.key_activity.start()
+        self.started_at = time.monotonic()
+        # Created last, and first run once the app's lifespan hands control back to the loop.
+        self.background = [
+            asyncio.create_task(prune_tokens_periodically(sessionmaker, settings)),
+            asyncio.create_task(
+                follow_activations(registry, sessionmaker, settings.database_timeout_seconds)
+            ),
+            asyncio.create_task(
+                check_models_periodically(registry, settings.model_check_interval_seconds)
+            ),
+        ]
+
+    async def close(self) -> None:
+        """Stop the periodic work, then close every component in the order its data needs:
+        pending usage is committed before the engine goes away."""
+        for task in self.background:
+            task.cancel()
+        # uvicorn comes here once the requests in flight are answered (or after
+        # MODELGATE_SHUTDOWN_TIMEOUT_SECONDS); closing gets as long again, so that a database or
+        # Redis that stopped answering cannot keep the process from exiting.
+        timeout = self.settings.shutdown_timeout_seconds
+        try:
+            async with asyncio.timeout(timeout):
+                await self.usage_writer.close()
+                await self.key_activity.close()
+                if self.prediction_cache is not None:
+                    await self.prediction_cache.drain()
+                await self.redis.close()
+                await self.engine.dispose()
+        except TimeoutError:
+            logger.error(
+                "closing did not finish within MODELGATE_SHUTDOWN_TIMEOUT_SECONDS",
+                timeout_seconds=timeout,
+            )

@@ -6,7 +6,7 @@ import ipaddress
 import multiprocessing
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -123,7 +123,8 @@ class Settings(BaseSettings):
     # The prediction cache (api.inference.cache) keeps each /predict answer this long, per
     # tenant, model version and exact features: on Redis when redis_url is set, else in each
     # process's memory (at most prediction_cache_size answers). 0: no cache (the default: with
-    # ONNX a lookup costs about as much as the prediction; see README, Batching and the cache).
+    # ONNX a lookup costs about as much as the prediction; see docs/models.md, the prediction
+    # cache).
     prediction_cache_ttl_seconds: float = Field(default=0.0, ge=0, le=86_400)
     prediction_cache_size: int = Field(default=10_000, ge=1, le=1_000_000)
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
@@ -211,10 +212,11 @@ def get_settings() -> Settings:
 class Secrets:
     """Key material: the pepper for API-key digests and the JWT signing secret."""
 
-    key_pepper: bytes
-    jwt_secret: bytes
+    # Left out of the repr: a traceback, a log line or a debugger must never print key material.
+    key_pepper: bytes = field(repr=False)
+    jwt_secret: bytes = field(repr=False)
     # Earlier signing secrets, still accepted for verification during a rotation.
-    jwt_previous_secrets: tuple[bytes, ...] = ()
+    jwt_previous_secrets: tuple[bytes, ...] = field(default=(), repr=False)
 
 
 def _generated_secret(var_dir: Path, name: str) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from api.routes.predict import PredictRequest
+from api.schemas.predict import PredictRequest
 
 app = FastAPI(title="modelgate bench echo", openapi_url=None, docs_url=None, redoc_url=None)
 

@@ -484,7 +484,7 @@ async def _batching_and_cache(
     matrix = model.to_matrix(one)
     answer = model.predict(one)[0]
     for label, backend in (
-        ("redis", RedisBackend(state.rate_limiter.client, 60, timeout)),
+        ("redis", RedisBackend(state.redis.client, 60, timeout)),
         ("memory", MemoryBackend(60, 1000)),
     ):
         cache = PredictionCache(backend, secret)

@@ -4,17 +4,11 @@ Nothing here knows about HTTP; the API layer maps :class:`ModelError` subclasses
 """
 
 from ml.errors import InvalidFeatures, ModelError, ModelNotFound, ModelUnavailable
+from ml.loading import VersionStatus
 from ml.manifest import FLOAT32_MAX, Manifest, read_manifest, sha256_file, write_manifest
+from ml.model import LoadedModel, Prediction
 from ml.onnx_export import ConversionError
-from ml.registry import (
-    DEFAULT_MODEL,
-    LoadedModel,
-    ModelInfo,
-    ModelProblem,
-    ModelRegistry,
-    Prediction,
-    VersionStatus,
-)
+from ml.registry import DEFAULT_MODEL, ModelInfo, ModelProblem, ModelRegistry
 from ml.train import convert_version, has_model, register_model, train_default
 
 __all__ = [

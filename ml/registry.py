@@ -1,4 +1,5 @@
-"""The model registry: verified loading of model versions from disk, and inference.
+"""The model registry: which versions of which models are on disk, each loaded through
+:mod:`ml.loading`, which one is active for each model, and the periodic self-check.
 
 Layout on disk::
 
@@ -9,42 +10,25 @@ Layout on disk::
 
 Thread-safety: :meth:`ModelRegistry.load` builds a complete new snapshot and swaps it in with a
 single assignment, so ``get``/``models`` may run concurrently with a reload and always see one
-consistent snapshot. :class:`LoadedModel` is immutable after loading and ``predict`` may be called
-from many threads at once (scikit-learn's ``predict_proba`` does not mutate the estimator).
+consistent snapshot.
 """
 
-import asyncio
-import hmac
 import logging
 import re
 import threading
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
 
-import joblib
-import numpy as np
-import numpy.typing as npt
-import sklearn
-
-from ml.batching import DIRECT, BatchPolicy, MicroBatcher
-from ml.errors import InvalidFeatures, ModelNotFound, ModelUnavailable
-from ml.manifest import (
-    ACTIVE_FILE,
-    MANIFEST_FILE,
-    NAME_PATTERN,
-    VERSION_PATTERN,
-    FeatureRange,
-    Manifest,
-    read_manifest,
-    sha256_bytes,
-    sha256_file,
-    sha256_fileobj,
+from ml.errors import ModelNotFound, ModelUnavailable
+from ml.loading import (
+    NOT_IN_REGISTRY,
+    Canary,
+    VersionStatus,
+    load_verified_version,
+    unfit_reason,
 )
-from ml.observe import batch_done
-from ml.onnx_export import PROBABILITIES_OUTPUT, load_session, predict_probabilities
+from ml.manifest import ACTIVE_FILE, NAME_PATTERN, VERSION_PATTERN, FeatureRange, Manifest
+from ml.model import LoadedModel
 
 logger = logging.getLogger(__name__)
 
@@ -52,224 +36,6 @@ DEFAULT_MODEL = "iris"
 
 _NAME_RE = re.compile(NAME_PATTERN)
 _VERSION_RE = re.compile(VERSION_PATTERN)
-_NUMBER_TYPES = (int, float, np.integer, np.floating)
-_BOOL_TYPES = (bool, np.bool_)
-_ROW_TYPES = (Sequence, np.ndarray)
-_TEXT_TYPES = (str, bytes, bytearray)
-_NOT_NUMBERS = "features must be finite numbers"
-
-FeatureMatrix = npt.NDArray[np.float64]
-Runtime = Literal["onnx", "sklearn"]
-# Batches up to this size run inline on ONNX Runtime (under 0.1 ms for the default forest);
-# larger ones go to a thread so that one client's batch cannot stall the event loop.
-INLINE_MAX_ROWS = 16
-
-
-@dataclass(frozen=True, slots=True)
-class Prediction:
-    """One prediction: the most probable class's index, every class's probability (in the
-    manifest's ``class_names`` order), and the predicted class's name."""
-
-    prediction: int
-    probability: list[float]
-    class_name: str
-
-
-class LoadedModel:
-    """A verified, warmed-up model version ready to predict, served by ONNX Runtime when the
-    version has an ONNX file and by scikit-learn otherwise."""
-
-    __slots__ = (
-        "_batcher",
-        "_bounds",
-        "_class_names",
-        "_lower",
-        "_n_features",
-        "_pending",
-        "_predict_proba",
-        "_upper",
-        "loaded_at",
-        "manifest",
-        "runtime",
-    )
-
-    def __init__(
-        self,
-        manifest: Manifest,
-        predict_proba: Callable[[FeatureMatrix], Any],
-        runtime: Runtime,
-    ) -> None:
-        self.manifest = manifest
-        self.runtime: Runtime = runtime
-        # When this process loaded the version (the tutorial's ``loaded_at``).
-        self.loaded_at = datetime.now(UTC)
-        self._predict_proba = predict_proba
-        self._n_features = manifest.n_features
-        self._class_names = tuple(manifest.class_names)
-        accepted = manifest.accepted_range
-        self._lower = np.array([r.min for r in accepted], dtype=np.float64)
-        self._upper = np.array([r.max for r in accepted], dtype=np.float64)
-        # The same bounds as Python floats, for the common case checked value by value.
-        self._bounds = tuple((r.min, r.max) for r in accepted)
-        # Rows of concurrent requests waiting for this event-loop turn's ONNX call.
-        self._pending: list[tuple[FeatureMatrix, asyncio.Future[list[Prediction]]]] = []
-        # Concurrent scikit-learn requests sharing one predict_proba call (ml.batching).
-        self._batcher: MicroBatcher[Prediction] = MicroBatcher(self._infer, runtime)
-
-    @property
-    def name(self) -> str:
-        """The model's name (``manifest.name``)."""
-        return self.manifest.name
-
-    @property
-    def version(self) -> str:
-        """The model's version (``manifest.version``)."""
-        return self.manifest.version
-
-    def predict(self, rows: Sequence[Sequence[float]]) -> list[Prediction]:
-        """Validate ``rows`` and predict them in one call of the runtime (blocking).
-
-        Raises :class:`InvalidFeatures` before touching the runtime if any row has the wrong
-        number of values or a value that is not a finite real number (bools are refused).
-        """
-        return self._infer(self.to_matrix(rows))
-
-    async def predict_async(
-        self, rows: Sequence[Sequence[float]], batching: BatchPolicy = DIRECT
-    ) -> list[Prediction]:
-        """Like :meth:`predict`, without stalling the event loop (see :meth:`infer_async`)."""
-        return await self.infer_async(self.to_matrix(rows), batching)
-
-    async def infer_async(
-        self, matrix: FeatureMatrix, batching: BatchPolicy = DIRECT
-    ) -> list[Prediction]:
-        """Predict the rows of a matrix that :meth:`to_matrix` returned, off the event loop.
-
-        ONNX Runtime answers a forest in tens of microseconds: less than a hop to a thread and
-        back costs, so it runs inline (``bench`` measures both), and the rows of every request
-        that reaches this point in the same event-loop turn go to one ONNX call (a call's fixed
-        cost is most of it: 10 rows cost about twice one). scikit-learn takes milliseconds of
-        CPU per call and would stall every other request, so it runs in a worker thread; with
-        ``batching`` enabled, concurrent requests of up to ``batching.max_size`` rows share
-        that call (:class:`ml.batching.MicroBatcher`).
-        """
-        if self.runtime == "onnx" and len(matrix) <= INLINE_MAX_ROWS:
-            loop = asyncio.get_running_loop()
-            future: asyncio.Future[list[Prediction]] = loop.create_future()
-            self._pending.append((matrix, future))
-            if len(self._pending) == 1:
-                loop.call_soon(self._infer_pending)
-            return await future
-        if self.runtime == "sklearn" and batching.enabled and len(matrix) <= batching.max_size:
-            return await self._batcher.submit(matrix, batching)
-        batch_done(self.runtime, len(matrix))
-        return await asyncio.to_thread(self._infer, matrix)
-
-    def _infer_pending(self) -> None:
-        pending, self._pending = self._pending, []
-        matrices = [matrix for matrix, _ in pending]
-        try:
-            batch = matrices[0] if len(matrices) == 1 else np.concatenate(matrices)
-            batch_done(self.runtime, len(batch))
-            predictions = self._infer(batch)
-        except Exception as exc:
-            for _, future in pending:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        start = 0
-        for matrix, future in pending:
-            end = start + len(matrix)
-            if not future.done():
-                future.set_result(predictions[start:end])
-            start = end
-
-    def to_matrix(self, rows: Sequence[Sequence[float]]) -> FeatureMatrix:
-        """``rows`` validated for this version, as a float64 matrix (one row per instance).
-
-        Raises :class:`InvalidFeatures` naming the first offending row and feature.
-        """
-        n_features = self._n_features
-        if isinstance(rows, _TEXT_TYPES) or not isinstance(rows, _ROW_TYPES):
-            raise InvalidFeatures("features must be a list of rows of numbers")
-        if len(rows) == 0:
-            raise InvalidFeatures("at least one row of features is required")
-        batch = len(rows) > 1
-        bounds = self._bounds
-        unchecked = False
-        for index, row in enumerate(rows):
-            # In a batch, say which instance is wrong; a single row needs no prefix.
-            where = f"instance {index}: " if batch else ""
-            if isinstance(row, _TEXT_TYPES) or not isinstance(row, _ROW_TYPES):
-                raise InvalidFeatures(f"{where}features must be a list of numbers", row=index)
-            if len(row) != n_features:
-                raise InvalidFeatures(
-                    f"{where}expected {n_features} features, got {len(row)}", row=index
-                )
-            for position, (value, (lower, upper)) in enumerate(zip(row, bounds, strict=True)):
-                if type(value) is float:
-                    # The common case (what JSON parses to), checked here: NaN fails both
-                    # comparisons. A few comparisons cost less than numpy's call overhead.
-                    if not lower <= value <= upper:
-                        raise self._out_of_range(index if batch else None, position)
-                    continue
-                # bool is an int subclass, but True as a feature is a client bug, not 1.0.
-                if isinstance(value, _BOOL_TYPES) or not isinstance(value, _NUMBER_TYPES):
-                    raise InvalidFeatures(f"{where}{_NOT_NUMBERS}", row=index, feature=position)
-                unchecked = True
-        try:
-            matrix = np.asarray(rows, dtype=np.float64)
-        except (OverflowError, TypeError, ValueError):
-            raise InvalidFeatures(_NOT_NUMBERS) from None
-        if unchecked:
-            # Integers and numpy scalars, checked once converted: every value against its
-            # feature's range in one comparison.
-            in_range = (matrix >= self._lower) & (matrix <= self._upper)
-            if not in_range.all():
-                row_index, feature = (int(i) for i in np.argwhere(~in_range)[0])
-                raise self._out_of_range(row_index if batch else None, feature)
-        return matrix
-
-    def _out_of_range(self, row: int | None, feature: int) -> InvalidFeatures:
-        where = "" if row is None else f"instance {row}: "
-        name = self.manifest.feature_names[feature]
-        lower, upper = self._lower[feature], self._upper[feature]
-        return InvalidFeatures(
-            # The name is the operator's (from the manifest), never the client's.
-            f"{where}feature {feature} ('{name}') must be a finite number "
-            f"between {lower:.9g} and {upper:.9g}",
-            row=row or 0,
-            feature=feature,
-        )
-
-    def _infer(self, matrix: FeatureMatrix) -> list[Prediction]:
-        proba = np.asarray(self._predict_proba(matrix), dtype=np.float64)
-        names = self._class_names
-        # Two C-level conversions to Python lists, then one object per row.
-        return [
-            Prediction(prediction=index, probability=row, class_name=names[index])
-            for index, row in zip(proba.argmax(axis=1).tolist(), proba.tolist(), strict=True)
-        ]
-
-
-VersionState = Literal["ready", "failed", "unhealthy"]
-
-
-@dataclass(frozen=True, slots=True)
-class VersionStatus:
-    """Load outcome of one version; ``error`` is client-safe, ``manifest`` is None if untrusted.
-
-    ``failed``: it could not be loaded. ``unhealthy``: it was served, then failed its
-    self-check (a canary prediction or the re-hash of its files) and could not be reloaded.
-    Neither is ever served.
-    """
-
-    name: str
-    version: str
-    state: VersionState
-    error: str | None
-    manifest: Manifest | None
-    runtime: Runtime | None = None  # what serves it, once it is ready
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,24 +67,15 @@ class ModelProblem:
 
 
 @dataclass(frozen=True, slots=True)
-class _Canary:
-    """The row a version predicted when it was loaded, and what it answered: the self-check
-    asks again and expects the same answer."""
-
-    row: list[float]
-    probabilities: FeatureMatrix
-
-
-@dataclass(frozen=True, slots=True)
 class _ModelEntry:
     name: str
     statuses: dict[str, VersionStatus]
     loaded: dict[str, LoadedModel]
     active: str | None = field(default=None)
-    canaries: dict[str, _Canary] = field(default_factory=dict)
+    canaries: dict[str, Canary] = field(default_factory=dict)
 
     def with_version(
-        self, status: VersionStatus, model: LoadedModel | None, canary: _Canary | None
+        self, status: VersionStatus, model: LoadedModel | None, canary: Canary | None
     ) -> "_ModelEntry":
         """This entry with one version's outcome replaced."""
         version = status.version
@@ -334,18 +91,6 @@ class _ModelEntry:
     def with_active(self, active: str | None) -> "_ModelEntry":
         """This entry with another active version."""
         return _ModelEntry(self.name, self.statuses, self.loaded, active, self.canaries)
-
-
-class _LoadFailure(ValueError):
-    """A version could not be loaded; ``reason`` is safe to show to clients."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-_NOT_IN_REGISTRY = "version is not in the registry"
-_Outcome = tuple[VersionStatus, LoadedModel | None, _Canary | None]
 
 
 class ModelRegistry:
@@ -485,7 +230,7 @@ class ModelRegistry:
             entries = self._entries
             entry = entries.get(name) or _ModelEntry(name=name, statuses={}, loaded={})
             if status is None and version not in entry.statuses:
-                missing = VersionStatus(name, version, "failed", _NOT_IN_REGISTRY, None)
+                missing = VersionStatus(name, version, "failed", NOT_IN_REGISTRY, None)
                 entry = entry.with_version(missing, None, None)
             previous = entry.active
             self._activated[name] = version
@@ -509,7 +254,7 @@ class ModelRegistry:
         and versions added to the registry since the last scan are loaded (not activated)."""
         for name, entry in sorted(self._entries.items()):
             for version, model in sorted(entry.loaded.items()):
-                problem = _check(model, entry.canaries.get(version), self._version_dir(model))
+                problem = unfit_reason(model, entry.canaries.get(version), self._version_dir(model))
                 if problem is None:
                     continue
                 logger.error(
@@ -518,14 +263,14 @@ class ModelRegistry:
                     version,
                     problem,
                 )
-                status, new_model, canary = _load_version(name, self._version_dir(model))
+                status, new_model, canary = load_verified_version(name, self._version_dir(model))
                 if new_model is None:
                     status = VersionStatus(
                         name, version, "unhealthy", status.error, status.manifest
                     )
                 self._publish(status, new_model, canary, replacing=model)
             for status in _sorted_statuses(entry):
-                if status.state != "ready" and status.error != _NOT_IN_REGISTRY:
+                if status.state != "ready" and status.error != NOT_IN_REGISTRY:
                     self._retry(status)
         self._discover()
 
@@ -535,7 +280,7 @@ class ModelRegistry:
     def _retry(self, status: VersionStatus) -> None:
         """Load a failed or unhealthy version again, quietly unless it now loads."""
         version_dir = self.model_dir / status.name / status.version
-        outcome = _load_version(status.name, version_dir, quiet=True)
+        outcome = load_verified_version(status.name, version_dir, quiet=True)
         if outcome[1] is not None:
             logger.info("model %s version %s is ready again", status.name, status.version)
             self._publish(*outcome, replacing=None)
@@ -561,7 +306,9 @@ class ModelRegistry:
                 continue
             for version_dir in _version_dirs(name_dir):
                 if version_dir.name not in known.statuses:
-                    self._publish(*_load_version(name_dir.name, version_dir), replacing=None)
+                    self._publish(
+                        *load_verified_version(name_dir.name, version_dir), replacing=None
+                    )
 
     def _ensure_loaded(
         self, name: str, version: str
@@ -579,7 +326,7 @@ class ModelRegistry:
         if not _inside(version_dir, self.model_dir):
             logger.warning("model %s version %s: directory outside the registry", name, version)
             return None, None
-        outcome = _load_version(name, version_dir)
+        outcome = load_verified_version(name, version_dir)
         self._publish(*outcome, replacing=None)
         return outcome[0], outcome[1]
 
@@ -587,7 +334,7 @@ class ModelRegistry:
         self,
         status: VersionStatus,
         model: LoadedModel | None,
-        canary: _Canary | None,
+        canary: Canary | None,
         replacing: LoadedModel | None,
     ) -> None:
         """Publish one version's outcome in a new snapshot. With ``replacing``, only if that
@@ -627,10 +374,10 @@ class ModelRegistry:
             return None
         entry = _ModelEntry(name=name, statuses={}, loaded={})
         for version_dir in version_dirs:
-            entry = entry.with_version(*_load_version(name, version_dir))
+            entry = entry.with_version(*load_verified_version(name, version_dir))
         activated = self._activated.get(name)
         if activated is not None and activated not in entry.statuses:
-            missing = VersionStatus(name, activated, "failed", _NOT_IN_REGISTRY, None)
+            missing = VersionStatus(name, activated, "failed", NOT_IN_REGISTRY, None)
             entry = entry.with_version(missing, None, None)
         return entry.with_active(activated or _choose_active(name_dir, entry.loaded))
 
@@ -651,201 +398,6 @@ def _inside(path: Path, root: Path) -> bool:
         return path.resolve().is_relative_to(root.resolve())
     except OSError:
         return False
-
-
-def _load_version(name: str, version_dir: Path, *, quiet: bool = False) -> _Outcome:
-    version = version_dir.name
-    manifest: Manifest | None = None
-    try:
-        if not version_dir.is_dir():
-            raise _LoadFailure(_NOT_IN_REGISTRY)
-        manifest = _read_matching_manifest(name, version, version_dir)
-        model, canary = _load_verified(manifest, version_dir)
-    except _LoadFailure as failure:
-        # The reason is our own fixed text: never file contents, paths inside data, or digests.
-        if not quiet:
-            logger.warning("model %s version %s failed to load: %s", name, version, failure.reason)
-        return VersionStatus(name, version, "failed", failure.reason, manifest), None, None
-    logger.info("model %s version %s loaded (%s)", name, version, model.runtime)
-    return VersionStatus(name, version, "ready", None, manifest, model.runtime), model, canary
-
-
-def _check(model: LoadedModel, canary: _Canary | None, version_dir: Path) -> str | None:
-    """Why a loaded version is no longer fit to serve (a client-safe reason), or None."""
-    manifest = model.manifest
-    if manifest.onnx_artifact is not None and manifest.onnx_sha256 is not None:
-        artifact, expected = manifest.onnx_artifact, manifest.onnx_sha256
-    else:
-        artifact, expected = manifest.artifact, manifest.sha256
-    try:
-        digest = sha256_file(version_dir / artifact)
-    except OSError:
-        return "model artifact is missing or unreadable"
-    if not hmac.compare_digest(digest, expected):
-        return "model artifact does not match the SHA-256 in its manifest"
-    if canary is None:
-        return "no canary recorded"
-    try:
-        [answer] = model.predict([canary.row])
-    except Exception as exc:
-        logger.warning("model %s canary raised %s", manifest.name, type(exc).__name__)
-        return "canary prediction failed"
-    if not np.allclose(answer.probability, canary.probabilities, rtol=0, atol=1e-9):
-        return "canary prediction changed"
-    return None
-
-
-def _read_matching_manifest(name: str, version: str, version_dir: Path) -> Manifest:
-    try:
-        manifest = read_manifest(version_dir / MANIFEST_FILE)
-    except FileNotFoundError:
-        raise _LoadFailure("manifest is missing") from None
-    except (OSError, ValueError):
-        raise _LoadFailure("manifest is unreadable or invalid") from None
-    # A manifest copied into the wrong directory would make the URL lie about what is served.
-    if manifest.name != name or manifest.version != version:
-        raise _LoadFailure("manifest name or version does not match its directory")
-    return manifest
-
-
-def _load_verified(manifest: Manifest, version_dir: Path) -> tuple[LoadedModel, _Canary]:
-    """Load a version through its hash check (the ONNX file when there is one, else the
-    pickle), and warm it up with its canary prediction, which must be a probability per class."""
-    if manifest.onnx_artifact is not None and manifest.onnx_sha256 is not None:
-        model = _load_onnx(manifest, version_dir, manifest.onnx_artifact, manifest.onnx_sha256)
-    else:
-        model = _load_pickle(manifest, version_dir)
-    row = _canary_row(manifest)
-    try:
-        # The first call pays one-off costs (lazy imports, allocations); pay them at startup.
-        [answer] = model.predict([row])
-    except Exception as exc:
-        logger.warning(
-            "model %s version %s: warm-up raised %s",
-            manifest.name,
-            manifest.version,
-            type(exc).__name__,
-        )
-        raise _LoadFailure("warm-up prediction failed") from None
-    probabilities = np.asarray(answer.probability, dtype=np.float64)
-    if (
-        probabilities.shape != (len(manifest.class_names),)
-        or not np.isfinite(probabilities).all()
-        or abs(float(probabilities.sum()) - 1.0) > 1e-3
-    ):
-        raise _LoadFailure("warm-up prediction is not a probability per class")
-    return model, _Canary(row, probabilities)
-
-
-def _canary_row(manifest: Manifest) -> list[float]:
-    """The middle of what training saw when it is recorded, else zero, each moved to the
-    nearest value the version accepts."""
-    seen = manifest.training_range
-    centre = [0.0] * manifest.n_features if seen is None else [(r.min + r.max) / 2 for r in seen]
-    return [
-        min(max(value, r.min), r.max)
-        for value, r in zip(centre, manifest.accepted_range, strict=True)
-    ]
-
-
-def _load_onnx(manifest: Manifest, version_dir: Path, artifact: str, sha256: str) -> LoadedModel:
-    try:
-        # Read once, hash those bytes and hand the same bytes to ONNX Runtime: a file swapped
-        # after the check is never parsed.
-        model_bytes = (version_dir / artifact).read_bytes()
-    except OSError:
-        raise _LoadFailure("ONNX artifact is missing or unreadable") from None
-    if not hmac.compare_digest(sha256_bytes(model_bytes), sha256):
-        raise _LoadFailure("ONNX artifact does not match the SHA-256 in its manifest")
-    try:
-        session = load_session(model_bytes)
-    except Exception as exc:
-        logger.warning(
-            "model %s version %s: ONNX Runtime refused the model (%s)",
-            manifest.name,
-            manifest.version,
-            type(exc).__name__,
-        )
-        raise _LoadFailure("ONNX artifact could not be loaded") from None
-    inputs = session.get_inputs()
-    shape = inputs[0].shape if len(inputs) == 1 else None
-    if not shape or len(shape) != 2 or shape[1] != manifest.n_features:
-        raise _LoadFailure(f"ONNX model does not take {manifest.n_features} features")
-    if inputs[0].type != "tensor(double)":
-        raise _LoadFailure("ONNX model does not take float64 input")
-    outputs = {output.name for output in session.get_outputs()}
-    if PROBABILITIES_OUTPUT not in outputs:
-        raise _LoadFailure("ONNX model has no probabilities output")
-    n_classes = len(manifest.class_names)
-
-    def predict_proba(matrix: FeatureMatrix) -> Any:
-        probabilities = predict_probabilities(session, matrix)
-        if probabilities.shape[1] != n_classes:
-            raise ModelUnavailable("model output does not match its manifest's classes")
-        return probabilities
-
-    return LoadedModel(manifest, predict_proba, "onnx")
-
-
-def load_verified_estimator(manifest: Manifest, version_dir: Path) -> Any:
-    """Unpickle a version's artifact, only if its bytes match the manifest's SHA-256.
-
-    Raises ``ValueError`` (with a client-safe reason) if the file is missing, differs from the
-    manifest or cannot be unpickled.
-    """
-    try:
-        fileobj = (version_dir / manifest.artifact).open("rb")
-    except OSError:
-        raise _LoadFailure("model artifact is missing or unreadable") from None
-    with fileobj:
-        # Hash and unpickle through the same open file, so swapping the file between the check
-        # and the load cannot smuggle in an unverified pickle.
-        try:
-            digest = sha256_fileobj(fileobj)
-            fileobj.seek(0)
-        except OSError:
-            raise _LoadFailure("model artifact is missing or unreadable") from None
-        if not hmac.compare_digest(digest, manifest.sha256):
-            raise _LoadFailure("model artifact does not match the SHA-256 in its manifest")
-        try:
-            # Unpickling is code execution: it is safe only because the SHA-256 of these exact
-            # bytes was verified against the manifest just above. (ruff's S301 does not flag
-            # joblib.load, so no noqa is needed; RUF100 would reject an unused one.)
-            return joblib.load(fileobj)
-        except Exception as exc:
-            logger.warning(
-                "model %s version %s: unpickling raised %s",
-                manifest.name,
-                manifest.version,
-                type(exc).__name__,
-            )
-            raise _LoadFailure("model artifact could not be loaded") from None
-
-
-def _load_pickle(manifest: Manifest, version_dir: Path) -> LoadedModel:
-    estimator = load_verified_estimator(manifest, version_dir)
-    if not callable(getattr(estimator, "predict_proba", None)):
-        raise _LoadFailure("model artifact is not a classifier with predict_proba")
-    n_in = getattr(estimator, "n_features_in_", None)
-    if n_in is None or int(n_in) != manifest.n_features:
-        raise _LoadFailure(
-            f"model expects {n_in} features but its manifest declares {manifest.n_features}"
-        )
-    classes = getattr(estimator, "classes_", None)
-    if classes is not None and len(classes) != len(manifest.class_names):
-        raise _LoadFailure(
-            f"model has {len(classes)} classes but its manifest names {len(manifest.class_names)}"
-        )
-    if manifest.sklearn_version != sklearn.__version__:
-        # Pickles usually survive patch releases; say so loudly rather than refuse to serve.
-        logger.warning(
-            "model %s version %s was saved with scikit-learn %s, running %s",
-            manifest.name,
-            manifest.version,
-            manifest.sklearn_version,
-            sklearn.__version__,
-        )
-    return LoadedModel(manifest, estimator.predict_proba, "sklearn")
 
 
 def _choose_active(name_dir: Path, loaded: dict[str, LoadedModel]) -> str | None:

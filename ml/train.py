@@ -21,6 +21,7 @@ from pydantic import JsonValue
 from sklearn.datasets import load_iris
 from sklearn.ensemble import RandomForestClassifier
 
+from ml.loading import load_verified_estimator
 from ml.manifest import (
     ACTIVE_FILE,
     ARTIFACT_FILE,
@@ -45,7 +46,7 @@ from ml.onnx_export import (
     load_session,
     predict_probabilities,
 )
-from ml.registry import DEFAULT_MODEL, load_verified_estimator
+from ml.registry import DEFAULT_MODEL
 
 logger = logging.getLogger(__name__)
 

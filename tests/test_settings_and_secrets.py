@@ -50,6 +50,14 @@ def test_development_secrets_are_generated_once_with_mode_0600(tmp_path: Path) -
         assert mode == 0o600
 
 
+def test_secrets_never_print_their_key_material(tmp_path: Path) -> None:
+    secrets = load_secrets(_settings(tmp_path))
+    shown = repr(secrets) + str(secrets)
+    for material in (secrets.key_pepper, secrets.jwt_secret):
+        assert repr(material) not in shown
+        assert material.decode() not in shown
+
+
 def test_production_requires_secrets(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="KEY_PEPPER is required"):
         check_production(_settings(tmp_path, env="production", jwt_secret=STRONG), workers=1)

@@ -10,9 +10,10 @@ number never answers from the old one's entries. The keys say nothing about the 
 whoever reads Redis without the pepper.
 
 It fails safe: a Redis error, a reply slower than ``redis_timeout_seconds`` or an entry that does
-not parse is a miss (counted in ``stats.errors``), never an error response; after a Redis
-failure the cache leaves Redis alone for a second, so that a slow Redis does not cost every
-request its timeout. Writes are sent in the background, so a miss does not wait for them.
+not parse is a miss (and counted in ``modelgate_cache_errors_total``), never an error response;
+after a Redis failure the cache leaves Redis alone for a second, so that a slow Redis does not
+cost every request its timeout. Writes are sent in the background, so a miss does not wait for
+them.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from typing import Any
 import numpy as np
 import structlog
 
+from api.observability import metrics
 from ml import LoadedModel, Prediction
-from ml.registry import FeatureMatrix
+from ml.model import FeatureMatrix
 
 logger = structlog.get_logger(__name__)
 
@@ -39,22 +41,6 @@ _NAMESPACE = b"mg:pc:"
 _RETRY_SECONDS = 1.0
 # Writes to Redis in flight at most; beyond it, answers are not cached (Redis is slow).
 _MAX_PENDING_WRITES = 1024
-
-
-class CacheStats:
-    """Lookups answered from the cache, missed, and failed (counted as misses too): a hook for
-    metrics."""
-
-    __slots__ = ("errors", "hits", "misses")
-
-    def __init__(self) -> None:
-        self.hits = 0
-        self.misses = 0
-        self.errors = 0
-
-    def snapshot(self) -> dict[str, int]:
-        """The counts so far."""
-        return {"hits": self.hits, "misses": self.misses, "errors": self.errors}
 
 
 class MemoryBackend:
@@ -94,7 +80,6 @@ class RedisBackend:
         self._timeout = timeout_seconds
         self._skip_until = 0.0
         self._writes: set[asyncio.Task[None]] = set()
-        self.stats: CacheStats | None = None
 
     async def get(self, key: bytes) -> bytes | None:
         """The value under ``key``; None on a miss and on any failure."""
@@ -126,8 +111,7 @@ class RedisBackend:
             self._failed(exc)
 
     def _failed(self, exc: BaseException) -> None:
-        if self.stats is not None:
-            self.stats.errors += 1
+        metrics.record_cache_error()
         if self._skip_until == 0.0 or time.monotonic() >= self._skip_until + _RETRY_SECONDS:
             # Once per outage rather than once per request.
             logger.warning("prediction cache: redis failed; lookups miss", error=type(exc).__name__)
@@ -145,9 +129,6 @@ class PredictionCache:
     def __init__(self, backend: MemoryBackend | RedisBackend, secret: bytes) -> None:
         self.backend = backend
         self._secret = secret
-        self.stats = CacheStats()
-        if isinstance(backend, RedisBackend):
-            backend.stats = self.stats
 
     def key(self, tenant_id: uuid.UUID, model: LoadedModel, matrix: FeatureMatrix) -> bytes:
         """The entry's name: an HMAC of everything that decides the answer, and whose it is."""
@@ -168,15 +149,13 @@ class PredictionCache:
     async def get(
         self, tenant_id: uuid.UUID, model: LoadedModel, matrix: FeatureMatrix
     ) -> Prediction | None:
-        """The cached answer for one row, or None (a miss, or any failure)."""
+        """The cached answer for one row, or None (a miss, or any failure); counted in
+        Prometheus (``api.observability.metrics``), the one count of hits, misses and errors."""
         raw = await self.backend.get(self.key(tenant_id, model, matrix))
         prediction = None if raw is None else _decode(raw, model.manifest.class_names)
-        if prediction is None:
-            if raw is not None:
-                self.stats.errors += 1
-            self.stats.misses += 1
-        else:
-            self.stats.hits += 1
+        if prediction is None and raw is not None:
+            metrics.record_cache_error()
+        metrics.record_cache(prediction is not None)
         return prediction
 
     def put(

@@ -6,9 +6,10 @@ versions. Per-tenant and per-key figures are the usage API's business, never lab
 series per tenant would grow without bound.
 
 The recorders (:func:`record_request`, :func:`record_prediction`, :func:`record_rejection`,
-:func:`record_cache`, :func:`observe_batch`, :func:`observe_usage_flush`,
-:func:`record_registry`) are what the rest of ``api`` calls; they cost a few microseconds each
-(a dictionary lookup of the labelled child, then prometheus-client's own update).
+:func:`record_cache`, :func:`record_cache_error`, :func:`observe_batch`,
+:func:`observe_usage_flush`, :func:`record_registry`) are what the rest of ``api`` calls; they
+cost a few microseconds each (a dictionary lookup of the labelled child, then
+prometheus-client's own update).
 
 Several workers: ``modelgate serve --workers N`` points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh
 directory before the workers start (``api.cli``); each worker's values then live in files there,
@@ -94,6 +95,11 @@ CACHE_HITS = Counter("modelgate_cache_hits_total", "Predictions answered from th
 CACHE_MISSES = Counter(
     "modelgate_cache_misses_total", "Predictions looked up in the cache and not found there."
 )
+CACHE_ERRORS = Counter(
+    "modelgate_cache_errors_total",
+    "Prediction cache calls that failed (Redis unreachable, slow or in error, or a stored entry "
+    "that did not parse); a failed lookup is counted as a miss too.",
+)
 INFERENCE_BATCH_ROWS = Histogram(
     "modelgate_inference_batch_rows",
     "Rows per call of a model's runtime, after the requests that arrived together were "
@@ -178,6 +184,11 @@ def record_prediction(model: str, version: str, runtime: str, rows: int) -> None
 def record_cache(hit: bool) -> None:
     """Count one lookup of the prediction cache."""
     (CACHE_HITS if hit else CACHE_MISSES).inc()
+
+
+def record_cache_error() -> None:
+    """Count one failed call of the prediction cache (a lookup, or a write in the background)."""
+    CACHE_ERRORS.inc()
 
 
 def observe_batch(runtime: str, rows: int) -> None:

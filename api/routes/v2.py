@@ -4,9 +4,9 @@ readiness and inference, for the clients of KServe, MLServer and Triton.
 The same service as ``/api/v1``: health is public (as ``/api/v1/health/*``); every model route
 takes a tenant credential with the ``predict`` scope and counts against the key's rate limit;
 inference is metered like ``/predict/batch`` (one unit per row, the quota refuses a request
-whole, the usage record is durable before the response is sent). Which models a caller may see
-is decided by ``api.routes.predict.served_model``: a model outside the plan is answered as an
-unknown one.
+whole, the usage record is durable before the response is sent): both are adapters over the one
+pipeline, ``api.inference.pipeline``. Which models a caller may see is decided by its
+``served_model``: a model outside the plan is answered as an unknown one.
 
 Errors: the protocol's error object is ``{"error": "<message>"}``; ours are problem JSON. Every
 error a ``/v2`` route answers is both: the problem JSON body (``application/problem+json``,
@@ -29,8 +29,9 @@ from api.http.context import request_context
 from api.http.deps import Authenticator, CredentialFirstRoute, PredictScope, app_state
 from api.http.errors import PROBLEM_DESCRIPTIONS
 from api.http.problems import PROBLEM_MEDIA_TYPE, problem_response
-from api.routes import health
-from api.routes.predict import HARD_MAX_INSTANCES, predict_and_bill, served_model
+from api.inference.pipeline import predict_and_bill, served_model
+from api.observability.readiness import readiness
+from api.schemas.predict import HARD_MAX_INSTANCES
 from api.schemas.v2 import (
     INTEGER_BOUNDS,
     InferInput,
@@ -153,7 +154,7 @@ async def server_live() -> ServerLive:
 )
 async def server_ready(request: Request) -> Response:
     """Report whether the server is ready (public; the same checks as /api/v1/health/ready)."""
-    answer = await health.ready(app_state(request), request)
+    answer = await readiness(app_state(request), request)
     if answer.status_code == 200:
         return _json(ServerReady(ready=True))
     return with_members(answer, ready=False)

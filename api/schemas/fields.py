@@ -39,6 +39,8 @@ RateLimitText = Annotated[
     ),
 ]
 ModelNameText = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$")]
+# A plan's name, as created (POST /admin/plans) and as a tenant names its plan.
+PlanName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$")]
 PlanModels = Annotated[
     list[ModelNameText],
     Field(

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.http.errors import Problem
-from api.routes.predict import HARD_MAX_INSTANCES, MAX_FEATURES
+from api.schemas.predict import HARD_MAX_INSTANCES, MAX_FEATURES
 
 # The tensor datatypes an input may declare: the protocol's numeric types but FP16 (which, as
 # the protocol says, JSON cannot carry faithfully). BOOL and BYTES are not features.

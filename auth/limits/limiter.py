@@ -26,7 +26,6 @@ from limits.aio.strategies import (
     MovingWindowRateLimiter,
     SlidingWindowCounterRateLimiter,
 )
-from limits.storage import storage_from_string
 from limits.util import WindowStats
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
@@ -35,6 +34,7 @@ from slowapi.errors import RateLimitExceeded
 from slowapi.wrappers import Limit
 
 from auth.errors import ConfigurationError, DependencyUnavailable, InvalidRequest
+from auth.redis_connection import connect_redis
 from auth.settings import Settings
 
 logger = structlog.get_logger(__name__)
@@ -420,7 +420,9 @@ class RateLimiter:
     answers again.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, storage: Storage | None = None) -> None:
+        """``storage``: the process's shared one (``auth.redis_connection``); a limiter built
+        without it (tests, the bench) connects on its own."""
         self.default_limit: str = settings.default_rate_limit
         self.admin_limit: str = settings.admin_rate_limit
         self.fallback_limit: str = settings.fallback_rate_limit
@@ -431,21 +433,11 @@ class RateLimiter:
         # Stored limit strings found invalid (each logged once).
         self._invalid_seen: set[str] = set()
         self.fail_open = settings.rate_limit_on_redis_failure == "open"
-        self.storage_uri = settings.redis_url or "memory://"
         self.strategy_name = settings.rate_limit_strategy
         self.uses_redis = bool(settings.redis_url)
         self._timeout = settings.redis_timeout_seconds
-        options: dict[str, Any] = {}
-        if self.uses_redis:
-            options = {
-                # The same client library as the rest of the app (limits defaults to coredis).
-                "implementation": "redispy",
-                "socket_timeout": self._timeout,
-                "socket_connect_timeout": self._timeout,
-            }
-        storage = storage_from_string("async+" + self.storage_uri, **options)
-        if not isinstance(storage, Storage):  # the "async+" scheme always gives one
-            raise TypeError(f"{self.storage_uri!r} did not yield an asyncio storage")
+        if storage is None:
+            storage = connect_redis(settings).storage
         self._storage = storage
         strategy = _ASYNC_STRATEGIES[settings.rate_limit_strategy]
         self._strategy = strategy(storage)
@@ -637,7 +629,7 @@ class RateLimiter:
 
     @property
     def storage(self) -> Storage:
-        """The limiter's asyncio storage (Redis or memory), shared by the login throttle."""
+        """The limiter's asyncio storage (Redis or memory)."""
         return self._storage
 
     async def is_healthy(self) -> bool:

@@ -31,7 +31,7 @@ from tests.conftest import (
     wrong_checksum,
 )
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+METRICS_DOC = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
 METRICS_TOKEN = "metrics-token-" + "z" * 32
 
 
@@ -69,10 +69,11 @@ async def test_metrics_are_public_prometheus_text_by_default(harness: Harness) -
     } <= names
 
 
-async def test_readme_lists_every_metric_the_service_exports(harness: Harness) -> None:
-    """The README's Metrics section names each family, one line each, and nothing else."""
+async def test_the_docs_list_every_metric_the_service_exports(harness: Harness) -> None:
+    """The Metrics section of docs/operations.md names each family, one line each, and nothing
+    else."""
     exported = {name for name in family_names(await scrape(harness.client)) if "modelgate_" in name}
-    section = README.read_text().split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    section = METRICS_DOC.read_text().split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
     listed = set(re.findall(r"^- `(modelgate_[a-z_]+)`", section, flags=re.MULTILINE))
     assert listed == exported
 

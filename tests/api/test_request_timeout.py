@@ -18,7 +18,7 @@ from api.http.deps import DatabaseRoute, SessionDep
 from auth.models import AdminPrincipal, UsageRecord
 from auth.tenants import get_or_create_admin
 from ml.batching import DIRECT
-from ml.registry import LoadedModel
+from ml.model import LoadedModel
 from tests.conftest import (
     IRIS_SETOSA,
     Backend,
@@ -99,7 +99,7 @@ def _gate_predictions(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
         await gate.wait()
         return await original(self, matrix, batching)
 
-    # Every prediction route runs its validated rows through infer_async (api.routes.predict).
+    # Every prediction route runs its validated rows through infer_async (api.inference.pipeline).
     monkeypatch.setattr(LoadedModel, "infer_async", slow_infer)
     return gate
 

@@ -160,7 +160,7 @@ async def test_without_otel_variables_nothing_is_traced(
 
 def _instrumented(app: Harness) -> bool:
     """Whether the app's engine or Redis client reports to OpenTelemetry."""
-    client = app.state.rate_limiter.client
+    client = app.state.redis.client
     if client is not None and hasattr(client.execute_command, "__wrapped__"):
         return True
     listeners = app.state.engine.sync_engine.dispatch.before_cursor_execute

@@ -415,7 +415,7 @@ def test_a_replica_stopped_under_load_without_warning_costs_only_unsent_predicti
     every failed GET to the other replica, so no GET fails and no request goes unanswered.
     A prediction whose connection the stopping replica reset after accepting it (the race of
     closing a listening socket) is answered 502, never retried, and never billed: the units
-    recorded equal the 200s exactly (README: Deploying, "Stopping a replica")."""
+    recorded equal the 200s exactly (docs/operations.md: Deploying, "Stopping a replica")."""
     stopped = _stop_a_replica_under_load(*stack_environment, take_out_first=False)
     load = stopped.load
     assert load.failures == [], (load.failures[:10], stopped.nginx_errors)

@@ -11,7 +11,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from ml import InvalidFeatures, LoadedModel, ModelRegistry, register_model
-from ml.registry import INLINE_MAX_ROWS, Runtime
+from ml.model import INLINE_MAX_ROWS, Runtime
 
 
 @pytest.mark.parametrize(
@@ -49,7 +49,7 @@ def test_onnx_version_is_served_without_unpickling(
     def refuse(*_args: Any, **_kwargs: Any) -> Any:
         pytest.fail("a version with an ONNX file was unpickled")
 
-    monkeypatch.setattr("ml.registry.joblib.load", refuse)
+    monkeypatch.setattr("ml.loading.joblib.load", refuse)
     registry = ModelRegistry(model_dir)
     registry.load()
     assert registry.get("iris").runtime == "onnx"

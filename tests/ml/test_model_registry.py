@@ -53,8 +53,8 @@ def test_tampered_artifact_is_refused_before_unpickling(
         loaded_from.append(source.parent)
         return real_load(fileobj, *args, **kwargs)
 
-    # Patch the name exactly as ml.registry looks it up.
-    monkeypatch.setattr("ml.registry.joblib.load", spy)
+    # Patch the name exactly as ml.loading looks it up.
+    monkeypatch.setattr("ml.loading.joblib.load", spy)
     registry = _load(model_dir)
 
     assert loaded_from == [model_dir / "iris" / "1"]
@@ -88,7 +88,7 @@ def test_hash_is_compared_in_constant_time(
         calls.append((a, b))
         return real_compare(a, b)
 
-    monkeypatch.setattr("ml.registry.hmac.compare_digest", spy)
+    monkeypatch.setattr("ml.loading.hmac.compare_digest", spy)
     _load(model_dir)
     expected = sha256_file(model_dir / "iris" / "1" / "model.joblib")
     assert calls == [(expected, expected)]

@@ -37,7 +37,7 @@ def test_tampered_onnx_file_is_refused_before_parsing(
     data[int(len(data) * offset)] ^= 0x01
     path.write_bytes(bytes(data))
     parsed: list[bytes] = []
-    monkeypatch.setattr("ml.registry.load_session", lambda model_bytes: parsed.append(model_bytes))
+    monkeypatch.setattr("ml.loading.load_session", lambda model_bytes: parsed.append(model_bytes))
 
     registry = _load(model_dir)
 
@@ -58,7 +58,7 @@ def test_onnx_hash_is_compared_in_constant_time(
         calls.append((a, b))
         return real_compare(a, b)
 
-    monkeypatch.setattr("ml.registry.hmac.compare_digest", spy)
+    monkeypatch.setattr("ml.loading.hmac.compare_digest", spy)
     _load(model_dir)
     expected = sha256_file(model_dir / "iris" / "1" / "model.onnx")
     assert calls == [(expected, expected)]
@@ -143,7 +143,7 @@ def test_convert_refuses_a_tampered_pickle_without_unpickling_it(
     with (version_dir / "model.joblib").open("ab") as fileobj:
         fileobj.write(b"tampered")
     monkeypatch.setattr(
-        "ml.registry.joblib.load", lambda *_a, **_k: pytest.fail("a tampered pickle was loaded")
+        "ml.loading.joblib.load", lambda *_a, **_k: pytest.fail("a tampered pickle was loaded")
     )
 
     with pytest.raises(ValueError, match="does not match the SHA-256"):

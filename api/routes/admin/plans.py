@@ -15,6 +15,7 @@ from api.schemas.fields import (
     MaxInFlight,
     MonthlyQuota,
     PlanModels,
+    PlanName,
     PricePer1000Units,
     RateLimitText,
 )
@@ -22,7 +23,6 @@ from auth.limits.plans import PlanView, create_plan, get_plan, list_plans, updat
 
 router = APIRouter(route_class=DatabaseRoute, tags=["admin"])
 
-PlanName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$")]
 Currency = Annotated[
     str, Field(pattern=r"^[A-Z]{3}$", description="ISO 4217 code of the price's currency")
 ]

@@ -11,7 +11,6 @@ from pydantic.json_schema import SkipJsonSchema
 
 from api.http.deps import AdminScope, DatabaseRoute, NoStore, SessionDep, StateDep, request_actor
 from api.http.errors import problem_responses
-from api.routes.admin.plans import PlanName
 from api.schemas.fields import (
     JsonInteger,
     KeyExpiry,
@@ -20,6 +19,7 @@ from api.schemas.fields import (
     Name,
     PageLimit,
     PageOffset,
+    PlanName,
     RateLimitText,
     TenantScope,
 )

@@ -1,0 +1,222 @@
+"""``modelgate models``: the model registry (train the default model, register a model file,
+convert pickles to ONNX, list, activate). The model logic is in :mod:`ml`; these commands parse
+their arguments, call it and print."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import JsonValue
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from api.cli.common import echo_json, fail, run_in_session
+from auth.audit import CLI_ACTOR
+from auth.settings import get_settings
+
+# scikit-learn and ONNX take seconds to import, which every other command (tenants, keys,
+# audit) would otherwise pay: ml is imported inside the commands that need it.
+
+models_app = typer.Typer(help="The model registry.", no_args_is_help=True)
+
+
+@models_app.command("train")
+def models_train(
+    if_absent: Annotated[
+        bool, typer.Option("--if-absent", help="Do nothing if a model is already registered.")
+    ] = False,
+) -> None:
+    """Train the default iris model from scikit-learn's bundled data and register it."""
+    from ml import DEFAULT_MODEL, has_model, train_default
+
+    model_dir = get_settings().model_dir
+    if if_absent and has_model(model_dir, DEFAULT_MODEL):
+        typer.echo(f"model {DEFAULT_MODEL!r} already present in {model_dir}")
+        return
+    manifest = train_default(model_dir)
+    typer.echo(f"registered {manifest.name} version {manifest.version} in {model_dir}")
+
+
+@models_app.command("convert")
+def models_convert(
+    name: Annotated[
+        str | None, typer.Option("--name", help="Only this model (default: every model).")
+    ] = None,
+    reference: Annotated[
+        Path | None,
+        typer.Option(
+            "--reference",
+            help="CSV of reference rows (e.g. the training data) the conversion must match.",
+        ),
+    ] = None,
+) -> None:
+    """Add ONNX files to registered versions that have only a pickle (served by ONNX Runtime)."""
+    from ml.model_files import convert_versions, read_rows
+
+    model_dir = get_settings().model_dir
+    rows = None
+    if reference is not None:
+        try:
+            rows = read_rows(reference)
+        except (OSError, ValueError) as exc:
+            raise fail(f"cannot read {reference}: {exc}") from None
+    failures = 0
+    for outcome in convert_versions(model_dir, rows, name):
+        label = f"{outcome.name} version {outcome.version}"
+        if outcome.manifest is None:
+            failures += 1
+            typer.echo(f"{label}: not converted, stays on scikit-learn ({outcome.error})", err=True)
+            continue
+        typer.echo(f"{label}: served by {outcome.manifest.runtime}")
+    if failures:
+        raise typer.Exit(1)
+
+
+# Metrics given at registration are a small JSON object (they end up in the manifest).
+_MAX_METRICS_CHARS = 16_384
+
+
+def _metrics_option(text: str | None) -> dict[str, JsonValue] | None:
+    if text is None:
+        return None
+    if len(text) > _MAX_METRICS_CHARS:
+        raise fail(f"--metrics: at most {_MAX_METRICS_CHARS} characters")
+    try:
+        metrics = json.loads(text)
+    except ValueError:
+        raise fail("--metrics: not JSON") from None
+    if not isinstance(metrics, dict):
+        raise fail("--metrics: a JSON object, e.g. '{\"accuracy\": 0.97}'")
+    return metrics
+
+
+def _names_option(text: str | None) -> list[str] | None:
+    return None if text is None else [name.strip() for name in text.split(",")]
+
+
+@models_app.command("register")
+def models_register(
+    path: Annotated[Path, typer.Argument(help="A fitted classifier: .joblib or .onnx file.")],
+    name: Annotated[str, typer.Option("--name", help="The model's name.")],
+    version: Annotated[str, typer.Option("--version", help="The new version's number.")],
+    metrics: Annotated[
+        str | None, typer.Option(help="JSON object to record, e.g. '{\"accuracy\": 0.97}'.")
+    ] = None,
+    reference: Annotated[
+        Path | None,
+        typer.Option(
+            help="CSV of the training rows: their range is recorded and the ONNX conversion "
+            "must match scikit-learn on them (default: 2,000 seeded random rows, no range)."
+        ),
+    ] = None,
+    feature_names: Annotated[
+        str | None, typer.Option(help="Comma-separated (default: the model's own, or numbered).")
+    ] = None,
+    class_names: Annotated[
+        str | None, typer.Option(help="Comma-separated (default: the model's classes).")
+    ] = None,
+) -> None:
+    """Copy a model file into the registry as a new version (converted to ONNX and checked as
+    `train` does, with its manifest); `models activate` then serves it."""
+    from ml import ConversionError
+    from ml.manifest import NAME_PATTERN, VERSION_PATTERN
+    from ml.model_files import UnsupportedModelFile, read_rows, register_file
+
+    # Checked before anything is read: the name and version become directories of the registry.
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise fail("--name: letters, digits, '_' and '-' (at most 64, starting alphanumeric)")
+    if not re.fullmatch(VERSION_PATTERN, version):
+        raise fail("--version: a number from 1 to 999999999")
+    model_dir = get_settings().model_dir
+    rows = None
+    if reference is not None:
+        try:
+            rows = read_rows(reference)
+        except (OSError, ValueError) as exc:
+            raise fail(f"cannot read {reference}: {exc}") from None
+    recorded_metrics = _metrics_option(metrics)
+    try:
+        manifest = register_file(
+            model_dir,
+            path,
+            name,
+            version,
+            feature_names=_names_option(feature_names),
+            class_names=_names_option(class_names),
+            reference=rows,
+            metrics=recorded_metrics,
+        )
+    except UnsupportedModelFile as exc:
+        raise fail(str(exc)) from None
+    except (ConversionError, OSError, ValueError) as exc:
+        raise fail(f"{path} not registered: {exc}") from None
+    typer.echo(
+        f"registered {manifest.name} version {manifest.version} ({manifest.runtime}) in "
+        f"{model_dir}; serve it with: modelgate models activate {manifest.name} "
+        f"{manifest.version}"
+    )
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Print every model, one JSON object per line: its versions, their state and input
+    schema, and the active version (recorded activation, else the registry's choice)."""
+    from auth.model_activation import active_versions
+    from ml import ModelRegistry
+
+    settings = get_settings()
+    registry = ModelRegistry(settings.model_dir)
+    registry.load()
+
+    async def work(session: AsyncSession) -> dict[str, str]:
+        return await active_versions(session)
+
+    recorded = run_in_session(settings, work)
+    for info in registry.models():
+        active = recorded.get(info.name, info.active_version)
+        versions = [
+            {
+                "version": status.version,
+                "state": status.state,
+                "error": status.error,
+                "runtime": status.runtime,
+                "created_at": None
+                if status.manifest is None
+                else status.manifest.created_at.isoformat(),
+                "n_features": None if status.manifest is None else status.manifest.n_features,
+                "metrics": None if status.manifest is None else status.manifest.metrics,
+            }
+            for status in info.versions
+        ]
+        document = {
+            "name": info.name,
+            "active_version": active,
+            "activated_in": "database" if info.name in recorded else "registry",
+            "versions": versions,
+        }
+        typer.echo(json.dumps(document))
+
+
+@models_app.command("activate")
+def models_activate(
+    name: Annotated[str, typer.Argument(help="The model's name.")],
+    version: Annotated[str, typer.Argument(help="The version to serve.")],
+) -> None:
+    """Verify and warm up a version here, then record it as the model's active version (audited):
+    every running worker serves it within 2 seconds. Rollback is the same command."""
+    from auth.model_activation import ActivationView, activate_version
+    from ml import ModelError, ModelRegistry
+
+    settings = get_settings()
+    try:
+        ModelRegistry(settings.model_dir).load_version(name, version)
+    except ModelError as exc:
+        raise fail(f"not activated: {exc.message}") from None
+
+    async def work(session: AsyncSession) -> ActivationView:
+        return await activate_version(session, CLI_ACTOR, name, version)
+
+    echo_json(run_in_session(settings, work))

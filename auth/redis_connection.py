@@ -1,0 +1,63 @@
+"""The process's one Redis connection: ``limits``' asyncio storage on ``MODELGATE_REDIS_URL`` (a
+plain URL, Sentinel ``redis+sentinel://`` or Cluster ``redis+cluster://``) and the redis-py
+asyncio client inside it, made once by the app's composition root (``api.services``).
+
+Who uses which: the rate limiter (``auth.limits.limiter``) and the failure and login throttles
+(``auth.identity.failure_throttle``, ``auth.identity.login_throttle``) count through the
+storage; the limiter's scripts, the concurrency limit (``auth.limits.concurrency``) and the
+prediction cache (``api.inference.cache``) send their own commands on the client, and tracing
+instruments it. Every call is bounded by the client's socket timeouts, which are
+``MODELGATE_REDIS_TIMEOUT_SECONDS``.
+
+Without a Redis URL the storage is ``limits``' memory storage and there is no client: the counts
+are this process's own, which is right for one process and wrong for several workers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from limits.aio.storage import Storage
+from limits.storage import storage_from_string
+
+from auth.settings import Settings
+
+
+class RedisConnection:
+    """``storage`` (``limits``' asyncio storage: Redis, or memory) and ``client`` (the redis-py
+    asyncio client that storage uses; None without Redis)."""
+
+    __slots__ = ("client", "storage")
+
+    def __init__(self, storage: Storage, client: Any | None) -> None:
+        self.storage = storage
+        self.client = client
+
+    @property
+    def uses_redis(self) -> bool:
+        """Whether the counts live on Redis (shared by every worker) rather than in memory."""
+        return self.client is not None
+
+    async def close(self) -> None:
+        """Close the client's connections (in memory there is nothing to close)."""
+        if self.client is not None:
+            await self.client.aclose()
+
+
+def connect_redis(settings: Settings) -> RedisConnection:
+    """The connection the settings ask for. Nothing is sent yet: the client connects on its
+    first command."""
+    options: dict[str, Any] = {}
+    if settings.redis_url:
+        options = {
+            # The same client library as the rest of the app (limits defaults to coredis).
+            "implementation": "redispy",
+            "socket_timeout": settings.redis_timeout_seconds,
+            "socket_connect_timeout": settings.redis_timeout_seconds,
+        }
+    uri = settings.redis_url or "memory://"
+    storage = storage_from_string("async+" + uri, **options)
+    if not isinstance(storage, Storage):  # the "async+" scheme always gives one
+        raise TypeError("MODELGATE_REDIS_URL did not yield an asyncio storage")
+    client = storage.bridge.get_connection() if settings.redis_url else None  # type: ignore[attr-defined]
+    return RedisConnection(storage, client)
