@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 
 import structlog
@@ -39,24 +38,6 @@ from ml.batching import DIRECT, BatchPolicy
 logger = structlog.get_logger(__name__)
 
 
-class Rejections:
-    """Requests this process refused (401, 403, 429, 503), by status and problem type: counted
-    in memory, never written to the database (a flood of refusals must not cost a row each)."""
-
-    __slots__ = ("counts",)
-
-    def __init__(self) -> None:
-        self.counts: Counter[tuple[int, str]] = Counter()
-
-    def count(self, status: int, problem_type: str) -> None:
-        """One more refusal."""
-        self.counts[(status, problem_type)] += 1
-
-    def snapshot(self) -> dict[tuple[int, str], int]:
-        """The counts so far, as a plain dict (status, problem type) -> count."""
-        return dict(self.counts)
-
-
 @dataclass
 class AppState:
     """Everything a request may need beyond itself; stored on ``app.state.modelgate``."""
@@ -79,7 +60,6 @@ class AppState:
     tokens: TokenConfig
     login_throttle: LoginThrottle
     started_at: float = field(default_factory=time.monotonic)
-    rejections: Rejections = field(default_factory=Rejections)
     # How scikit-learn calls are micro-batched (ml.batching).
     batching: BatchPolicy = DIRECT
     # None when MODELGATE_PREDICTION_CACHE_TTL_SECONDS is 0; its hits, misses and errors are

@@ -14,9 +14,9 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from api.http.context import request_context
 from api.http.forwarded import TrustedProxies
-from api.http.timeout import lift_deadline
-from api.inference.metering import BILLABLE
+from api.http.timeout import commit_point
 from api.services import AppState
 from auth.audit import Actor
 from auth.errors import DatabaseTimedOut, Forbidden
@@ -53,7 +53,7 @@ async def get_session(request: Request, state: StateDep) -> AsyncIterator[AsyncS
     """One session per request. ``DatabaseRoute`` commits it before the response is sent;
     this teardown only closes it (rolling back whatever was not committed)."""
     async with state.sessionmaker() as session:
-        request.state.session = session
+        request_context(request.scope).session = session
         yield session
 
 
@@ -80,7 +80,7 @@ def request_actor(request: Request, subject: AuthSubject) -> Actor:
         key_id=subject.key_id,
         client_addr=client_address(request),
         user_agent=request.headers.get("user-agent"),
-        request_id=getattr(request.state, "request_id", None),
+        request_id=request_context(request.scope).request_id,
     )
 
 
@@ -103,7 +103,7 @@ class CredentialFirstRoute(APIRoute):
     up to ``MODELGATE_MAX_BODY_BYTES``. A route of this class that requires a credential (an
     ``Authenticator`` among its dependencies, its router's included) first authenticates the
     request from its headers (``authenticate_request``: 401, or 429 for a throttled address);
-    the dependency then finds the subject on ``request.state`` and does the rest (scopes, the
+    the dependency then finds the subject in the request's context and does the rest (scopes, the
     rate-limit hit) once, as before. The body limit (``api.http.body_limit``) lets that 401 through
     unread, with ``Connection: close``. A route without an ``Authenticator`` is unchanged.
     """
@@ -156,15 +156,15 @@ class DatabaseRoute(CredentialFirstRoute):
             try:
                 async with asyncio.timeout(timeout):
                     response = await handler(request)
-                    session: AsyncSession | None = getattr(request.state, "session", None)
+                    context = request_context(request.scope)
+                    session = context.session
                     if (
                         session is not None
                         and session.in_transaction()
                         and response.status_code < 400
                     ):
                         # Committed, then answered, whatever the request's deadline.
-                        await lift_deadline(request.scope)
-                        await session.commit()
+                        await commit_point(context, session.commit())
             except TimeoutError:
                 raise DatabaseTimedOut from None
             return response
@@ -173,7 +173,7 @@ class DatabaseRoute(CredentialFirstRoute):
 
 
 async def authenticate_request(request: Request) -> AuthSubject:
-    """Verify the request's bearer credential and keep the subject on ``request.state`` (401
+    """Verify the request's bearer credential and keep the subject in the request's context (401
     for a missing or bad credential; 429 once the client's address has failed too often, see
     ``auth.identity.failure_throttle``). The client's address is worked out only if the
     credential is not in the authenticator's cache."""
@@ -181,7 +181,7 @@ async def authenticate_request(request: Request) -> AuthSubject:
     subject = await app_state(request).authenticator.authenticate(
         credential, lambda: client_address(request)
     )
-    request.state.subject = subject
+    request_context(request.scope).subject = subject
     return subject
 
 
@@ -216,9 +216,10 @@ class Authenticator(HTTPBearer):
     async def __call__(self, request: Request) -> AuthSubject:  # type: ignore[override]
         # Read directly rather than through StateDep: one dependency less on the hot path.
         state = app_state(request)
-        # api.routing authenticated the request from its headers before its body was read;
-        # a route it does not guard authenticates here.
-        subject: AuthSubject | None = getattr(request.state, "subject", None)
+        context = request_context(request.scope)
+        # CredentialFirstRoute authenticated the request from its headers before its body was
+        # read; a route it does not guard authenticates here.
+        subject = context.subject
         if subject is None:
             subject = await authenticate_request(request)
         if subject.key_id is not None:  # an admin user's JWT has no key (auth.identity.authn)
@@ -235,23 +236,22 @@ class Authenticator(HTTPBearer):
             raise Forbidden("this route is for operator credentials")
         authorize(subject, self.required_scopes)
         if self.billable:
-            setattr(request.state, BILLABLE, True)
+            context.billable = True
         slot = None
         if subject.max_in_flight is not None:
             # Taken by the rate limiter with the rate-limit check, in its one round trip (a
-            # request refused for it costs none of the rate limit). The slot is the
-            # middleware's to release, once, when the response is finished (or failed): it is
-            # set before the check, so that a check cancelled midway is released too.
-            slot = request.state.inflight = state.concurrency.slot(
-                subject.limit_id, subject.max_in_flight
+            # request refused for it costs none of the rate limit). Held until the response is
+            # finished (or failed): api.http.context.InFlightSlot.
+            slot = context.in_flight.reserve(
+                state.concurrency, subject.limit_id, subject.max_in_flight
             )
         try:
-            request.state.rate_limit = await state.rate_limiter.hit(
+            context.rate_limit = await state.rate_limiter.hit(
                 subject.limit_id, subject.rate_limits, admin=subject.tenant is None, slot=slot
             )
         except KeyRateLimitExceeded as exc:
             # The 429 carries the rate-limit headers too.
-            request.state.rate_limit = exc.status
+            context.rate_limit = exc.status
             raise
         return subject
 

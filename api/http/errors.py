@@ -1,4 +1,6 @@
-"""RFC 9457 problem JSON for every error; no stack trace, secret or key ever reaches a client."""
+"""The exception handlers that turn every error into RFC 9457 problem JSON (built by
+``api.http.problems``), and the problem models OpenAPI shows; no stack trace, secret or key ever
+reaches a client."""
 
 from __future__ import annotations
 
@@ -13,8 +15,10 @@ from slowapi.errors import RateLimitExceeded
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from api.http.middleware import log_unexpected
+from api.http.problems import problem_response
 from auth.errors import (
     Conflict,
     DependencyUnavailable,
@@ -26,8 +30,6 @@ from auth.limits.limiter import KeyRateLimitExceeded
 from ml import InvalidFeatures, ModelNotFound, ModelUnavailable
 
 logger = structlog.get_logger(__name__)
-
-PROBLEM_MEDIA_TYPE = "application/problem+json"
 
 
 class Problem(BaseModel):
@@ -46,35 +48,6 @@ class ValidationProblem(Problem):
     errors: list[dict[str, Any]]
 
 
-def problem_response(
-    request: Request,
-    status: int,
-    type_: str,
-    title: str,
-    detail: str,
-    headers: dict[str, str] | None = None,
-    **extra: Any,
-) -> JSONResponse:
-    """Build a problem JSON response carrying the request id."""
-    body = {
-        "type": type_,
-        "title": title,
-        "status": status,
-        "detail": detail,
-        "request_id": getattr(request.state, "request_id", None),
-        **extra,
-    }
-    headers = dict(headers or {})
-    if status == 401:
-        headers.setdefault("WWW-Authenticate", "Bearer")
-    elif status in (429, 503) and "Retry-After" not in headers:
-        # Every refusal a client may retry says when (the error's own figure when it has one).
-        headers["Retry-After"] = "1"
-    # For the middleware's count of refusals by problem type (AppState.rejections).
-    request.state.problem_type = type_
-    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
-
-
 def _from_error(request: Request, error: ModelgateError) -> JSONResponse:
     headers = {}
     retry_after = getattr(error, "retry_after", None)
@@ -86,7 +59,7 @@ def _from_error(request: Request, error: ModelgateError) -> JSONResponse:
         loc = list(error.loc) if isinstance(error, InvalidRequest) else []
         extra["errors"] = [{"loc": loc, "msg": error.detail, "type": "value_error"}]
     return problem_response(
-        request, error.status_code, error.type, error.title, error.detail, headers, **extra
+        request.scope, error.status_code, error.type, error.title, error.detail, headers, **extra
     )
 
 
@@ -114,7 +87,7 @@ async def _rate_limited(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, KeyRateLimitExceeded):
         headers["Retry-After"] = str(exc.status.retry_after)
     return problem_response(
-        request,
+        request.scope,
         429,
         "rate-limited",
         "Too many requests",
@@ -135,7 +108,7 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     if not isinstance(exc, RequestValidationError):
         raise exc
     return problem_response(
-        request,
+        request.scope,
         422,
         "validation-error",
         "Invalid request",
@@ -147,6 +120,10 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     if not isinstance(exc, StarletteHTTPException):
         raise exc
+    if isinstance(exc.__cause__, ClientDisconnect):
+        # FastAPI's 400 for a body it could not read because the client went away while
+        # sending it: not the client's invalid JSON but its departure (499, api.http.disconnect).
+        raise exc.__cause__
     headers = dict(exc.headers or {})
     if exc.status_code == 400:
         # The framework could not parse the body at all (bytes that are not UTF-8 JSON): as
@@ -162,7 +139,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         exc.status_code, "http-error"
     )
     detail = exc.detail if isinstance(exc.detail, str) else "request refused"
-    return problem_response(request, exc.status_code, slug, detail, detail, headers)
+    return problem_response(request.scope, exc.status_code, slug, detail, detail, headers)
 
 
 def _allowed_methods(request: Request) -> list[str]:

@@ -1,25 +1,27 @@
-"""Pure ASGI middleware (Starlette's BaseHTTPMiddleware costs a task per request): request ids,
-rate-limit headers, problem JSON for the body limit's 413 and for unexpected errors, the billing
-guarantee (no 2xx for a billable request without its usage record), the count of refused
-requests, the release of the request's concurrency slot, and one log line per request."""
+"""Pure ASGI middleware (Starlette's BaseHTTPMiddleware costs a task per request): the request's
+context (``api.http.context``), request ids, rate-limit headers, problem JSON for the body
+limit's 413 and for unexpected errors, the billing guarantee (no 2xx for a billable request
+without its usage record), the count of refused requests, the concurrency slot held for the
+whole request, and one log line per request (499 for a client that went away before its answer,
+``api.http.disconnect``)."""
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
 import time
 import traceback
 import uuid
-from typing import Any
 
 import structlog
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.inference.metering import BILLABLE, BILLED
+from api.http.context import CONTEXT_KEY, RequestContext
+from api.http.disconnect import CLIENT_CLOSED_REQUEST
+from api.http.problems import problem_response
 from api.observability import metrics
-from auth.identity.authn import AuthSubject
-from auth.limits.concurrency import Slot, release_detached
-from auth.limits.limiter import RateLimitStatus
 
 logger = structlog.get_logger("modelgate.request")
 _REQUEST_LOG = logging.getLogger("modelgate.request")
@@ -31,18 +33,20 @@ _TOO_LARGE = (
     "the request body exceeds the size limit",
 )
 _UNBILLED = (503, "service-unavailable", "Service unavailable", "usage could not be recorded")
-# Refusals counted per status and problem type (AppState.rejections).
-_REJECTED = frozenset({401, 403, 429, 503})
-# The state key under which the error handlers leave the problem type of their answer.
-PROBLEM_TYPE = "problem_type"
-_NOSNIFF = (b"x-content-type-options", b"nosniff")
 _INTERNAL = (500, "internal-error", "Internal server error", "an unexpected error occurred")
+# The answers counted as refusals (metrics.record_rejection), by status and problem type.
+_REJECTED = frozenset({401, 403, 413, 429, 503})
+_NOSNIFF = (b"x-content-type-options", b"nosniff")
+# A connection whose request the middleware answers in place of the app's may hold the unread
+# rest of a body: it cannot carry another request.
+_CLOSE = {"Connection": "close"}
 
 
 class RequestContextMiddleware:
-    """Gives every request an id (``X-Request-ID``, also the usage record's and the prediction's
-    id), adds ``X-RateLimit-*`` headers when a limit was checked, and logs one line per request
-    (never its body or credentials)."""
+    """Gives every request its context and an id (``X-Request-ID``, also the usage record's and
+    the prediction's id), holds its concurrency slot until its answer is sent, adds
+    ``X-RateLimit-*`` headers when a limit was checked, counts refusals, and logs one line per
+    request (never its body or credentials)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -52,8 +56,8 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         request_id = str(uuid.uuid4())
-        state: dict[str, Any] = scope.setdefault("state", {})
-        state["request_id"] = request_id
+        context = RequestContext(request_id)
+        scope.setdefault("state", {})[CONTEXT_KEY] = context
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id)
         started = time.perf_counter()
@@ -73,7 +77,7 @@ class RequestContextMiddleware:
                     # Starlette's body limit answers in plain text; every error here is
                     # problem JSON.
                     replacement = _TOO_LARGE
-                elif status < 400 and state.get(BILLABLE) and not state.get(BILLED):
+                elif status < 400 and context.billable and not context.billed:
                     # A billable route tried to answer without a committed usage record: that
                     # is a bug, and the client gets a 503 rather than a free prediction.
                     logger.error("billable response without a usage record; answered 503")
@@ -81,24 +85,32 @@ class RequestContextMiddleware:
                 if replacement is not None:
                     replaced_body = True
                     status = replacement[0]
-                    state[PROBLEM_TYPE] = replacement[1]
-                    _count_rejection(scope, status, state)
-                    await _send_problem(send, request_id, replacement)
+                    response = _instead(scope, context, replacement)
+                    _count_rejection(status, context)
+                    await response(scope, receive, send)
                     return
                 if status in _REJECTED:
-                    _count_rejection(scope, status, state)
+                    _count_rejection(status, context)
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode()))
                 # No browser may guess a content type other than the one declared.
                 headers.append(_NOSNIFF)
-                limit: RateLimitStatus | None = state.get("rate_limit")
+                limit = context.rate_limit
                 if limit is not None:
                     headers.extend(limit.headers())
                 message["headers"] = headers
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_headers)
+            # The slot a key with max_in_flight takes (api.http.deps.Authenticator) is given
+            # back on leaving: once the response is sent, or the request failed or was cancelled.
+            async with context.in_flight:
+                await self.app(scope, receive, send_with_headers)
+        except ClientDisconnect:
+            status = CLIENT_CLOSED_REQUEST  # nobody to answer
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED_REQUEST
+            raise
         except Exception as exc:
             # Answered here, inside the request's context, rather than by Starlette's outermost
             # handler: the 500 then carries X-Request-ID, and the exception is not re-raised to
@@ -107,25 +119,23 @@ class RequestContextMiddleware:
             log_unexpected(exc)
             status = 500
             if not response_started:
-                await _send_problem(send, request_id, _INTERNAL)
+                await _instead(scope, context, _INTERNAL)(scope, receive, send)
         finally:
-            slot: Slot | None = state.get("inflight")
-            if slot is not None:
-                # Once the response is sent, or the request failed or was cancelled.
-                await release_detached(slot)
             route = route_template(scope)
             metrics.record_request(
                 route, scope.get("method", ""), status, time.perf_counter() - started
             )
-            self._log(scope, route, status, started)
+            self._log(scope, context, route, status, started)
 
     @staticmethod
-    def _log(scope: Scope, route: str, status: int, started: float) -> None:
+    def _log(
+        scope: Scope, context: RequestContext, route: str, status: int, started: float
+    ) -> None:
         """The request's access line: who (tenant and key ids, never a credential), which route
         (its template, never the raw path with its ids), the answer and how long it took."""
         if not _REQUEST_LOG.isEnabledFor(logging.INFO):
             return  # under load the level is usually WARNING: skip building the event
-        subject: AuthSubject | None = scope["state"].get("subject")
+        subject = context.subject
         tenant = subject.tenant if subject is not None else None
         key_id = subject.key_id if subject is not None else None
         logger.info(
@@ -158,12 +168,8 @@ def route_template(scope: Scope) -> str:
     return template if isinstance(template, str) and template else UNMATCHED
 
 
-def _count_rejection(scope: Scope, status: int, state: dict[str, Any]) -> None:
-    problem_type = state.get(PROBLEM_TYPE) or "unknown"
-    metrics.record_rejection(status, problem_type)
-    app_state = getattr(scope["app"].state, "modelgate", None) if "app" in scope else None
-    if app_state is not None:
-        app_state.rejections.count(status, problem_type)
+def _count_rejection(status: int, context: RequestContext) -> None:
+    metrics.record_rejection(status, context.problem_type or "unknown")
 
 
 def log_unexpected(exc: BaseException) -> None:
@@ -184,30 +190,9 @@ def _is_problem(message: Message) -> bool:
     )
 
 
-async def _send_problem(send: Send, request_id: str, problem: tuple[int, str, str, str]) -> None:
-    """Answer with a problem JSON response (status, type, title, detail) in place of the app's."""
-    status, type_, title, detail = problem
-    body = json.dumps(
-        {
-            "type": type_,
-            "title": title,
-            "status": status,
-            "detail": detail,
-            "request_id": request_id,
-        }
-    ).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/problem+json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"x-request-id", request_id.encode()),
-                _NOSNIFF,
-                (b"connection", b"close"),
-                *([(b"retry-after", b"1")] if status in (429, 503) else []),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+def _instead(scope: Scope, context: RequestContext, problem: tuple[int, str, str, str]) -> Response:
+    """The problem (status, type, title, detail) the middleware answers in place of the app's,
+    with the request id and ``nosniff`` that every answer carries."""
+    response: Response = problem_response(scope, *problem, _CLOSE)
+    response.raw_headers += [(b"x-request-id", context.request_id.encode()), _NOSNIFF]
+    return response

@@ -13,7 +13,8 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from api.http.errors import PROBLEM_DESCRIPTIONS, PROBLEM_MEDIA_TYPE, Problem, ValidationProblem
+from api.http.errors import PROBLEM_DESCRIPTIONS, Problem, ValidationProblem
+from api.http.problems import PROBLEM_MEDIA_TYPE
 
 # What any route behind a credential may answer: no or a bad credential, a missing scope or
 # a suspended tenant, the key's rate limit, a dependency of the check (Redis, the database)

@@ -1,27 +1,25 @@
 """The billing guarantee, wired once: a request that authenticated for a billable scope can only
 be answered with a 2xx after its usage record is committed.
 
-``Authenticator(..., billable=True)`` marks the request; :func:`charge` is the one way to bill
-it; ``RequestContextMiddleware`` refuses to start a 2xx response for a marked request that was
-not billed (it answers 503 instead), so a new prediction route that forgets to bill cannot serve
-for free.
+``Authenticator(..., billable=True)`` marks the request (``RequestContext.billable``);
+:func:`charge` is the one way to bill it; ``RequestContextMiddleware`` refuses to start a 2xx
+response for a marked request that was not billed (it answers 503 instead), so a new prediction
+route that forgets to bill cannot serve for free.
 """
 
 from __future__ import annotations
 
 import uuid
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
-from api.http.timeout import lift_deadline
+from api.http.context import request_context
+from api.http.disconnect import client_has_gone
+from api.http.timeout import commit_point
 from api.services import AppState
 from auth.identity.authn import AuthSubject
 from auth.models import utcnow
 from auth.usage.ledger import UsageEvent
-
-# Keys in the ASGI scope's state, read by the middleware.
-BILLABLE = "billable"
-BILLED = "billed"
 
 
 async def charge(
@@ -36,11 +34,16 @@ async def charge(
 ) -> None:
     """Record the request's usage and wait until it is durable.
 
-    Raises ``QuotaExceeded`` (nothing is recorded) or ``DependencyUnavailable``.
+    Raises ``QuotaExceeded`` (nothing is recorded), ``DependencyUnavailable``, or
+    ``ClientDisconnect`` if the client has already gone (nothing is recorded: answered 499).
     """
+    context = request_context(request.scope)
+    if client_has_gone(request.receive):
+        # Nobody will read the answer: it is not billed (api.http.disconnect).
+        raise ClientDisconnect
     tenant = subject.require_tenant()
     event = UsageEvent(
-        request_id=uuid.UUID(request.state.request_id),
+        request_id=uuid.UUID(context.request_id),
         tenant_id=tenant.id,
         api_key_id=subject.require_key_id(),
         model=model,
@@ -53,6 +56,5 @@ async def charge(
     )
     # From here the request runs to its answer: a deadline that cut it off while its record is
     # being committed would bill a request answered 503 (api.http.timeout).
-    await lift_deadline(request.scope)
-    await state.usage_writer.charge(event, tenant.monthly_quota)
-    setattr(request.state, BILLED, True)
+    await commit_point(context, state.usage_writer.charge(event, tenant.monthly_quota))
+    context.billed = True

@@ -83,16 +83,13 @@ PREDICTION_ROWS = Counter(
     "Instances predicted in served requests (the units billed), by model, version and runtime.",
     ("model", "version", "runtime"),
 )
-AUTH_FAILURES = Counter(
-    "modelgate_auth_failures_total",
-    "Requests refused for their credential (401) or its rights (403), by problem type.",
-    ("reason",),
-)
-LIMIT_REJECTIONS = Counter(
-    "modelgate_limit_rejections_total",
-    "Requests refused with 429, by problem type: rate-limited, quota-exceeded, "
-    "concurrency-limit-exceeded, auth-throttled, login-throttled.",
-    ("reason",),
+REJECTIONS = Counter(
+    "modelgate_rejections_total",
+    "Requests refused, by status and problem type (reason): 401 and 403 for a credential or its "
+    "rights, 413 for a body over the limit, 429 for a limit (rate-limited, quota-exceeded, "
+    "concurrency-limit-exceeded, auth-throttled, login-throttled), 503 when a dependency, the "
+    "request's deadline or its usage record failed.",
+    ("status", "reason"),
 )
 CACHE_HITS = Counter("modelgate_cache_hits_total", "Predictions answered from the cache.")
 CACHE_MISSES = Counter(
@@ -147,6 +144,7 @@ MODEL_ACTIVE_VERSION = Gauge(
 _request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 _prediction_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 _batch_children: dict[str, Any] = {}
+_rejection_children: dict[tuple[int, str], Any] = {}
 
 
 def record_request(route: str, method: str, status: int, seconds: float) -> None:
@@ -163,12 +161,13 @@ def record_request(route: str, method: str, status: int, seconds: float) -> None
 
 
 def record_rejection(status: int, problem_type: str) -> None:
-    """Count a refusal by its problem type: 401 and 403 as authentication failures, 429 as a
-    limit's rejection (other statuses are in the request counts only)."""
-    if status in (401, 403):
-        AUTH_FAILURES.labels(problem_type).inc()
-    elif status == 429:
-        LIMIT_REJECTIONS.labels(problem_type).inc()
+    """Count one refusal by its status and problem type (``api.http.middleware`` decides which
+    answers are refusals)."""
+    key = (status, problem_type)
+    child = _rejection_children.get(key)
+    if child is None:
+        child = _rejection_children[key] = REJECTIONS.labels(str(status), problem_type)
+    child.inc()
 
 
 def record_prediction(model: str, version: str, runtime: str, rows: int) -> None:

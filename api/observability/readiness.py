@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from starlette.requests import Request
 
-from api.http.errors import problem_response
+from api.http.problems import problem_response
 from api.schemas.health import CheckState, ReadinessChecks, ReadinessResponse, UnavailableModel
 from api.services import AppState
 
@@ -62,7 +62,7 @@ async def readiness(state: AppState, request: Request) -> JSONResponse:
         )
         return JSONResponse(body.model_dump())
     return problem_response(
-        request,
+        request.scope,
         503,
         "service-unavailable",
         "Service unavailable",

@@ -9,7 +9,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from api.http.deps import StateDep
-from api.http.errors import PROBLEM_MEDIA_TYPE, problem_responses
+from api.http.errors import problem_responses
+from api.http.problems import PROBLEM_MEDIA_TYPE
 from api.observability.readiness import readiness
 from api.schemas.health import HealthResponse, LiveResponse, ReadinessProblem, ReadinessResponse
 

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel
 
+from api.http.context import request_context
 from api.http.deps import CredentialFirstRoute, PredictScope, app_state
 from api.http.errors import problem_responses
 from api.inference.pipeline import predict_and_bill, served_model
@@ -72,7 +73,7 @@ async def predict(
             class_name=result.class_name,
             model=model.manifest.name,
             model_version=model.manifest.version,
-            prediction_id=request.state.request_id,
+            prediction_id=request_context(request.scope).request_id,
             timestamp=datetime.now(UTC),
             inference_time_ms=round(inference_ms, 3),
             cached=cached,
@@ -96,7 +97,7 @@ async def predict_batch(
     results, inference_ms, _ = await predict_and_bill(
         request, state, subject, model, body.instances, _instances_loc
     )
-    request_id: str = request.state.request_id
+    request_id = request_context(request.scope).request_id
     name, version = model.manifest.name, model.manifest.version
     # One call computed every row: each prediction shares its time and timestamp.
     timestamp = datetime.now(UTC)

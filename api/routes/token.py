@@ -8,6 +8,7 @@ from fastapi import APIRouter, Form, Request
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from api.http.context import request_context
 from api.http.deps import (
     DatabaseRoute,
     NoStore,
@@ -108,7 +109,7 @@ async def _mint(
         # as it would on any other route.
         subject = await state.authenticator.authenticate(secret, lambda: address)
         # The access line names the key exchanged (by its ids), as on every other route.
-        request.state.subject = subject
+        request_context(request.scope).subject = subject
         if form.client_id is not None and form.client_id != str(subject.key_id):
             raise Unauthenticated("client_id does not match the key")
         authorize(subject, frozenset())  # a suspended tenant's key gets no token either
@@ -131,7 +132,7 @@ async def _mint(
         name=f"admin:{admin.name}",
         client_addr=client_address(request),
         user_agent=request.headers.get("user-agent"),
-        request_id=getattr(request.state, "request_id", None),
+        request_id=request_context(request.scope).request_id,
     )
     return await mint_token(
         session,
@@ -153,7 +154,7 @@ async def _record_throttled(
         name="anonymous",
         client_addr=address,
         user_agent=request.headers.get("user-agent"),
-        request_id=getattr(request.state, "request_id", None),
+        request_id=request_context(request.scope).request_id,
     )
     async with state.sessionmaker() as session:
         await record_event(

@@ -25,8 +25,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Path, Request, Response
 from pydantic import BaseModel
 
+from api.http.context import request_context
 from api.http.deps import Authenticator, CredentialFirstRoute, PredictScope, app_state
-from api.http.errors import PROBLEM_DESCRIPTIONS, PROBLEM_MEDIA_TYPE, problem_response
+from api.http.errors import PROBLEM_DESCRIPTIONS
+from api.http.problems import PROBLEM_MEDIA_TYPE, problem_response
 from api.inference.pipeline import predict_and_bill, served_model
 from api.observability.readiness import readiness
 from api.schemas.predict import HARD_MAX_INSTANCES
@@ -223,7 +225,7 @@ async def _readiness(
         # The model exists and is the caller's to use (else ModelNotFound): it may be named.
         return with_members(
             problem_response(
-                request,
+                request.scope,
                 503,
                 DependencyUnavailable.type,
                 DependencyUnavailable.title,
@@ -393,7 +395,7 @@ async def _infer(
         InferResponse(
             model_name=manifest.name,
             model_version=manifest.version,
-            id=request.state.request_id if body.id is None else body.id,
+            id=request_context(request.scope).request_id if body.id is None else body.id,
             outputs=_outputs(outputs, predictions, len(manifest.class_names)),
         )
     )

@@ -13,9 +13,12 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import func, select
 
 from api.observability import metrics
+from auth.models import UsageRecord
 from auth.usage.writer import FlushStats
+from ml import LoadedModel
 from tests.conftest import (
     IRIS_SETOSA,
     IRIS_VIRGINICA,
@@ -194,13 +197,57 @@ async def test_refusals_are_counted_by_reason(harness: Harness) -> None:
     assert over_quota.json()["type"] == "quota-exceeded"
     after = await scrape(harness.client)
 
-    def grown(name: str, reason: str) -> float:
-        return value(after, name, reason=reason) - value(before, name, reason=reason)
+    def grown(status: int, reason: str) -> float:
+        labels = {"status": str(status), "reason": reason}
+        name = "modelgate_rejections_total"
+        return value(after, name, **labels) - value(before, name, **labels)
 
-    assert grown("modelgate_auth_failures_total", "unauthenticated") == 1
-    assert grown("modelgate_auth_failures_total", forbidden.json()["type"]) == 1
-    assert grown("modelgate_limit_rejections_total", "rate-limited") == 1
-    assert grown("modelgate_limit_rejections_total", "quota-exceeded") == 1
+    assert grown(401, "unauthenticated") == 1
+    assert grown(403, forbidden.json()["type"]) == 1
+    assert grown(429, "rate-limited") == 1
+    assert grown(429, "quota-exceeded") == 1
+
+
+async def test_a_request_cancelled_before_its_answer_is_counted_499_and_billed_nothing(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that goes away and takes the request's task with it (a test client, a server
+    that cancels): 499 (api.http.disconnect), not the 500 of an error; nothing billed. Against a
+    real server: tests/e2e/test_client_disconnect.py."""
+    tenant, key = await create_tenant_with_key(harness)
+    entered, gate = asyncio.Event(), asyncio.Event()
+    original = LoadedModel.infer_async
+
+    async def slow_infer(self: LoadedModel, *args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        await gate.wait()
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LoadedModel, "infer_async", slow_infer)
+    before = await scrape(harness.client)
+    request = asyncio.ensure_future(
+        harness.client.post(
+            "/api/v1/predict", json={"features": IRIS_VIRGINICA}, headers=bearer(key)
+        )
+    )
+    await asyncio.wait_for(entered.wait(), timeout=30)
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    gate.set()
+    after = await scrape(harness.client)
+
+    def grown(status: str) -> float:
+        labels = {"route": "/api/v1/predict", "status": status}
+        name = "modelgate_http_requests_total"
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert (grown("499"), grown("500")) == (1, 0)
+    async with harness.sessionmaker() as session:
+        records = await session.scalar(
+            select(func.count()).select_from(UsageRecord).where(UsageRecord.tenant_id == tenant.id)
+        )
+    assert records == 0
 
 
 async def test_the_active_version_of_each_model_is_reported(harness: Harness) -> None:

@@ -24,6 +24,7 @@ from limits.aio import strategies as limits_strategies
 from limits.aio.storage import MemoryStorage
 from limits.aio.storage.redis.redispy import RedispyBridge
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select, update
 
 from api.http.deps import AnyCredential, PredictScope
@@ -864,8 +865,20 @@ async def test_every_429_and_503_carries_retry_after(limits_app: Harness) -> Non
         assert int(response.headers["Retry-After"]) >= 1, problem_type
 
 
+async def _refusals(harness: Harness) -> dict[tuple[int, str], float]:
+    """``modelgate_rejections_total`` by status and reason, as ``/metrics`` reports it."""
+    response = await harness.client.get("/metrics")
+    assert response.status_code == 200, response.text
+    return {
+        (int(sample.labels["status"]), sample.labels["reason"]): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+        if sample.name == "modelgate_rejections_total"
+    }
+
+
 async def test_refusals_are_counted_in_process_by_status_and_type(limits_app: Harness) -> None:
-    before = limits_app.state.rejections.snapshot()
+    before = await _refusals(limits_app)
     tenant, key = await create_tenant_with_key(limits_app)
     await set_tenant_limits(limits_app, tenant.id, "1/minute")
     assert (await _predict(limits_app, key)).status_code == 200
@@ -875,7 +888,7 @@ async def test_refusals_are_counted_in_process_by_status_and_type(limits_app: Ha
     _, other = await create_tenant_with_key(limits_app)
     forbidden = await limits_app.client.get("/api/v1/admin/tenants", headers=bearer(other))
     assert forbidden.status_code == 403
-    after = limits_app.state.rejections.snapshot()
+    after = await _refusals(limits_app)
     delta = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
     assert delta == {
         (429, "rate-limited"): 2,

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
@@ -87,6 +88,19 @@ class PrivateRedis:
             client.execute_command("CLIENT", "PAUSE", str(int(seconds * 1000)), "ALL")
 
 
+async def _unavailable_refusals(client: httpx.AsyncClient) -> float:
+    """The 503 ``service-unavailable`` refusals ``/metrics`` has counted so far."""
+    response = await client.get("/metrics")
+    assert response.status_code == 200, response.text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+        if sample.name == "modelgate_rejections_total"
+        and sample.labels == {"status": "503", "reason": "service-unavailable"}
+    )
+
+
 @pytest.fixture
 def private_redis() -> Iterator[PrivateRedis]:
     """A private Redis, stopped at the end of the test whatever happens."""
@@ -119,6 +133,7 @@ async def test_redis_outage_fails_closed_then_recovers(
         assert ok.status_code == 200
 
         private_redis.stop()
+        refused_before = await _unavailable_refusals(app.client)
         started = time.monotonic()
         down = await app.client.post(
             "/api/v1/predict", json={"features": IRIS_SETOSA}, headers=bearer(key)
@@ -127,6 +142,8 @@ async def test_redis_outage_fails_closed_then_recovers(
         assert down.status_code == 503, down.text
         assert down.json()["type"] == "service-unavailable"
         assert int(down.headers["Retry-After"]) >= 1
+        # Counted as a refusal, as every 401, 403 and 429 is.
+        assert await _unavailable_refusals(app.client) == refused_before + 1
         ready = await app.client.get("/api/v1/health/ready")
         assert ready.status_code == 503
         assert ready.json()["checks"]["redis"] == "unavailable"
@@ -277,8 +294,10 @@ async def test_database_failing_at_the_usage_write_is_503_never_2xx_then_recover
         await _alter_and_cut_off(
             database, f'ALTER DATABASE "{database}" SET default_transaction_read_only = on'
         )
+        refused_before = await _unavailable_refusals(app.client)
         read_only = await asyncio.gather(*[predict() for _ in range(6)], batch())
         assert_refused(read_only)
+        assert await _unavailable_refusals(app.client) == refused_before + 7
         # It was the usage write that failed (the writer's answer, not authentication's).
         assert {r.json()["detail"] for r in read_only} == {"usage could not be recorded"}
         assert app.state.usage_writer.interrupted_flushes > 0

@@ -445,8 +445,8 @@ async def test_every_route_that_takes_a_body_and_a_credential_checks_it_first(
 async def test_the_rate_limit_still_counts_each_request_once(
     edge: Harness,
 ) -> None:
-    """Authenticated before the body and again (from request.state) by the dependency: the
-    key's rate limit is hit once per request."""
+    """Authenticated before the body and again (from the request's context) by the dependency:
+    the key's rate limit is hit once per request."""
     _, key = await create_tenant_with_key(edge, rate_limit="3/minute")
     async with client_from(edge, client_address()) as client:
         remaining = [(await predict(client, key)).headers["x-ratelimit-remaining"] for _ in "abc"]
