@@ -263,3 +263,65 @@ def test_no_other_page_documents_a_setting_in_a_table_of_its_own() -> None:
                 if name in documented
             ]
     assert elsewhere == []
+
+
+# The layout in docs/architecture.md: every module of api/, auth/ and ml/ has a row, and every
+# path a page names in backticks exists, so that a moved or split module cannot leave the map
+# (or a page) pointing at a file that is gone.
+LAYOUT_ROW = re.compile(r"^\| `((?:api|auth|ml)/[\w/]*(?:\.py)?)` \|", re.MULTILINE)
+# "(then `old/path.py`)" names where a module used to be, on purpose.
+NAMED_PATH = re.compile(r"(?<!then )`((?:api|auth|ml|tests|bench|migrations)/[\w/.-]*)`")
+
+
+def layout_rows(text: str) -> set[str]:
+    """The paths that head a row of a layout table."""
+    return set(LAYOUT_ROW.findall(text))
+
+
+def unmapped_modules(rows: set[str], root: Path = ROOT) -> list[str]:
+    """Modules of api/, auth/ and ml/ with no row of their own (``__init__.py`` and
+    ``__main__.py`` are covered by their package's row)."""
+    missing = []
+    for package in ("api", "auth", "ml"):
+        for path in sorted((root / package).rglob("*.py")):
+            relative = path.relative_to(root).as_posix()
+            if path.name in ("__init__.py", "__main__.py"):
+                covered = relative in rows or f"{path.parent.relative_to(root).as_posix()}/" in rows
+                if path.parent.name == package or covered:
+                    continue
+            elif relative in rows:
+                continue
+            missing.append(relative)
+    return missing
+
+
+def named_paths_that_do_not_exist(pages: list[Path], root: Path = ROOT) -> list[str]:
+    """``path`` mentions in the pages that name no file or folder of the repository."""
+    gone = []
+    for page in pages:
+        for name in NAMED_PATH.findall(page.read_text()):
+            if "*" not in name and not (root / name.rstrip("/")).exists():
+                gone.append(f"{page.relative_to(root)}: {name}")
+    return gone
+
+
+def test_the_architecture_page_maps_every_module() -> None:
+    rows = layout_rows((ROOT / "docs" / "architecture.md").read_text())
+    assert unmapped_modules(rows) == []
+
+
+def test_every_path_the_docs_name_exists() -> None:
+    assert named_paths_that_do_not_exist(PAGES) == []
+
+
+def test_a_module_missing_from_the_map_or_a_path_that_is_gone_is_caught(tmp_path: Path) -> None:
+    (tmp_path / "api" / "http").mkdir(parents=True)
+    (tmp_path / "auth").mkdir()
+    (tmp_path / "ml").mkdir()
+    for name in ("api/__init__.py", "api/http/__init__.py", "api/http/a.py", "api/http/b.py"):
+        (tmp_path / name).write_text("")
+    rows = layout_rows("| `api/http/` | plumbing |\n| `api/http/a.py` | a |\n")
+    assert unmapped_modules(rows, tmp_path) == ["api/http/b.py"]
+    page = tmp_path / "page.md"
+    page.write_text("See `api/http/a.py` and `api/http/gone.py`.\n")
+    assert named_paths_that_do_not_exist([page], tmp_path) == ["page.md: api/http/gone.py"]
