@@ -1,18 +1,24 @@
 """The daily usage rollups: maintained by the usage writer in the records' own transaction, equal
-to what a rebuild from the raw records gives, and what reports and exports read."""
+to what a rebuild from the raw records gives, and what reports and exports read; requests refused
+(for their quota or their rate limit) are in none of them."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import func, select, update
 
 from auth.errors import InvalidRequest
-from auth.models import UsageDaily, UsageRecord
-from auth.usage.ledger import prune_records, rebuild_rollups
+from auth.models import MonthlyUsage, UsageDaily, UsageRecord, utcnow
+from auth.usage.ledger import month_of, prune_records, rebuild_rollups
 from tests.conftest import IRIS_SETOSA, Harness, bearer, create_admin_key, create_tenant_with_key
 from tests.factories import insert_usage, utc_at
 
@@ -201,3 +207,176 @@ async def test_a_closed_month_exports_byte_identical_twice(harness: Harness) -> 
     assert {fmt: await export(fmt) for fmt in ("csv", "jsonl")} == first
     await prune_records(harness.sessionmaker, date(2024, 8, 1))
     assert {fmt: await export(fmt) for fmt in ("csv", "jsonl")} == first
+
+
+@dataclass(frozen=True)
+class Served:
+    """What a scenario's 2xx responses were billed: requests and units (a batch's units are its
+    size), and what its refusals were (429 problem types)."""
+
+    requests: int
+    units: int
+    refusals: list[str]
+
+
+def _served(responses: list[httpx.Response]) -> Served:
+    requests = units = 0
+    refusals = []
+    for response in responses:
+        if response.status_code == 200:
+            requests += 1
+            units += response.json().get("batch_size", 1)
+        else:
+            assert response.status_code == 429, response.text
+            refusals.append(response.json()["type"])
+    return Served(requests, units, refusals)
+
+
+def _predict(client: httpx.AsyncClient, key: str) -> Awaitable[httpx.Response]:
+    return client.post("/api/v1/predict", json={"features": IRIS_SETOSA}, headers=bearer(key))
+
+
+def _batch(client: httpx.AsyncClient, key: str, size: int) -> Awaitable[httpx.Response]:
+    return client.post(
+        "/api/v1/predict/batch", json={"instances": [IRIS_SETOSA] * size}, headers=bearer(key)
+    )
+
+
+async def _concurrent_batches_past_the_quota(harness: Harness, key: str) -> list[httpx.Response]:
+    # 8 batches of 3 against a quota of 10: three fit, the others are refused whole.
+    return await asyncio.gather(*(_batch(harness.client, key, 3) for _ in range(8)))
+
+
+async def _single_predictions_past_the_quota(harness: Harness, key: str) -> list[httpx.Response]:
+    # Concurrent then one by one, the quota of 10 crossed by both.
+    first = await asyncio.gather(*(_predict(harness.client, key) for _ in range(7)))
+    then = [await _predict(harness.client, key) for _ in range(5)]
+    return [*first, *then]
+
+
+async def _rate_limited_requests(harness: Harness, key: str) -> list[httpx.Response]:
+    # A limit of 4 a minute: 3 of 6 concurrent predictions, then one batch, then nothing.
+    first = await asyncio.gather(*(_predict(harness.client, key) for _ in range(6)))
+    then = [await _batch(harness.client, key, 2), await _predict(harness.client, key)]
+    return [*first, *then]
+
+
+SCENARIOS: dict[str, tuple[dict[str, Any], Callable[..., Awaitable[list[httpx.Response]]]]] = {
+    "concurrent-batches-past-the-quota": (
+        {"monthly_quota": 10},
+        _concurrent_batches_past_the_quota,
+    ),
+    "single-predictions-past-the-quota": (
+        {"monthly_quota": 10},
+        _single_predictions_past_the_quota,
+    ),
+    "rate-limited-requests": ({"rate_limit": "4/minute"}, _rate_limited_requests),
+}
+
+
+async def _report_totals(
+    harness: Harness, path: str, params: dict[str, str], key: str
+) -> tuple[int, int]:
+    response = await harness.client.get(path, params=params, headers=bearer(key))
+    assert response.status_code == 200, response.text
+    report = response.json()
+    totals = (report["total_requests"], report["total_units"])
+    by_day = (
+        sum(day["requests"] for day in report["by_day"]),
+        sum(day["units"] for day in report["by_day"]),
+    )
+    by_model = (
+        sum(model["requests"] for model in report["by_model"]),
+        sum(model["units"] for model in report["by_model"]),
+    )
+    assert by_day == by_model == totals, report
+    return totals
+
+
+async def _exported_totals(harness: Harness, admin: str, month: str, tenant_id: str) -> list[int]:
+    response = await harness.client.get(
+        "/api/v1/admin/billing/export",
+        params={"month": month, "format": "jsonl"},
+        headers=bearer(admin),
+    )
+    assert response.status_code == 200, response.text
+    rows = [json.loads(line) for line in response.text.splitlines()]
+    mine = [row for row in rows if row["tenant_id"] == tenant_id]
+    return [sum(row["requests"] for row in mine), sum(row["units"] for row in mine)]
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+async def test_refused_requests_are_in_no_rollup_report_or_export(
+    harness: Harness, scenario: str
+) -> None:
+    """After requests refused for their quota (one by one and concurrently, single and batch)
+    or their rate limit, the rollups, /me/usage, /admin/usage, the quota's counter and the
+    billing export hold exactly what the 2xx responses served, and a rebuild of the rollups
+    from the records changes nothing."""
+    limits, scenario_of = SCENARIOS[scenario]
+    tenant, key = await create_tenant_with_key(harness, **limits)
+    admin = await create_admin_key(harness)
+    before = utcnow()
+    served = _served(await scenario_of(harness, key))
+    after = utcnow()
+    expected = (served.requests, served.units)
+    # The scenario means something: some requests were served and some refused.
+    assert served.requests > 0, served
+    refusal = "rate-limited" if "rate_limit" in limits else "quota-exceeded"
+    assert served.refusals, served
+    assert set(served.refusals) == {refusal}, served
+
+    async with harness.sessionmaker() as session:
+        rolled = (
+            await session.execute(
+                select(func.sum(UsageDaily.requests), func.sum(UsageDaily.units)).where(
+                    UsageDaily.tenant_id == tenant.id
+                )
+            )
+        ).one()
+        recorded = (
+            await session.execute(
+                select(func.count(), func.sum(UsageRecord.units)).where(
+                    UsageRecord.tenant_id == tenant.id
+                )
+            )
+        ).one()
+        counted = (
+            await session.execute(
+                select(func.sum(MonthlyUsage.requests), func.sum(MonthlyUsage.units)).where(
+                    MonthlyUsage.tenant_id == tenant.id
+                )
+            )
+        ).one()
+    assert tuple(rolled) == tuple(recorded) == tuple(counted) == expected
+
+    # The tenant reads its report with a key of its own (the first one may be rate limited).
+    reader = await harness.client.post(
+        f"/api/v1/admin/tenants/{tenant.id}/keys",
+        json={"name": "reader", "scopes": ["usage:read"]},
+        headers=bearer(admin),
+    )
+    assert reader.status_code == 201, reader.text
+    reader_key = reader.json()["key"]
+    # Midnight or a month's end may pass while the test runs: every day and month it touched.
+    window = {"start": before.date().isoformat(), "end": after.date().isoformat()}
+    mine = await _report_totals(harness, "/api/v1/me/usage", window, reader_key)
+    theirs = await _report_totals(
+        harness, "/api/v1/admin/usage", {**window, "tenant_id": str(tenant.id)}, admin
+    )
+    assert mine == theirs == expected
+    exported = [0, 0]
+    for month in sorted({month_of(before), month_of(after)}):
+        requests, units = await _exported_totals(harness, admin, month, str(tenant.id))
+        exported = [exported[0] + requests, exported[1] + units]
+    assert tuple(exported) == expected
+    if month_of(before) == month_of(after):
+        quota = (await harness.client.get("/api/v1/me/usage", headers=bearer(reader_key))).json()
+        assert quota["quota"]["used"] == served.units
+
+    # `modelgate usage rebuild-rollups` finds nothing to repair.
+    maintained = await _rollups(harness)
+    async with harness.sessionmaker() as session:
+        await rebuild_rollups(session)
+        await session.commit()
+    assert await _rollups(harness) == maintained
