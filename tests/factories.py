@@ -18,12 +18,11 @@ def utc_at(day: str, clock: str = "12:00:00") -> datetime:
     return datetime.fromisoformat(f"{day}T{clock}+00:00")
 
 
-async def insert_usage(
+async def usage_events(
     harness: Harness, records: list[tuple[uuid.UUID, datetime, str, str, int]]
-) -> None:
-    """Usage records (tenant id, when, model, version, units) for any day, written through the
-    app's usage writer (the one write path: records, monthly counters and daily rollups in one
-    transaction). Each tenant must already have a key (the records name it)."""
+) -> list[UsageEvent]:
+    """Usage events (tenant id, when, model, version, units) as a request would bill them, for
+    any moment. Each tenant must already have a key (the events name it)."""
     events = []
     async with harness.sessionmaker() as session:
         for tenant_id, created_at, model, version, units in records:
@@ -45,5 +44,15 @@ async def insert_usage(
                     created_at=created_at,
                 )
             )
+    return events
+
+
+async def insert_usage(
+    harness: Harness, records: list[tuple[uuid.UUID, datetime, str, str, int]]
+) -> None:
+    """Usage records (tenant id, when, model, version, units) for any day, written through the
+    app's usage writer (the one write path: records, monthly counters and daily rollups in one
+    transaction), with no quota. Each tenant must already have a key (the records name it)."""
+    events = await usage_events(harness, records)
     writer = harness.state.usage_writer
     await asyncio.gather(*(writer.charge(event, None) for event in events))
