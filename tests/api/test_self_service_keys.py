@@ -10,7 +10,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from auth.models import AuditEvent, utcnow
+from auth.models import ApiKey, AuditEvent, utcnow
 from tests.conftest import (
     IRIS_SETOSA,
     Harness,
@@ -218,3 +218,38 @@ async def test_a_key_in_its_rotation_grace_issues_keys_that_end_with_the_grace(
         KEYS, json={"name": "late", "expires_at": later.isoformat()}, headers=bearer(manager)
     )
     assert refused.status_code == 422, refused.text
+
+
+async def test_another_tenants_key_is_not_found_and_keeps_working(harness: Harness) -> None:
+    """Tenant A's ``keys:manage`` credential revoking tenant B's key by its id: 404, the body
+    of a key that does not exist (a 403 would confirm it does); B's key is not revoked, nothing
+    is audited, and B is served, from the database as well as from the key cache."""
+    _, manager_a = await create_tenant_with_key(harness, scopes=MANAGER)
+    tenant_b, key_b = await create_tenant_with_key(harness, scopes=MANAGER)
+    id_b = (await harness.client.get("/api/v1/me", headers=bearer(key_b))).json()["key"]["id"]
+    served = await harness.client.post(
+        "/api/v1/predict", json={"features": IRIS_SETOSA}, headers=bearer(key_b)
+    )
+    assert served.status_code == 200  # and now cached by the app's authenticator
+
+    foreign = await harness.client.post(f"{KEYS}/{id_b}/revoke", headers=bearer(manager_a))
+    unknown = await harness.client.post(f"{KEYS}/{uuid.uuid4()}/revoke", headers=bearer(manager_a))
+    assert foreign.status_code == unknown.status_code == 404, foreign.text
+    assert {**foreign.json(), "request_id": None} == {**unknown.json(), "request_id": None}
+    assert str(tenant_b.id) not in foreign.text
+
+    async with harness.sessionmaker() as session:
+        row = await session.get(ApiKey, uuid.UUID(id_b))
+        audited = (
+            await session.scalars(select(AuditEvent).where(AuditEvent.target_id == id_b))
+        ).all()
+    assert row is not None
+    assert row.revoked_at is None
+    assert [event.action for event in audited] == ["key.issue"]
+    listing = await harness.client.get(KEYS, headers=bearer(key_b))
+    assert [(k["id"], k["revoked_at"]) for k in listing.json()["keys"]] == [(id_b, None)]
+    harness.state.authenticator.forget()  # the next request reads the key's row again
+    again = await harness.client.post(
+        "/api/v1/predict", json={"features": IRIS_SETOSA}, headers=bearer(key_b)
+    )
+    assert again.status_code == 200, again.text
