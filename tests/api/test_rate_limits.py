@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -22,6 +23,7 @@ from fastapi import FastAPI
 from limits import RateLimitItem
 from limits.aio import strategies as limits_strategies
 from limits.aio.storage import MemoryStorage
+from limits.aio.storage import memory as limits_memory
 from limits.aio.storage.redis.redispy import RedispyBridge
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from prometheus_client.parser import text_string_to_metric_families
@@ -30,11 +32,13 @@ from sqlalchemy import func, select, update
 from api.http.deps import AnyCredential, PredictScope
 from auth.errors import ConfigurationError, DependencyUnavailable, InvalidRequest
 from auth.identity.authn import AuthSubject
+from auth.limits import limiter as limiter_module
 from auth.limits.concurrency import ConcurrencyLimiter
 from auth.limits.limiter import KeyRateLimitExceeded, RateLimiter
 from auth.limits.policy import parse_rate_limits
 from auth.limits.redis_checks import sliding_window_stats
-from auth.models import Tenant, UsageRecord
+from auth.models import ApiKey, Tenant, UsageRecord
+from auth.settings import Settings
 from tests.conftest import (
     IRIS_SETOSA,
     Backend,
@@ -122,12 +126,61 @@ async def test_rate_limited_requests_are_not_billed(harness: Harness) -> None:
     assert count == 1
 
 
-async def _burst(limiter: RateLimiter, key_id: str, count: int) -> int:
+class LimiterClock:
+    """The clock the rate limiters of this process see, moved only by the test.
+
+    It is ``time.time()`` as ``auth.limits.limiter`` reads it (the moving window's timestamps,
+    on Redis too) and as limits' in-memory storage and strategies read it. On Redis the fixed
+    window and the sliding window counter measure time by their keys' TTLs, in Redis's own
+    clock: moving this clock ages the keys of the ids given by as much, so that every strategy
+    sees the same time pass. Real time passes as well, but a burst's checks reach Redis in one
+    pipeline, and the margins the tests leave (a minute either side of an hour's window's edge)
+    are far more than a loaded machine adds: no outcome depends on the machine's speed. Starts
+    on a whole hour, where limits' in-memory sliding windows begin (and so every minute's and
+    second's)."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.now = float(math.ceil(time.time() / 3600) * 3600)
+        self._redis_url = redis_url
+
+    def time(self) -> float:
+        return self.now
+
+    def __getattr__(self, name: str) -> Any:
+        # Everything else (monotonic, for the limiter's outage bookkeeping) is the real clock's.
+        return getattr(time, name)
+
+    async def advance(self, seconds: float, *ids: str) -> None:
+        """Move the clock on; on Redis, age the limiter keys of ``ids`` as much."""
+        self.now += seconds
+        if not self._redis_url:
+            return
+        aged = int(seconds * 1000)
+        async with redis_asyncio.Redis.from_url(self._redis_url) as client:
+            for counted in ids:
+                async for name in client.scan_iter(match=f"*{counted}*"):
+                    ttl = await client.pttl(name)
+                    if 0 < ttl <= aged:
+                        await client.delete(name)
+                    elif ttl > aged:
+                        await client.pexpire(name, ttl - aged)
+
+
+@pytest.fixture
+def limiter_clock(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> LimiterClock:
+    """The rate limiters' clock, in the test's hands (``LimiterClock``)."""
+    clock = LimiterClock(backend.redis_url)
+    for module in (limiter_module, limits_memory, limits_strategies):
+        monkeypatch.setattr(module, "time", clock)
+    return clock
+
+
+async def _burst(limiter: RateLimiter, key_id: str, count: int, limit: str = "10/second") -> int:
     """Fire ``count`` concurrent checks; how many were allowed."""
 
     async def one() -> bool:
         try:
-            await limiter.hit(key_id, "10/second")
+            await limiter.hit(key_id, limit)
         except KeyRateLimitExceeded:
             return False
         return True
@@ -135,34 +188,82 @@ async def _burst(limiter: RateLimiter, key_id: str, count: int) -> int:
     return sum(await asyncio.gather(*[one() for _ in range(count)]))
 
 
+# A window's edge, an hour after the opening request, approached and passed by a minute: the
+# limit is filled a minute before the edge and tried again a minute after it, two minutes apart.
+EDGE_LIMIT = "10/hour"
+BEFORE_THE_EDGE, PAST_THE_EDGE = 3600 - 60, 120
+
+
 @pytest.mark.parametrize(
-    ("strategy", "exact"),
-    [("sliding-window-counter", True), ("moving-window", True), ("fixed-window", False)],
+    ("strategy", "figures"),
+    [("sliding-window-counter", (9, 1)), ("moving-window", (9, 1)), ("fixed-window", (9, 10))],
 )
 async def test_no_burst_at_a_window_edge(
-    backend: Backend, tmp_path: Path, strategy: str, exact: bool
+    backend: Backend,
+    tmp_path: Path,
+    limiter_clock: LimiterClock,
+    strategy: str,
+    figures: tuple[int, int],
 ) -> None:
     """One request opens the window, the limit is filled just before it ends and tried again
-    just after: an exact strategy keeps any second at about the limit (10), a fixed window lets
-    nearly twice the limit through in 0.15 s, which is why it is not the default."""
+    just after: an exact strategy keeps any window's length at about the limit (10), a fixed
+    window lets nearly twice the limit through in two minutes, which is why it is not the
+    default. The limiter's clock is the test's (``limiter_clock``)."""
     settings = make_settings(backend, tmp_path, tmp_path, rate_limit_strategy=strategy)
     limiter = RateLimiter(settings)
     key_id = f"edge-{uuid.uuid4()}"
     try:
-        opening = await _burst(limiter, key_id, 1)
-        await asyncio.sleep(0.9)
-        before = await _burst(limiter, key_id, 10)
-        await asyncio.sleep(0.15)
-        after = await _burst(limiter, key_id, 10)
+        opening = await _burst(limiter, key_id, 1, EDGE_LIMIT)
+        await limiter_clock.advance(BEFORE_THE_EDGE, key_id)
+        before = await _burst(limiter, key_id, 10, EDGE_LIMIT)
+        await limiter_clock.advance(PAST_THE_EDGE, key_id)
+        after = await _burst(limiter, key_id, 10, EDGE_LIMIT)
     finally:
         await limiter.close()
     assert opening == 1
     assert before >= 9  # the opening request may already count less in a sliding window
-    # before + after were allowed within 0.15 s, well inside one second.
-    if exact:
+    # before + after were allowed within two minutes, well inside one hour.
+    if strategy != "fixed-window":
         assert before + after <= 11, (before, after)
     else:
         assert before + after >= 18, (before, after)
+    assert (before, after) == figures
+
+
+async def test_the_default_strategy_is_the_moving_window(harness: Harness) -> None:
+    """The exact strategy is the default (auth.settings), and the app's limiter uses it."""
+    assert Settings.model_fields["rate_limit_strategy"].default == "moving-window"
+    assert harness.state.rate_limiter.strategy_name == "moving-window"
+
+
+async def test_the_app_refuses_a_second_burst_just_past_a_window_edge(
+    harness: Harness, limiter_clock: LimiterClock
+) -> None:
+    """Through the app, on its default strategy: a key's limit (10 an hour) filled a minute
+    before its window ends is still full a minute after: of a second burst of 10, one request
+    (the opening one's place) is served, not ten as in a fixed window's new window."""
+    tenant, key = await create_tenant_with_key(harness, rate_limit=EDGE_LIMIT)
+    async with harness.sessionmaker() as session:
+        key_id = str(await session.scalar(select(ApiKey.id).where(ApiKey.tenant_id == tenant.id)))
+
+    async def burst(count: int) -> list[int]:
+        responses = await asyncio.gather(
+            *[
+                harness.client.post(
+                    "/api/v1/predict", json={"features": IRIS_SETOSA}, headers=bearer(key)
+                )
+                for _ in range(count)
+            ]
+        )
+        assert {r.status_code for r in responses} <= {200, 429}, [r.text for r in responses]
+        return [r.status_code for r in responses]
+
+    assert await burst(1) == [200]
+    await limiter_clock.advance(BEFORE_THE_EDGE, key_id)
+    before = await burst(10)
+    await limiter_clock.advance(PAST_THE_EDGE, key_id)
+    after = await burst(10)
+    assert (before.count(200), after.count(200)) == (9, 1), (before, after)
 
 
 async def test_rate_limit_headers_come_from_the_same_answer(harness: Harness) -> None:
@@ -388,25 +489,23 @@ async def _hits(limiter: RateLimiter, key_id: str, limits: str, count: int) -> i
 
 @pytest.mark.parametrize("strategy", ["sliding-window-counter", "moving-window", "fixed-window"])
 async def test_a_request_one_limit_refuses_costs_the_others_nothing(
-    backend: Backend, tmp_path: Path, strategy: str
+    backend: Backend, tmp_path: Path, limiter_clock: LimiterClock, strategy: str
 ) -> None:
     """ "3/second;7/minute": three bursts of five, each in a second of its own. The per-second
     limit refuses two of each burst; had those refusals counted against the minute, the third
     burst would get 1 request through (3 + 2 counted, twice), not the 1 it gets as the minute's
-    last (3 + 3 + 1 = 7)."""
+    last (3 + 3 + 1 = 7). On the test's clock, which starts on a whole minute: the bursts fall
+    in one minute's window (across a minute's edge the sliding window counter weighs the
+    previous minute in, and the figures change)."""
     limiter = RateLimiter(make_settings(backend, tmp_path, tmp_path, rate_limit_strategy=strategy))
     key_id = f"multi-{uuid.uuid4()}"
-    # The three bursts take about 4.2 s and must fall in one minute's window: across a minute's
-    # edge the sliding window counter weighs the previous minute in, and the figures change.
-    if time.time() % 60 > 50:
-        await asyncio.sleep(60.2 - time.time() % 60)
     try:
         allowed = []
         for burst in range(3):
             if burst:
                 # Past the whole previous second and the one before it (a sliding window
                 # weighs the previous one in).
-                await asyncio.sleep(2.05)
+                await limiter_clock.advance(2.05, key_id)
             allowed.append(await _hits(limiter, key_id, "3/second;7/minute", 5))
         assert allowed == [3, 3, 1], allowed
         with pytest.raises(KeyRateLimitExceeded) as refused:
