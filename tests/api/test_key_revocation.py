@@ -40,7 +40,7 @@ async def test_a_revoked_key_fails_within_a_second_and_the_revocation_is_audited
     assert body["id"] == key_id
     assert body["revoked_at"] is not None
     assert key not in revoked.text
-    await refused_within(harness, key, seconds=1.0)
+    await refused_within(harness, key, promised=1.0)
 
     again = await harness.client.post(f"/api/v1/admin/keys/{key_id}/revoke", headers=bearer(admin))
     assert again.status_code == 200

@@ -55,7 +55,7 @@ async def test_a_tenant_lists_issues_and_revokes_its_own_keys(harness: Harness) 
     revoked = await harness.client.post(f"{KEYS}/{new['id']}/revoke", headers=bearer(manager))
     assert revoked.status_code == 200, revoked.text
     assert revoked.json()["revoked_at"] is not None
-    await refused_within(harness, new["key"], seconds=1.0)
+    await refused_within(harness, new["key"], promised=1.0)
 
     async with harness.sessionmaker() as session:
         events = (
@@ -138,7 +138,7 @@ async def test_a_key_may_revoke_itself(harness: Harness) -> None:
     own_id = (await harness.client.get("/api/v1/me", headers=bearer(manager))).json()["key"]["id"]
     revoked = await harness.client.post(f"{KEYS}/{own_id}/revoke", headers=bearer(manager))
     assert revoked.status_code == 200
-    await refused_within(harness, manager, seconds=1.0)
+    await refused_within(harness, manager, promised=1.0)
 
 
 def _moment(text: str | None) -> datetime | None:

@@ -149,7 +149,7 @@ async def test_token_scopes_shrink_with_the_key_and_never_outlive_its_expiry(
         row.scopes = "usage:read"
         row.expires_at = utcnow() + timedelta(seconds=120)
         await session.commit()
-    await refused_within(harness, token, seconds=1.0)  # predict no longer held: 403
+    await refused_within(harness, token, promised=1.0)  # predict no longer held: 403
     await asyncio.sleep(1.0)  # the key itself is cached for a second too
     response = await mint(harness, grant_type="client_credentials", client_secret=key)
     assert 110 <= response.json()["expires_in"] <= 120
@@ -241,7 +241,7 @@ async def test_operators_list_and_revoke_token_records_and_revocation_holds_with
     revoked = await harness.client.post(f"/api/v1/admin/tokens/{jti}/revoke", headers=bearer(admin))
     assert revoked.status_code == 200
     assert revoked.json()["revoked_at"] is not None
-    await refused_within(harness, token, seconds=1.0)
+    await refused_within(harness, token, promised=1.0)
     again = await harness.client.post(f"/api/v1/admin/tokens/{jti}/revoke", headers=bearer(admin))
     assert again.json()["revoked_at"] == revoked.json()["revoked_at"]
     async with harness.sessionmaker() as session:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from sklearn.linear_model import LogisticRegression
 from ml import register_model
 from tests.conftest import IRIS_SETOSA, Backend, only_on
 from tests.e2e.servers import run_cli, serve
+from tests.promises import PromisedDelay
 
 pytestmark = pytest.mark.e2e
 
@@ -82,15 +82,10 @@ def _activate(port: int, admin: str, version: str) -> None:
 
 
 def _served_within(port: int, key: str, version: str, seconds: float) -> float:
-    """Predict on ``port`` until ``version`` answers; fail if a request sent more than
-    ``seconds`` after the start still got another version. Returns when it first answered."""
-    started = time.monotonic()
-    while True:
-        sent = time.monotonic() - started
-        if _version(port, key) == version:
-            return sent
-        assert sent <= seconds, f"port {port} still served another version at {sent:.2f} s"
-        time.sleep(0.05)
+    """Predict on ``port`` until ``version`` answers, within the promise of ``seconds`` as the
+    tests measure one (``PromisedDelay``). Returns when it first answered."""
+    delay = PromisedDelay(f"activation of version {version}", seconds)
+    return delay.until_sync(lambda: _version(port, key) == version)
 
 
 @only_on("postgres")
@@ -157,18 +152,25 @@ def test_swapping_versions_under_load_fails_no_request(
             activate=False,
         )
 
-        async def scenario() -> list[tuple[int, Any]]:
+        async def scenario() -> tuple[list[tuple[int, Any]], PromisedDelay]:
             stop = asyncio.Event()
             load = asyncio.create_task(_load(port, key, clients=8, stop=stop))
             for version in ("2", "3", "1"):
                 await asyncio.sleep(1.0)
                 await asyncio.to_thread(_activate, port, admin, version)
+                last = PromisedDelay("activation of version 1 on both workers", ACTIVATION_SECONDS)
                 await asyncio.sleep(ACTIVATION_SECONDS + 0.5)
             stop.set()
-            return await load
+            return await load, last
 
-        answers = asyncio.run(scenario())
-        final = [_version(port, key) for _ in range(20)]
+        answers, last = asyncio.run(scenario())
+        final: list[Any] = []
+
+        def only_version_1() -> bool:
+            final[:] = [_version(port, key) for _ in range(20)]
+            return final == ["1"] * 20
+
+        last.until_sync(only_version_1)
 
     failed = [answer for answer in answers if not 200 <= answer[0] < 300]
     assert failed == [], failed[:5]

@@ -153,7 +153,7 @@ async def test_revoked_or_expired_key_is_401(harness: Harness, column: str) -> N
     await update_key(harness, key, **{column: utcnow() - timedelta(seconds=1)})
     # The key was verified a moment ago and is cached; the change must still hold within the
     # cache's 1 second, and from then on.
-    await refused_within(harness, key, seconds=1.0)
+    await refused_within(harness, key, promised=1.0)
     _assert_401(
         await harness.client.post(PREDICT, json={"features": IRIS_SETOSA}, headers=bearer(key))
     )

@@ -115,7 +115,7 @@ async def test_suspending_the_tenant_takes_effect_within_a_second(harness: Harne
             update(Tenant).where(Tenant.id == tenant.id).values(status="suspended")
         )
         await session.commit()
-    await refused_within(harness, key, seconds=1.0)
+    await refused_within(harness, key, promised=1.0)
 
 
 async def test_default_cache_trusts_a_key_for_at_most_one_second(harness: Harness) -> None:
