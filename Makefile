@@ -34,7 +34,7 @@ run: install
 # machine. TEST_WORKERS=0 runs it in this one process.
 TEST_WORKERS ?= 3
 test: install
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 lint: install
 	$(BIN)/ruff check .

@@ -1,20 +1,25 @@
-"""How the suite runs in parallel (``make test``: pytest-xdist, ``--dist loadgroup``), a plugin
-loaded by tests/conftest.py.
+"""How the suite runs in parallel (``make test``: pytest-xdist), a plugin loaded by
+tests/conftest.py.
 
-Work units. A module of in-process tests is one unit (its tests share the module's database and
-app, set up once); a test that starts real servers (marked ``e2e``) is a unit of its own, but
-for a module whose servers are a module fixture (tests/deploy/test_nginx.py's stack), kept whole.
+Work units (``unit_of``), each run whole by one worker: a test of tests/e2e/ (it starts servers
+of its own) is a unit by itself; every other module is one unit, so that its module fixtures (a
+database and an app, tests/deploy/test_nginx.py's nginx and replicas) are set up once. pytest
+9's node ids can no longer be suffixed by xdist's ``loadgroup``, so the units are told to xdist
+by a scheduler of our own (``pytest_xdist_make_scheduler``).
 
-Order. Units are handed out in collection order, so the longest come first (the fuzzing runs,
-then the other real-server tests) and the in-process modules fill the gaps; the timing-critical
-tests (below) are spread among the in-process modules, so that when one of them holds the
-machine the other workers have in-process work to do.
+Order. Units are handed out in collection order (``--no-loadscope-reorder``), which
+``pytest_collection_modifyitems`` makes: the longest first (the fuzzing runs), then the other
+units that start real servers, then the in-process modules with the timing-critical units
+(below) spread among them, so that when one of those holds the machine the other workers have
+in-process work to do.
 
 Timing. A test that starts real servers and asserts what happens within a second or two of an
-event (a revocation, a window's edge, an activation) must not share the machine with other
-servers, or a busy moment fails it: it holds the run's server lock exclusively, every other
-real-server test holds it shared. In-process tests take no lock. The lock prefers the
-exclusive holder (a turnstile): once a timing test waits, no new server test starts.
+event (a revocation, an activation, a grace's end) must not share the machine with other
+servers, or a busy moment fails it: it holds the run's server lock exclusively, while every
+other real-server test (marked ``e2e``) holds it shared. The few whose margin is a fraction of a
+second (a window's edge, bursts that must each fit in a second) run alone: they hold the run's
+machine lock exclusively, which every other test holds shared. Each lock prefers the exclusive
+holder (a turnstile): once a test waits for it, no new shared holder starts.
 
 Without xdist (``pytest tests/...``) the order and the locks are left alone."""
 
@@ -24,27 +29,34 @@ import fcntl
 import os
 import tempfile
 from collections.abc import Generator, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-# Set by pytest-xdist in each worker (and the same for every worker of one run).
+# Set by pytest-xdist in each worker (the run's id is the same for every worker of one run).
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
 _RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID", "")
 
-# The slowest units, first (each runs schemathesis for minutes against a real server).
+# The slowest units, first (each runs schemathesis for a minute or more against a server).
 LONGEST_FIRST = ("tests/e2e/test_fuzzing.py",)
 
-# Real-server tests whose assertions are about elapsed time ("module::function", every
-# parametrization): they run while no other real-server test does.
-TIMING_CRITICAL = frozenset(
+# Real-server tests whose margin is a fraction of a second ("module::function", every
+# parametrization): they run while no other test does.
+ALONE = frozenset(
+    {
+        "tests/e2e/test_multiworker_limits.py::test_limits_hold_exactly_across_two_separate_server_processes",
+        "tests/e2e/test_multiworker_limits.py::test_no_burst_across_a_window_edge_over_two_processes",
+    }
+)
+# Real-server tests whose assertions are about a second or two: they run while no other
+# real-server test does.
+TIMING_CRITICAL = ALONE | frozenset(
     {
         "tests/deploy/test_nginx.py::test_a_revocation_through_nginx_holds_on_both_replicas_within_a_second",
         "tests/e2e/test_key_cache_workers.py::test_cached_key_is_refused_within_a_second_on_both_workers",
         "tests/e2e/test_model_activation_workers.py::test_an_activation_reaches_another_server_within_two_seconds",
-        "tests/e2e/test_multiworker_limits.py::test_limits_hold_exactly_across_two_separate_server_processes",
-        "tests/e2e/test_multiworker_limits.py::test_no_burst_across_a_window_edge_over_two_processes",
         "tests/e2e/test_plans_across_processes.py::test_plans_hold_across_two_serving_processes",
         "tests/e2e/test_usage_durability.py::test_a_worker_killed_midway_loses_no_billed_request",
         "tests/security/test_jwt.py::test_jwt_is_refused_within_a_second_on_both_workers_after_revocation",
@@ -52,70 +64,93 @@ TIMING_CRITICAL = frozenset(
     }
 )
 
-# Modules whose real servers are a module fixture: one unit, so that one worker starts them.
-WHOLE_MODULES = frozenset({"tests/deploy/test_nginx.py"})
+
+def _module(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
 
 
-def _function_id(item: pytest.Item) -> str:
+def _function_id(nodeid: str) -> str:
     """``module::function`` of a test, without its parameters."""
-    return item.nodeid.split("[", 1)[0]
+    return nodeid.split("[", 1)[0]
 
 
-def _module(item: pytest.Item) -> str:
-    return item.nodeid.split("::", 1)[0]
+def unit_of(nodeid: str) -> str:
+    """The work unit of a test: itself in tests/e2e/, else its module."""
+    module = _module(nodeid)
+    return nodeid if module.startswith("tests/e2e/") else module
 
 
 def is_timing_critical(item: pytest.Item) -> bool:
-    return _function_id(item) in TIMING_CRITICAL
+    return _function_id(item.nodeid) in TIMING_CRITICAL
+
+
+def runs_alone(item: pytest.Item) -> bool:
+    return _function_id(item.nodeid) in ALONE
 
 
 def starts_servers(item: pytest.Item) -> bool:
     return item.get_closest_marker("e2e") is not None
 
 
-def _interleave(spread: list[pytest.Item], among: list[list[pytest.Item]]) -> list[pytest.Item]:
-    """The ``spread`` items placed evenly between the ``among`` runs of items."""
-    if not spread:
-        return [item for run in among for item in run]
+def _interleave(
+    spread: list[list[pytest.Item]], among: list[list[pytest.Item]]
+) -> list[pytest.Item]:
+    """The ``spread`` units placed evenly between the ``among`` units."""
     ordered: list[pytest.Item] = []
-    every = max(1, len(among) // len(spread))
+    every = max(1, len(among) // max(1, len(spread)))
     pending = list(spread)
-    for index, run in enumerate(among):
+    for index, unit in enumerate(among):
         if index % every == 0 and pending:
-            ordered.append(pending.pop(0))
-        ordered.extend(run)
-    return ordered + pending
+            ordered.extend(pending.pop(0))
+        ordered.extend(unit)
+    for unit in pending:
+        ordered.extend(unit)
+    return ordered
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     if not _WORKER:
         return
     # Every name above in a collected module must still be a test there: a renamed test would
     # lose its lock silently.
-    known = {_function_id(item) for item in items}
-    modules = {_module(item) for item in items}
-    stale = sorted(name for name in TIMING_CRITICAL - known if name.split("::")[0] in modules)
+    known = {_function_id(item.nodeid) for item in items}
+    modules = {_module(item.nodeid) for item in items}
+    stale = sorted(name for name in TIMING_CRITICAL - known if _module(name) in modules)
     if stale:
         raise pytest.UsageError(f"tests/parallel.py names tests that do not exist: {stale}")
 
-    longest: list[pytest.Item] = []
-    servers: list[pytest.Item] = []
-    timing: list[pytest.Item] = []
-    in_process: dict[str, list[pytest.Item]] = {}
+    units: dict[str, list[pytest.Item]] = {}
     for item in items:
-        module = _module(item)
-        if not starts_servers(item) or module in WHOLE_MODULES:
-            item.add_marker(pytest.mark.xdist_group(Path(module).stem))
-        if module in LONGEST_FIRST:
-            longest.append(item)
-        elif is_timing_critical(item) and module not in WHOLE_MODULES:
-            timing.append(item)
-        elif starts_servers(item):
-            servers.append(item)
+        units.setdefault(unit_of(item.nodeid), []).append(item)
+    longest: list[list[pytest.Item]] = []
+    servers: list[list[pytest.Item]] = []
+    timing: list[list[pytest.Item]] = []
+    in_process: list[list[pytest.Item]] = []
+    for unit in units.values():
+        if _module(unit[0].nodeid) in LONGEST_FIRST:
+            longest.append(unit)
+        elif any(is_timing_critical(item) for item in unit):
+            timing.append(unit)
+        elif any(starts_servers(item) for item in unit):
+            servers.append(unit)
         else:
-            in_process.setdefault(module, []).append(item)
-    items[:] = longest + servers + _interleave(timing, list(in_process.values()))
+            in_process.append(unit)
+    items[:] = [item for unit in longest + servers for item in unit] + _interleave(
+        timing, in_process
+    )
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """xdist's load-scope scheduling over this suite's units (``unit_of``)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class UnitScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return unit_of(nodeid)
+
+    return UnitScheduling(config, log)
 
 
 @contextmanager
@@ -133,10 +168,10 @@ def _lock_path(name: str) -> Path:
 
 
 @contextmanager
-def server_lock(exclusive: bool) -> Iterator[None]:
-    """The run's server lock, shared or exclusive, taken through the turnstile: a waiting
+def run_lock(name: str, exclusive: bool) -> Iterator[None]:
+    """One of the run's locks, shared or exclusive, taken through its turnstile: a waiting
     exclusive holder keeps the turnstile, so no new shared holder overtakes it."""
-    turnstile, lock = _lock_path("turnstile"), _lock_path("servers")
+    turnstile, lock = _lock_path(f"{name}-turnstile"), _lock_path(name)
     if exclusive:
         with _flock(turnstile, fcntl.LOCK_EX), _flock(lock, fcntl.LOCK_EX):
             yield
@@ -149,8 +184,12 @@ def server_lock(exclusive: bool) -> Iterator[None]:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None]:
-    """Setup, call and teardown of a real-server test under the server lock."""
-    if not (_WORKER and starts_servers(item)):
+    """Setup, call and teardown of every test under the machine lock, and of a real-server test
+    under the server lock too (always in that order: no two workers wait for each other)."""
+    if not _WORKER:
         return (yield)
-    with server_lock(exclusive=is_timing_critical(item)):
+    with ExitStack() as locks:
+        locks.enter_context(run_lock("machine", exclusive=runs_alone(item)))
+        if starts_servers(item):
+            locks.enter_context(run_lock("servers", exclusive=is_timing_critical(item)))
         return (yield)
