@@ -95,31 +95,37 @@ def starts_servers(item: pytest.Item) -> bool:
 def _interleave(
     spread: list[list[pytest.Item]], among: list[list[pytest.Item]]
 ) -> list[pytest.Item]:
-    """The ``spread`` units placed evenly between the ``among`` units."""
+    """The ``spread`` units placed evenly between the ``among`` units, the first after a few of
+    them (by then the real-server units handed out before have had time to end)."""
     ordered: list[pytest.Item] = []
     every = max(1, len(among) // max(1, len(spread)))
     pending = list(spread)
     for index, unit in enumerate(among):
-        if index % every == 0 and pending:
-            ordered.extend(pending.pop(0))
         ordered.extend(unit)
+        if index % every == every - 1 and pending:
+            ordered.extend(pending.pop(0))
     for unit in pending:
         ordered.extend(unit)
     return ordered
 
 
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(tryfirst=True)  # before -k or --deselect leave some out
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    if not _WORKER:
-        return
-    # Every name above in a collected module must still be a test there: a renamed test would
-    # lose its lock silently.
+    """Every name above in a collected module must still be a test there: a renamed test
+    would lose its lock silently."""
     known = {_function_id(item.nodeid) for item in items}
     modules = {_module(item.nodeid) for item in items}
     stale = sorted(name for name in TIMING_CRITICAL - known if _module(name) in modules)
     if stale:
         raise pytest.UsageError(f"tests/parallel.py names tests that do not exist: {stale}")
 
+
+# After pytest's own reordering (which keeps a module's tests of one backend together).
+@pytest.hookimpl(trylast=True, specname="pytest_collection_modifyitems")
+def order_units(items: list[pytest.Item]) -> None:
+    """The units in the order the module docstring gives (under xdist only)."""
+    if not _WORKER:
+        return
     units: dict[str, list[pytest.Item]] = {}
     for item in items:
         units.setdefault(unit_of(item.nodeid), []).append(item)
