@@ -30,8 +30,11 @@ run: install
 	@echo ""
 	MODELGATE_LOG_FORMAT=$(LOG_FORMAT) $(BIN)/modelgate serve --host $(HOST) --port $(PORT)
 
+# The suite over TEST_WORKERS processes (pytest-xdist); tests/parallel.py says how they share the
+# machine. TEST_WORKERS=0 runs it in this one process.
+TEST_WORKERS ?= 3
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 lint: install
 	$(BIN)/ruff check .

@@ -6,11 +6,18 @@ module gets a database of its own copied from it (Postgres: CREATE DATABASE ... 
 a copy of the file), dropped after the module; the module's tests share it and its app, and
 create their own tenants and keys. No test sees another module's rows, so neither the order nor
 the number of the tests can change an outcome. Redis is shared: what the app keeps there is keyed
-by API-key id (random), and no test flushes it or counts its keys."""
+by API-key id (random), and no test flushes it or counts its keys.
+
+Parallel runs: ``make test`` spreads the suite over pytest-xdist workers, each a session of its
+own (its own templates and module databases, tmp_path under its own basetemp) on a Redis database
+of its own (the worker's number added to MODELGATE_TEST_REDIS_URL's), so that no worker meets
+another's rate-limit or throttle counters. The one thing they share is the trained iris model,
+trained once per run by whichever worker needs it first (``trained_iris``)."""
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import shutil
 import sqlite3
@@ -20,6 +27,7 @@ from contextlib import asynccontextmanager, closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
@@ -74,12 +82,29 @@ get_settings.cache_clear()
 POSTGRES_URL = os.environ.get(
     "MODELGATE_TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 )
-REDIS_URL = os.environ.get("MODELGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+# The pytest-xdist worker this process is ("gw0", "gw1"...; empty when the suite runs in one
+# process) and its number.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+WORKER_NUMBER = int(XDIST_WORKER.removeprefix("gw")) if XDIST_WORKER else 0
+
+
+def worker_redis_url(url: str, worker: int) -> str:
+    """``url`` with the worker's number added to its database number (redis://host:6379/0 is
+    database 0 for gw0, 1 for gw1...): each worker's counters apart from every other's."""
+    parts = urlsplit(url)
+    database = int(parts.path.strip("/") or 0) + worker
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+REDIS_URL = worker_redis_url(
+    os.environ.get("MODELGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"), WORKER_NUMBER
+)
 # In CI the services must be there: a missing one fails the run instead of skipping tests.
 REQUIRE_SERVICES = os.environ.get("MODELGATE_TEST_REQUIRE_SERVICES") == "1"
 
-# tests/test_hermetic_suite.py runs pytest on small test files to prove the hooks below.
-pytest_plugins = ["pytester"]
+# tests/test_hermetic_suite.py runs pytest on small test files to prove the hooks below;
+# tests/parallel.py orders and locks the tests of a parallel run.
+pytest_plugins = ["pytester", "tests.parallel"]
 
 NOT_APPLICABLE = "not applicable: "
 
@@ -268,11 +293,44 @@ def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     return Backend("sqlite", f"sqlite+aiosqlite:///{path}", "")
 
 
+@contextmanager
+def exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_path`` (created if absent): one process at a time, among
+    the run's xdist workers, runs the block."""
+    with lock_path.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def run_temp_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The temporary directory of the whole run: the parent of every xdist worker's basetemp
+    (each worker has its own), or the basetemp itself without xdist."""
+    basetemp = tmp_path_factory.getbasetemp()
+    return basetemp.parent if XDIST_WORKER else basetemp
+
+
 @pytest.fixture(scope="session")
-def served_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The default iris model, trained once for the API tests."""
+def trained_iris(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default iris model directory, trained once for the whole run (the first worker to
+    need it trains it, the others wait for it). Never modified: fixtures copy it."""
+    root = run_temp_root(tmp_path_factory)
+    trained = root / "iris-trained"
+    with exclusive(root / "iris-trained.lock"):
+        if not (trained / "complete").exists():
+            shutil.rmtree(trained, ignore_errors=True)
+            train_default(trained / "models")
+            (trained / "complete").touch()
+    return trained / "models"
+
+
+@pytest.fixture(scope="session")
+def served_model_dir(trained_iris: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default iris model for the API tests: this session's copy of the run's trained one."""
     model_dir = tmp_path_factory.mktemp("served") / "models"
-    train_default(model_dir)
+    shutil.copytree(trained_iris, model_dir)
     return model_dir
 
 

@@ -41,7 +41,7 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 60) 
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(0.2)
+        time.sleep(0.05)
     raise AssertionError(f"{url} not ready after {timeout} s")
 
 

@@ -9,14 +9,15 @@ import pytest
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
-from ml import ModelRegistry, register_model, train_default
+from ml import ModelRegistry, register_model
 
 
 @pytest.fixture(scope="session")
-def trained_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model directory holding ``iris`` version 1, trained once and never modified."""
+def trained_model_dir(trained_iris: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model directory holding ``iris`` version 1, trained once (tests.conftest.trained_iris)
+    and never modified."""
     model_dir = tmp_path_factory.mktemp("trained") / "models"
-    train_default(model_dir)
+    shutil.copytree(trained_iris, model_dir)
     return model_dir
 
 

@@ -1,0 +1,201 @@
+"""How the suite runs in parallel (``make test``: pytest-xdist), a plugin loaded by
+tests/conftest.py.
+
+Work units (``unit_of``), each run whole by one worker: a test of tests/e2e/ (it starts servers
+of its own) is a unit by itself; every other module is one unit, so that its module fixtures (a
+database and an app, tests/deploy/test_nginx.py's nginx and replicas) are set up once. pytest
+9's node ids can no longer be suffixed by xdist's ``loadgroup``, so the units are told to xdist
+by a scheduler of our own (``pytest_xdist_make_scheduler``).
+
+Order. Units are handed out in collection order (``--no-loadscope-reorder``), which
+``pytest_collection_modifyitems`` makes: the longest first (the fuzzing runs), then the other
+units that start real servers, then the in-process modules with the timing-critical units
+(below) spread among them, so that when one of those holds the machine the other workers have
+in-process work to do.
+
+Timing. A test that starts real servers and asserts what happens within a second or two of an
+event (a revocation, an activation, a grace's end) must not share the machine with other
+servers, or a busy moment fails it: it holds the run's server lock exclusively, while every
+other real-server test (marked ``e2e``) holds it shared. The few whose margin is a fraction of a
+second (a window's edge, bursts that must each fit in a second) run alone: they hold the run's
+machine lock exclusively, which every other test holds shared. Each lock prefers the exclusive
+holder (a turnstile): once a test waits for it, no new shared holder starts.
+
+Without xdist (``pytest tests/...``) the order and the locks are left alone."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import tempfile
+from collections.abc import Generator, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Set by pytest-xdist in each worker (the run's id is the same for every worker of one run).
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID", "")
+
+# The slowest units, first (each runs schemathesis for a minute or more against a server).
+LONGEST_FIRST = ("tests/e2e/test_fuzzing.py",)
+
+# Real-server tests whose margin is a fraction of a second ("module::function", every
+# parametrization): they run while no other test does.
+ALONE = frozenset(
+    {
+        "tests/e2e/test_multiworker_limits.py::test_limits_hold_exactly_across_two_separate_server_processes",
+        "tests/e2e/test_multiworker_limits.py::test_no_burst_across_a_window_edge_over_two_processes",
+    }
+)
+# Real-server tests whose assertions are about a second or two: they run while no other
+# real-server test does.
+TIMING_CRITICAL = ALONE | frozenset(
+    {
+        "tests/deploy/test_nginx.py::test_a_revocation_through_nginx_holds_on_both_replicas_within_a_second",
+        "tests/e2e/test_key_cache_workers.py::test_cached_key_is_refused_within_a_second_on_both_workers",
+        "tests/e2e/test_model_activation_workers.py::test_an_activation_reaches_another_server_within_two_seconds",
+        "tests/e2e/test_plans_across_processes.py::test_plans_hold_across_two_serving_processes",
+        "tests/e2e/test_usage_durability.py::test_a_worker_killed_midway_loses_no_billed_request",
+        "tests/security/test_jwt.py::test_jwt_is_refused_within_a_second_on_both_workers_after_revocation",
+        "tests/security/test_key_rotation_workers.py::test_rotated_key_is_refused_on_every_worker_once_the_grace_ends",
+    }
+)
+
+
+def _module(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
+
+
+def _function_id(nodeid: str) -> str:
+    """``module::function`` of a test, without its parameters."""
+    return nodeid.split("[", 1)[0]
+
+
+def unit_of(nodeid: str) -> str:
+    """The work unit of a test: itself in tests/e2e/, else its module."""
+    module = _module(nodeid)
+    return nodeid if module.startswith("tests/e2e/") else module
+
+
+def is_timing_critical(item: pytest.Item) -> bool:
+    return _function_id(item.nodeid) in TIMING_CRITICAL
+
+
+def runs_alone(item: pytest.Item) -> bool:
+    return _function_id(item.nodeid) in ALONE
+
+
+def starts_servers(item: pytest.Item) -> bool:
+    return item.get_closest_marker("e2e") is not None
+
+
+def _interleave(
+    spread: list[list[pytest.Item]], among: list[list[pytest.Item]]
+) -> list[pytest.Item]:
+    """The ``spread`` units placed evenly between the ``among`` units, the first after a few of
+    them (by then the real-server units handed out before have had time to end)."""
+    ordered: list[pytest.Item] = []
+    every = max(1, len(among) // max(1, len(spread)))
+    pending = list(spread)
+    for index, unit in enumerate(among):
+        ordered.extend(unit)
+        if index % every == every - 1 and pending:
+            ordered.extend(pending.pop(0))
+    for unit in pending:
+        ordered.extend(unit)
+    return ordered
+
+
+@pytest.hookimpl(tryfirst=True)  # before -k or --deselect leave some out
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every name above in a collected module must still be a test there: a renamed test
+    would lose its lock silently."""
+    known = {_function_id(item.nodeid) for item in items}
+    modules = {_module(item.nodeid) for item in items}
+    stale = sorted(name for name in TIMING_CRITICAL - known if _module(name) in modules)
+    if stale:
+        raise pytest.UsageError(f"tests/parallel.py names tests that do not exist: {stale}")
+
+
+# After pytest's own reordering (which keeps a module's tests of one backend together).
+@pytest.hookimpl(trylast=True, specname="pytest_collection_modifyitems")
+def order_units(items: list[pytest.Item]) -> None:
+    """The units in the order the module docstring gives (under xdist only)."""
+    if not _WORKER:
+        return
+    units: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        units.setdefault(unit_of(item.nodeid), []).append(item)
+    longest: list[list[pytest.Item]] = []
+    servers: list[list[pytest.Item]] = []
+    timing: list[list[pytest.Item]] = []
+    in_process: list[list[pytest.Item]] = []
+    for unit in units.values():
+        if _module(unit[0].nodeid) in LONGEST_FIRST:
+            longest.append(unit)
+        elif any(is_timing_critical(item) for item in unit):
+            timing.append(unit)
+        elif any(starts_servers(item) for item in unit):
+            servers.append(unit)
+        else:
+            in_process.append(unit)
+    items[:] = [item for unit in longest + servers for item in unit] + _interleave(
+        timing, in_process
+    )
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """xdist's load-scope scheduling over this suite's units (``unit_of``)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class UnitScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return unit_of(nodeid)
+
+    return UnitScheduling(config, log)
+
+
+@contextmanager
+def _flock(path: Path, mode: int) -> Iterator[None]:
+    with path.open("a") as lock:
+        fcntl.flock(lock, mode)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _lock_path(name: str) -> Path:
+    return Path(tempfile.gettempdir()) / f"modelgate-tests-{_RUN}.{name}.lock"
+
+
+@contextmanager
+def run_lock(name: str, exclusive: bool) -> Iterator[None]:
+    """One of the run's locks, shared or exclusive, taken through its turnstile: a waiting
+    exclusive holder keeps the turnstile, so no new shared holder overtakes it."""
+    turnstile, lock = _lock_path(f"{name}-turnstile"), _lock_path(name)
+    if exclusive:
+        with _flock(turnstile, fcntl.LOCK_EX), _flock(lock, fcntl.LOCK_EX):
+            yield
+    else:
+        with _flock(turnstile, fcntl.LOCK_EX):
+            pass
+        with _flock(lock, fcntl.LOCK_SH):
+            yield
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None]:
+    """Setup, call and teardown of every test under the machine lock, and of a real-server test
+    under the server lock too (always in that order: no two workers wait for each other)."""
+    if not _WORKER:
+        return (yield)
+    with ExitStack() as locks:
+        locks.enter_context(run_lock("machine", exclusive=runs_alone(item)))
+        if starts_servers(item):
+            locks.enter_context(run_lock("servers", exclusive=is_timing_critical(item)))
+        return (yield)
