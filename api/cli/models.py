@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from pydantic import JsonValue
@@ -16,6 +16,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from api.cli.common import echo_json, fail, run_in_session
 from auth.audit import CLI_ACTOR
 from auth.settings import get_settings
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    FloatMatrix = npt.NDArray[np.float64]
 
 # scikit-learn and ONNX take seconds to import, which every other command (tenants, keys,
 # audit) would otherwise pay: ml is imported inside the commands that need it.
@@ -54,15 +60,10 @@ def models_convert(
     ] = None,
 ) -> None:
     """Add ONNX files to registered versions that have only a pickle (served by ONNX Runtime)."""
-    from ml.model_files import convert_versions, read_rows
+    from ml.model_files import convert_versions
 
     model_dir = get_settings().model_dir
-    rows = None
-    if reference is not None:
-        try:
-            rows = read_rows(reference)
-        except (OSError, ValueError) as exc:
-            raise fail(f"cannot read {reference}: {exc}") from None
+    rows = _reference_rows(reference)
     failures = 0
     for outcome in convert_versions(model_dir, rows, name):
         label = f"{outcome.name} version {outcome.version}"
@@ -123,7 +124,7 @@ def models_register(
     `train` does, with its manifest); `models activate` then serves it."""
     from ml import ConversionError
     from ml.manifest import NAME_PATTERN, VERSION_PATTERN
-    from ml.model_files import UnsupportedModelFile, read_rows, register_file
+    from ml.model_files import UnsupportedModelFile, register_file
 
     # Checked before anything is read: the name and version become directories of the registry.
     if not re.fullmatch(NAME_PATTERN, name):
@@ -131,12 +132,7 @@ def models_register(
     if not re.fullmatch(VERSION_PATTERN, version):
         raise fail("--version: a number from 1 to 999999999")
     model_dir = get_settings().model_dir
-    rows = None
-    if reference is not None:
-        try:
-            rows = read_rows(reference)
-        except (OSError, ValueError) as exc:
-            raise fail(f"cannot read {reference}: {exc}") from None
+    rows = _reference_rows(reference)
     recorded_metrics = _metrics_option(metrics)
     try:
         manifest = register_file(
@@ -220,3 +216,15 @@ def models_activate(
         return await activate_version(session, CLI_ACTOR, name, version)
 
     echo_json(run_in_session(settings, work))
+
+
+def _reference_rows(reference: Path | None) -> FloatMatrix | None:
+    """The rows of ``--reference`` (None without it), or a one-line error."""
+    if reference is None:
+        return None
+    from ml.model_files import read_rows
+
+    try:
+        return read_rows(reference)
+    except (OSError, ValueError) as exc:
+        raise fail(f"cannot read {reference}: {exc}") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -87,3 +89,16 @@ def run_cli(
         text=True,
         check=check,
     )
+
+
+def access_lines(log: str) -> list[dict[str, Any]]:
+    """The access lines (logger ``modelgate.request``, event "request") of a server's JSON log."""
+    lines = []
+    for text in log.splitlines():
+        try:
+            line = json.loads(text)
+        except ValueError:
+            continue
+        if line.get("logger") == "modelgate.request" and line.get("event") == "request":
+            lines.append(line)
+    return lines

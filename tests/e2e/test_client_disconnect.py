@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.engine import make_url
 
 from tests.conftest import IRIS_SETOSA
-from tests.e2e.servers import run_cli, serve
+from tests.e2e.servers import access_lines, run_cli, serve
 
 pytestmark = pytest.mark.e2e
 
@@ -63,20 +63,8 @@ def _wait_for(condition: Any, what: str) -> None:
         time.sleep(0.02)
 
 
-def _access_lines(log: Path) -> list[dict[str, Any]]:
-    lines = []
-    for text in log.read_text().splitlines():
-        try:
-            line = json.loads(text)
-        except ValueError:
-            continue
-        if line.get("logger") == "modelgate.request" and line.get("event") == "request":
-            lines.append(line)
-    return lines
-
-
 def _predict_statuses(log: Path) -> list[int]:
-    return [line["status"] for line in _access_lines(log) if line["route"] == PREDICT]
+    return [line["status"] for line in access_lines(log.read_text()) if line["route"] == PREDICT]
 
 
 def _request(key: str, body: bytes, declared: int) -> bytes:

@@ -8,14 +8,13 @@ import json
 import re
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from auth.identity.keys import key_digest
 from auth.settings import Settings, load_secrets
 from tests.conftest import Backend, only_on
-from tests.e2e.servers import serve
+from tests.e2e.servers import access_lines, serve
 from tests.e2e.test_readme_tour import readme_tour
 
 pytestmark = pytest.mark.e2e
@@ -24,19 +23,6 @@ pytestmark = pytest.mark.e2e
 SECRET_VARIABLES = ("ADMIN_KEY", "API_KEY", "NEW_KEY", "TOKEN")
 ID_VARIABLES = ("TENANT_ID", "KEY_ID")
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-
-
-def _access_lines(log: str) -> list[dict[str, Any]]:
-    """The servers' access lines (logger ``modelgate.request``, event "request")."""
-    lines = []
-    for text in log.splitlines():
-        try:
-            line = json.loads(text)
-        except ValueError:
-            continue
-        if line.get("logger") == "modelgate.request" and line.get("event") == "request":
-            lines.append(line)
-    return lines
 
 
 @only_on("postgres")
@@ -85,7 +71,7 @@ def test_readme_tour_logs_no_secret_and_names_tenant_key_and_route(
 
     # The grep read real logs: every request of the tour has its access line, with its id, who
     # made it (ids only) and the route's template (never a path with an id in it).
-    lines = _access_lines(server_log.read_text())
+    lines = access_lines(server_log.read_text())
     assert len(lines) >= 15, server_log.read_text()[-2000:]
     for line in lines:
         assert set(line) >= {"request_id", "method", "route", "status", "duration_ms"}, line
