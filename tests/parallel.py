@@ -109,23 +109,23 @@ def _interleave(
     return ordered
 
 
-@pytest.hookimpl(tryfirst=True)  # before -k or --deselect leave some out
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every name above in a collected module must still be a test there: a renamed test
-    would lose its lock silently."""
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> Generator[None]:
+    """Before the other implementations (before -k or --deselect leave some out): every name
+    above in a collected module must still be a test there, as a renamed test would lose its
+    lock silently. After them (after pytest's own reordering, which keeps a module's tests of
+    one backend together): the units in the order the module docstring gives, under xdist."""
     known = {_function_id(item.nodeid) for item in items}
     modules = {_module(item.nodeid) for item in items}
     stale = sorted(name for name in TIMING_CRITICAL - known if _module(name) in modules)
     if stale:
         raise pytest.UsageError(f"tests/parallel.py names tests that do not exist: {stale}")
+    yield
+    if _WORKER:
+        items[:] = _in_unit_order(items)
 
 
-# After pytest's own reordering (which keeps a module's tests of one backend together).
-@pytest.hookimpl(trylast=True, specname="pytest_collection_modifyitems")
-def order_units(items: list[pytest.Item]) -> None:
-    """The units in the order the module docstring gives (under xdist only)."""
-    if not _WORKER:
-        return
+def _in_unit_order(items: list[pytest.Item]) -> list[pytest.Item]:
     units: dict[str, list[pytest.Item]] = {}
     for item in items:
         units.setdefault(unit_of(item.nodeid), []).append(item)
@@ -142,9 +142,7 @@ def order_units(items: list[pytest.Item]) -> None:
             servers.append(unit)
         else:
             in_process.append(unit)
-    items[:] = [item for unit in longest + servers for item in unit] + _interleave(
-        timing, in_process
-    )
+    return [item for unit in longest + servers for item in unit] + _interleave(timing, in_process)
 
 
 @pytest.hookimpl(optionalhook=True)
