@@ -187,6 +187,8 @@ def classify_database_error(exc: DBAPIError) -> Literal["data", "conflict", "out
         return "outage" if sqlite_code & 0xFF in _SQLITE_OUTAGE_CODES else "bug"
     if (
         exc.connection_invalidated
+        # A refused or reset socket, wrapped by SQLAlchemy as it connects (no SQLSTATE).
+        or isinstance(exc.orig, OSError)
         or state[:2] in _OUTAGE_CLASSES
         or (not state and isinstance(exc, OperationalError | InterfaceError))
     ):

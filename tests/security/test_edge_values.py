@@ -194,3 +194,11 @@ async def test_an_unknown_model_name_or_version_is_never_echoed(harness: Harness
     listing = await harness.client.get(f"/api/v1/models/{key[:50]}", headers=bearer(key))
     assert listing.status_code == 404
     assert key[:50] not in listing.text
+
+
+def test_a_connection_refused_while_connecting_is_an_outage() -> None:
+    """SQLAlchemy wraps a refused socket at connect time in a bare DBAPIError (no SQLSTATE, no
+    invalidated connection): still an outage (503), never a bug (500). Seen when a database
+    refuses every connection while requests are being authenticated."""
+    refused = DBAPIError("connect", None, ConnectionRefusedError(111, "Connection refused"))
+    assert classify_database_error(refused) == "outage"
