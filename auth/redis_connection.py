@@ -59,5 +59,12 @@ def connect_redis(settings: Settings) -> RedisConnection:
     storage = storage_from_string("async+" + uri, **options)
     if not isinstance(storage, Storage):  # the "async+" scheme always gives one
         raise TypeError("MODELGATE_REDIS_URL did not yield an asyncio storage")
-    client = storage.bridge.get_connection() if settings.redis_url else None  # type: ignore[attr-defined]
-    return RedisConnection(storage, client)
+    return RedisConnection(storage, redis_client(storage))
+
+
+def redis_client(storage: Storage) -> Any:
+    """The redis-py asyncio client inside ``limits``' Redis storage (the same object however
+    often it is asked), or None for a storage without Redis (memory): the one way every
+    component that sends its own commands reaches the storage's client."""
+    bridge = getattr(storage, "bridge", None)
+    return bridge.get_connection() if bridge is not None else None

@@ -33,6 +33,7 @@ from limits import parse
 from limits.aio.storage import Storage
 
 from auth.errors import DependencyUnavailable, ModelgateError
+from auth.redis_connection import redis_client
 
 logger = structlog.get_logger(__name__)
 
@@ -107,8 +108,7 @@ class FailureBudget:
         self.amount = int(item.amount)
         self._window = float(item.get_expiry())
         self._namespace = namespace
-        bridge = getattr(storage, "bridge", None)
-        self._client: Any = bridge.get_connection() if bridge is not None else None
+        self._client: Any = redis_client(storage)
         self._script = self._client.register_script(_COUNT) if self._client else None
         # In process memory: storage key -> failure id -> monotonic time it was counted.
         self._memory: dict[str, dict[str, float]] = {}

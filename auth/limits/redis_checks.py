@@ -21,6 +21,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from auth.limits.concurrency import Slot
 from auth.limits.policy import RateLimitPolicy
+from auth.redis_connection import redis_client
 
 # What says Redis itself is unreachable or too slow (as opposed to an error it answered with).
 OUTAGE_ERRORS = (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError)
@@ -275,7 +276,7 @@ class RedisChecks:
         self._bridge = storage.bridge
         self._strategy_name = strategy_name
         # redis-py's asyncio client (limits' own), shared with the concurrency limit.
-        self.client: Any = self._bridge.get_connection()
+        self.client: Any = redis_client(storage)
         script = _SCRIPTS[strategy_name](self._bridge)
         self.pipeline = PipelinedScript(self.client, self.client.register_script(script))
         self._key_names: dict[tuple[str, int, int], list[str]] = {}
