@@ -95,8 +95,10 @@ class KeyRateLimitExceeded(RateLimitExceeded):
 
 
 def _subject_key(request: Any) -> str:
-    # slowapi's Limit wants a key function; the limiter is only ever checked per API key id.
-    return str(request.state.subject.limit_id)
+    # slowapi's Limit wants a key function, and only slowapi's own Limiter calls it: modelgate
+    # keys every check by the key id itself, so this is never called. (It used to read
+    # request.state.subject, which no longer exists: the subject is in api's request context.)
+    raise NotImplementedError("modelgate's rate limiter never asks slowapi for a key")
 
 
 _Strategy = FixedWindowRateLimiter | MovingWindowRateLimiter | SlidingWindowCounterRateLimiter
