@@ -27,10 +27,6 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(code=1)
 
 
-class _SchemaNotReady(Exception):
-    """The database's schema is missing or behind; the message says so and what to run."""
-
-
 def run_with_sessions(
     settings: Settings, work: Callable[[async_sessionmaker[AsyncSession]], Awaitable[T]]
 ) -> T:
@@ -44,15 +40,13 @@ def run_with_sessions(
         try:
             problem = await schema_problem(engine, settings.database_url)
             if problem is not None:
-                raise _SchemaNotReady(problem)
+                raise fail(problem)
             return await work(create_sessionmaker(engine))
         finally:
             await engine.dispose()
 
     try:
         return asyncio.run(main())
-    except _SchemaNotReady as exc:
-        raise fail(str(exc)) from None
     except ModelgateError as exc:
         raise fail(exc.detail) from None
     except ConfigurationError as exc:
