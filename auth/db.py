@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -95,3 +96,42 @@ def create_engine(
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     """Sessions that keep loaded objects usable after commit (responses are built after it)."""
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+# SQLSTATE classes (the first two characters) that mean the database or the way to it is
+# unwell, not that the request or the code is wrong: connection exception, transaction
+# rollback (serialization, deadlock), insufficient resources, operator intervention (a
+# cancelled statement: the statement timeout), system error.
+_OUTAGE_CLASSES = frozenset({"08", "40", "53", "57", "58"})
+
+
+# SQLite's result codes for the same idea: busy, locked, out of memory, I/O error, corrupt,
+# full, cannot open. Anything else (SQLITE_ERROR: bad SQL, a function's error) is ours.
+_SQLITE_OUTAGE_CODES = frozenset({5, 6, 7, 10, 11, 13, 14})
+
+
+def _sqlstate(exc: DBAPIError) -> str:
+    return str(getattr(exc.orig, "sqlstate", None) or "")
+
+
+def classify_database_error(exc: DBAPIError) -> Literal["data", "conflict", "outage", "bug"]:
+    """What a database error means for the client: a value it sent that the database refused
+    (422), a constraint (409), an outage (503), or a bug in our SQL (500)."""
+    state = _sqlstate(exc)
+    if isinstance(exc, DataError) or state.startswith("22"):
+        return "data"
+    if isinstance(exc, IntegrityError) or state.startswith("23"):
+        return "conflict"
+    sqlite_code = getattr(exc.orig, "sqlite_errorcode", None)
+    if sqlite_code is not None:
+        # The primary result code is the low byte of an extended one.
+        return "outage" if sqlite_code & 0xFF in _SQLITE_OUTAGE_CODES else "bug"
+    if (
+        exc.connection_invalidated
+        # A refused or reset socket, wrapped by SQLAlchemy as it connects (no SQLSTATE).
+        or isinstance(exc.orig, OSError)
+        or state[:2] in _OUTAGE_CLASSES
+        or (not state and isinstance(exc, OperationalError | InterfaceError))
+    ):
+        return "outage"
+    return "bug"

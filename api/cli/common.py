@@ -11,14 +11,19 @@ from typing import TypeVar
 
 import typer
 from pydantic import BaseModel
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.cli.schema import schema_problem
-from auth.db import create_engine, create_sessionmaker
+from auth.db import classify_database_error, create_engine, create_sessionmaker
 from auth.errors import ConfigurationError, ModelgateError
 from auth.settings import Settings
 
 T = TypeVar("T")
+
+# SQLSTATE classes of a connection the server refused: invalid authorization (a wrong user or
+# password), invalid catalog name (no such database). The operator's configuration, not a bug.
+_REFUSED_CONNECTIONS = frozenset({"28", "3D"})
 
 
 def fail(message: str) -> typer.Exit:
@@ -31,9 +36,9 @@ def run_with_sessions(
     settings: Settings, work: Callable[[async_sessionmaker[AsyncSession]], Awaitable[T]]
 ) -> T:
     """Run ``work`` with a session factory on the configured database, once its schema is
-    known to be at the newest migration; a missing or older schema, and the project's errors,
-    become a one-line message and exit code 1. Every command that uses the database comes
-    through here."""
+    known to be at the newest migration; a missing or older schema, a database that cannot be
+    reached, and the project's errors become a one-line message and exit code 1. Every command
+    that uses the database comes through here."""
 
     async def main() -> T:
         engine = create_engine(settings.database_url)
@@ -51,6 +56,21 @@ def run_with_sessions(
         raise fail(exc.detail) from None
     except ConfigurationError as exc:
         raise fail(str(exc)) from None
+    except DBAPIError as exc:
+        refused = str(getattr(exc.orig, "sqlstate", None) or "")[:2] in _REFUSED_CONNECTIONS
+        if not refused and classify_database_error(exc) != "outage":
+            raise
+        raise fail(f"the database cannot be reached: {_first_line(exc.orig)}") from None
+    except OSError as exc:
+        # A refused or timed-out socket while connecting, raised below the driver.
+        raise fail(f"the database cannot be reached: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException | None) -> str:
+    """What went wrong, in one short line: the first line of the error's text (a driver's text
+    names the host, the user or the database, never the password), else its class."""
+    lines = str(exc or "").strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
 
 
 def run_in_session(settings: Settings, work: Callable[[AsyncSession], Awaitable[T]]) -> T:

@@ -4,7 +4,7 @@ reaches a client."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import structlog
 from fastapi import FastAPI, Request
@@ -12,13 +12,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from slowapi.errors import RateLimitExceeded
-from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from api.http.middleware import log_unexpected
 from api.http.problems import problem_response
+from auth.db import classify_database_error
 from auth.errors import (
     Conflict,
     DependencyUnavailable,
@@ -155,45 +156,6 @@ def _outage(request: Request, exc: Exception, detail: str) -> JSONResponse:
     # The driver's message may include SQL with parameters: log the class only.
     logger.warning(detail, error=type(exc).__name__)
     return _from_error(request, DependencyUnavailable(detail, retry_after=2))
-
-
-# SQLSTATE classes (the first two characters) that mean the database or the way to it is
-# unwell, not that the request or the code is wrong: connection exception, transaction
-# rollback (serialization, deadlock), insufficient resources, operator intervention (a
-# cancelled statement: the statement timeout), system error.
-_OUTAGE_CLASSES = frozenset({"08", "40", "53", "57", "58"})
-
-
-# SQLite's result codes for the same idea: busy, locked, out of memory, I/O error, corrupt,
-# full, cannot open. Anything else (SQLITE_ERROR: bad SQL, a function's error) is ours.
-_SQLITE_OUTAGE_CODES = frozenset({5, 6, 7, 10, 11, 13, 14})
-
-
-def _sqlstate(exc: DBAPIError) -> str:
-    return str(getattr(exc.orig, "sqlstate", None) or "")
-
-
-def classify_database_error(exc: DBAPIError) -> Literal["data", "conflict", "outage", "bug"]:
-    """What a database error means for the client: a value it sent that the database refused
-    (422), a constraint (409), an outage (503), or a bug in our SQL (500)."""
-    state = _sqlstate(exc)
-    if isinstance(exc, DataError) or state.startswith("22"):
-        return "data"
-    if isinstance(exc, IntegrityError) or state.startswith("23"):
-        return "conflict"
-    sqlite_code = getattr(exc.orig, "sqlite_errorcode", None)
-    if sqlite_code is not None:
-        # The primary result code is the low byte of an extended one.
-        return "outage" if sqlite_code & 0xFF in _SQLITE_OUTAGE_CODES else "bug"
-    if (
-        exc.connection_invalidated
-        # A refused or reset socket, wrapped by SQLAlchemy as it connects (no SQLSTATE).
-        or isinstance(exc.orig, OSError)
-        or state[:2] in _OUTAGE_CLASSES
-        or (not state and isinstance(exc, OperationalError | InterfaceError))
-    ):
-        return "outage"
-    return "bug"
 
 
 async def _database_error(request: Request, exc: Exception) -> JSONResponse:

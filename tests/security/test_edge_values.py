@@ -10,8 +10,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from api.http.errors import classify_database_error
-from auth.db import create_engine
+from auth.db import classify_database_error, create_engine
 from tests.conftest import (
     IRIS_SETOSA,
     Harness,
