@@ -116,7 +116,9 @@ class OwnKeyCreate(BaseModel):
         description="at most the calling credential's scopes (more: 403); omitted: all of them",
     )
     expires_at: KeyExpiry | None = Field(
-        default=None, description="when the key stops working; omitted: never"
+        default=None,
+        description="when the key stops working: at most when the calling credential's key "
+        "does (later: 422); omitted: then, or never if that key never expires",
     )
 
 
@@ -143,8 +145,7 @@ async def issue_my_key(
     """Issue a key for the caller's tenant; the key is in this response only."""
     # The new key never outlives the key behind the calling credential (the calling key, or the
     # key a JWT was minted from): a later expires_at is 422, none is that key's end (see
-    # auth.identity.keys._bounded_by_creator). Said here, not in the docstring or the field's
-    # description, which are the OpenAPI document's text.
+    # auth.identity.keys._bounded_by_creator).
     return await issue_tenant_key(
         session,
         state.secrets.key_pepper,
