@@ -4,6 +4,10 @@ FastAPI documents every error response under ``application/json`` and adds a 422
 shape; every error here is problem JSON, and some answers come from layers it cannot see (the
 credential check's 401/403/429/503, the body limit's 413). Routes declare what is particular
 to them (``problem_responses``); this fills in the rest, the same way for every route.
+
+A route that reads its own body (the V2 infer routes: JSON or binary tensor data) describes it in
+its ``openapi_extra``, with the schemas that description refers to under ``x-schemas``: they are
+moved to the document's components here.
 """
 
 from __future__ import annotations
@@ -62,10 +66,11 @@ def install_openapi(app: FastAPI) -> None:
                 description=app.description,
                 routes=app.routes,
             )
+            schemas = document.setdefault("components", {}).setdefault("schemas", {})
             for operations in document.get("paths", {}).values():
                 for operation in operations.values():
                     _complete(operation)
-            schemas = document.setdefault("components", {}).setdefault("schemas", {})
+                    schemas.update(operation.pop("x-schemas", {}))
             _add_problem_schemas(schemas)
             for unused in ("HTTPValidationError", "ValidationError"):
                 schemas.pop(unused, None)

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import inspect
 import json
-import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Request, Response
 from pydantic import BaseModel
 
 from api.http.context import request_context
@@ -30,16 +29,20 @@ from api.http.deps import Authenticator, CredentialFirstRoute, PredictScope, app
 from api.http.errors import PROBLEM_DESCRIPTIONS
 from api.http.problems import PROBLEM_MEDIA_TYPE, problem_response
 from api.inference.pipeline import predict_and_bill, served_model
+from api.inference.tensors import (
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    output_tensors,
+    row_count,
+    rows_from_bytes,
+    rows_from_values,
+)
 from api.observability.readiness import readiness
 from api.schemas.predict import HARD_MAX_INSTANCES
 from api.schemas.v2 import (
-    INTEGER_BOUNDS,
-    InferInput,
-    InferRequest,
     InferResponse,
     ModelMetadata,
     ModelReady,
-    OutputTensor,
     RequestedOutput,
     ServerLive,
     ServerMetadata,
@@ -47,9 +50,19 @@ from api.schemas.v2 import (
     TensorMetadata,
     V2Problem,
 )
+from api.schemas.v2_binary import (
+    BINARY_MEDIA_TYPE,
+    HEADER_LENGTH,
+    MAX_HEADER_LENGTH,
+    InferBody,
+    binary_outputs,
+    encode_outputs,
+    parse_infer_body,
+    request_body_openapi,
+)
 from auth.errors import DependencyUnavailable, InvalidRequest
 from auth.identity.authn import AuthSubject
-from ml import FLOAT32_MAX, InvalidFeatures, LoadedModel, ModelUnavailable, Prediction
+from ml import InvalidFeatures, LoadedModel, ModelUnavailable
 from ml.manifest import NAME_PATTERN, VERSION_PATTERN
 
 # Metadata and readiness: the same caller as inference, not billed.
@@ -57,10 +70,7 @@ PredictReader = Annotated[AuthSubject, Depends(Authenticator({"predict"}, tenant
 ModelNamePath = Annotated[str, Path(min_length=1, max_length=100, pattern=NAME_PATTERN)]
 ModelVersionPath = Annotated[str, Path(min_length=1, max_length=50, pattern=VERSION_PATTERN)]
 
-INPUT_NAME = "features"
-OUTPUT_NAMES = ("prediction", "probability", "class_name")
 PLATFORMS = {"onnx": "onnx_onnxv1", "sklearn": "sklearn_joblib"}
-FLOAT_BOUNDS = {"FP32": FLOAT32_MAX, "FP64": sys.float_info.max}
 # How long a client should wait before asking again about a model that cannot serve.
 UNAVAILABLE_RETRY_SECONDS = 5
 
@@ -133,7 +143,7 @@ def _json(body: BaseModel) -> Response:
 async def server_metadata(request: Request) -> ServerMetadata:
     """Name the server and its version (public, as GET /)."""
     app = request.app
-    return ServerMetadata(name=app.title, version=app.version, extensions=[])
+    return ServerMetadata(name=app.title, version=app.version, extensions=["binary_tensor_data"])
 
 
 @router.get("/v2/health/live", response_model=ServerLive, responses=v2_problems(500))
@@ -285,102 +295,33 @@ def _requested_outputs(outputs: list[RequestedOutput] | None) -> list[str]:
     return names
 
 
-def input_rows(tensor: InferInput, n_features: int, max_rows: int) -> list[list[float]]:
-    """The rows of an input tensor of shape [rows, n_features], each value checked against the
-    tensor's datatype (raises ``InvalidRequest`` naming what is wrong)."""
+def _rows(body: InferBody, n_features: int, max_rows: int) -> list[list[float]]:
+    """The rows of the request's input tensor, from its JSON values or its binary data."""
+    tensor, raw = body.request.inputs[0], body.binary[0]
     loc: tuple[str | int, ...] = ("body", "inputs", 0)
-    shape = tensor.shape
-    if len(shape) != 2 or shape[1] != n_features:
-        raise InvalidRequest(
-            f"the input's shape must be [rows, {n_features}] for this model", loc=(*loc, "shape")
-        )
-    rows = shape[0]
-    if not 1 <= rows <= max_rows:
-        raise InvalidRequest(
-            f"an inference request holds 1 to {max_rows} rows", loc=(*loc, "shape")
-        )
-    data = tensor.data
-    values: list[int | float]
-    if isinstance(data[0], list):
-        nested: list[list[int | float]] = data
-        if len(nested) != rows or any(len(row) != n_features for row in nested):
-            raise InvalidRequest(
-                f"the input's data must be {rows} rows of {n_features} values, as its shape says",
-                loc=(*loc, "data"),
-            )
-        values = [value for row in nested for value in row]
-    else:
-        values = data
-        if len(values) != rows * n_features:
-            raise InvalidRequest(
-                f"the input's data holds {len(values)} values; its shape says {rows * n_features}",
-                loc=(*loc, "data"),
-            )
-    floats = _as_floats(values, tensor.datatype, (*loc, "data"))
-    return [floats[start : start + n_features] for start in range(0, len(floats), n_features)]
-
-
-def _as_floats(values: list[int | float], datatype: str, loc: tuple[str | int, ...]) -> list[float]:
-    integer_bounds = INTEGER_BOUNDS.get(datatype)
-    if integer_bounds is not None:
-        lower, upper = integer_bounds
-        for index, value in enumerate(values):
-            if type(value) is not int or not lower <= value <= upper:
-                raise InvalidRequest(
-                    f"value {index} of the input is not an integer in {datatype}'s range",
-                    loc=(*loc, index),
-                )
-        return [float(value) for value in values]
-    bound = FLOAT_BOUNDS[datatype]
-    for index, value in enumerate(values):
-        # Integers first compared as integers: float() of a huge one would overflow.
-        if not -bound <= value <= bound:
-            raise InvalidRequest(
-                f"value {index} of the input is out of {datatype}'s finite range",
-                loc=(*loc, index),
-            )
-    return [float(value) for value in values]
-
-
-def _outputs(names: list[str], predictions: list[Prediction], n_classes: int) -> list[OutputTensor]:
-    rows = len(predictions)
-    tensors = {
-        "prediction": lambda: OutputTensor(
-            name="prediction",
-            datatype="INT64",
-            shape=[rows],
-            data=[p.prediction for p in predictions],
-        ),
-        "probability": lambda: OutputTensor(
-            name="probability",
-            datatype="FP64",
-            shape=[rows, n_classes],
-            data=[value for p in predictions for value in p.probability],
-        ),
-        "class_name": lambda: OutputTensor(
-            name="class_name",
-            datatype="BYTES",
-            shape=[rows],
-            data=[p.class_name for p in predictions],
-        ),
-    }
-    return [tensors[name]() for name in names]
+    rows = row_count(tensor.shape, n_features, max_rows, loc)
+    if raw is not None:
+        return rows_from_bytes(raw, tensor.datatype, rows, n_features, (*loc, "parameters"))
+    assert tensor.data is not None  # noqa: S101 (parse_infer_body refuses an input without)
+    return rows_from_values(tensor.data, tensor.datatype, rows, n_features, (*loc, "data"))
 
 
 async def _infer(
     request: Request,
     subject: AuthSubject,
-    body: InferRequest,
+    header_length: int | None,
     name: str,
     version: str | None,
 ) -> Response:
     state = app_state(request)
+    body = parse_infer_body(await request.body(), header_length)
+    binary = binary_outputs(body.request)
     model = served_model(state, subject, name, version)
     manifest = model.manifest
-    outputs = _requested_outputs(body.outputs)
+    outputs = _requested_outputs(body.request.outputs)
     max_rows = min(state.settings.max_batch_size, HARD_MAX_INSTANCES)
-    rows = input_rows(body.inputs[0], manifest.n_features, max_rows)
     n_features = manifest.n_features
+    rows = _rows(body, n_features, max_rows)
 
     def locate(exc: InvalidFeatures) -> tuple[str | int, ...]:
         # The flat index of the refused value in the input tensor's row-major data.
@@ -391,38 +332,76 @@ async def _infer(
 
     # One unit per row, as /predict/batch: the quota refuses the request whole.
     predictions, _, _ = await predict_and_bill(request, state, subject, model, rows, locate)
-    return _json(
-        InferResponse(
-            model_name=manifest.name,
-            model_version=manifest.version,
-            id=request_context(request.scope).request_id if body.id is None else body.id,
-            outputs=_outputs(outputs, predictions, len(manifest.class_names)),
-        )
+    request_id = body.request.id
+    content, json_length = encode_outputs(
+        {
+            "model_name": manifest.name,
+            "model_version": manifest.version,
+            "id": request_context(request.scope).request_id if request_id is None else request_id,
+        },
+        output_tensors(outputs, predictions, len(manifest.class_names)),
+        binary,
+    )
+    if json_length is None:
+        return Response(content, media_type="application/json")
+    return Response(
+        content, media_type=BINARY_MEDIA_TYPE, headers={HEADER_LENGTH: str(json_length)}
     )
 
 
+HeaderLength = Annotated[
+    int | None,
+    Header(
+        alias=HEADER_LENGTH,
+        ge=0,
+        le=MAX_HEADER_LENGTH,
+        description="The binary tensor data extension: the length of the JSON at the start of "
+        "the body; the inputs' binary data follows it",
+    ),
+]
 INFER_ERRORS = v2_problems(401, 403, 404, 413, 429, 503)
+INFER_ERRORS[200] = {
+    "description": "The outputs: JSON, or (some asked for as binary data) the JSON, whose "
+    f"length {HEADER_LENGTH} gives, then their binary data",
+    "headers": {
+        HEADER_LENGTH: {
+            "description": "With binary outputs: the length of the JSON at the body's start",
+            "schema": {"type": "integer"},
+        }
+    },
+    "content": {BINARY_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+}
+INFER_BODY = request_body_openapi()
 
 
-@router.post("/v2/models/{model_name}/infer", response_model=InferResponse, responses=INFER_ERRORS)
+@router.post(
+    "/v2/models/{model_name}/infer",
+    response_model=InferResponse,
+    responses=INFER_ERRORS,
+    openapi_extra=INFER_BODY,
+)
 async def model_infer(
-    model_name: ModelNamePath, body: InferRequest, subject: PredictScope, request: Request
+    model_name: ModelNamePath,
+    subject: PredictScope,
+    request: Request,
+    header_length: HeaderLength = None,
 ) -> Response:
     """Infer with a model's active version (one unit per row of the input)."""
-    return await _infer(request, subject, body, model_name, None)
+    return await _infer(request, subject, header_length, model_name, None)
 
 
 @router.post(
     "/v2/models/{model_name}/versions/{model_version}/infer",
     response_model=InferResponse,
     responses=INFER_ERRORS,
+    openapi_extra=INFER_BODY,
 )
 async def model_version_infer(
     model_name: ModelNamePath,
     model_version: ModelVersionPath,
-    body: InferRequest,
     subject: PredictScope,
     request: Request,
+    header_length: HeaderLength = None,
 ) -> Response:
     """Infer with one version of a model (one unit per row of the input)."""
-    return await _infer(request, subject, body, model_name, model_version)
+    return await _infer(request, subject, header_length, model_name, model_version)

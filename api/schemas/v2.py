@@ -13,18 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from api.http.errors import Problem
 from api.schemas.predict import HARD_MAX_INSTANCES, MAX_FEATURES
 
-# The tensor datatypes an input may declare: the protocol's numeric types but FP16 (which, as
-# the protocol says, JSON cannot carry faithfully). BOOL and BYTES are not features.
-INTEGER_BOUNDS: dict[str, tuple[int, int]] = {
-    "INT8": (-(2**7), 2**7 - 1),
-    "INT16": (-(2**15), 2**15 - 1),
-    "INT32": (-(2**31), 2**31 - 1),
-    "INT64": (-(2**63), 2**63 - 1),
-    "UINT8": (0, 2**8 - 1),
-    "UINT16": (0, 2**16 - 1),
-    "UINT32": (0, 2**32 - 1),
-    "UINT64": (0, 2**64 - 1),
-}
+# The tensor datatypes an input may declare (api.inference.tensors gives each its range and
+# layout): the protocol's numeric types but FP16 (which, as the protocol says, JSON cannot carry
+# faithfully). BOOL and BYTES are not features.
 InputDatatype = Literal[
     "FP32", "FP64", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"
 ]
@@ -72,16 +63,25 @@ class InferInput(BaseModel):
         description="The elements' type: FP32 and FP64 take finite numbers in the type's range, "
         "the integer types integers in theirs; values are used as float64, as /predict does"
     )
-    parameters: Parameters | None = None
+    parameters: Parameters | None = Field(
+        default=None,
+        description="`binary_data_size` (an integer): the tensor's data is not in `data` but "
+        "in the body after the JSON, that many bytes of little-endian elements in row-major "
+        "order (the binary tensor data extension); it must be exactly what the shape and "
+        "datatype say. Other parameters are accepted and ignored",
+    )
     data: (
         Annotated[list[Scalar], Field(min_length=1, max_length=HARD_MAX_INSTANCES * MAX_FEATURES)]
         | Annotated[
             list[Annotated[list[Scalar], Field(min_length=1, max_length=MAX_FEATURES)]],
             Field(min_length=1, max_length=HARD_MAX_INSTANCES),
         ]
+        | None
     ) = Field(
+        default=None,
         description="The values in row-major order: flat, or one list per row; as many as the "
-        "shape says, each within the model's input_range (GET /api/v1/models/{name})"
+        "shape says, each within the model's input_range (GET /api/v1/models/{name}). Required "
+        "unless the parameters give `binary_data_size`, and refused if they do",
     )
 
 
@@ -91,7 +91,11 @@ class RequestedOutput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: TensorName = Field(description="`prediction`, `probability` or `class_name`")
-    parameters: Parameters | None = None
+    parameters: Parameters | None = Field(
+        default=None,
+        description="`binary_data` (a boolean): return this output as binary data after the "
+        "JSON (overrides the request's `binary_data_output`). Others are accepted and ignored",
+    )
 
 
 class InferRequest(BaseModel):
@@ -120,7 +124,11 @@ class InferRequest(BaseModel):
     id: Annotated[str, Field(max_length=256)] | None = Field(
         default=None, description="Echoed in the response; the request's X-Request-ID if absent"
     )
-    parameters: Parameters | None = None
+    parameters: Parameters | None = Field(
+        default=None,
+        description="`binary_data_output` (a boolean): return every output as binary data "
+        "after the JSON, unless the output says otherwise. Others are accepted and ignored",
+    )
     inputs: list[InferInput] = Field(min_length=1, max_length=1)
     outputs: list[RequestedOutput] | None = Field(
         default=None,
@@ -130,13 +138,21 @@ class InferRequest(BaseModel):
 
 
 class OutputTensor(BaseModel):
-    """One output tensor, its data flat in row-major order."""
+    """One output tensor, its data flat in row-major order: in `data`, or (asked for as binary)
+    after the JSON, `parameters.binary_data_size` bytes of it."""
 
     name: str
     shape: list[int]
     datatype: Literal["INT64", "FP64", "BYTES"]
-    data: list[int | float | str]
-    parameters: dict[str, str | int | float | bool] | None = None
+    data: list[int | float | str] | None = Field(
+        default=None, description="The values; absent when the output is sent as binary data"
+    )
+    parameters: dict[str, str | int | float | bool] | None = Field(
+        default=None,
+        description="`binary_data_size`: the output's size in the binary part of the body "
+        "(INT64 and FP64 as 8-byte little-endian elements, BYTES each as a 4-byte little-endian "
+        "length and then its UTF-8 bytes)",
+    )
 
 
 class InferResponse(BaseModel):
@@ -176,7 +192,9 @@ class ServerMetadata(BaseModel):
 
     name: str
     version: str
-    extensions: list[str] = Field(description="None: modelgate defines no protocol extension")
+    extensions: list[str] = Field(
+        description="The protocol extensions served: `binary_tensor_data` (REST)"
+    )
 
 
 class ServerLive(BaseModel):

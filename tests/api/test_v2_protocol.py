@@ -151,7 +151,11 @@ async def test_the_protocols_literal_example_is_refused_with_its_error_object(
 async def test_v2_health_is_public_like_api_v1_health(harness: Harness) -> None:
     server = await harness.client.get("/v2")
     assert server.status_code == 200
-    assert server.json() == {"name": "modelgate", "version": "0.1.0", "extensions": []}
+    assert server.json() == {
+        "name": "modelgate",
+        "version": "0.1.0",
+        "extensions": ["binary_tensor_data"],
+    }
     live = await harness.client.get("/v2/health/live")
     assert live.status_code == 200
     assert live.json() == {"live": True}
