@@ -23,6 +23,7 @@ from api.observability.tracing import instrumented, provider_from_environment
 from api.routes import catalog, health, me, predict, root, token, v2
 from api.routes.admin import router as admin_router
 from api.routes.metrics import install_metrics
+from api.server.grpc_serving import start_grpc
 from api.services import AppState
 from auth.settings import Settings, check_production, declared_workers, get_settings, load_secrets
 
@@ -46,9 +47,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     tracer_provider: TracerProvider | None = app.state.tracer_provider
     if tracer_provider is not None:
         tracing.enter_context(instrumented(tracer_provider, services.engine, services.redis.client))
+    # The Open Inference Protocol over gRPC, when a port is set (api.server.grpc_serving).
+    grpc_serving = None
+    if settings.grpc_port is not None:
+        grpc_serving = await start_grpc(services, settings, app.title, app.version)
     try:
         yield
     finally:
+        if grpc_serving is not None:
+            await grpc_serving.close()  # its calls in flight end before the services close
         await services.close()
         tracing.close()
         metrics.worker_exiting()

@@ -134,6 +134,10 @@ class Settings(BaseSettings):
     prediction_cache_ttl_seconds: float = Field(default=0.0, ge=0, le=86_400)
     prediction_cache_size: int = Field(default=10_000, ge=1, le=1_000_000)
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
+    # The Open Inference Protocol over gRPC (api/grpc/): off unless a port is given; every worker
+    # serves it on that port (SO_REUSEPORT). Its host is `modelgate serve --host` unless set.
+    grpc_port: int | None = Field(default=None, ge=1, le=65535)
+    grpc_host: str = "127.0.0.1"
     # How long a request may run before it is answered 503 and cancelled (api.http.timeout): until
     # its response starts, or until its usage is handed to the usage writer, whichever comes
     # first (from then on it finishes, so that it is never billed without its answer).

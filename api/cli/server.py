@@ -30,6 +30,9 @@ def serve(
     from api.observability.tracing import check_environment as check_tracing_environment
     from api.server import supervisor as serving
 
+    # gRPC (MODELGATE_GRPC_PORT) listens where HTTP does unless told otherwise; set before the
+    # settings are first read (and cached).
+    os.environ.setdefault("MODELGATE_GRPC_HOST", host)
     try:
         settings = get_settings()
     except ValidationError as exc:

@@ -14,7 +14,7 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.http.context import request_context
+from api.http.context import RequestContext, request_context
 from api.http.forwarded import TrustedProxies
 from api.http.timeout import commit_point
 from api.services import AppState
@@ -222,38 +222,61 @@ class Authenticator(HTTPBearer):
         subject = context.subject
         if subject is None:
             subject = await authenticate_request(request)
-        if subject.key_id is not None:  # an admin user's JWT has no key (auth.identity.authn)
-            state.key_activity.touch(subject.key_id)
-        structlog.contextvars.bind_contextvars(
-            key_id=str(subject.key_id) if subject.key_id is not None else None,
-            tenant_id=str(subject.tenant.id) if subject.tenant else None,
+        await admit(
+            state,
+            context,
+            subject,
+            self.required_scopes,
+            tenant_only=self.tenant_only,
+            admin_only=self.admin_only,
+            billable=self.billable,
         )
-        if self.tenant_only and subject.tenant is None:
-            raise Forbidden("this route is for tenant credentials")
-        if self.admin_only and not subject.is_admin:
-            # The scope alone is not enough: a key whose row somehow carried "admin" but
-            # belongs to a tenant must never reach an operator route.
-            raise Forbidden("this route is for operator credentials")
-        authorize(subject, self.required_scopes)
-        if self.billable:
-            context.billable = True
-        slot = None
-        if subject.max_in_flight is not None:
-            # Taken by the rate limiter with the rate-limit check, in its one round trip (a
-            # request refused for it costs none of the rate limit). Held until the response is
-            # finished (or failed): api.http.context.InFlightSlot.
-            slot = context.in_flight.reserve(
-                state.concurrency, subject.limit_id, subject.max_in_flight
-            )
-        try:
-            context.rate_limit = await state.rate_limiter.hit(
-                subject.limit_id, subject.rate_limits, admin=subject.tenant is None, slot=slot
-            )
-        except KeyRateLimitExceeded as exc:
-            # The 429 carries the rate-limit headers too.
-            context.rate_limit = exc.status
-            raise
         return subject
+
+
+async def admit(
+    state: AppState,
+    context: RequestContext,
+    subject: AuthSubject,
+    required_scopes: frozenset[str],
+    *,
+    tenant_only: bool = False,
+    admin_only: bool = False,
+    billable: bool = False,
+) -> None:
+    """Everything after the credential: the key's activity, the log's ids, the kind of
+    principal, the scopes, the billing mark, and the key's rate limit and concurrency slot.
+    ``Authenticator`` calls it for HTTP routes, the gRPC adapter (``api.grpc.service``) for its
+    calls: one check for every protocol."""
+    if subject.key_id is not None:  # an admin user's JWT has no key (auth.identity.authn)
+        state.key_activity.touch(subject.key_id)
+    structlog.contextvars.bind_contextvars(
+        key_id=str(subject.key_id) if subject.key_id is not None else None,
+        tenant_id=str(subject.tenant.id) if subject.tenant else None,
+    )
+    if tenant_only and subject.tenant is None:
+        raise Forbidden("this route is for tenant credentials")
+    if admin_only and not subject.is_admin:
+        # The scope alone is not enough: a key whose row somehow carried "admin" but
+        # belongs to a tenant must never reach an operator route.
+        raise Forbidden("this route is for operator credentials")
+    authorize(subject, required_scopes)
+    if billable:
+        context.billable = True
+    slot = None
+    if subject.max_in_flight is not None:
+        # Taken by the rate limiter with the rate-limit check, in its one round trip (a
+        # request refused for it costs none of the rate limit). Held until the response is
+        # finished (or failed): api.http.context.InFlightSlot.
+        slot = context.in_flight.reserve(state.concurrency, subject.limit_id, subject.max_in_flight)
+    try:
+        context.rate_limit = await state.rate_limiter.hit(
+            subject.limit_id, subject.rate_limits, admin=subject.tenant is None, slot=slot
+        )
+    except KeyRateLimitExceeded as exc:
+        # The 429 carries the rate-limit headers too.
+        context.rate_limit = exc.status
+        raise
 
 
 require_admin = Authenticator({"admin"}, admin_only=True)

@@ -12,6 +12,7 @@ import logging
 import time
 import traceback
 import uuid
+from typing import TYPE_CHECKING
 
 import structlog
 from starlette.requests import ClientDisconnect
@@ -22,6 +23,9 @@ from api.http.context import CONTEXT_KEY, RequestContext
 from api.http.disconnect import CLIENT_CLOSED_REQUEST
 from api.http.problems import problem_response
 from api.observability import metrics
+
+if TYPE_CHECKING:
+    from auth.identity.authn import AuthSubject
 
 logger = structlog.get_logger("modelgate.request")
 _REQUEST_LOG = logging.getLogger("modelgate.request")
@@ -131,22 +135,34 @@ class RequestContextMiddleware:
     def _log(
         scope: Scope, context: RequestContext, route: str, status: int, started: float
     ) -> None:
-        """The request's access line: who (tenant and key ids, never a credential), which route
-        (its template, never the raw path with its ids), the answer and how long it took."""
-        if not _REQUEST_LOG.isEnabledFor(logging.INFO):
-            return  # under load the level is usually WARNING: skip building the event
-        subject = context.subject
-        tenant = subject.tenant if subject is not None else None
-        key_id = subject.key_id if subject is not None else None
-        logger.info(
-            "request",
-            method=scope.get("method"),
-            route=route,
-            status=status,
-            duration_ms=round((time.perf_counter() - started) * 1000, 3),
-            tenant_id=str(tenant.id) if tenant is not None else None,
-            key_id=str(key_id) if key_id is not None else None,
-        )
+        log_access(scope.get("method"), route, status, started, context.subject)
+
+
+def log_access(
+    method: str | None,
+    route: str,
+    status: int,
+    started: float,
+    subject: AuthSubject | None,
+    **extra: object,
+) -> None:
+    """A request's access line: who (tenant and key ids, never a credential), which route (its
+    template, never the raw path with its ids), the answer and how long it took. The one line
+    of every protocol: the gRPC adapter (``api.grpc.service``) logs its calls here too."""
+    if not _REQUEST_LOG.isEnabledFor(logging.INFO):
+        return  # under load the level is usually WARNING: skip building the event
+    tenant = subject.tenant if subject is not None else None
+    key_id = subject.key_id if subject is not None else None
+    logger.info(
+        "request",
+        method=method,
+        route=route,
+        status=status,
+        duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        tenant_id=str(tenant.id) if tenant is not None else None,
+        key_id=str(key_id) if key_id is not None else None,
+        **extra,
+    )
 
 
 # The route of a request the router matched to no route (a 404 of its own, a redirect).

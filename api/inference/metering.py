@@ -10,10 +10,11 @@ route that forgets to bill cannot serve for free.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 
 from starlette.requests import ClientDisconnect, Request
 
-from api.http.context import request_context
+from api.http.context import RequestContext, request_context
 from api.http.disconnect import client_has_gone
 from api.http.timeout import commit_point
 from api.services import AppState
@@ -37,8 +38,32 @@ async def charge(
     Raises ``QuotaExceeded`` (nothing is recorded), ``DependencyUnavailable``, or
     ``ClientDisconnect`` if the client has already gone (nothing is recorded: answered 499).
     """
-    context = request_context(request.scope)
-    if client_has_gone(request.receive):
+    await charge_call(
+        request_context(request.scope),
+        lambda: client_has_gone(request.receive),
+        state,
+        subject,
+        model=model,
+        model_version=model_version,
+        units=units,
+        latency_ms=latency_ms,
+    )
+
+
+async def charge_call(
+    context: RequestContext,
+    client_gone: Callable[[], bool],
+    state: AppState,
+    subject: AuthSubject,
+    *,
+    model: str,
+    model_version: str,
+    units: int,
+    latency_ms: float,
+) -> None:
+    """:func:`charge` for any protocol: the call's context, and ``client_gone`` to ask whether
+    its client has already gone (the gRPC adapter's call is not an HTTP request)."""
+    if client_gone():
         # Nobody will read the answer: it is not billed (api.http.disconnect).
         raise ClientDisconnect
     tenant = subject.require_tenant()

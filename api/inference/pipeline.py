@@ -1,6 +1,7 @@
 """The one inference-and-billing pipeline: every prediction front end (``POST /api/v1/predict``,
-``/predict/batch``, the V2 infer routes) is a thin adapter that parses its own body, then calls
-:func:`served_model` and :func:`predict_and_bill` here, and shapes its own response.
+``/predict/batch``, the V2 infer routes over REST and V2's ModelInfer over gRPC) is a thin
+adapter that parses its own body, then calls :func:`served_model` and :func:`predict_and_bill`
+(:func:`run_and_bill` for gRPC) here, and shapes its own response.
 
 One request, in order: the model version the caller's plan may use (:func:`served_model`), the
 rows validated against it, the prediction cache (``api.inference.cache``; ``/predict`` only),
@@ -16,7 +17,9 @@ from collections.abc import Callable
 
 from starlette.requests import Request
 
-from api.inference.metering import charge
+from api.http.context import RequestContext, request_context
+from api.http.disconnect import client_has_gone
+from api.inference.metering import charge_call
 from api.observability import metrics
 from api.services import AppState
 from auth.errors import InvalidRequest
@@ -52,6 +55,32 @@ async def predict_and_bill(
     Returns the predictions, the time taken to produce them and whether they came from the
     cache. ``locate`` gives the 422's location of a refused value in the request's body. Every
     prediction route (/predict, /predict/batch, the V2 infer) goes through here."""
+    return await run_and_bill(
+        request_context(request.scope),
+        lambda: client_has_gone(request.receive),
+        state,
+        subject,
+        model,
+        rows,
+        locate,
+        use_cache=use_cache,
+    )
+
+
+async def run_and_bill(
+    context: RequestContext,
+    client_gone: Callable[[], bool],
+    state: AppState,
+    subject: AuthSubject,
+    model: LoadedModel,
+    rows: list[list[float]],
+    locate: Callable[[InvalidFeatures], tuple[str | int, ...]],
+    *,
+    use_cache: bool = False,
+) -> tuple[list[Prediction], float, bool]:
+    """:func:`predict_and_bill` for any protocol: the call's context, and ``client_gone`` to
+    ask whether its client has already gone (V2 over gRPC, whose calls are not HTTP requests,
+    comes in here)."""
     started = time.perf_counter()
     try:
         # Validated before any cache lookup or batching: a bad row is refused on its own.
@@ -70,8 +99,9 @@ async def predict_and_bill(
         if cache is not None and tenant is not None:
             cache.put(tenant.id, model, matrix, predictions[0])
     inference_ms = (time.perf_counter() - started) * 1000
-    await charge(
-        request,
+    await charge_call(
+        context,
+        client_gone,
         state,
         subject,
         model=model.manifest.name,

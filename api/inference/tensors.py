@@ -20,12 +20,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from auth.errors import InvalidRequest
-from ml import FLOAT32_MAX, Prediction
+from ml import FLOAT32_MAX, LoadedModel, Prediction
 
 Loc = tuple[str | int, ...]
 
 INPUT_NAME = "features"
 OUTPUT_NAMES = ("prediction", "probability", "class_name")
+PLATFORMS = {"onnx": "onnx_onnxv1", "sklearn": "sklearn_joblib"}
 
 # Each input datatype's integer range (the integer types) and the element's little-endian
 # layout. FP16 is not an input type: JSON cannot carry it faithfully, and one set of types
@@ -58,6 +59,50 @@ LAYOUTS: dict[str, np.dtype[np.generic]] = {
 }
 # Where the elements of a BYTES tensor's raw form begin: each is its length, 4 bytes, then it.
 BYTES_LENGTH = 4
+
+
+@dataclass(frozen=True)
+class TensorSignature:
+    """A tensor's name, datatype and shape (-1: a dimension of any size)."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+def signature(model: LoadedModel) -> tuple[list[TensorSignature], list[TensorSignature]]:
+    """A model version's input and output tensors, as the protocol's model metadata gives
+    them: any number of rows (up to the batch limit)."""
+    manifest = model.manifest
+    rows = -1
+    inputs = [TensorSignature(INPUT_NAME, "FP64", [rows, manifest.n_features])]
+    outputs = [
+        TensorSignature("prediction", "INT64", [rows]),
+        TensorSignature("probability", "FP64", [rows, len(manifest.class_names)]),
+        TensorSignature("class_name", "BYTES", [rows]),
+    ]
+    return inputs, outputs
+
+
+def requested_outputs(names: Sequence[str] | None, loc: Loc) -> list[str]:
+    """The outputs a request asks for, in its order (all three when it names none); an unknown
+    or repeated name is refused, at ``loc`` + its index."""
+    if names is None:
+        return list(OUTPUT_NAMES)
+    chosen: list[str] = []
+    for index, name in enumerate(names):
+        # The client's name is not echoed: it could be anything pasted in the wrong field.
+        if name not in OUTPUT_NAMES:
+            raise InvalidRequest(
+                f"outputs[{index}] names no output of this model ({', '.join(OUTPUT_NAMES)})",
+                loc=(*loc, index, "name"),
+            )
+        if name in chosen:
+            raise InvalidRequest(
+                f"outputs[{index}] names an output already requested", loc=(*loc, index, "name")
+            )
+        chosen.append(name)
+    return chosen
 
 
 def element_size(datatype: str) -> int:

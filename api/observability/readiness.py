@@ -27,9 +27,42 @@ async def _database_ok(state: AppState) -> bool:
         return False
 
 
+async def is_ready(state: AppState) -> bool:
+    """Whether no dependency is down: the gRPC ServerReady's answer (``api.grpc.service``)."""
+    *_, down = await _assess(state)
+    return not down
+
+
 async def readiness(state: AppState, request: Request) -> JSONResponse:
     """200 with each dependency's state when none is down; otherwise a 503 problem (with
     ``Retry-After``) naming the ones that are, with the same states."""
+    checks, failed_names, problems, down = await _assess(state)
+    if not down:
+        body = ReadinessResponse(
+            status="ready",
+            checks=checks,
+            failed_model_versions=failed_names,
+            unavailable_models=problems,
+        )
+        return JSONResponse(body.model_dump())
+    return problem_response(
+        request.scope,
+        503,
+        "service-unavailable",
+        "Service unavailable",
+        f"not ready: {', '.join(down)} unavailable",
+        {"Retry-After": "2"},
+        checks=checks.model_dump(),
+        failed_model_versions=failed_names,
+        unavailable_models=[p.model_dump() for p in problems],
+    )
+
+
+async def _assess(
+    state: AppState,
+) -> tuple[ReadinessChecks, list[str], list[UnavailableModel], list[str]]:
+    """Each dependency's state, the failed versions, the unavailable models, and the names of
+    the dependencies that are down."""
     database_ok, redis_ok = await asyncio.gather(
         _database_ok(state), state.rate_limiter.is_healthy()
     )
@@ -51,24 +84,5 @@ async def readiness(state: AppState, request: Request) -> JSONResponse:
         database="ok" if database_ok else "unavailable", redis=redis, models=models
     )
     failed_names = [f"{v.name}/{v.version}" for v in failed]
-    unavailable = [p.model_dump() for p in problems]
     down = [name for name, value in checks.model_dump().items() if value == "unavailable"]
-    if not down:
-        body = ReadinessResponse(
-            status="ready",
-            checks=checks,
-            failed_model_versions=failed_names,
-            unavailable_models=problems,
-        )
-        return JSONResponse(body.model_dump())
-    return problem_response(
-        request.scope,
-        503,
-        "service-unavailable",
-        "Service unavailable",
-        f"not ready: {', '.join(down)} unavailable",
-        {"Retry-After": "2"},
-        checks=checks.model_dump(),
-        failed_model_versions=failed_names,
-        unavailable_models=unavailable,
-    )
+    return checks, failed_names, problems, down

@@ -30,12 +30,13 @@ from api.http.errors import PROBLEM_DESCRIPTIONS
 from api.http.problems import PROBLEM_MEDIA_TYPE, problem_response
 from api.inference.pipeline import predict_and_bill, served_model
 from api.inference.tensors import (
-    INPUT_NAME,
-    OUTPUT_NAMES,
+    PLATFORMS,
     output_tensors,
+    requested_outputs,
     row_count,
     rows_from_bytes,
     rows_from_values,
+    signature,
 )
 from api.observability.readiness import readiness
 from api.schemas.predict import HARD_MAX_INSTANCES
@@ -43,7 +44,6 @@ from api.schemas.v2 import (
     InferResponse,
     ModelMetadata,
     ModelReady,
-    RequestedOutput,
     ServerLive,
     ServerMetadata,
     ServerReady,
@@ -60,7 +60,7 @@ from api.schemas.v2_binary import (
     parse_infer_body,
     request_body_openapi,
 )
-from auth.errors import DependencyUnavailable, InvalidRequest
+from auth.errors import DependencyUnavailable
 from auth.identity.authn import AuthSubject
 from ml import InvalidFeatures, LoadedModel, ModelUnavailable
 from ml.manifest import NAME_PATTERN, VERSION_PATTERN
@@ -70,7 +70,6 @@ PredictReader = Annotated[AuthSubject, Depends(Authenticator({"predict"}, tenant
 ModelNamePath = Annotated[str, Path(min_length=1, max_length=100, pattern=NAME_PATTERN)]
 ModelVersionPath = Annotated[str, Path(min_length=1, max_length=50, pattern=VERSION_PATTERN)]
 
-PLATFORMS = {"onnx": "onnx_onnxv1", "sklearn": "sklearn_joblib"}
 # How long a client should wait before asking again about a model that cannot serve.
 UNAVAILABLE_RETRY_SECONDS = 5
 
@@ -171,22 +170,13 @@ async def server_ready(request: Request) -> Response:
 
 
 def _metadata(model: LoadedModel, versions: Sequence[str]) -> ModelMetadata:
-    manifest = model.manifest
-    rows = -1  # any number of rows, up to the batch limit
+    inputs, outputs = signature(model)
     return ModelMetadata(
-        name=manifest.name,
+        name=model.manifest.name,
         versions=list(versions),
         platform=PLATFORMS[model.runtime],
-        inputs=[
-            TensorMetadata(name=INPUT_NAME, datatype="FP64", shape=[rows, manifest.n_features])
-        ],
-        outputs=[
-            TensorMetadata(name="prediction", datatype="INT64", shape=[rows]),
-            TensorMetadata(
-                name="probability", datatype="FP64", shape=[rows, len(manifest.class_names)]
-            ),
-            TensorMetadata(name="class_name", datatype="BYTES", shape=[rows]),
-        ],
+        inputs=[TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape) for t in inputs],
+        outputs=[TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape) for t in outputs],
     )
 
 
@@ -277,24 +267,6 @@ async def model_version_ready(
     return await _readiness(request, subject, model_name, model_version)
 
 
-def _requested_outputs(outputs: list[RequestedOutput] | None) -> list[str]:
-    if outputs is None:
-        return list(OUTPUT_NAMES)
-    names = []
-    for index, output in enumerate(outputs):
-        loc = ("body", "outputs", index, "name")
-        # The client's name is not echoed: it could be anything pasted in the wrong field.
-        if output.name not in OUTPUT_NAMES:
-            raise InvalidRequest(
-                f"outputs[{index}] names no output of this model ({', '.join(OUTPUT_NAMES)})",
-                loc=loc,
-            )
-        if output.name in names:
-            raise InvalidRequest(f"outputs[{index}] names an output already requested", loc=loc)
-        names.append(output.name)
-    return names
-
-
 def _rows(body: InferBody, n_features: int, max_rows: int) -> list[list[float]]:
     """The rows of the request's input tensor, from its JSON values or its binary data."""
     tensor, raw = body.request.inputs[0], body.binary[0]
@@ -318,7 +290,11 @@ async def _infer(
     binary = binary_outputs(body.request)
     model = served_model(state, subject, name, version)
     manifest = model.manifest
-    outputs = _requested_outputs(body.request.outputs)
+    requested = body.request.outputs
+    outputs = requested_outputs(
+        None if requested is None else [output.name for output in requested],
+        ("body", "outputs"),
+    )
     max_rows = min(state.settings.max_batch_size, HARD_MAX_INSTANCES)
     n_features = manifest.n_features
     rows = _rows(body, n_features, max_rows)

@@ -1,0 +1,1 @@
+"""The protocol's ``.proto`` and the code generated from it (never edited)."""
