@@ -10,8 +10,10 @@ would register ``inference.*`` in protobuf's one pool)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -28,7 +30,7 @@ import tritonclient.grpc as triton_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import IRIS_SETOSA, IRIS_VIRGINICA
+from tests.conftest import IRIS_SETOSA, IRIS_VIRGINICA, only_on
 from tests.e2e.servers import BIN, access_lines, free_port, hermetic_cwd, run_cli, wait_ready
 
 pytestmark = pytest.mark.e2e
@@ -46,6 +48,7 @@ class Served:
     grpc: str
     admin: str
     log: Path
+    process: subprocess.Popen[bytes]
 
     def admin_post(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         response = httpx.post(
@@ -99,9 +102,11 @@ def serving(environment: dict[str, str], tmp_path: Path, workers: int) -> Iterat
                 f"127.0.0.1:{environment['MODELGATE_GRPC_PORT']}",
                 admin.stdout.strip().splitlines()[-1],
                 log,
+                server,
             )
         finally:
-            os.killpg(server.pid, signal.SIGTERM)
+            if server.poll() is None:
+                os.killpg(server.pid, signal.SIGTERM)
             try:
                 server.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -247,6 +252,48 @@ def test_tritonclient_grpc_gets_the_status_codes_of_the_http_answers(
     assert int(trailing["retry-after"]) > 0
     assert "x-request-id" in trailing
     assert _units(served, key) == 0
+
+
+@only_on("postgres")
+def test_sigterm_stops_grpc_taking_calls_as_http_starts_its_drain(served_alone: Served) -> None:
+    """On SIGTERM the gRPC server stops taking calls when the HTTP server does, not once HTTP
+    has drained: while an HTTP request is still in flight (its body half sent), a new gRPC
+    call is refused UNAVAILABLE; the HTTP request is then answered and the server exits 0."""
+    served = served_alone
+    key, _ = served.tenant_key()
+    _infer(triton_grpc.InferenceServerClient(served.grpc), key, ROWS)
+    port = int(served.http.rsplit(":", 1)[1])
+    body = json.dumps({"features": IRIS_SETOSA}).encode()
+    half = len(body) // 2
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        connection.sendall(
+            b"POST /api/v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            + f"Authorization: Bearer {key}\r\nContent-Length: {len(body)}\r\n".encode()
+            + b"Content-Type: application/json\r\n\r\n"
+            + body[:half]
+        )
+        time.sleep(0.5)  # the worker has read the headers: the request is in flight
+        os.kill(served.process.pid, signal.SIGTERM)
+        status = None
+        deadline = time.monotonic() + 10
+        while status is None and time.monotonic() < deadline:
+            fresh = triton_grpc.InferenceServerClient(
+                served.grpc, channel_args=[("grpc.use_local_subchannel_pool", 1)]
+            )
+            try:
+                _infer(fresh, key, ROWS)
+            except InferenceServerException as refused:
+                status = str(refused.status())
+            fresh.close()
+            time.sleep(0.1)
+        assert status == "StatusCode.UNAVAILABLE"
+        assert served.process.poll() is None, "the server exited with a request in flight"
+        connection.sendall(body[half:])
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert served.process.wait(timeout=30) == 0
 
 
 def _raw_infer(served: Served, key: str) -> tuple[grpc.StatusCode, dict[str, str]]:
