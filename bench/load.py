@@ -8,6 +8,7 @@ import os
 import resource
 import shutil
 import subprocess
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ class Target:
     name: str
     method: str
     path: str
-    body: str = ""
+    body: str | bytes = ""
     headers: dict[str, str] = field(default_factory=dict)
     rows_per_request: int = 1
 
@@ -97,16 +98,25 @@ def run_wrk(base_url: str, target: Target, connections: int, duration_s: float) 
     ]
     env = dict(os.environ)
     env["BENCH_METHOD"] = target.method
-    env["BENCH_BODY"] = target.body
     env["BENCH_HEADERS"] = "\n".join(f"{k}: {v}" for k, v in target.headers.items())
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    try:
-        completed = subprocess.run(
-            argv, env=env, capture_output=True, text=True, timeout=seconds + 30, check=False
-        )
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"wrk did not finish within {seconds + 30} s ({target.name})") from None
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with tempfile.TemporaryDirectory(prefix="bench-body-") as directory:
+        if isinstance(target.body, bytes):
+            # Binary bodies (NUL bytes included) reach the script through a file.
+            body_file = Path(directory) / "body"
+            body_file.write_bytes(target.body)
+            env["BENCH_BODY_FILE"] = str(body_file)
+        else:
+            env["BENCH_BODY"] = target.body
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        try:
+            completed = subprocess.run(
+                argv, env=env, capture_output=True, text=True, timeout=seconds + 30, check=False
+            )
+        except subprocess.TimeoutExpired:
+            raise BenchError(
+                f"wrk did not finish within {seconds + 30} s ({target.name})"
+            ) from None
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if completed.returncode != 0:
         detail = (completed.stderr or completed.stdout).strip().splitlines()
         raise BenchError(f"wrk failed ({target.name}): {detail[-1] if detail else 'no output'}")

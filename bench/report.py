@@ -30,6 +30,8 @@ ENDPOINT_LABELS = {
     "batch": "POST /predict/batch x10",
     "usage": "GET /me/usage",
     "v2-infer": "POST /v2/models/iris/infer (1 row)",
+    "v2-binary": "V2 infer, binary tensors (1 row)",
+    "grpc-infer": "gRPC ModelInfer (1 row, Python client)",
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import struct
 import sys
 import time
 import urllib.error
@@ -15,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench import IRIS_ROW, BenchError
+from bench.grpc_load import run_grpc_load
 from bench.load import Target, require_wrk, run_wrk
 from bench.micro import run_micro_sync
 from bench.report import (
@@ -30,6 +32,7 @@ from bench.report import (
 from bench.services import (
     BENCH_MONTHLY_QUOTA,
     BENCH_RATE_LIMIT,
+    HOST,
     SERVER_LOG_LEVEL,
     SKLEARN_MODEL,
     BenchEnvironment,
@@ -38,6 +41,7 @@ from bench.services import (
     check_postgres,
     check_redis,
     echo_server,
+    free_port,
     modelgate_server,
     resolve_database,
     running,
@@ -55,8 +59,18 @@ ENDPOINTS = (
     "predict-sklearn-direct",
     "predict-cached",
     "v2-infer",
+    "v2-binary",
+    "grpc-infer",
 )
-MODELGATE_ENDPOINTS = ("predict", "predict-jwt", "batch", "usage", "predict-sklearn", "v2-infer")
+MODELGATE_ENDPOINTS = (
+    "predict",
+    "predict-jwt",
+    "batch",
+    "usage",
+    "predict-sklearn",
+    "v2-infer",
+    "v2-binary",
+)
 # Endpoints driven on a server of their own, started with these settings on top of the bench's.
 VARIANT_SERVERS: dict[str, dict[str, str]] = {
     # The scikit-learn version with micro-batching switched off: one call per request.
@@ -66,6 +80,20 @@ VARIANT_SERVERS: dict[str, dict[str, str]] = {
     "predict-cached": {"MODELGATE_PREDICTION_CACHE_TTL_SECONDS": "60"},
 }
 BATCH_ROWS = 10
+V2_BINARY_HEADER = json.dumps(
+    {
+        "inputs": [
+            {
+                "name": "x",
+                "shape": [1, 4],
+                "datatype": "FP64",
+                "parameters": {"binary_data_size": 32},
+            }
+        ],
+        "parameters": {"binary_data_output": True},
+    },
+    separators=(",", ":"),
+).encode()
 # Per startup, per cell: the fixed costs beyond warm-up + measurement, for the time estimate.
 STARTUP_ESTIMATE_S = 6.0
 CELL_OVERHEAD_ESTIMATE_S = 0.5
@@ -129,6 +157,15 @@ def targets(api_key: str) -> dict[str, Target]:
                 {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP64", "data": IRIS_ROW}]}
             ),
             {**json_type, **auth},
+        ),
+        # The same row as tritonclient.http sends it by default: FP64 bytes after the JSON, and
+        # every output asked for in binary.
+        "v2-binary": Target(
+            "v2-binary",
+            "POST",
+            "/v2/models/iris/infer",
+            V2_BINARY_HEADER + struct.pack("<4d", *IRIS_ROW),
+            {**auth, "Inference-Header-Content-Length": str(len(V2_BINARY_HEADER))},
         ),
         **{
             name: Target(
@@ -206,6 +243,34 @@ def measure_cell(server: Server, target: Target, cell: Cell, options: RunOptions
     )
 
 
+def measure_grpc_cell(
+    server: Server, address: str, api_key: str, cell: Cell, options: RunOptions
+) -> None:
+    """``measure_cell`` for the gRPC cell, driven by ``bench.grpc_load``."""
+    if not server.alive():
+        cell.status, cell.note = FAILED, f"server exited: {server.log_tail()}"
+        return
+    try:
+        if options.warmup_s > 0:
+            warmup = run_grpc_load(address, api_key, cell.connections, options.warmup_s)
+            cell.warmup_errors = warmup.error_count
+        cell.result = run_grpc_load(address, api_key, cell.connections, options.duration_s)
+    except BenchError as exc:
+        cell.status, cell.note = FAILED, str(exc)
+        return
+    result = cell.result
+    if result.error_count or result.requests == 0:
+        cell.status = FAILED
+        cell.note = ", ".join(f"{n} x {code}" for code, n in result.statuses.items()) or "none"
+    else:
+        cell.status = OK
+        cell.note = f"load generator CPU {result.wrk_cpu_percent:.0f}%"
+    log(
+        f"  w{cell.workers} grpc     c{cell.connections:<3} {result.requests_per_s:9.1f} req/s  "
+        f"p50 {result.p50_ms:.2f} ms  p99 {result.p99_ms:.2f} ms  errors {result.error_count}"
+    )
+
+
 def run_pass(
     env: BenchEnvironment,
     workers: int,
@@ -231,6 +296,15 @@ def run_pass(
                 cell = Cell(endpoint, workers, connections)
                 report.cells.append(cell)
                 measure_cell(server, all_targets[endpoint], cell, options)
+    if "grpc-infer" in options.only:
+        grpc_port = free_port()
+        log(f"starting modelgate serve with {workers} worker(s) and MODELGATE_GRPC_PORT")
+        settings = {"MODELGATE_GRPC_PORT": str(grpc_port)}
+        with running(modelgate_server(env, workers, settings, "grpc")) as server:
+            for connections in options.connections:
+                cell = Cell("grpc-infer", workers, connections)
+                report.cells.append(cell)
+                measure_grpc_cell(server, f"{HOST}:{grpc_port}", env.api_key, cell, options)
     wanted = [name for name in MODELGATE_ENDPOINTS if name in options.only]
     if not wanted:
         return
@@ -267,7 +341,7 @@ def run_pass(
 def estimate_seconds(options: RunOptions) -> float:
     """A rough duration of the whole run, printed up front."""
     modelgate = [e for e in MODELGATE_ENDPOINTS if e in options.only]
-    variants = [e for e in VARIANT_SERVERS if e in options.only]
+    variants = [e for e in (*VARIANT_SERVERS, "grpc-infer") if e in options.only]
     per_pass_cells = len(options.connections) * (
         ("echo" in options.only) + len(modelgate) + len(variants)
     )

@@ -1,7 +1,7 @@
 -- wrk script for bench/load.py: one fixed request, and a machine-readable summary.
 --
--- The request comes from the environment (BENCH_METHOD, BENCH_BODY, BENCH_HEADERS as
--- "Name: value" lines) rather than from arguments, so that the API key never shows in `ps`.
+-- The request comes from the environment (BENCH_METHOD, BENCH_BODY or BENCH_BODY_FILE,
+-- BENCH_HEADERS as "Name: value" lines) rather than from arguments, so that the API key never shows in `ps`.
 -- No request() function is defined: wrk then pre-formats the request once and reuses the bytes,
 -- which keeps the load generator cheap.
 
@@ -9,6 +9,14 @@ wrk.method = os.getenv("BENCH_METHOD") or "GET"
 local body = os.getenv("BENCH_BODY")
 if body ~= nil and body ~= "" then
   wrk.body = body
+end
+-- A body that is not text (the binary tensor data extension) comes in a file: an environment
+-- variable cannot hold a NUL byte.
+local body_file = os.getenv("BENCH_BODY_FILE")
+if body_file ~= nil and body_file ~= "" then
+  local file = assert(io.open(body_file, "rb"))
+  wrk.body = file:read("*a")
+  file:close()
 end
 for line in (os.getenv("BENCH_HEADERS") or ""):gmatch("[^\n]+") do
   local name, value = line:match("^([^:]+):%s*(.*)$")
