@@ -229,6 +229,15 @@ def test_tritonclient_grpc_gets_the_status_codes_of_the_http_answers(
     assert (
         _refused(lambda: _infer(client, key, [[np.nan, 1, 1, 1]])) == "StatusCode.INVALID_ARGUMENT"
     )
+    # Raw contents of another size than the shape says, short or long; a message over the
+    # bound (MODELGATE_MAX_BODY_BYTES), refused by gRPC before it is read.
+    exact = np.asarray(ROWS, dtype="<f8").tobytes()
+    for raw in (exact[:-1], exact + b"\0" * 8, b""):
+        status, trailing = _raw_infer(served, key, raw)
+        assert status == grpc.StatusCode.INVALID_ARGUMENT, raw
+        assert "x-request-id" in trailing
+    status, _ = _raw_infer(served, key, b"\0" * (512 * 1024), shape=(100, 4))
+    assert status == grpc.StatusCode.RESOURCE_EXHAUSTED
     served.admin_post("/plans", {"name": "other-models", "models": ["other"]})
     unentitled, _ = served.tenant_key(plan="other-models")
     assert _refused(lambda: _infer(client, unentitled, ROWS)) == "StatusCode.NOT_FOUND"
@@ -296,12 +305,17 @@ def test_sigterm_stops_grpc_taking_calls_as_http_starts_its_drain(served_alone: 
     assert served.process.wait(timeout=30) == 0
 
 
-def _raw_infer(served: Served, key: str) -> tuple[grpc.StatusCode, dict[str, str]]:
+def _raw_infer(
+    served: Served, key: str, raw: bytes | None = None, shape: tuple[int, ...] = (3, 4)
+) -> tuple[grpc.StatusCode, dict[str, str]]:
     """A ModelInfer through the protocol's own stub (tritonclient's), for the trailing
-    metadata that tritonclient's errors do not keep."""
+    metadata that tritonclient's errors do not keep; ``raw``: the input as raw contents."""
     request = service_pb2.ModelInferRequest(model_name="iris")
-    tensor = request.inputs.add(name="input0", datatype="FP64", shape=[3, 4])
-    tensor.contents.fp64_contents.extend(value for row in ROWS for value in row)
+    tensor = request.inputs.add(name="input0", datatype="FP64", shape=list(shape))
+    if raw is None:
+        tensor.contents.fp64_contents.extend(value for row in ROWS for value in row)
+    else:
+        request.raw_input_contents.append(raw)
     with grpc.insecure_channel(served.grpc) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         try:
