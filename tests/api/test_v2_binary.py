@@ -8,6 +8,7 @@ each 200 and nothing else."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import struct
 import uuid
@@ -349,3 +350,14 @@ async def test_fuzzed_binary_framing_gives_no_5xx_and_bills_only_what_it_serves(
     assert statuses[200] >= 20, statuses
     assert statuses[422] >= 50, statuses
     assert await units_billed(harness, tenant.id) == sum(served)
+
+
+async def test_a_compressed_body_is_refused_not_decompressed(harness: Harness) -> None:
+    _, key = await create_tenant_with_key(harness)
+    document, length, raw = binary_request(ROWS, "FP32")
+    response = await harness.client.post(
+        INFER,
+        content=gzip.compress(document + raw),
+        headers={**bearer(key), HEADER: str(length), "Content-Encoding": "gzip"},
+    )
+    assert response.status_code == 422, response.text
