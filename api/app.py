@@ -49,9 +49,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         tracing.enter_context(instrumented(tracer_provider, services.engine, services.redis.client))
     # The Open Inference Protocol over gRPC, when a port is set (api.server.grpc_serving).
     grpc_serving = None
-    if settings.grpc_port is not None:
-        grpc_serving = await start_grpc(services, settings, app.title, app.version)
     try:
+        if settings.grpc_port is not None:
+            # A port it cannot bind stops the worker's start (and closes what started).
+            grpc_serving = await start_grpc(services, settings, app.title, app.version)
         yield
     finally:
         if grpc_serving is not None:

@@ -326,14 +326,16 @@ async def run_micro(env: BenchEnvironment, log: Callable[[str], None]) -> list[M
         )
 
         async def in_flight() -> None:
-            slot = await state.concurrency.acquire(limiter_id, 1_000_000)
+            # The slot is taken by the rate-limit check, in its round trip (RateLimiter.hit).
+            slot = state.concurrency.slot(limiter_id, 1_000_000)
+            await state.rate_limiter.hit(limiter_id, BENCH_RATE_LIMIT, slot=slot)
             await slot.release()
 
         add(
             await time_async(
                 "concurrency.redis",
-                "ConcurrencyLimiter on Redis: take a slot and give it back (two round trips; "
-                "only for keys with max_in_flight)",
+                "RateLimiter.hit taking a concurrency slot, then the slot given back (two round "
+                "trips; only for keys with max_in_flight)",
                 in_flight,
             )
         )
