@@ -69,12 +69,14 @@ class InterimDeployer:
             # Blocking: hashing, ONNX checks and the file writes.
             await asyncio.to_thread(register_file, model_dir, path, request.name, request.version)
             registered = "registered"
-        if not request.activate:
-            return DeployOutcome("deployed", registered)
         try:
+            # Verified, warmed up and canaried in this worker now (the others find it at their
+            # next self-check, or load it when it is activated).
             await asyncio.to_thread(self.registry.load_version, request.name, request.version)
         except ModelUnavailable as exc:
-            return DeployOutcome("refused", f"{registered}, not activated: {exc.message}")
+            return DeployOutcome("refused", f"{registered}, but it cannot serve: {exc.message}")
+        if not request.activate:
+            return DeployOutcome("deployed", f"{registered} and loaded")
         async with asyncio.timeout(self._timeout), self._sessionmaker() as session:
             await activate_version(
                 session,
