@@ -6,6 +6,7 @@ changes nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -23,7 +24,7 @@ import pytest_asyncio
 from sqlalchemy import delete, func, select
 from standardwebhooks.webhooks import Webhook
 
-from api.webhooks.deploy import DeployOutcome, DeployRequest
+from api.webhooks.deploy import DeployOutcome, DeployQueue, DeployRequest
 from auth.model_activation import MODEL_NAME_PATTERN
 from auth.models import AuditEvent, ModelActivation, WebhookDelivery
 from auth.settings import MODEL_NAME_RE
@@ -472,3 +473,47 @@ async def test_failed_signatures_spend_the_address_failure_budget(
         assert statuses == [401, 401, 429]
         # The throttled one is not audited: an anonymous flood writes no events past the budget.
         assert len(await audited(app, "webhook.refuse")) == before + 2
+
+
+class Blocking:
+    """A deployer that holds each request until released: the queue fills behind it."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.started: list[DeployRequest] = []
+
+    async def deploy(self, request: DeployRequest) -> DeployOutcome:
+        self.started.append(request)
+        await self.release.wait()
+        return DeployOutcome("deployed", "released")
+
+
+async def test_a_full_queue_refuses_and_a_shutdown_loses_nothing_silently(
+    app: Harness, candidate: Path
+) -> None:
+    """The deploy queue is bounded: past its capacity a delivery is refused with 503 and
+    Retry-After, audited, and not remembered (the sender's retry is taken later); at shutdown
+    the job running and the job waiting are each logged and audited, not dropped."""
+    blocking = Blocking()
+    real = app.state.deploys
+    app.state.deploys = DeployQueue(blocking, app.sessionmaker, capacity=1)
+    app.state.deploys.start()
+    try:
+        answers = []
+        for version in ("6", "7", "8"):
+            delivery = signed_generic(
+                {"name": "iris", "version": version, "source": candidate.as_uri()}
+            )
+            answers.append(await post(app, GENERIC, delivery))
+            # Let the runner take the first job off the queue.
+            await asyncio.sleep(0.05)
+        assert [a.status_code for a in answers] == [202, 202, 503], answers[-1].text
+        assert answers[-1].headers["retry-after"] == "30"
+        assert (await audited(app, "webhook.refuse"))[-1]["reason"] == "queue-full"
+        assert await deliveries(app) == 2
+        assert [r.version for r in blocking.started] == ["6"]
+        await app.state.deploys.close()
+    finally:
+        app.state.deploys = real
+    outcomes = [(d["version"], d["outcome"]) for d in await audited(app, "webhook.deploy")]
+    assert outcomes == [("6", "failed"), ("7", "not-run")]
