@@ -517,3 +517,31 @@ async def test_a_full_queue_refuses_and_a_shutdown_loses_nothing_silently(
         app.state.deploys = real
     outcomes = [(d["version"], d["outcome"]) for d in await audited(app, "webhook.deploy")]
     assert outcomes == [("6", "failed"), ("7", "not-run")]
+
+
+async def test_accepted_delivery_ids_are_pruned_after_the_replay_window(
+    app: Harness, candidate: Path
+) -> None:
+    """Ids received more than ten minutes ago (twice the skew) are deleted in bulk when a new
+    delivery is accepted; younger ones are kept, so a replay within the window is still 409."""
+    now = datetime.now(UTC)
+    async with app.sessionmaker() as session:
+        session.add_all(
+            [
+                WebhookDelivery(
+                    source="generic", delivery_id="old", received_at=now - timedelta(minutes=11)
+                ),
+                WebhookDelivery(
+                    source="generic", delivery_id="young", received_at=now - timedelta(minutes=9)
+                ),
+            ]
+        )
+        await session.commit()
+    accepted = await post(
+        app, GENERIC, signed_generic({"name": "iris", "version": "9", "source": candidate.as_uri()})
+    )
+    assert accepted.status_code == 202, accepted.text
+    async with app.sessionmaker() as session:
+        kept = set(await session.scalars(select(WebhookDelivery.delivery_id)))
+    assert kept == {"young", accepted.json()["delivery_id"]}
+    await app.state.deploys.join()
