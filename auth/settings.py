@@ -358,6 +358,12 @@ def check_production(settings: Settings, workers: int) -> None:
             "every MODELGATE_JWT_PREVIOUS_SECRETS entry must be at least "
             f"{MIN_SECRET_LENGTH} bytes in production"
         )
+    mlflow_secret = settings.mlflow_webhook_secret
+    if mlflow_secret is not None and len(mlflow_secret.get_secret_value()) < MIN_SECRET_LENGTH:
+        raise ConfigurationError(
+            f"MODELGATE_MLFLOW_WEBHOOK_SECRET must be at least {MIN_SECRET_LENGTH} characters "
+            "in production"
+        )
     if "*" in settings.cors_origin_list:
         raise ConfigurationError("MODELGATE_CORS_ORIGINS may not be '*' in production")
     if workers > 1 and not settings.redis_url:

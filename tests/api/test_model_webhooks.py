@@ -21,13 +21,15 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
+from pydantic import ValidationError
 from sqlalchemy import delete, func, select
 from standardwebhooks.webhooks import Webhook
 
 from api.webhooks.deploy import DeployOutcome, DeployQueue, DeployRequest
+from auth.errors import ConfigurationError
 from auth.model_activation import MODEL_NAME_PATTERN
 from auth.models import AuditEvent, ModelActivation, WebhookDelivery
-from auth.settings import MODEL_NAME_RE
+from auth.settings import MODEL_NAME_RE, Settings, check_production
 from tests.conftest import (
     IRIS_SETOSA,
     Backend,
@@ -186,6 +188,31 @@ async def served_version(app: Harness, key: str) -> str:
 
 def test_the_settings_know_the_registry_name_pattern() -> None:
     assert f"^{MODEL_NAME_RE}$" == MODEL_NAME_PATTERN
+
+
+def test_webhook_settings_are_checked_without_echoing_secrets(tmp_path: Path) -> None:
+    """A Standard Webhooks secret that is not whsec_ and base64 of 24 to 64 bytes, or a served
+    name that is not a model name, stops the settings; neither error shows the secret. In
+    production the MLflow secret is at least 32 characters."""
+    for bad in ("not-a-whsec-secret-at-all", "whsec_" + base64.b64encode(b"short").decode()):
+        with pytest.raises(ValidationError) as refused:
+            Settings(_env_file=None, var_dir=tmp_path, webhook_secret=bad)  # type: ignore[call-arg]
+        # What the CLI prints of a refused setting (never its input).
+        assert bad not in " ".join(e["msg"] for e in refused.value.errors())
+    with pytest.raises(ValidationError, match="not a valid model name"):
+        Settings(_env_file=None, mlflow_model_names={"Churn": "churn model"})  # type: ignore[call-arg]
+    weak = "m" * 20
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        var_dir=tmp_path,
+        env="production",
+        key_pepper="p" * 48,
+        jwt_secret="j" * 48,
+        mlflow_webhook_secret=weak,
+    )
+    with pytest.raises(ConfigurationError, match="MLFLOW_WEBHOOK_SECRET") as production:
+        check_production(settings, workers=1)
+    assert weak not in str(production.value)
 
 
 async def test_a_signed_file_delivery_registers_and_activates_the_version(
