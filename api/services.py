@@ -21,6 +21,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from api.inference.cache import PredictionCache, build_prediction_cache
 from api.observability import metrics
 from api.server.activations import apply_activations, check_models_periodically, follow_activations
+from api.webhooks.deploy import DeployQueue
+from api.webhooks.interim import InterimDeployer
 from auth.db import create_engine, create_sessionmaker
 from auth.identity.authn import KeyAuthenticator
 from auth.identity.failure_throttle import CredentialThrottle
@@ -59,12 +61,19 @@ class AppState:
     key_activity: KeyActivity
     tokens: TokenConfig
     login_throttle: LoginThrottle
+    # The model webhooks' failure budget per client address: the same budget (and Redis keys)
+    # as failed API keys and JWTs, so a bad signature costs what a bad key does.
+    webhook_throttle: CredentialThrottle
+    # Deploy requests from the model webhooks, run one at a time in the background.
+    deploys: DeployQueue
     started_at: float = field(default_factory=time.monotonic)
     # How scikit-learn calls are micro-batched (ml.batching).
     batching: BatchPolicy = DIRECT
     # None when MODELGATE_PREDICTION_CACHE_TTL_SECONDS is 0; its hits, misses and errors are
     # counted in Prometheus (api.observability.metrics).
     prediction_cache: PredictionCache | None = None
+    # When this process last pruned the accepted webhook delivery ids (api.webhooks.receiver).
+    webhooks_pruned_at: float = float("-inf")
     # The periodic work started by start() and cancelled by close().
     background: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
 
@@ -79,6 +88,7 @@ class AppState:
         redis = connect_redis(settings)
         rate_limiter = RateLimiter(settings, redis.storage)
         tokens = token_config(settings, secrets)
+        registry = ModelRegistry(settings.model_dir)
         return cls(
             settings=settings,
             secrets=secrets,
@@ -97,7 +107,7 @@ class AppState:
             ),
             rate_limiter=rate_limiter,
             concurrency=ConcurrencyLimiter(rate_limiter, settings.concurrency_slot_ttl_seconds),
-            registry=ModelRegistry(settings.model_dir),
+            registry=registry,
             usage_writer=UsageWriter(
                 engine,
                 max_batch=settings.usage_flush_max_records,
@@ -115,6 +125,14 @@ class AppState:
                 redis.storage,
                 settings.login_failures_per_address,
                 settings.login_failures_per_account,
+            ),
+            webhook_throttle=CredentialThrottle(redis.storage, settings.auth_failures_per_address),
+            # MERGE (issue 19): the interim deployer registers file:// sources only; the lead
+            # puts the pull + publish + activation deployer here.
+            deploys=DeployQueue(
+                InterimDeployer(registry, sessionmaker, settings.database_timeout_seconds),
+                sessionmaker,
+                audit_timeout_seconds=settings.database_timeout_seconds,
             ),
             batching=BatchPolicy(
                 max_size=settings.batch_max_size,
@@ -155,6 +173,7 @@ class AppState:
             )
         self.usage_writer.start()
         self.key_activity.start()
+        self.deploys.start()
         self.started_at = time.monotonic()
         # Created last, and first run once the app's lifespan hands control back to the loop.
         self.background = [
@@ -178,6 +197,9 @@ class AppState:
         timeout = self.settings.shutdown_timeout_seconds
         try:
             async with asyncio.timeout(timeout):
+                # Deploys still waiting are logged and audited as not run, while the database
+                # is still there.
+                await self.deploys.close()
                 await self.usage_writer.close()
                 await self.key_activity.close()
                 if self.prediction_cache is not None:

@@ -345,3 +345,16 @@ class ModelActivation(Base):
     version: Mapped[str] = mapped_column(String(16))
     activated_at: Mapped[datetime] = mapped_column(default=utcnow)
     activated_by: Mapped[str] = mapped_column(String(200))  # the audit trail's actor name
+
+
+class WebhookDelivery(Base):
+    """A signed webhook delivery that was accepted (``auth.webhooks.deliveries``): its id is
+    accepted once, across every replica (the key). Rows older than twice the clock
+    skew allowed are pruned in bulk: by then the delivery's signed timestamp is stale anyway."""
+
+    __tablename__ = "webhook_delivery"
+
+    # The pair is the key: a second insert of it is the replay.
+    source: Mapped[str] = mapped_column(String(16), primary_key=True)  # "mlflow" or "generic"
+    delivery_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import multiprocessing
 import os
+import re
 import secrets
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -22,6 +25,20 @@ MIN_SECRET_LENGTH = 32
 
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# The model registry's name pattern (ml.manifest.NAME_PATTERN; auth does not import ml).
+MODEL_NAME_RE = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
+
+
+def _is_whsec(value: str) -> bool:
+    """Whether ``value`` is a Standard Webhooks secret: ``whsec_`` and base64 of 24-64 bytes."""
+    if not value.startswith("whsec_"):
+        return False
+    try:
+        key = base64.b64decode(value[len("whsec_") :], validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return 24 <= len(key) <= 64
 
 
 def parse_networks(value: str) -> tuple[IPNetwork, ...]:
@@ -178,11 +195,52 @@ class Settings(BaseSettings):
     # How often each worker deletes access-token records that expired a while ago.
     token_prune_interval_seconds: float = Field(default=600.0, gt=0, le=86_400)
 
+    # Signed webhooks that announce new model versions (api.routes.webhooks). Each route answers
+    # 404 while its secret is unset: nothing unsigned is ever accepted.
+    # The secret given to MLflow's create_webhook(secret=...): its HMAC key, any string.
+    mlflow_webhook_secret: SecretStr | None = Field(default=None, min_length=16, max_length=1024)
+    # The generic Standard Webhooks secret: "whsec_" and base64 of 24 to 64 random bytes.
+    webhook_secret: SecretStr | None = Field(default=None, max_length=200)
+    # MLflow registered model name -> the name modelgate serves it under (JSON object). An
+    # unmapped MLflow name is served under itself if it is a valid modelgate name, else refused.
+    mlflow_model_names: dict[str, str] = Field(default_factory=dict, max_length=1000)
+    # The MLflow alias whose model_version_alias.created means "activate this version".
+    mlflow_activate_alias: str = Field(
+        default="champion", min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_-]+$"
+    )
+
     @field_validator("metrics_token", mode="before")
     @classmethod
     def _empty_metrics_token_is_none(cls, value: object) -> object:
         # MODELGATE_METRICS_TOKEN= (set but empty) leaves the route public, as unset does.
         return None if value == "" else value
+
+    @field_validator("mlflow_webhook_secret", "webhook_secret", mode="before")
+    @classmethod
+    def _empty_webhook_secret_is_none(cls, value: object) -> object:
+        # Set but empty: the route stays off, as unset.
+        return None if value == "" else value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _standard_webhooks_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not _is_whsec(value.get_secret_value()):
+            # Never echo the value: it is a secret, even a malformed one.
+            raise ValueError(
+                "MODELGATE_WEBHOOK_SECRET must be whsec_ followed by base64 of 24 to 64 bytes"
+            )
+        return value
+
+    @field_validator("mlflow_model_names")
+    @classmethod
+    def _served_names_are_model_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for mlflow_name, served in value.items():
+            if not (0 < len(mlflow_name) <= 256) or not re.fullmatch(MODEL_NAME_RE, served):
+                raise ValueError(
+                    f"MODELGATE_MLFLOW_MODEL_NAMES: {served!r} (for {mlflow_name[:256]!r}) is "
+                    "not a valid model name (letters, digits, _ and -, at most 64)"
+                )
+        return value
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -299,6 +357,12 @@ def check_production(settings: Settings, workers: int) -> None:
         raise ConfigurationError(
             "every MODELGATE_JWT_PREVIOUS_SECRETS entry must be at least "
             f"{MIN_SECRET_LENGTH} bytes in production"
+        )
+    mlflow_secret = settings.mlflow_webhook_secret
+    if mlflow_secret is not None and len(mlflow_secret.get_secret_value()) < MIN_SECRET_LENGTH:
+        raise ConfigurationError(
+            f"MODELGATE_MLFLOW_WEBHOOK_SECRET must be at least {MIN_SECRET_LENGTH} characters "
+            "in production"
         )
     if "*" in settings.cors_origin_list:
         raise ConfigurationError("MODELGATE_CORS_ORIGINS may not be '*' in production")
