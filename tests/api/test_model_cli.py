@@ -20,7 +20,7 @@ from typer.testing import CliRunner, Result
 
 from api.cli import app
 from auth.db import create_engine, create_sessionmaker
-from auth.models import AuditEvent, ModelActivation
+from auth.models import AuditEvent, ModelActivation, ModelVersion
 from auth.settings import get_settings
 from ml.onnx_export import convert
 from tests.conftest import Backend
@@ -47,12 +47,13 @@ def cli(
 
 
 @pytest_asyncio.fixture(autouse=True)
-async def _no_activation_left_behind(backend: Backend) -> AsyncIterator[None]:
+async def _no_activation_or_version_left_behind(backend: Backend) -> AsyncIterator[None]:
     yield
     engine = create_engine(backend.database_url)
     try:
         async with engine.begin() as connection:
             await connection.execute(delete(ModelActivation))
+            await connection.execute(delete(ModelVersion))
     finally:
         await engine.dispose()
 
