@@ -71,6 +71,9 @@ class ReplicaCache:
         self._catalogue: dict[Key, tuple[Manifest, str]] = {}
         self._lock = threading.Lock()
         self._fetching: set[Key] = set()
+        # One fetch of a version at a time in this process (the follower, a pinned request's
+        # background fetch and the self-check may all want it): the others wait, then find it.
+        self._version_locks: dict[Key, threading.RLock] = {}
 
     def learn(self, manifests: Iterable[str]) -> int:
         """Add catalogue manifests (JSON text, as recorded); returns how many were new. One
@@ -114,7 +117,10 @@ class ReplicaCache:
             if (self.model_dir / name / version).exists():
                 return "its local manifest does not match the catalogue"
             return None  # not on this disk, and no store to fetch it from: not in the registry
-        return self.refetch(name, version, outcome="fetched")
+        with self._version_lock(name, version):
+            if self._local_manifest(name, version) == known[0]:
+                return None  # fetched by another thread meanwhile
+            return self.refetch(name, version, outcome="fetched")
 
     def load(self, name: str, version_dir: Path, *, quiet: bool = False) -> LoadOutcome:
         """Load a version for the registry: a catalogued version is fetched first if it is
@@ -129,8 +135,9 @@ class ReplicaCache:
             if self.intact(name, version):
                 return outcome  # the files are the catalogue's: fetching them again won't help
             logger.error("model %s version %s: local copy is corrupt; refetching", name, version)
-            self._discard(name, version)
-            problem = self.refetch(name, version)
+            with self._version_lock(name, version):
+                self._discard(name, version)
+                problem = self.refetch(name, version)
             if problem is None:
                 return load_verified_version(name, version_dir, quiet=quiet)
         if not quiet:
@@ -158,6 +165,15 @@ class ReplicaCache:
         known = self._catalogue.get((name, version))
         if known is None or self.store is None:
             return "version is not in the model store"
+        with self._version_lock(name, version):
+            return self._fetch_with_retries(known, outcome)
+
+    def _version_lock(self, name: str, version: str) -> threading.RLock:
+        with self._lock:
+            return self._version_locks.setdefault((name, version), threading.RLock())
+
+    def _fetch_with_retries(self, known: tuple[Manifest, str], outcome: str) -> str | None:
+        name, version = known[0].name, known[0].version
         problem = "version could not be fetched from the model store"
         for attempt in range(self.attempts):
             if attempt:

@@ -2,12 +2,15 @@
 Postgres and SQLite: a version is recorded once with its audit event, recorded again with the
 same manifest it changes nothing, with another it is refused; a publication whose store fails
 leaves no version; workers read only what is new; GET /models/{name} shows each version's
-source from the catalogue."""
+source from the catalogue; a pinned version a replica does not have is fetched in the
+background while its requests answer 503 with Retry-After."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
+import time
 from pathlib import Path
 
 import httpx
@@ -17,9 +20,19 @@ from sqlalchemy import func, select
 from api.model_catalogue import publish_version, sync_catalogue
 from auth.model_catalog import VersionConflict, catalog_entry, new_entries, record_version
 from auth.models import AuditEvent, ModelVersion
+from ml import read_manifest
 from ml.manifest import MANIFEST_FILE
 from ml.store import LocalStore
-from tests.conftest import TEST_ACTOR, Harness, bearer, create_tenant_with_key, unique
+from tests.conftest import (
+    IRIS_SETOSA,
+    TEST_ACTOR,
+    Harness,
+    bearer,
+    create_tenant_with_key,
+    make_settings,
+    running_app,
+    unique,
+)
 
 
 def _manifest_text(served_model_dir: Path, name: str = "iris") -> str:
@@ -179,3 +192,39 @@ async def test_a_model_shows_each_versions_source_from_the_catalogue(
         "3",
         "ready",
     )
+
+
+async def test_a_pinned_version_not_on_this_replica_answers_503_then_is_served(
+    harness: Harness, served_model_dir: Path, tmp_path: Path
+) -> None:
+    store = LocalStore(tmp_path / "store")
+    version_dir = served_model_dir / "iris" / "1"
+    store.put_version(version_dir, read_manifest(version_dir / MANIFEST_FILE))
+    async with harness.sessionmaker() as session:
+        await record_version(
+            session, TEST_ACTOR, "iris", "1", _manifest_text(served_model_dir), source_uri=None
+        )
+        await session.commit()
+    _, key = await create_tenant_with_key(harness)
+    settings = make_settings(
+        harness.backend,
+        tmp_path / "empty-replica",
+        tmp_path / "var",
+        model_store=str(store.root),
+    )
+    async with running_app(settings, harness.backend) as replica:
+        pinned = {"features": IRIS_SETOSA, "model_version": "1"}
+        first = await replica.client.post("/api/v1/predict", json=pinned, headers=bearer(key))
+        assert first.status_code == 503, first.text
+        assert first.headers["Retry-After"]
+        assert "being fetched" in first.json()["detail"]
+        deadline = time.monotonic() + 30
+        while True:
+            answer = await replica.client.post("/api/v1/predict", json=pinned, headers=bearer(key))
+            if answer.status_code == 200:
+                break
+            assert answer.status_code == 503, answer.text
+            assert time.monotonic() < deadline, "the pinned version was never fetched"
+            await asyncio.sleep(0.05)
+        assert answer.json()["model_version"] == "1"
+    assert (tmp_path / "empty-replica" / "iris" / "1" / MANIFEST_FILE).is_file()

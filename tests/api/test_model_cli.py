@@ -195,3 +195,51 @@ def test_activate_refuses_a_broken_or_unknown_version_and_records_nothing(
     for name, version in (("iris", "9"), ("..", "1"), ("iris", "../1")):
         _run(cli, "models", "activate", name, version, code=1)
     assert asyncio.run(_query(backend.database_url, select(ModelActivation))) == []
+
+
+def test_with_a_store_train_and_register_publish_to_it_and_import_refuses_another_copy(
+    cli: CliRunner,
+    backend: Backend,
+    models: Path,
+    tmp_path: Path,
+    logistic: LogisticRegression,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = tmp_path / "store"
+    monkeypatch.setenv("MODELGATE_MODEL_STORE", f"file://{store}")
+    get_settings.cache_clear()
+
+    trained = _run(cli, "models", "train")
+    assert "published iris version 1 to the model store" in trained.stdout
+    assert (store / "iris" / "1" / "manifest.json").is_file()
+    assert "already in the catalogue" in _run(cli, "models", "train", "--if-absent").stdout
+
+    # This machine's own iris 1 (trained elsewhere: another manifest) is not the catalogue's.
+    refused = _run(cli, "models", "import", code=1)
+    assert "iris version 1: not imported" in refused.stderr
+    assert "another manifest" in refused.stderr
+
+    source = tmp_path / "candidate.joblib"
+    joblib.dump(logistic, source)
+    registered = _run(
+        cli, *("models", "register", str(source), "--name", "flowers", "--version", "1")
+    )
+    assert "in the model store" in registered.stdout
+    assert (store / "flowers" / "1" / "model.onnx").is_file()
+    assert not (models / "flowers").exists()  # staged elsewhere: the model directory is a cache
+    [flowers] = _listed(cli)["flowers"]["versions"]
+    assert (flowers["state"], flowers["source"]) == ("catalogued", source.resolve().as_uri())
+    again = _run(
+        cli, *("models", "register", str(source), "--name", "flowers", "--version", "1"), code=1
+    )
+    assert "already has a version 1 in the catalogue" in again.stderr
+
+    events = asyncio.run(
+        _query(
+            backend.database_url, select(AuditEvent).where(AuditEvent.action == "model.register")
+        )
+    )
+    assert sorted((e.actor, e.target_id, e.detail["version"]) for e in events) == [
+        ("cli", "flowers", "1"),
+        ("cli", "iris", "1"),
+    ]
