@@ -15,11 +15,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 
 from api.model_catalogue import publish_version, sync_catalogue
 from auth.model_catalog import VersionConflict, catalog_entry, new_entries, record_version
-from auth.models import AuditEvent, ModelVersion
+from auth.models import AuditEvent, ModelActivation, ModelVersion
 from ml import read_manifest
 from ml.manifest import MANIFEST_FILE
 from ml.store import LocalStore
@@ -28,6 +28,7 @@ from tests.conftest import (
     TEST_ACTOR,
     Harness,
     bearer,
+    create_admin_key,
     create_tenant_with_key,
     make_settings,
     running_app,
@@ -228,3 +229,39 @@ async def test_a_pinned_version_not_on_this_replica_answers_503_then_is_served(
             await asyncio.sleep(0.05)
         assert answer.json()["model_version"] == "1"
     assert (tmp_path / "empty-replica" / "iris" / "1" / MANIFEST_FILE).is_file()
+
+
+async def test_the_activate_route_fetches_a_version_published_a_moment_ago(
+    harness: Harness, served_model_dir: Path, tmp_path: Path
+) -> None:
+    store = LocalStore(tmp_path / "store")
+    name = unique("m")
+    staged = tmp_path / "staging" / name / "1"
+    shutil.copytree(served_model_dir / "iris" / "1", staged)
+    (staged / MANIFEST_FILE).write_text(_manifest_text(served_model_dir, name))
+    admin_key = await create_admin_key(harness)
+    settings = make_settings(
+        harness.backend, tmp_path / "empty-replica", tmp_path / "var", model_store=str(store.root)
+    )
+    async with running_app(settings, harness.backend) as replica:
+        async with harness.sessionmaker() as session:
+            await publish_version(
+                session, store, staged, TEST_ACTOR, source_uri=None, source_version=None
+            )
+            await session.commit()
+        activated = await replica.client.post(
+            f"/api/v1/admin/models/{name}/activate",
+            json={"version": "1"},
+            headers=bearer(admin_key),
+        )
+        assert activated.status_code == 200, activated.text
+        assert replica.state.registry.active_version(name) == "1"
+        unknown = await replica.client.post(
+            f"/api/v1/admin/models/{name}/activate",
+            json={"version": "2"},
+            headers=bearer(admin_key),
+        )
+        assert unknown.status_code == 404, unknown.text
+    async with harness.sessionmaker() as session:
+        await session.execute(delete(ModelActivation).where(ModelActivation.name == name))
+        await session.commit()
