@@ -14,6 +14,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from sqlalchemy import select, tuple_
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
@@ -73,6 +74,24 @@ def _entry(row: ModelVersion) -> CatalogEntry:
     )
 
 
+def public_source_uri(uri: str | None) -> str | None:
+    """``uri`` without what may be a secret: user and password, query (a presigned URL's
+    signature, a token) and fragment. The catalogue shows it to every credential that may use
+    the model, and the audit trail keeps it."""
+    if uri is None:
+        return None
+    try:
+        parts = urlsplit(uri)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        raise InvalidRequest("source URI is not a URI", loc=("source_uri",)) from None
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host if port is None else f"{host}:{port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
 def _parsed(manifest: str) -> Any:
     try:
         return json.loads(manifest)
@@ -119,6 +138,7 @@ async def claim_version(
     publication of the same version waits for it and then sees it: put the files in the store
     between this and :func:`record_registration`, and commit."""
     _check(name, version, manifest, source_uri, source_version)
+    source_uri = public_source_uri(source_uri)
     now = utcnow()
     dialect = session.get_bind().dialect.name
     insert = postgresql_insert if dialect == "postgresql" else sqlite_insert

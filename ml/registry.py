@@ -8,6 +8,9 @@ Layout on disk::
     <model_dir>/<name>/<version>/model.onnx    (when converted: served instead of the pickle)
     <model_dir>/<name>/ACTIVE              (the active version number)
 
+With a model store (:mod:`ml.store`), ``model_dir`` is this replica's cache of it: versions the
+catalogue lists are fetched and verified by :mod:`ml.replica_cache` before they are loaded.
+
 Thread-safety: :meth:`ModelRegistry.load` builds a complete new snapshot and swaps it in with a
 single assignment, so ``get``/``models`` may run concurrently with a reload and always see one
 consistent snapshot.

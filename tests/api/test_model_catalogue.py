@@ -265,3 +265,31 @@ async def test_the_activate_route_fetches_a_version_published_a_moment_ago(
     async with harness.sessionmaker() as session:
         await session.execute(delete(ModelActivation).where(ModelActivation.name == name))
         await session.commit()
+
+
+async def test_a_source_uri_is_recorded_without_credentials_or_query(
+    harness: Harness, served_model_dir: Path
+) -> None:
+    name = unique("m")
+    async with harness.sessionmaker() as session:
+        entry, _ = await record_version(
+            session,
+            TEST_ACTOR,
+            name,
+            "1",
+            _manifest_text(served_model_dir, name),
+            source_uri="https://user:hunter2@models.example/m.onnx?X-Amz-Signature=abc123#x",
+        )
+        await session.commit()
+        stored = await catalog_entry(session, name, "1")
+        event = await session.scalar(
+            select(AuditEvent).where(
+                AuditEvent.action == "model.register", AuditEvent.target_id == name
+            )
+        )
+    assert entry.source_uri == "https://models.example/m.onnx"
+    assert stored is not None
+    assert stored.source_uri == "https://models.example/m.onnx"
+    assert event is not None
+    assert "hunter2" not in json.dumps(event.detail)
+    assert "abc123" not in json.dumps(event.detail)
