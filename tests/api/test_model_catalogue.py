@@ -20,7 +20,6 @@ from sqlalchemy import delete, func, select
 from api.model_catalogue import publish_version, sync_catalogue
 from auth.model_catalog import VersionConflict, catalog_entry, new_entries, record_version
 from auth.models import AuditEvent, ModelActivation, ModelVersion
-from ml import read_manifest
 from ml.manifest import MANIFEST_FILE
 from ml.store import LocalStore
 from tests.conftest import (
@@ -199,11 +198,13 @@ async def test_a_pinned_version_not_on_this_replica_answers_503_then_is_served(
     harness: Harness, served_model_dir: Path, tmp_path: Path
 ) -> None:
     store = LocalStore(tmp_path / "store")
-    version_dir = served_model_dir / "iris" / "1"
-    store.put_version(version_dir, read_manifest(version_dir / MANIFEST_FILE))
+    name = unique("m")
+    staged = tmp_path / "staging" / name / "1"
+    shutil.copytree(served_model_dir / "iris" / "1", staged)
+    (staged / MANIFEST_FILE).write_text(_manifest_text(served_model_dir, name))
     async with harness.sessionmaker() as session:
-        await record_version(
-            session, TEST_ACTOR, "iris", "1", _manifest_text(served_model_dir), source_uri=None
+        await publish_version(
+            session, store, staged, TEST_ACTOR, source_uri=None, source_version=None
         )
         await session.commit()
     _, key = await create_tenant_with_key(harness)
@@ -214,7 +215,7 @@ async def test_a_pinned_version_not_on_this_replica_answers_503_then_is_served(
         model_store=str(store.root),
     )
     async with running_app(settings, harness.backend) as replica:
-        pinned = {"features": IRIS_SETOSA, "model_version": "1"}
+        pinned = {"features": IRIS_SETOSA, "model": name, "model_version": "1"}
         first = await replica.client.post("/api/v1/predict", json=pinned, headers=bearer(key))
         assert first.status_code == 503, first.text
         assert first.headers["Retry-After"]
@@ -228,7 +229,7 @@ async def test_a_pinned_version_not_on_this_replica_answers_503_then_is_served(
             assert time.monotonic() < deadline, "the pinned version was never fetched"
             await asyncio.sleep(0.05)
         assert answer.json()["model_version"] == "1"
-    assert (tmp_path / "empty-replica" / "iris" / "1" / MANIFEST_FILE).is_file()
+    assert (tmp_path / "empty-replica" / name / "1" / MANIFEST_FILE).is_file()
 
 
 async def test_the_activate_route_fetches_a_version_published_a_moment_ago(
