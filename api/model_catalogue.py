@@ -19,7 +19,7 @@ from pathlib import Path
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from auth.audit import Actor
-from auth.errors import InvalidRequest
+from auth.errors import ConfigurationError, InvalidRequest
 from auth.model_catalog import (
     CatalogEntry,
     CatalogKey,
@@ -30,12 +30,26 @@ from auth.model_catalog import (
 from auth.settings import Settings
 from ml import Manifest, ModelRegistry, read_manifest, sha256_file
 from ml.manifest import MANIFEST_FILE
-from ml.store import ModelStore, artifact_files, open_store
+from ml.s3 import boto3_installed
+from ml.store import ModelStore, S3Store, artifact_files, open_store
 
 
 def model_store(settings: Settings) -> ModelStore | None:
-    """The store ``MODELGATE_MODEL_STORE`` names (None: the model directory is the store)."""
-    return open_store(settings.model_store, settings.model_dir, settings.s3_endpoint_url or None)
+    """The store ``MODELGATE_MODEL_STORE`` names (None: the model directory is the store).
+    Raises :class:`ConfigurationError` if it cannot be used (an invalid location, or an
+    ``s3://`` one without boto3)."""
+    try:
+        store = open_store(
+            settings.model_store, settings.model_dir, settings.s3_endpoint_url or None
+        )
+    except ValueError as exc:
+        raise ConfigurationError(f"MODELGATE_MODEL_STORE: {exc}") from None
+    if isinstance(store, S3Store) and not boto3_installed():
+        raise ConfigurationError(
+            "MODELGATE_MODEL_STORE is an s3:// location: install the s3 extra "
+            "(pip install 'modelgate[s3]')"
+        )
+    return store
 
 
 def _read_staged(staged_version_dir: Path) -> tuple[Manifest, str]:

@@ -6,11 +6,19 @@ S3-compatible service (MinIO, Ceph, GCS's S3 endpoint) instead of AWS."""
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
+from ml.store import StoreError
 
-class S3Unavailable(RuntimeError):
+
+class S3Unavailable(StoreError):
     """boto3 is not installed."""
+
+
+def boto3_installed() -> bool:
+    """Whether boto3 (the ``s3`` extra) can be imported."""
+    return importlib.util.find_spec("boto3") is not None
 
 
 def s3_client(endpoint_url: str | None = None) -> Any:

@@ -102,7 +102,7 @@ class ModelStore(Protocol):
 
     def put_version(self, version_dir: Path, manifest: Manifest) -> None:
         """Copy a staged version's files into the store: its artifacts first, its manifest last.
-        Raises :class:`StoreError` or ``OSError``."""
+        Raises :class:`StoreError`."""
         ...
 
     def fetch_version(self, manifest: Manifest, destination: Path) -> None:
@@ -136,6 +136,13 @@ class LocalStore:
         target = self._dir(manifest.name, manifest.version)
         if target.resolve() == Path(version_dir).resolve():
             return  # the version was staged in the store itself (no store: the model directory)
+        try:
+            self._put(version_dir, manifest, target)
+        except OSError as exc:
+            logger.warning("model store: writing failed (%s)", type(exc).__name__)
+            raise StoreError("the version could not be written to the model store") from None
+
+    def _put(self, version_dir: Path, manifest: Manifest, target: Path) -> None:
         target.mkdir(parents=True, exist_ok=True)
         for file_name, sha256 in [*artifact_files(manifest), (MANIFEST_FILE, None)]:
             temporary = target / f".{file_name}.{secrets.token_hex(8)}.tmp"

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.cli.common import echo_json, fail, run_in_session
 from auth.audit import CLI_ACTOR
+from auth.errors import ConfigurationError
 from auth.model_catalog import CatalogEntry, catalog_entry, model_entries
 from auth.settings import Settings, get_settings
 
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     import numpy.typing as npt
 
     from ml import Manifest
+    from ml.store import ModelStore
 
     FloatMatrix = npt.NDArray[np.float64]
 
@@ -43,12 +45,11 @@ def models_train(
     ] = False,
 ) -> None:
     """Train the default iris model from scikit-learn's bundled data and register it."""
-    from api.model_catalogue import model_store
     from ml import DEFAULT_MODEL, has_model, train_default
 
     settings = get_settings()
     model_dir = settings.model_dir
-    if model_store(settings) is None:
+    if _model_store(settings) is None:
         # No store: the model directory is the store, and training writes there as it always
         # did, without the database (the image trains at build time); `models import` records
         # it in the catalogue.
@@ -188,9 +189,8 @@ def models_register(
 
 
 def _where(settings: Settings) -> str:
-    from api.model_catalogue import model_store
 
-    store = model_store(settings)
+    store = _model_store(settings)
     return str(settings.model_dir) if store is None else f"the model store {store.location}"
 
 
@@ -200,9 +200,10 @@ def _publish(
     """Stage a version with ``stage(model_dir)`` and publish it (``api.model_catalogue``):
     into a temporary directory that is then put in the store, or, without a store, into the
     model directory itself (the store), where a failed publication removes it again."""
-    from api.model_catalogue import model_store, publish_version
+    from api.model_catalogue import publish_version
+    from ml.store import StoreError
 
-    store = model_store(settings)
+    store = _model_store(settings)
     staging_root = (
         settings.model_dir if store is None else Path(tempfile.mkdtemp(prefix="modelgate-"))
     )
@@ -217,6 +218,11 @@ def _publish(
             )
 
         return run_in_session(settings, work)
+    except StoreError as exc:
+        if store is None:  # pragma: no cover - without a store nothing is put
+            raise
+        shutil.rmtree(staging_root, ignore_errors=True)
+        raise fail(f"not published: {exc}") from None
     except BaseException:
         if store is None and manifest is not None:
             shutil.rmtree(staging_root / manifest.name / manifest.version, ignore_errors=True)
@@ -230,12 +236,13 @@ def _publish(
 def models_import() -> None:
     """Record every version on this machine's model directory that the catalogue lacks (and
     put its files in the model store): one line per version. Run it once after upgrading."""
-    from api.model_catalogue import model_store, publish_version
+    from api.model_catalogue import publish_version
     from auth.errors import ModelgateError
     from ml.manifest import MANIFEST_FILE, NAME_PATTERN, VERSION_PATTERN
+    from ml.store import StoreError
 
     settings = get_settings()
-    store = model_store(settings)
+    store = _model_store(settings)
     failures = 0
     for manifest_path in sorted(settings.model_dir.glob(f"*/*/{MANIFEST_FILE}")):
         version_dir = manifest_path.parent
@@ -249,11 +256,11 @@ def models_import() -> None:
                 await publish_version(
                     session, store, version_dir, CLI_ACTOR, source_uri=None, source_version=None
                 )
-            except ModelgateError as exc:
+            except (ModelgateError, StoreError) as exc:
                 await session.rollback()
+                why = exc.detail if isinstance(exc, ModelgateError) else str(exc)
                 typer.echo(
-                    f"{version_dir.parent.name} version {version_dir.name}: not imported "
-                    f"({exc.detail})",
+                    f"{version_dir.parent.name} version {version_dir.name}: not imported ({why})",
                     err=True,
                 )
                 return None
@@ -325,12 +332,11 @@ def models_activate(
 ) -> None:
     """Verify and warm up a version here, then record it as the model's active version (audited):
     every running worker serves it within 2 seconds. Rollback is the same command."""
-    from api.model_catalogue import model_store
     from auth.model_activation import ActivationView, activate_version
     from ml import ModelError, ModelRegistry
 
     settings = get_settings()
-    registry = ModelRegistry(settings.model_dir, model_store(settings))
+    registry = ModelRegistry(settings.model_dir, _model_store(settings))
     entry = run_in_session(settings, lambda session: catalog_entry(session, name, version))
     if entry is not None:
         # A catalogued version is checked as a replica would: fetched from the store when
@@ -345,6 +351,16 @@ def models_activate(
         return await activate_version(session, CLI_ACTOR, name, version)
 
     echo_json(run_in_session(settings, work))
+
+
+def _model_store(settings: Settings) -> ModelStore | None:
+    """The configured model store, or a one-line error."""
+    from api.model_catalogue import model_store
+
+    try:
+        return model_store(settings)
+    except ConfigurationError as exc:
+        raise fail(str(exc)) from None
 
 
 def _reference_rows(reference: Path | None) -> FloatMatrix | None:

@@ -21,7 +21,7 @@ from api.model_catalogue import publish_version, sync_catalogue
 from auth.model_catalog import VersionConflict, catalog_entry, new_entries, record_version
 from auth.models import AuditEvent, ModelActivation, ModelVersion
 from ml.manifest import MANIFEST_FILE
-from ml.store import LocalStore
+from ml.store import LocalStore, StoreError
 from tests.conftest import (
     IRIS_SETOSA,
     TEST_ACTOR,
@@ -115,7 +115,7 @@ async def test_a_publication_whose_store_fails_leaves_no_version(
     blocked.write_text("a file where the store's directory should be")
 
     async with harness.sessionmaker() as session:
-        with pytest.raises(NotADirectoryError):
+        with pytest.raises(StoreError, match="could not be written to the model store"):
             await publish_version(
                 session,
                 LocalStore(blocked),

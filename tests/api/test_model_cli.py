@@ -243,3 +243,26 @@ def test_with_a_store_train_and_register_publish_to_it_and_import_refuses_anothe
         ("cli", "flowers", "1"),
         ("cli", "iris", "1"),
     ]
+
+
+def test_a_registration_the_store_refuses_is_not_published(
+    cli: CliRunner,
+    models: Path,
+    tmp_path: Path,
+    logistic: LogisticRegression,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    blocked = tmp_path / "store"
+    blocked.write_text("a file where the store's directory should be")
+    monkeypatch.setenv("MODELGATE_MODEL_STORE", str(blocked))
+    get_settings.cache_clear()
+    source = tmp_path / "candidate.joblib"
+    joblib.dump(logistic, source)
+    register = ("models", "register", str(source), "--name", "flowers", "--version", "1")
+
+    refused = _run(cli, *register, code=1)
+    assert "not published: the version could not be written to the model store" in refused.stderr
+    assert "flowers" not in _listed(cli)  # no catalogue row: the version does not exist
+
+    blocked.unlink()
+    assert "in the model store" in _run(cli, *register).stdout
