@@ -19,6 +19,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from api.inference.cache import PredictionCache, build_prediction_cache
+from api.model_catalogue import model_store, sync_catalogue
 from api.observability import metrics
 from api.server.activations import apply_activations, check_models_periodically, follow_activations
 from api.webhooks.deploy import DeployQueue
@@ -31,6 +32,7 @@ from auth.identity.login_throttle import LoginThrottle
 from auth.identity.tokens import TokenConfig, prune_tokens_periodically, token_config
 from auth.limits.concurrency import ConcurrencyLimiter
 from auth.limits.limiter import RateLimiter
+from auth.model_catalog import CatalogEntry, CatalogKey
 from auth.redis_connection import RedisConnection, connect_redis
 from auth.settings import Secrets, Settings
 from auth.usage.writer import UsageWriter
@@ -74,6 +76,9 @@ class AppState:
     prediction_cache: PredictionCache | None = None
     # When this process last pruned the accepted webhook delivery ids (api.webhooks.receiver).
     webhooks_pruned_at: float = float("-inf")
+    # The catalogue entries this process has read (they never change), by (name, version):
+    # the registry holds their manifests, GET /models/{name} their sources.
+    catalogue: dict[CatalogKey, CatalogEntry] = field(default_factory=dict, repr=False)
     # The periodic work started by start() and cancelled by close().
     background: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
 
@@ -88,7 +93,7 @@ class AppState:
         redis = connect_redis(settings)
         rate_limiter = RateLimiter(settings, redis.storage)
         tokens = token_config(settings, secrets)
-        registry = ModelRegistry(settings.model_dir)
+        registry = ModelRegistry(settings.model_dir, model_store(settings))
         return cls(
             settings=settings,
             secrets=secrets,
@@ -153,6 +158,14 @@ class AppState:
         """Load the models and the operator's activations, then start the usage writer, the
         key activity and the periodic work (token pruning, activations, model self-checks)."""
         settings, registry, sessionmaker = self.settings, self.registry, self.sessionmaker
+        try:
+            # The catalogue first: a catalogued version on this disk is loaded only if its
+            # manifest is the catalogue's.
+            async with asyncio.timeout(settings.database_timeout_seconds):
+                async with sessionmaker() as session:
+                    await sync_catalogue(registry, session, self.catalogue)
+        except Exception as exc:
+            logger.warning("model catalogue could not be read at start", error=type(exc).__name__)
         # Hash checks, unpickling and warm-up take a while: keep the event loop free.
         await asyncio.to_thread(registry.load)
         metrics.record_registry(registry)
@@ -164,7 +177,9 @@ class AppState:
         try:
             # The operator's activations (in the database) before the first request, not a
             # second after it.
-            await apply_activations(registry, sessionmaker, settings.database_timeout_seconds)
+            await apply_activations(
+                registry, sessionmaker, settings.database_timeout_seconds, self.catalogue
+            )
         except Exception as exc:
             logger.warning("model activations could not be read at start", error=type(exc).__name__)
         if not registry.is_ready:
@@ -179,7 +194,12 @@ class AppState:
         self.background = [
             asyncio.create_task(prune_tokens_periodically(sessionmaker, settings)),
             asyncio.create_task(
-                follow_activations(registry, sessionmaker, settings.database_timeout_seconds)
+                follow_activations(
+                    registry,
+                    sessionmaker,
+                    settings.database_timeout_seconds,
+                    catalogue=self.catalogue,
+                )
             ),
             asyncio.create_task(
                 check_models_periodically(registry, settings.model_check_interval_seconds)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -23,6 +24,10 @@ from auth.errors import ConfigurationError
 # recommended by RFC 2104 and the minimum PyJWT accepts for HS256 without warning.
 MIN_SECRET_LENGTH = 32
 
+
+# MODELGATE_MODEL_STORE's forms besides URLs: an absolute or relative path (no scheme).
+_STORE_PATH_RE = re.compile(r"^(?![A-Za-z][A-Za-z0-9+.-]*://)[^\x00]+$")
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -136,6 +141,13 @@ class Settings(BaseSettings):
     # re-hash of its files, in a thread): a version that fails is reloaded from the registry,
     # and is not served while it stays broken (api.server.activations).
     model_check_interval_seconds: float = Field(default=30.0, gt=0, le=86_400)
+    # Where published model versions' files live (ml.store), shared by every replica, whose
+    # model_dir is then a verified cache of it: "" (the model directory itself is the store, as
+    # it always was), a path or a file:// URL (a local or shared directory), or
+    # s3://bucket/prefix (credentials from the standard AWS chain only).
+    model_store: str = Field(default="", max_length=1000)
+    # An S3-compatible service instead of AWS (MinIO, Ceph, GCS's S3 endpoint): http(s)://host.
+    s3_endpoint_url: str = Field(default="", max_length=1000)
     # Micro-batching of the scikit-learn runtime (ml.batching): concurrent requests for one
     # version of up to batch_max_size rows share one predict_proba call; the first row of an
     # idle batcher waits at most batch_max_wait_ms for company. ONNX versions keep their direct
@@ -240,6 +252,37 @@ class Settings(BaseSettings):
                     f"MODELGATE_MLFLOW_MODEL_NAMES: {served!r} (for {mlflow_name[:256]!r}) is "
                     "not a valid model name (letters, digits, _ and -, at most 64)"
                 )
+        return value
+
+    @field_validator("model_store")
+    @classmethod
+    def _valid_model_store(cls, value: str) -> str:
+        # The same forms as ml.store.open_store (auth does not import ml); a typo stops the
+        # server at start-up rather than serving from the wrong place.
+        value = value.strip()
+        if not value or _STORE_PATH_RE.fullmatch(value):
+            return value
+        parts = urlsplit(value)
+        if parts.scheme == "s3":
+            if not _BUCKET_RE.fullmatch(parts.netloc) or parts.query or parts.fragment:
+                raise ValueError("an s3:// model store is s3://bucket/prefix")
+            return value
+        if parts.scheme == "file" and parts.netloc in ("", "localhost") and parts.path:
+            return value
+        raise ValueError("the model store is a path, a file:///path URL or s3://bucket/prefix")
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _valid_s3_endpoint(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("the S3 endpoint is an http:// or https:// URL")
+        if parts.username or parts.password or parts.query or parts.fragment:
+            # Credentials come from the AWS chain only, never from a URL.
+            raise ValueError("the S3 endpoint URL holds no credentials, query or fragment")
         return value
 
     @field_validator("trusted_proxies")

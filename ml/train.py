@@ -63,8 +63,9 @@ _MAX_ITEMS = 100
 _MAX_DEPTH = 3
 
 
-def train_default(model_dir: Path) -> Manifest:
-    """Train the benchmark model (a 100-tree random forest on iris) and register it as ``iris``."""
+def train_default(model_dir: Path, version: str | None = None) -> Manifest:
+    """Train the benchmark model (a 100-tree random forest on iris) and register it as ``iris``
+    (version ``version``, else the next number in ``model_dir``)."""
     iris = load_iris()
     estimator = RandomForestClassifier(n_estimators=100, random_state=0)
     estimator.fit(iris.data, iris.target)
@@ -75,6 +76,7 @@ def train_default(model_dir: Path) -> Manifest:
         feature_names=[str(name) for name in iris.feature_names],
         class_names=[str(name) for name in iris.target_names],
         reference=iris.data,
+        version=version,
     )
     logger.info("trained model %s version %s", manifest.name, manifest.version)
     return manifest

@@ -132,6 +132,13 @@ MODEL_LOAD_FAILURES = Counter(
     "and version; each load of the registry counts its failures once.",
     ("model", "version"),
 )
+MODEL_FETCHES = Counter(
+    "modelgate_model_fetches_total",
+    "Fetches of model versions from the model store into this replica's cache, by model and "
+    "outcome: fetched (a version this replica did not have), refetched (a local copy that no "
+    "longer matched the catalogue's SHA-256) or failed (one try that failed).",
+    ("model", "outcome"),
+)
 MODEL_ACTIVE_VERSION = Gauge(
     "modelgate_model_active_version",
     "1 for the version each model serves by default, 0 for its other versions.",
@@ -197,6 +204,11 @@ def observe_batch(runtime: str, rows: int) -> None:
     if child is None:
         child = _batch_children[runtime] = INFERENCE_BATCH_ROWS.labels(runtime)
     child.observe(rows)
+
+
+def observe_fetch(model: str, outcome: str) -> None:
+    """Count one fetch of a model version from the model store (``ml.observe.fetch_done``)."""
+    MODEL_FETCHES.labels(model, outcome).inc()
 
 
 def observe_usage_flush(stats: FlushStats) -> None:

@@ -1,7 +1,7 @@
 """Signed webhook deliveries already accepted: each delivery id once, across replicas.
 
 Revision ID: d52e8f3b0c21
-Revises: 9a2e5c7f1b34
+Revises: c41d7e2a9b10
 Create Date: 2026-12-06 08:10:00+00:00
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "d52e8f3b0c21"
-down_revision: str | None = "9a2e5c7f1b34"
+down_revision: str | None = "c41d7e2a9b10"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

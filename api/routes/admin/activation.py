@@ -18,6 +18,7 @@ from auth.model_activation import (
     ActivationView,
     activate_version,
 )
+from auth.model_catalog import catalog_entry
 from ml import ModelUnavailable
 
 # Not a DatabaseRoute: loading a large version may take longer than the database's timeout,
@@ -53,7 +54,18 @@ async def activate_model(
     """Verify, warm up and activate a model version on every worker (rollback: the same call)."""
     state = app_state(request)
     try:
-        # 404 (ModelNotFound) for a model or version the registry does not have.
+        # A version published a moment ago may not have reached this worker's once-a-second
+        # read of the catalogue: read its entry now, so that it is fetched if it is not here.
+        async with asyncio.timeout(state.settings.database_timeout_seconds):
+            async with state.sessionmaker() as session:
+                entry = await catalog_entry(session, name, body.version)
+    except TimeoutError:
+        raise DatabaseTimedOut from None
+    if entry is not None:
+        state.catalogue[entry.key] = entry
+        state.registry.learn_catalogue([entry.manifest])
+    try:
+        # 404 (ModelNotFound) for a model or version neither the registry nor the catalogue has.
         await asyncio.to_thread(state.registry.load_version, name, body.version)
     except ModelUnavailable as exc:
         raise VersionUnavailable(exc.message) from None
