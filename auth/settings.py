@@ -115,6 +115,12 @@ class Settings(BaseSettings):
     # one per request.
     key_last_used_flush_seconds: float = Field(default=10.0, ge=0.05, le=3600)
     max_batch_size: int = Field(default=100, ge=1, le=1000)
+    # Where `modelgate models pull` (ml.pull) finds models: an MLflow tracking server for
+    # models:/ sources, an S3-compatible endpoint for s3:// (None: AWS; credentials from the
+    # standard AWS chain only), and the largest artifact a pull downloads.
+    mlflow_tracking_uri: str | None = Field(default=None, max_length=2048)
+    s3_endpoint_url: str | None = Field(default=None, max_length=2048)
+    pull_max_bytes: int = Field(default=512 * 1024 * 1024, ge=1024, le=64 * 1024**3)
     # How often each worker checks every loaded model version (a canary prediction and a
     # re-hash of its files, in a thread): a version that fails is reloaded from the registry,
     # and is not served while it stays broken (api.server.activations).

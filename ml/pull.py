@@ -23,6 +23,7 @@ from ml.model_files import register_estimator
 from ml.onnx_export import ConversionError
 from ml.sources import Fetched, SourceConfig, SourceError, fetch, parse_source
 from ml.sources.artifacts import PICKLE_REFUSED, adapt_onnx, load_pickle, load_skops
+from ml.sources.uri import ArtifactKind
 from ml.train import register_onnx
 
 __all__ = ["PullRefused", "PullRequest", "PullResult", "pull"]
@@ -51,7 +52,7 @@ class PullResult:
     """The registered version, what its artifact was and its SHA-256 (for the audit event)."""
 
     manifest: Manifest
-    artifact_kind: str
+    artifact_kind: ArtifactKind
     artifact_sha256: str
     unpickled: bool
 

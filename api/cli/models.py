@@ -1,6 +1,6 @@
 """``modelgate models``: the model registry (train the default model, register a model file,
-convert pickles to ONNX, list, activate). The model logic is in :mod:`ml`; these commands parse
-their arguments, call it and print."""
+pull one from MLflow, S3, https or a file, convert pickles to ONNX, list, activate). The model
+logic is in :mod:`ml`; these commands parse their arguments, call it and print."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from pydantic import JsonValue
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from api.cli.common import echo_json, fail, run_in_session
+from api.cli.common import echo_json, fail, run_in_session, run_with_sessions
 from auth.audit import CLI_ACTOR
 from auth.settings import get_settings
 
@@ -154,6 +154,69 @@ def models_register(
         f"{model_dir}; serve it with: modelgate models activate {manifest.name} "
         f"{manifest.version}"
     )
+
+
+@models_app.command("pull")
+def models_pull(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="models:/<name>/<version>, models:/<name>@<alias> (MLflow), s3://bucket/key, "
+            "https://... (needs --sha256), file:///path or a path: an .onnx, .skops or pickle."
+        ),
+    ],
+    name: Annotated[str, typer.Option("--name", help="The model's name here.")],
+    version: Annotated[
+        str | None,
+        typer.Option(help="The new version's number (default: MLflow's, else the next free)."),
+    ] = None,
+    sha256: Annotated[
+        str | None, typer.Option(help="The artifact's SHA-256 (hex): the pull checks it.")
+    ] = None,
+    allow_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--allow-pickle",
+            help="Accept a pickle artifact (it runs code when read); needs --sha256. Audited.",
+        ),
+    ] = False,
+    activate: Annotated[
+        bool, typer.Option("--activate", help="Activate it once pulled, as `activate` does.")
+    ] = False,
+) -> None:
+    """Fetch a model from MLflow, S3, https or a file, convert and check it as `register` does,
+    and add it as a new version (audited: model.pull); prints it as JSON."""
+    from pydantic import ValidationError
+
+    from api.pulls import pull_version
+    from api.schemas.pull import PullRequestBody, PullView
+    from auth.errors import ModelgateError
+    from ml import ModelError, ModelRegistry
+
+    try:
+        body = PullRequestBody(
+            source=source,
+            name=name,
+            version=version,
+            sha256=sha256.lower() if sha256 else None,
+            allow_pickle=allow_pickle,
+            activate=activate,
+        )
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise fail(f"--{'-'.join(map(str, error['loc']))}: {error['msg']}") from None
+    settings = get_settings()
+    registry = ModelRegistry(settings.model_dir)
+
+    async def work(sessionmaker: async_sessionmaker[AsyncSession]) -> PullView:
+        try:
+            return await pull_version(settings, sessionmaker, registry, CLI_ACTOR, body)
+        except ModelError as exc:
+            raise fail(f"pulled, but not activated: {exc.message}") from None
+        except ModelgateError as exc:
+            raise fail(exc.detail) from None
+
+    echo_json(run_with_sessions(settings, work))
 
 
 @models_app.command("list")
