@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from auth.model_activation import MODEL_NAME_PATTERN, MODEL_VERSION_PATTERN, ActivationView
 from ml.manifest import MAX_SOURCE_CHARS, SHA256_PATTERN
@@ -27,6 +27,13 @@ class PullRequestBody(BaseModel):
     sha256: Annotated[str, Field(pattern=SHA256_PATTERN, max_length=64)] | None = None
     allow_pickle: bool = False
     activate: bool = False
+
+    @model_validator(mode="after")
+    def _pickle_needs_its_digest(self) -> PullRequestBody:
+        # Consent to run one pickle is consent to run exactly that file: pinned by its digest.
+        if self.allow_pickle and self.sha256 is None:
+            raise ValueError("allow_pickle needs sha256, the pickle's own SHA-256")
+        return self
 
 
 class PullView(BaseModel):

@@ -22,13 +22,16 @@ from ml.onnx_export import PROBABILITIES_OUTPUT, PROBABILITY_TOLERANCE, load_ses
 from ml.sources.uri import SourceError
 from ml.train import synthetic_rows
 
-# Types skops does not trust by default that modelgate does: the fitted trees of scikit-learn's
-# forests and boosting models, which are plain arrays. Whatever list the artifact carries
+# Types skops does not trust by default that modelgate does: the node storage of scikit-learn's
+# decision trees (and so of its forests and gradient boosting). skops does not trust it because
+# scikit-learn follows its node and feature indices without bounds checks: a forged file could
+# make a prediction read out of bounds or loop forever. modelgate trusts it only after checking
+# every tree (_check_trees) before anything predicts with it. Whatever list the artifact carries
 # (MLflow's skops_trusted_types, say) is never consulted.
-TRUSTED_SKOPS_TYPES: tuple[str, ...] = (
-    "sklearn.tree._tree.Tree",
-    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
-)
+TRUSTED_SKOPS_TYPES: tuple[str, ...] = ("sklearn.tree._tree.Tree",)
+# How far and how wide _check_trees looks for trees inside the estimator.
+_MAX_DEPTH = 8
+_MAX_OBJECTS = 100_000
 
 PICKLE_REFUSED = (
     "the artifact is a pickle: unpickling it runs whatever code it carries, so modelgate "
@@ -58,9 +61,73 @@ def load_skops(path: Path) -> Any:
             "(log a model built from scikit-learn's estimators, or export it to ONNX)"
         )
     try:
-        return sio.load(path, trusted=list(TRUSTED_SKOPS_TYPES))
+        estimator = sio.load(path, trusted=list(TRUSTED_SKOPS_TYPES))
     except Exception as exc:
         raise SourceError(f"the skops artifact cannot be loaded: {type(exc).__name__}") from None
+    _check_trees(estimator)
+    return estimator
+
+
+def _check_trees(estimator: Any) -> None:
+    """Refuse any decision tree inside ``estimator`` that scikit-learn could not walk safely:
+    each split node's children must come after it and exist (so every walk ends at a leaf, in
+    bounds), a leaf has no child on either side, and each split's feature must be one its
+    estimator receives. A tree outside a fitted tree estimator is refused."""
+    from sklearn.tree._tree import Tree
+
+    seen: set[int] = set()
+    stack: list[tuple[Any, int, Any]] = [(estimator, 0, None)]
+    while stack:
+        value, depth, owner = stack.pop()
+        if id(value) in seen or depth > _MAX_DEPTH:
+            continue
+        seen.add(id(value))
+        if len(seen) > _MAX_OBJECTS:
+            raise SourceError("the skops artifact holds too many objects to check")
+        if isinstance(value, Tree):
+            _check_tree(value, owner)
+            continue
+        if isinstance(value, dict):
+            children: list[Any] = list(value.values())
+        elif isinstance(value, list | tuple):
+            children = list(value)
+        elif isinstance(value, np.ndarray):
+            children = list(value.ravel()) if value.dtype == object else []
+        elif type(value).__module__.startswith("sklearn"):
+            children = list(vars(value).values()) if hasattr(value, "__dict__") else []
+        else:
+            continue
+        stack.extend((child, depth + 1, value) for child in children)
+
+
+def _check_tree(tree: Any, owner: Any) -> None:
+    bad = SourceError("the skops artifact holds a decision tree that is not well formed")
+    n_features = getattr(owner, "n_features_in_", None)
+    if getattr(owner, "tree_", None) is not tree or not isinstance(n_features, int):
+        raise bad
+    count = int(tree.node_count)
+    left = np.asarray(tree.children_left, dtype=np.int64)
+    right = np.asarray(tree.children_right, dtype=np.int64)
+    feature = np.asarray(tree.feature, dtype=np.int64)
+    if count < 1 or not (len(left) == len(right) == len(feature) == count):
+        raise bad
+    if np.asarray(tree.value).shape[0] != count:
+        raise bad
+    index = np.arange(count)
+    leaf = left == -1
+    split = ~leaf
+    if not np.array_equal(leaf, right == -1):
+        raise bad
+    within = min(n_features, int(tree.n_features))
+    if (
+        (left[split] <= index[split]).any()
+        or (right[split] <= index[split]).any()
+        or (left[split] >= count).any()
+        or (right[split] >= count).any()
+        or (feature[split] < 0).any()
+        or (feature[split] >= within).any()
+    ):
+        raise bad
 
 
 def load_pickle(path: Path) -> Any:
