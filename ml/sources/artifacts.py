@@ -103,7 +103,8 @@ def _check_trees(estimator: Any) -> None:
 def _check_tree(tree: Any, owner: Any) -> None:
     bad = SourceError("the skops artifact holds a decision tree that is not well formed")
     n_features = getattr(owner, "n_features_in_", None)
-    if getattr(owner, "tree_", None) is not tree or not isinstance(n_features, int):
+    owned: object = getattr(owner, "tree_", None)
+    if owned is not tree or not isinstance(n_features, int):
         raise bad
     count = int(tree.node_count)
     left = np.asarray(tree.children_left, dtype=np.int64)
