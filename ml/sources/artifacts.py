@@ -104,7 +104,7 @@ def _check_tree(tree: Any, owner: Any) -> None:
     bad = SourceError("the skops artifact holds a decision tree that is not well formed")
     n_features = getattr(owner, "n_features_in_", None)
     owned: object = getattr(owner, "tree_", None)
-    if owned is not tree or not isinstance(n_features, int):
+    if id(owned) != id(tree) or not isinstance(n_features, int):
         raise bad
     count = int(tree.node_count)
     left = np.asarray(tree.children_left, dtype=np.int64)
