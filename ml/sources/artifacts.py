@@ -11,7 +11,6 @@ answer exactly as the original on the check rows, the canary row among them.
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +103,7 @@ def _check_tree(tree: Any, owner: Any) -> None:
     bad = SourceError("the skops artifact holds a decision tree that is not well formed")
     n_features = getattr(owner, "n_features_in_", None)
     owned: object = getattr(owner, "tree_", None)
-    if id(owned) != id(tree) or not isinstance(n_features, int):
+    if id(owned) != id(tree) or not isinstance(n_features, int | np.integer):
         raise bad
     count = int(tree.node_count)
     left = np.asarray(tree.children_left, dtype=np.int64)
@@ -119,7 +118,7 @@ def _check_tree(tree: Any, owner: Any) -> None:
     split = ~leaf
     if not np.array_equal(leaf, right == -1):
         raise bad
-    within = min(n_features, int(tree.n_features))
+    within = min(int(n_features), int(tree.n_features))
     if (
         (left[split] <= index[split]).any()
         or (right[split] <= index[split]).any()
@@ -133,9 +132,11 @@ def _check_tree(tree: Any, owner: Any) -> None:
 
 def load_pickle(path: Path) -> Any:
     """Unpickle an artifact whose digest the operator pinned and whose risk they accepted."""
+    import joblib
+
     try:
-        with path.open("rb") as fileobj:
-            return pickle.load(fileobj)  # noqa: S301 - consented to and pinned by its SHA-256
+        # joblib reads its own files and plain pickles (pickle, cloudpickle) alike.
+        return joblib.load(path)
     except Exception as exc:
         raise SourceError(f"the pickle cannot be loaded: {type(exc).__name__}") from None
 

@@ -194,3 +194,30 @@ def test_activate_refuses_a_broken_or_unknown_version_and_records_nothing(
     for name, version in (("iris", "9"), ("..", "1"), ("iris", "../1")):
         _run(cli, "models", "activate", name, version, code=1)
     assert asyncio.run(_query(backend.database_url, select(ModelActivation))) == []
+
+
+def test_pull_adds_and_activates_a_skops_file_with_an_audit_event(
+    cli: CliRunner, backend: Backend, models: Path, tmp_path: Path, logistic: LogisticRegression
+) -> None:
+    skops_io = pytest.importorskip("skops.io")  # the skops extra, which .ci/run installs
+    source = tmp_path / "candidate.skops"
+    skops_io.dump(logistic, source)
+    wrong = "0" * 64
+    refused = _run(
+        cli, "models", "pull", source.as_uri(), "--name", "iris", "--sha256", wrong, code=1
+    )
+    assert refused.stderr.startswith("error: the artifact's SHA-256 is not the one given")
+    assert len(refused.stderr.splitlines()) == 1
+    assert sorted(p.name for p in (models / "iris").iterdir() if p.name.isdigit()) == ["1"]
+
+    pulled = json.loads(
+        _run(cli, "models", "pull", str(source), "--name", "iris", "--activate").stdout
+    )
+    assert (pulled["version"], pulled["runtime"], pulled["artifact_kind"]) == ("2", "onnx", "skops")
+    assert pulled["source"] == source.as_uri()
+    assert pulled["activation"]["version"] == "2"
+    assert _listed(cli)["iris"]["active_version"] == "2"
+    events = asyncio.run(
+        _query(backend.database_url, select(AuditEvent).where(AuditEvent.action == "model.pull"))
+    )
+    assert [(e.actor, e.target_id, e.detail["version"]) for e in events] == [("cli", "iris", "2")]
