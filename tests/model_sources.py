@@ -12,6 +12,7 @@ import signal
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -133,13 +134,20 @@ def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+# How long ``/slow/<file>`` waits before it answers.
+SLOW_SECONDS = 3.0
+
+
 class _Files(SimpleHTTPRequestHandler):
     """Serves a directory; ``/redirect-to-http/<file>`` answers 302 to the same file over
-    plain http."""
+    plain http, ``/slow/<file>`` the file after SLOW_SECONDS."""
 
     def do_GET(self) -> None:
         prefix = "/redirect-to-http/"
-        if self.path.startswith(prefix):
+        if self.path.startswith("/slow/"):
+            time.sleep(SLOW_SECONDS)
+            self.path = self.path[len("/slow") :]
+        elif self.path.startswith(prefix):
             host, port = self.server.server_address[:2]
             self.send_response(302)
             self.send_header("Location", f"http://{host}:{port}/{self.path[len(prefix) :]}")

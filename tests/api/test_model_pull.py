@@ -32,6 +32,7 @@ from tests.conftest import (
     unique,
 )
 from tests.model_sources import (
+    SLOW_SECONDS,
     https_file_server,
     mlflow_server,
     moto_s3_server,
@@ -46,6 +47,7 @@ for _module in ("boto3", "skops", "mlflow", "moto"):
 
 PULL = "/api/v1/admin/models/pull"
 BUCKET = "team-models"
+REQUEST_TIMEOUT_SECONDS = 2.0
 # Ten iris rows across the three classes: what the pulled versions and their sources answer.
 ROWS = load_iris().data[::15]
 
@@ -220,6 +222,8 @@ async def app(
         tmp_path_factory.mktemp("var"),
         mlflow_tracking_uri=mlflow_models.url,
         s3_endpoint_url=s3_endpoint,
+        # Shorter than the https server's slow answers (SLOW_SECONDS): a pull outlives it.
+        request_timeout_seconds=REQUEST_TIMEOUT_SECONDS,
     )
     async with running_app(settings, backend) as running:
         yield running
@@ -376,3 +380,39 @@ async def test_https_needs_a_digest_and_never_falls_back_to_plain_http(
         assert response.status_code == 409, response.text
         assert reason in response.json()["detail"]
     assert _versions(app, name) == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"source": "s" * 2049, "name": "m"},
+        {"source": "", "name": "m"},
+        {"source": "/x.onnx", "name": "../m"},
+        {"source": "/x.onnx", "name": "m", "version": "0"},
+        {"source": "/x.onnx", "name": "m", "sha256": "A" * 64},
+        {"source": "/x.onnx", "name": "m", "allow_pickle": True},
+        {"source": "/x.onnx", "name": "m", "tenant_id": "x"},
+    ],
+)
+async def test_a_pull_body_out_of_bounds_is_refused_before_anything_is_fetched(
+    app: Harness, body: dict[str, Any]
+) -> None:
+    response = await _pull(app, **body)
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+
+
+async def test_a_pull_longer_than_the_request_deadline_is_answered_and_audited(
+    app: Harness, files: Files, https_base: str
+) -> None:
+    assert SLOW_SECONDS > REQUEST_TIMEOUT_SECONDS
+    name = unique("slow")
+    response = await _pull(
+        app,
+        source=f"{https_base}/slow/iris.onnx",
+        name=name,
+        sha256=hashlib.sha256(files.onnx).hexdigest(),
+    )
+    assert response.status_code == 200, response.text
+    assert _versions(app, name) == ["1"]
+    assert len(await _pull_events(app, name)) == 1

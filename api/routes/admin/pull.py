@@ -6,8 +6,10 @@ import asyncio
 
 from fastapi import APIRouter, Request
 
+from api.http.context import request_context
 from api.http.deps import AdminScope, CredentialFirstRoute, app_state, request_actor
 from api.http.errors import problem_responses
+from api.http.timeout import commit_point
 from api.observability import metrics
 from api.pulls import pull_version
 from api.schemas.pull import PullRequestBody, PullView
@@ -34,14 +36,14 @@ class PulledVersionUnavailable(Conflict):
 async def pull_model(body: PullRequestBody, admin: AdminScope, request: Request) -> PullView:
     """Pull a model version from a source, convert and check it (audited); optionally activate."""
     state = app_state(request)
+    pulling = pull_version(
+        state.settings, state.sessionmaker, state.registry, request_actor(request, admin), body
+    )
     try:
-        view = await pull_version(
-            state.settings,
-            state.sessionmaker,
-            state.registry,
-            request_actor(request, admin),
-            body,
-        )
+        # A pull commits to its outcome (a new version) once it starts: the request's deadline
+        # is lifted for it (each download and the database have bounds of their own), so that a
+        # long pull is answered and audited instead of going on unseen after a 503.
+        view = await commit_point(request_context(request.scope), pulling)
     except ModelUnavailable as exc:
         raise PulledVersionUnavailable(f"pulled, but not activated: {exc.message}") from None
     except TimeoutError:
