@@ -247,6 +247,10 @@ def models_list() -> None:
                 else status.manifest.created_at.isoformat(),
                 "n_features": None if status.manifest is None else status.manifest.n_features,
                 "metrics": None if status.manifest is None else status.manifest.metrics,
+                "source": None if status.manifest is None else status.manifest.source,
+                "source_version": None
+                if status.manifest is None
+                else status.manifest.source_version,
             }
             for status in info.versions
         ]

@@ -216,7 +216,9 @@ def test_pull_adds_and_activates_a_skops_file_with_an_audit_event(
     assert (pulled["version"], pulled["runtime"], pulled["artifact_kind"]) == ("2", "onnx", "skops")
     assert pulled["source"] == source.as_uri()
     assert pulled["activation"]["version"] == "2"
-    assert _listed(cli)["iris"]["active_version"] == "2"
+    listed = _listed(cli)["iris"]
+    assert listed["active_version"] == "2"
+    assert [v["source"] for v in listed["versions"]] == [None, source.as_uri()]
     events = asyncio.run(
         _query(backend.database_url, select(AuditEvent).where(AuditEvent.action == "model.pull"))
     )
