@@ -135,7 +135,7 @@ def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
 
 
 # How long ``/slow/<file>`` waits before it answers.
-SLOW_SECONDS = 3.0
+SLOW_SECONDS = 5.0
 
 
 class _Files(SimpleHTTPRequestHandler):

@@ -47,7 +47,7 @@ for _module in ("boto3", "skops", "mlflow", "moto"):
 
 PULL = "/api/v1/admin/models/pull"
 BUCKET = "team-models"
-REQUEST_TIMEOUT_SECONDS = 2.0
+REQUEST_TIMEOUT_SECONDS = 4.0
 # Ten iris rows across the three classes: what the pulled versions and their sources answer.
 ROWS = load_iris().data[::15]
 

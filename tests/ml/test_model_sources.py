@@ -4,6 +4,7 @@ with modelgate's own trusted types and checked trees, and the pickle policy."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import operator
 from pathlib import Path
@@ -23,6 +24,7 @@ from ml.manifest import MAX_SOURCE_CHARS
 from ml.pull import PullRefused, PullRequest, pull
 from ml.sources import SourceConfig, SourceError, parse_source
 from ml.sources.artifacts import adapt_onnx, load_skops
+from ml.sources.remote import _published_sha256
 
 # The skops extra (CI installs it; without it this module is skipped, which
 # MODELGATE_TEST_REQUIRE_SERVICES=1 turns into a failure).
@@ -156,3 +158,17 @@ def test_an_artifact_over_the_size_bound_is_refused(tmp_path: Path) -> None:
     artifact.write_bytes(b"x" * 4096)
     with pytest.raises(PullRefused, match="larger than 1024 bytes"):
         pull(tmp_path / "models", PullRequest(str(artifact), "m"), SourceConfig(max_bytes=1024))
+
+
+def test_only_a_whole_object_sha256_that_s3_publishes_is_taken_as_its_digest() -> None:
+    digest = hashlib.sha256(b"model").digest()
+    encoded = base64.b64encode(digest).decode()
+    assert _published_sha256({"ChecksumSHA256": encoded}) == digest.hex()
+    assert _published_sha256({"ChecksumSHA256": encoded, "ChecksumType": "FULL_OBJECT"}) == (
+        digest.hex()
+    )
+    # A multipart upload's checksum of checksums, a CRC only, or garbage: nothing to compare.
+    assert _published_sha256({"ChecksumSHA256": f"{encoded}-3"}) is None
+    assert _published_sha256({"ChecksumSHA256": encoded, "ChecksumType": "COMPOSITE"}) is None
+    assert _published_sha256({"ChecksumCRC32": "NhCmhg=="}) is None
+    assert _published_sha256({"ChecksumSHA256": "not base64!"}) is None
