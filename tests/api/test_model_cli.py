@@ -221,7 +221,7 @@ def test_pull_adds_and_activates_a_skops_file_with_an_audit_event(
     assert [v["source"] for v in listed["versions"]] == [None, source.as_uri()]
     taken = _run(cli, "models", "pull", str(source), "--name", "iris", "--version", "2", code=1)
     assert "already has a version 2" in taken.stderr
-    # Neither refusal left anything behind: no staging directory, no version, no audit event.
+    # Neither refusal left anything behind: no version, no audit event.
     assert sorted(p.name for p in (models / "iris").iterdir()) == ["1", "2", "ACTIVE"]
     events = asyncio.run(
         _query(backend.database_url, select(AuditEvent).where(AuditEvent.action == "model.pull"))
