@@ -197,7 +197,7 @@ def adapt_onnx(model_bytes: bytes) -> tuple[bytes, list[str] | None]:
         [new_input, *[value for value in graph.input if value.name in weights]],
         outputs,
         initializer=list(graph.initializer),
-        value_info=[v for v in graph.value_info if v.name != probability or zipmap is None],
+        value_info=list(graph.value_info),
     )
     adapted = helper.make_model(
         adapted_graph, opset_imports=list(model.opset_import), ir_version=model.ir_version
