@@ -13,6 +13,7 @@ artifact's SHA-256: consent to run exactly that file and no other. The caller au
 
 from __future__ import annotations
 
+import logging
 import re
 import tempfile
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from ml.sources.uri import ArtifactKind
 from ml.train import register_onnx
 
 __all__ = ["PullRefused", "PullRequest", "PullResult", "pull"]
+
+logger = logging.getLogger(__name__)
 
 
 class PullRefused(ValueError):
@@ -81,14 +84,23 @@ def pull(model_dir: Path, request: PullRequest, config: SourceConfig) -> PullRes
     with tempfile.TemporaryDirectory(prefix="modelgate-pull-") as workdir:
         try:
             fetched = fetch(source, Path(workdir), config, expected_sha256=request.sha256)
-            return _register(model_dir, request, fetched)
+            return _register(model_dir, request, fetched, config.max_bytes)
         except (SourceError, ConversionError, ValueError) as exc:
             raise PullRefused(str(exc)) from None
         except OSError as exc:
             raise PullRefused(f"the pull failed: {exc.strerror or type(exc).__name__}") from None
+        except Exception as exc:
+            # A model from elsewhere may fail in ways of its own when it is converted and
+            # checked (a forged estimator's arrays, say): refused, never a crash of the caller.
+            logger.warning("pull of %s refused: %s", source.recorded, type(exc).__name__)
+            raise PullRefused(
+                f"the model cannot be registered: {type(exc).__name__} while checking it"
+            ) from None
 
 
-def _register(model_dir: Path, request: PullRequest, fetched: Fetched) -> PullResult:
+def _register(
+    model_dir: Path, request: PullRequest, fetched: Fetched, max_bytes: int
+) -> PullResult:
     version = request.version or fetched.version_hint
     if version is not None and not re.fullmatch(VERSION_PATTERN, version):
         raise PullRefused(f"the source's version {version[:20]!r} is not a version number")
@@ -111,7 +123,7 @@ def _register(model_dir: Path, request: PullRequest, fetched: Fetched) -> PullRe
             raise PullRefused(PICKLE_REFUSED)
         estimator = load_pickle(fetched.path)
     else:
-        estimator = load_skops(fetched.path)
+        estimator = load_skops(fetched.path, max_bytes)
     manifest = register_estimator(
         model_dir,
         estimator,

@@ -11,6 +11,7 @@ answer exactly as the original on the check rows, the canary row among them.
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +41,22 @@ PICKLE_REFUSED = (
 _MAX_UNTRUSTED_SHOWN = 5
 
 
-def load_skops(path: Path) -> Any:
+def load_skops(path: Path, max_bytes: int) -> Any:
     """The estimator in a skops file, read with :data:`TRUSTED_SKOPS_TYPES` and skops' own
-    defaults only. Raises :class:`SourceError` naming the types it would have to trust."""
+    defaults only, once its unpacked size is known to be at most ``max_bytes`` (a skops file is
+    a zip archive, which may be compressed). Raises :class:`SourceError` naming the types it
+    would have to trust."""
     try:
         import skops.io as sio
     except ImportError:
         raise SourceError("a skops artifact needs skops: pip install 'modelgate[skops]'") from None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            unpacked = sum(member.file_size for member in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        raise SourceError("the artifact is not a readable skops file") from None
+    if unpacked > max_bytes:
+        raise SourceError(f"the skops artifact unpacks to more than {max_bytes} bytes: refused")
     try:
         untrusted = sio.get_untrusted_types(file=path)
     except Exception:

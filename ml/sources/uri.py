@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from ml.manifest import MAX_SOURCE_CHARS
 
@@ -76,7 +76,7 @@ def parse_source(text: str) -> Source:
         return _mlflow_source(text[len("models:/") :])
     scheme, sep, _ = text.partition("://")
     if not sep:
-        return Source("file", str(Path(text).expanduser().resolve()))
+        return Source("file", _local_path(text))
     scheme = scheme.lower()
     try:
         parts = urlsplit(text)
@@ -86,7 +86,7 @@ def parse_source(text: str) -> Source:
     if scheme == "file":
         if parts.netloc not in ("", "localhost"):
             raise SourceError("file:// takes a local path (file:///path/to/model.onnx)")
-        return Source("file", str(Path(parts.path).resolve()))
+        return Source("file", _local_path(unquote(parts.path)))
     if scheme == "https":
         if not parts.hostname:
             raise SourceError("https:// needs a host")
@@ -103,6 +103,14 @@ def parse_source(text: str) -> Source:
     raise SourceError(
         "unsupported source: use models:/, s3://, https:// or file:// (or a local path)"
     )
+
+
+def _local_path(text: str) -> str:
+    """An absolute local path (symbolic links resolved where they resolve)."""
+    try:
+        return str(Path(text).resolve())
+    except (OSError, RuntimeError, ValueError):  # a loop of links, say
+        raise SourceError("the source is not a usable local path") from None
 
 
 def _mlflow_source(rest: str) -> Source:

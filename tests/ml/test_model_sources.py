@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import operator
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -111,14 +112,14 @@ def test_skops_is_read_with_modelgates_trusted_types_only(tmp_path: Path) -> Non
         FunctionTransformer(operator.neg), LogisticRegression(max_iter=1000)
     ).fit(IRIS.data, IRIS.target)
     with pytest.raises(SourceError, match=r"types modelgate does not trust: _operator\.neg"):
-        load_skops(_skops_file(tmp_path, untrusted))
+        load_skops(_skops_file(tmp_path, untrusted), 1 << 20)
 
 
 def test_a_forged_decision_tree_is_refused_before_anything_predicts_with_it(
     tmp_path: Path,
 ) -> None:
     forest = RandomForestClassifier(n_estimators=2, random_state=0).fit(IRIS.data, IRIS.target)
-    assert load_skops(_skops_file(tmp_path, forest)).predict(IRIS.data[:1]) is not None
+    assert load_skops(_skops_file(tmp_path, forest), 1 << 20).predict(IRIS.data[:1]) is not None
     tree = forest.estimators_[1].tree_
     state = tree.__getstate__()
     nodes = state["nodes"].copy()
@@ -126,7 +127,7 @@ def test_a_forged_decision_tree_is_refused_before_anything_predicts_with_it(
     state["nodes"] = nodes
     tree.__setstate__(state)
     with pytest.raises(SourceError, match="decision tree that is not well formed"):
-        load_skops(_skops_file(tmp_path, forest))
+        load_skops(_skops_file(tmp_path, forest), 1 << 20)
 
 
 def test_a_pickle_is_refused_unless_allowed_and_pinned_and_leaves_nothing(
@@ -172,3 +173,19 @@ def test_only_a_whole_object_sha256_that_s3_publishes_is_taken_as_its_digest() -
     assert _published_sha256({"ChecksumSHA256": encoded, "ChecksumType": "COMPOSITE"}) is None
     assert _published_sha256({"ChecksumCRC32": "NhCmhg=="}) is None
     assert _published_sha256({"ChecksumSHA256": "not base64!"}) is None
+
+
+def test_a_skops_archive_that_unpacks_past_the_size_bound_is_refused(tmp_path: Path) -> None:
+    bomb = tmp_path / "bomb.skops"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("schema.json", b"\0" * (4 << 20))  # 4 MiB of zeros, a few KiB packed
+    assert bomb.stat().st_size < 64 << 10
+    with pytest.raises(PullRefused, match="unpacks to more than"):
+        pull(tmp_path / "models", PullRequest(str(bomb), "m"), SourceConfig(max_bytes=1 << 20))
+
+
+@pytest.mark.parametrize("text", ["~nobody-at-all/m.onnx", "file:///srv/a%20b.onnx"])
+def test_local_paths_are_taken_literally(text: str) -> None:
+    source = parse_source(text)
+    assert source.kind == "file"
+    assert source.location.endswith(("/~nobody-at-all/m.onnx", "/srv/a b.onnx"))
