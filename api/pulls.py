@@ -15,7 +15,7 @@ from auth.audit import Actor
 from auth.errors import Conflict
 from auth.model_activation import activate_version, record_pull
 from auth.settings import Settings
-from ml import ModelRegistry
+from ml import ModelError, ModelRegistry
 from ml.pull import PullRefused, PullRequest, pull
 from ml.sources import SourceConfig
 
@@ -45,8 +45,8 @@ async def pull_version(
 ) -> PullView:
     """Pull ``body.source`` as a new version of ``body.name`` (audited), and with
     ``body.activate`` load it into ``registry`` (verified, warmed up) and record it as active.
-    Raises :class:`PullFailed`, or the registry's errors when the pulled version cannot be
-    served (it stays registered, not active)."""
+    Raises :class:`PullFailed`, or, once the pull is recorded, the registry's error when the
+    pulled version cannot be served (it stays registered, not active)."""
     request = PullRequest(
         source=body.source,
         name=body.name,
@@ -59,8 +59,12 @@ async def pull_version(
     except PullRefused as exc:
         raise PullFailed(str(exc)) from None
     manifest = result.manifest
+    unservable: ModelError | None = None
     if body.activate:
-        await asyncio.to_thread(registry.load_version, manifest.name, manifest.version)
+        try:
+            await asyncio.to_thread(registry.load_version, manifest.name, manifest.version)
+        except ModelError as exc:
+            unservable = exc  # the pull is still recorded; the activation is not
     view = PullView(
         name=manifest.name,
         version=manifest.version,
@@ -86,9 +90,11 @@ async def pull_version(
                     "runtime": view.runtime,
                 },
             )
-            if body.activate:
+            if body.activate and unservable is None:
                 view.activation = await activate_version(
                     session, actor, manifest.name, manifest.version
                 )
             await session.commit()
+    if unservable is not None:
+        raise unservable
     return view
