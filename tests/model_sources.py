@@ -40,9 +40,10 @@ def _process(command: list[str], ready_url: str, log: Path, timeout: float = 90)
                 raise AssertionError(f"{exc}: {log.read_text()[-3000:]}") from None
             yield
         finally:
+            # Test servers with nothing to keep: a short grace, then the whole group goes.
             os.killpg(process.pid, signal.SIGTERM)
             try:
-                process.wait(timeout=5)
+                process.wait(timeout=2)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
