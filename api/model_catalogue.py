@@ -13,17 +13,25 @@ activated)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from api.observability import metrics
 from auth.audit import Actor
-from auth.errors import ConfigurationError, InvalidRequest
+from auth.errors import ConfigurationError, DatabaseTimedOut, InvalidRequest
+from auth.model_activation import ActivationView, activate_version
 from auth.model_catalog import (
     CatalogEntry,
     CatalogKey,
+    catalog_entry,
     claim_version,
+    model_entries,
     new_entries,
     record_registration,
 )
@@ -120,3 +128,73 @@ async def sync_catalogue(
     if entries:
         registry.learn_catalogue([entry.manifest for entry in entries])
     return bool(entries)
+
+
+@contextlib.contextmanager
+def staging_root(model_dir: Path, store: ModelStore | None) -> Iterator[Path]:
+    """Where a version is staged (as ``<name>/<version>/``) before :func:`publish_version`: a
+    new temporary directory, removed afterwards, when there is a store; else the model
+    directory itself, which is the store (a version staged there that is not published must
+    be removed again: :func:`discard_unpublished`)."""
+    if store is not None:
+        root = Path(tempfile.mkdtemp(prefix="modelgate-staging-"))
+        try:
+            yield root
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    else:
+        yield model_dir
+
+
+def discard_unpublished(model_dir: Path, store: ModelStore | None, manifest: Manifest) -> None:
+    """Remove a version staged in the model directory (no store) whose publication failed:
+    without its catalogue row it does not exist, and must not be served from this disk."""
+    if store is None:
+        shutil.rmtree(model_dir / manifest.name / manifest.version, ignore_errors=True)
+
+
+async def next_free_version(session: AsyncSession, model_dir: Path, name: str) -> str:
+    """One more than the newest version of ``name`` in the catalogue or on this disk."""
+    catalogued = [int(entry.version) for entry in await model_entries(session, name)]
+    try:
+        local = [int(p.name) for p in (model_dir / name).iterdir() if p.name.isdigit()]
+    except OSError:
+        local = []
+    return str(max([*catalogued, *local], default=0) + 1)
+
+
+async def activate_model_version(
+    registry: ModelRegistry,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    timeout: float,
+    actor: Actor,
+    name: str,
+    version: str,
+    known: dict[CatalogKey, CatalogEntry] | None = None,
+) -> ActivationView:
+    """Make ``version`` the active version of ``name``, blue-green: this process fetches it
+    from the store if it is only catalogued (it may have been published a moment ago, before
+    this process's once-a-second read of the catalogue), verifies it, warms it up and asks its
+    canary; only then is the activation recorded (audited) and switched to here, and every
+    other worker follows the record within a second. A version that fails any step is not
+    activated, and the version that served keeps serving. Raises :class:`ml.ModelNotFound`,
+    :class:`ml.ModelUnavailable` (with the reason) or :class:`DatabaseTimedOut`."""
+    try:
+        async with asyncio.timeout(timeout), sessionmaker() as session:
+            entry = await catalog_entry(session, name, version)
+    except TimeoutError:
+        raise DatabaseTimedOut from None
+    if entry is not None:
+        if known is not None:
+            known[entry.key] = entry
+        registry.learn_catalogue([entry.manifest])
+    await asyncio.to_thread(registry.load_version, name, version)
+    try:
+        async with asyncio.timeout(timeout), sessionmaker() as session:
+            view = await activate_version(session, actor, name, version)
+            await session.commit()
+    except TimeoutError:
+        raise DatabaseTimedOut from None
+    await asyncio.to_thread(registry.set_active, name, version)
+    metrics.record_active_versions(registry)
+    return view

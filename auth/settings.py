@@ -137,6 +137,11 @@ class Settings(BaseSettings):
     # one per request.
     key_last_used_flush_seconds: float = Field(default=10.0, ge=0.05, le=3600)
     max_batch_size: int = Field(default=100, ge=1, le=1000)
+    # Where `modelgate models pull` (ml.pull) finds models: an MLflow tracking server for
+    # models:/ sources (s3:// ones use s3_endpoint_url below), and the largest artifact a pull
+    # downloads.
+    mlflow_tracking_uri: str | None = Field(default=None, max_length=2048)
+    pull_max_bytes: int = Field(default=512 * 1024 * 1024, ge=1024, le=64 * 1024**3)
     # How often each worker checks every loaded model version (a canary prediction and a
     # re-hash of its files, in a thread): a version that fails is reloaded from the registry,
     # and is not served while it stays broken (api.server.activations).
@@ -146,7 +151,8 @@ class Settings(BaseSettings):
     # it always was), a path or a file:// URL (a local or shared directory), or
     # s3://bucket/prefix (credentials from the standard AWS chain only).
     model_store: str = Field(default="", max_length=1000)
-    # An S3-compatible service instead of AWS (MinIO, Ceph, GCS's S3 endpoint): http(s)://host.
+    # An S3-compatible service instead of AWS (MinIO, Ceph, GCS's S3 endpoint): http(s)://host,
+    # for every s3:// location (the model store's and the pulls').
     s3_endpoint_url: str = Field(default="", max_length=1000)
     # Micro-batching of the scikit-learn runtime (ml.batching): concurrent requests for one
     # version of up to batch_max_size rows share one predict_proba call; the first row of an

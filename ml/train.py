@@ -95,6 +95,8 @@ def register_model(
     activate: bool = True,
     conversion_rows: npt.ArrayLike | None = None,
     metrics: dict[str, JsonValue] | None = None,
+    source: str | None = None,
+    source_version: str | None = None,
 ) -> Manifest:
     """Store a fitted classifier as a new version of ``name`` (the next number unless
     ``version`` is given) and, with ``activate``, make it the active one (its ``ACTIVE`` file).
@@ -111,6 +113,7 @@ def register_model(
     ``class_names[i]`` names ``estimator.classes_[i]`` (the column order of ``predict_proba``).
     The version directory is assembled under a hidden temporary name and renamed into place, so
     a reader never sees a half-written version; ``ACTIVE`` is then replaced atomically.
+    ``source`` and ``source_version`` record where a pulled version came from (ml.pull).
     Raises ``ValueError`` if the name or version is invalid or taken, or the estimator does not
     fit the names given.
     """
@@ -153,6 +156,8 @@ def register_model(
             "input_range": accepted,
             "training_range": None if reference is None else _observed_range(reference),
             "metrics": metrics,
+            "source": source,
+            "source_version": source_version,
         },
         activate=activate,
     )
@@ -169,6 +174,8 @@ def register_onnx(
     version: str | None = None,
     activate: bool = True,
     metrics: dict[str, JsonValue] | None = None,
+    source: str | None = None,
+    source_version: str | None = None,
 ) -> Manifest:
     """Store an ONNX classifier (float64 input of one row per instance, a ``probabilities``
     output) as a new version of ``name``; no pickle is involved.
@@ -216,6 +223,8 @@ def register_onnx(
             "class_names": classes,
             "training_range": None if reference is None else _observed_range(rows),
             "metrics": metrics,
+            "source": source,
+            "source_version": source_version,
         },
         activate=activate,
     )

@@ -1,23 +1,21 @@
 """``modelgate models``: the model registry (train the default model, register a model file,
-import the versions already on disk into the catalogue, convert pickles to ONNX, list,
-activate). The model logic is in :mod:`ml`, publication in :mod:`api.model_catalogue`; these
-commands parse their arguments, call them and print."""
+import the versions already on disk into the catalogue, pull one from MLflow, S3, https or a
+file, convert pickles to ONNX, list, activate). The model logic is in :mod:`ml`, publication in
+:mod:`api.model_catalogue`; these commands parse their arguments, call them and print."""
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 from pydantic import JsonValue
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from api.cli.common import echo_json, fail, run_in_session
+from api.cli.common import echo_json, fail, run_in_session, run_with_sessions
 from auth.audit import CLI_ACTOR
 from auth.errors import ConfigurationError
 from auth.model_catalog import CatalogEntry, catalog_entry, model_entries
@@ -197,39 +195,30 @@ def _where(settings: Settings) -> str:
 def _publish(
     settings: Settings, stage: Callable[[Path], Manifest], *, source_uri: str | None
 ) -> Manifest:
-    """Stage a version with ``stage(model_dir)`` and publish it (``api.model_catalogue``):
-    into a temporary directory that is then put in the store, or, without a store, into the
+    """Stage a version with ``stage(staging_root)`` and publish it (``api.model_catalogue``):
+    staged in a temporary directory that is then put in the store, or, without a store, in the
     model directory itself (the store), where a failed publication removes it again."""
-    from api.model_catalogue import publish_version
+    from api.model_catalogue import discard_unpublished, publish_version, staging_root
     from ml.store import StoreError
 
     store = _model_store(settings)
-    staging_root = (
-        settings.model_dir if store is None else Path(tempfile.mkdtemp(prefix="modelgate-"))
-    )
-    manifest: Manifest | None = None
-    try:
-        manifest = stage(staging_root)
-        staged = staging_root / manifest.name / manifest.version
+    with staging_root(settings.model_dir, store) as root:
+        manifest = stage(root)
+        staged = root / manifest.name / manifest.version
 
         async def work(session: AsyncSession) -> Manifest:
             return await publish_version(
                 session, store, staged, CLI_ACTOR, source_uri=source_uri, source_version=None
             )
 
-        return run_in_session(settings, work)
-    except StoreError as exc:
-        if store is None:  # pragma: no cover - without a store nothing is put
+        try:
+            return run_in_session(settings, work)
+        except BaseException as exc:
+            # Not published (the transaction rolled back: no catalogue row, no version).
+            discard_unpublished(settings.model_dir, store, manifest)
+            if isinstance(exc, StoreError):
+                raise fail(f"not published: {exc}") from None
             raise
-        shutil.rmtree(staging_root, ignore_errors=True)
-        raise fail(f"not published: {exc}") from None
-    except BaseException:
-        if store is None and manifest is not None:
-            shutil.rmtree(staging_root / manifest.name / manifest.version, ignore_errors=True)
-        raise
-    finally:
-        if store is not None:
-            shutil.rmtree(staging_root, ignore_errors=True)
 
 
 @models_app.command("import")
@@ -273,6 +262,69 @@ def models_import() -> None:
         typer.echo(f"{name} version {version}: {outcome}")
     if failures:
         raise typer.Exit(1)
+
+
+@models_app.command("pull")
+def models_pull(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="models:/<name>/<version>, models:/<name>@<alias> (MLflow), s3://bucket/key, "
+            "https://... (needs --sha256), file:///path or a path: an .onnx, .skops or pickle."
+        ),
+    ],
+    name: Annotated[str, typer.Option("--name", help="The model's name here.")],
+    version: Annotated[
+        str | None,
+        typer.Option(help="The new version's number (default: MLflow's, else the next free)."),
+    ] = None,
+    sha256: Annotated[
+        str | None, typer.Option(help="The artifact's SHA-256 (hex): the pull checks it.")
+    ] = None,
+    allow_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--allow-pickle",
+            help="Accept a pickle artifact (it runs code when read); needs --sha256. Audited.",
+        ),
+    ] = False,
+    activate: Annotated[
+        bool, typer.Option("--activate", help="Activate it once pulled, as `activate` does.")
+    ] = False,
+) -> None:
+    """Fetch a model from MLflow, S3, https or a file, convert and check it as `register` does,
+    and add it as a new version (audited: model.pull); prints it as JSON."""
+    from pydantic import ValidationError
+
+    from api.pulls import pull_version
+    from api.schemas.pull import PullRequestBody, PullView
+    from auth.errors import ModelgateError
+    from ml import ModelError, ModelRegistry
+
+    try:
+        body = PullRequestBody(
+            source=source,
+            name=name,
+            version=version,
+            sha256=sha256.lower() if sha256 else None,
+            allow_pickle=allow_pickle,
+            activate=activate,
+        )
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise fail(f"--{'-'.join(map(str, error['loc']))}: {error['msg']}") from None
+    settings = get_settings()
+    registry = ModelRegistry(settings.model_dir, _model_store(settings))
+
+    async def work(sessionmaker: async_sessionmaker[AsyncSession]) -> PullView:
+        try:
+            return await pull_version(settings, sessionmaker, registry, CLI_ACTOR, body)
+        except ModelError as exc:
+            raise fail(f"pulled, but not activated: {exc.message}") from None
+        except ModelgateError as exc:
+            raise fail(exc.detail) from None
+
+    echo_json(run_with_sessions(settings, work))
 
 
 @models_app.command("list")
@@ -332,25 +384,24 @@ def models_activate(
 ) -> None:
     """Verify and warm up a version here, then record it as the model's active version (audited):
     every running worker serves it within 2 seconds. Rollback is the same command."""
-    from auth.model_activation import ActivationView, activate_version
+    from api.model_catalogue import activate_model_version
+    from auth.model_activation import ActivationView
     from ml import ModelError, ModelRegistry
 
     settings = get_settings()
+    # Checked here as a replica would: a catalogued version this machine does not have is
+    # fetched from the store and verified against the catalogue, then warmed up.
     registry = ModelRegistry(settings.model_dir, _model_store(settings))
-    entry = run_in_session(settings, lambda session: catalog_entry(session, name, version))
-    if entry is not None:
-        # A catalogued version is checked as a replica would: fetched from the store when
-        # this machine does not have it, and verified against the catalogue.
-        registry.learn_catalogue([entry.manifest])
-    try:
-        registry.load_version(name, version)
-    except ModelError as exc:
-        raise fail(f"not activated: {exc.message}") from None
 
-    async def work(session: AsyncSession) -> ActivationView:
-        return await activate_version(session, CLI_ACTOR, name, version)
+    async def work(sessionmaker: async_sessionmaker[AsyncSession]) -> ActivationView:
+        try:
+            return await activate_model_version(
+                registry, sessionmaker, settings.database_timeout_seconds, CLI_ACTOR, name, version
+            )
+        except ModelError as exc:
+            raise fail(f"not activated: {exc.message}") from None
 
-    echo_json(run_in_session(settings, work))
+    echo_json(run_with_sessions(settings, work))
 
 
 def _model_store(settings: Settings) -> ModelStore | None:

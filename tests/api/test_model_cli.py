@@ -266,3 +266,36 @@ def test_a_registration_the_store_refuses_is_not_published(
 
     blocked.unlink()
     assert "in the model store" in _run(cli, *register).stdout
+
+
+def test_pull_adds_and_activates_a_skops_file_with_an_audit_event(
+    cli: CliRunner, backend: Backend, models: Path, tmp_path: Path, logistic: LogisticRegression
+) -> None:
+    skops_io = pytest.importorskip("skops.io")  # the skops extra, which .ci/run installs
+    source = tmp_path / "candidate.skops"
+    skops_io.dump(logistic, source)
+    wrong = "0" * 64
+    refused = _run(
+        cli, "models", "pull", source.as_uri(), "--name", "iris", "--sha256", wrong, code=1
+    )
+    assert refused.stderr.startswith("error: the artifact's SHA-256 is not the one given")
+    assert len(refused.stderr.splitlines()) == 1
+    assert sorted(p.name for p in (models / "iris").iterdir() if p.name.isdigit()) == ["1"]
+
+    pulled = json.loads(
+        _run(cli, "models", "pull", str(source), "--name", "iris", "--activate").stdout
+    )
+    assert (pulled["version"], pulled["runtime"], pulled["artifact_kind"]) == ("2", "onnx", "skops")
+    assert pulled["source"] == source.as_uri()
+    assert pulled["activation"]["version"] == "2"
+    listed = _listed(cli)["iris"]
+    assert listed["active_version"] == "2"
+    assert [v["source"] for v in listed["versions"]] == [None, source.as_uri()]
+    taken = _run(cli, "models", "pull", str(source), "--name", "iris", "--version", "2", code=1)
+    assert "already has a version 2" in taken.stderr
+    # Neither refusal left anything behind: no version, no audit event.
+    assert sorted(p.name for p in (models / "iris").iterdir()) == ["1", "2", "ACTIVE"]
+    events = asyncio.run(
+        _query(backend.database_url, select(AuditEvent).where(AuditEvent.action == "model.pull"))
+    )
+    assert [(e.actor, e.target_id, e.detail["version"]) for e in events] == [("cli", "iris", "2")]

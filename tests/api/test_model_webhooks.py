@@ -40,7 +40,7 @@ from tests.conftest import (
     running_app,
 )
 
-# MLflow's own signing, from the webhooks-test extra (.ci/run installs it; without it, a skip
+# MLflow's own signing, from the integration-test extra (.ci/run installs it; without it, a skip
 # that MODELGATE_TEST_REQUIRE_SERVICES=1 turns into a failure).
 _generate_hmac_signature = pytest.importorskip("mlflow.webhooks.delivery")._generate_hmac_signature
 

@@ -27,7 +27,7 @@ from tests.promises import PromisedDelay
 
 pytestmark = pytest.mark.e2e
 
-# A real MLflow (server and client), from the webhooks-test extra that .ci/run installs.
+# A real MLflow (server and client), from the integration-test extra that .ci/run installs.
 MlflowClient = pytest.importorskip("mlflow").MlflowClient
 
 MLFLOW_SECRET = "the-mlflow-webhook-secret-0123456789"
