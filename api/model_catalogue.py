@@ -163,22 +163,19 @@ async def next_free_version(session: AsyncSession, model_dir: Path, name: str) -
     return str(max([*catalogued, *local], default=0) + 1)
 
 
-async def activate_model_version(
+async def load_published_version(
     registry: ModelRegistry,
     sessionmaker: async_sessionmaker[AsyncSession],
     timeout: float,
-    actor: Actor,
     name: str,
     version: str,
     known: dict[CatalogKey, CatalogEntry] | None = None,
-) -> ActivationView:
-    """Make ``version`` the active version of ``name``, blue-green: this process fetches it
-    from the store if it is only catalogued (it may have been published a moment ago, before
-    this process's once-a-second read of the catalogue), verifies it, warms it up and asks its
-    canary; only then is the activation recorded (audited) and switched to here, and every
-    other worker follows the record within a second. A version that fails any step is not
-    activated, and the version that served keeps serving. Raises :class:`ml.ModelNotFound`,
-    :class:`ml.ModelUnavailable` (with the reason) or :class:`DatabaseTimedOut`."""
+) -> None:
+    """Load ``version`` of ``name`` in this process: fetched from the store if it is only
+    catalogued (it may have been published a moment ago, before this process's once-a-second
+    read of the catalogue), verified against the catalogue, warmed up, its canary asked.
+    Raises :class:`ml.ModelNotFound`, :class:`ml.ModelUnavailable` (with the reason) or
+    :class:`DatabaseTimedOut`."""
     try:
         async with asyncio.timeout(timeout), sessionmaker() as session:
             entry = await catalog_entry(session, name, version)
@@ -189,6 +186,23 @@ async def activate_model_version(
             known[entry.key] = entry
         registry.learn_catalogue([entry.manifest])
     await asyncio.to_thread(registry.load_version, name, version)
+
+
+async def activate_model_version(
+    registry: ModelRegistry,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    timeout: float,
+    actor: Actor,
+    name: str,
+    version: str,
+    known: dict[CatalogKey, CatalogEntry] | None = None,
+) -> ActivationView:
+    """Make ``version`` the active version of ``name``, blue-green: this process loads it
+    first (:func:`load_published_version`); only then is the activation recorded (audited)
+    and switched to here, and every other worker follows the record within a second. A
+    version that fails any step is not activated, and the version that served keeps serving.
+    Raises as :func:`load_published_version` does."""
+    await load_published_version(registry, sessionmaker, timeout, name, version, known)
     try:
         async with asyncio.timeout(timeout), sessionmaker() as session:
             view = await activate_version(session, actor, name, version)

@@ -23,7 +23,7 @@ from api.model_catalogue import model_store, sync_catalogue
 from api.observability import metrics
 from api.server.activations import apply_activations, check_models_periodically, follow_activations
 from api.webhooks.deploy import DeployQueue
-from api.webhooks.interim import InterimDeployer
+from api.webhooks.deployer import PullDeployer
 from auth.db import create_engine, create_sessionmaker
 from auth.identity.authn import KeyAuthenticator
 from auth.identity.failure_throttle import CredentialThrottle
@@ -94,6 +94,9 @@ class AppState:
         rate_limiter = RateLimiter(settings, redis.storage)
         tokens = token_config(settings, secrets)
         registry = ModelRegistry(settings.model_dir, model_store(settings))
+        # The catalogue entries this process has read: the follower adds to it, the webhooks'
+        # deployer and the activation route too.
+        catalogue: dict[CatalogKey, CatalogEntry] = {}
         return cls(
             settings=settings,
             secrets=secrets,
@@ -132,10 +135,9 @@ class AppState:
                 settings.login_failures_per_account,
             ),
             webhook_throttle=CredentialThrottle(redis.storage, settings.auth_failures_per_address),
-            # MERGE (issue 19): the interim deployer registers file:// sources only; the lead
-            # puts the pull + publish + activation deployer here.
+            catalogue=catalogue,
             deploys=DeployQueue(
-                InterimDeployer(registry, sessionmaker, settings.database_timeout_seconds),
+                PullDeployer(settings, registry, sessionmaker, catalogue),
                 sessionmaker,
                 audit_timeout_seconds=settings.database_timeout_seconds,
             ),

@@ -24,7 +24,13 @@ from tests.e2e.servers import BIN, free_port, wait_ready
 
 
 @contextmanager
-def _process(command: list[str], ready_url: str, log: Path, timeout: float = 90) -> Iterator[None]:
+def _process(
+    command: list[str],
+    ready_url: str,
+    log: Path,
+    timeout: float = 90,
+    environment: dict[str, str] | None = None,
+) -> Iterator[None]:
     with log.open("wb") as output:
         process = subprocess.Popen(
             command,
@@ -32,6 +38,7 @@ def _process(command: list[str], ready_url: str, log: Path, timeout: float = 90)
             stderr=subprocess.STDOUT,
             start_new_session=True,
             cwd=log.parent,
+            env=environment,
         )
         try:
             try:
@@ -51,7 +58,18 @@ def _process(command: list[str], ready_url: str, log: Path, timeout: float = 90)
 
 @contextmanager
 def mlflow_server(directory: Path) -> Iterator[str]:
-    """``mlflow server`` on SQLite with ``--serve-artifacts``; yields its URL."""
+    """``mlflow server`` on SQLite with ``--serve-artifacts`` (webhooks need the SQL backend),
+    allowed to deliver webhooks to loopback ``http://`` addresses; yields its URL."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    environment.update(
+        {
+            "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+            "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+            # MLflow caches each event's webhooks (60 s by default): a test's new webhook must
+            # not wait behind the list an earlier test left.
+            "MLFLOW_WEBHOOK_CACHE_TTL": "1",
+        }
+    )
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [
@@ -69,7 +87,8 @@ def mlflow_server(directory: Path) -> Iterator[str]:
         "--workers",
         "1",
     ]
-    with _process(command, f"{url}/health", directory / "mlflow.log"):
+    # Creating its schema takes MLflow a while on a busy machine.
+    with _process(command, f"{url}/health", directory / "mlflow.log", 180, environment):
         yield url
 
 

@@ -220,13 +220,24 @@ def observe_usage_flush(stats: FlushStats) -> None:
         USAGE_FLUSH_FAILURES.inc()
 
 
+# The (model, version) pairs this process last reported in MODEL_ACTIVE_VERSION.
+_reported_versions: set[tuple[str, str]] = set()
+
+
 def record_active_versions(registry: ModelRegistry) -> None:
-    """Each model's active version, after a switch (an activation, a self-check)."""
+    """Each model's active version, after a switch (an activation, a self-check); a version
+    the registry no longer has is no longer reported."""
+    reported = set()
     for info in registry.models():
         for status in info.versions:
             MODEL_ACTIVE_VERSION.labels(info.name, status.version).set(
                 1 if status.version == info.active_version else 0
             )
+            reported.add((info.name, status.version))
+    for stale in _reported_versions - reported:
+        MODEL_ACTIVE_VERSION.remove(*stale)
+    _reported_versions.clear()
+    _reported_versions.update(reported)
 
 
 def record_registry(registry: ModelRegistry) -> None:

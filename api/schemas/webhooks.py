@@ -67,7 +67,11 @@ class GenericDelivery(BaseModel):
     name: Annotated[str, Field(pattern=MODEL_NAME_PATTERN, max_length=64)]
     version: Version
     source: Annotated[str, Field(min_length=1, max_length=2048, pattern=PRINTABLE_PATTERN)] = Field(
-        description="where the version is: file:// now; models:/, s3://, https:// once pulls exist"
+        description="where the version is, as `modelgate models pull` takes it: models:/ "
+        "(MLflow), s3://, https:// (with sha256) or file://"
+    )
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", max_length=64)] | None = Field(
+        default=None, description="the artifact's SHA-256 (hex); the pull checks it"
     )
     activate: bool = Field(
         default=False, description="activate the version once it verified and warmed up"

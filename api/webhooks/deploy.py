@@ -43,15 +43,17 @@ class DeployRequest:
     activate: bool
     delivery_id: str
     via: Literal["mlflow", "generic"]
+    # The artifact's SHA-256 when the sender pins it (the generic hook's "sha256"; an https://
+    # source needs one).
+    sha256: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class DeployOutcome:
     """What a deployer did with a request: ``state`` is ``deployed`` (registered, and
-    activated if asked), ``refused`` (the request cannot be done as it is, with the reason) or
-    ``unsupported`` (this process cannot do it yet)."""
+    activated if asked) or ``refused`` (the request cannot be done as it is, with the reason)."""
 
-    state: Literal["deployed", "refused", "unsupported"]
+    state: Literal["deployed", "refused"]
     detail: str
     activated: bool = False
 

@@ -96,6 +96,7 @@ def interpret_generic(body: bytes, delivery_id: str) -> Decision:
         activate=payload.activate,
         delivery_id=delivery_id,
         via="generic",
+        sha256=payload.sha256,
     )
     what = "deploy and activate" if payload.activate else "deploy (not activate)"
     return Decision(request, f"{what} version {payload.version}", payload.name, payload.version)

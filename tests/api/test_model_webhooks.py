@@ -417,8 +417,10 @@ async def test_mlflow_events_map_to_deploy_requests(app: Harness) -> None:
         ("churn", "3", "models:/churn/3", True, "mlflow"),
     ]
     outcomes = await audited(app, "webhook.deploy")
-    assert [o["outcome"] for o in outcomes] == ["unsupported", "unsupported"]
-    assert "not available" in outcomes[0]["detail"]
+    # This app names no MLflow server: each pull is refused, saying which setting is missing,
+    # and nothing changes.
+    assert [o["outcome"] for o in outcomes] == ["refused", "refused"]
+    assert all("MODELGATE_MLFLOW_TRACKING_URI" in o["detail"] for o in outcomes)
 
 
 async def test_mlflow_refusals_change_nothing(app: Harness) -> None:

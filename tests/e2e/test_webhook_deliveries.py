@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import shutil
-import signal
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,7 +19,8 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from tests.conftest import IRIS_SETOSA, Backend, only_on
-from tests.e2e.servers import BIN, free_port, run_cli, serve, wait_ready
+from tests.e2e.servers import run_cli, serve
+from tests.model_sources import mlflow_server
 from tests.promises import PromisedDelay
 
 pytestmark = pytest.mark.e2e
@@ -35,48 +33,11 @@ SECRET = "whsec_" + base64.b64encode(b"e2e-webhook-secret-bytes-32-long").decode
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real MLflow tracking server on a free port (SQLite backend: webhooks need SQL), allowed
-    to deliver webhooks to loopback ``http://`` addresses; its URI, and it is stopped after."""
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    environment.update(
-        {
-            "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
-            "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
-            # MLflow caches the webhooks of each event (60 s by default): a test's new webhook
-            # must not wait behind a previous test's list.
-            "MLFLOW_WEBHOOK_CACHE_TTL": "1",
-        }
-    )
-    log = (root / "server.log").open("wb")
-    server = subprocess.Popen(
-        [
-            str(BIN / "mlflow"),
-            "server",
-            *("--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"),
-            *("--artifacts-destination", str(root / "artifacts")),
-            *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
-        ],
-        cwd=root,
-        env=environment,
-        stdout=log,
-        stderr=log,
-        start_new_session=True,
-    )
-    try:
-        # Creating its schema takes MLflow a while.
-        wait_ready(f"http://127.0.0.1:{port}/health", server, timeout=180)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
+def mlflow_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real MLflow tracking server for the module (tests/model_sources.py), allowed to
+    deliver webhooks to loopback ``http://`` addresses."""
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as url:
+        yield url
 
 
 def _admin_key(environment: dict[str, str], cwd: Path) -> str:
@@ -105,22 +66,35 @@ def _until(what: str, seconds: float, check: Any) -> None:
 # One backend: MLflow's server is the slow part (its start), and dedupe across replicas is proved
 # on both in tests/api/test_model_webhooks.py.
 @only_on("postgres")
-def test_mlflow_s_own_deliveries_reach_the_deployer(
-    backend: Backend, mlflow_server: str, tour_environment: dict[str, str], tmp_path: Path
+def test_an_mlflow_version_given_the_champion_alias_is_pulled_and_served_with_no_other_step(
+    backend: Backend, mlflow_url: str, tour_environment: dict[str, str], tmp_path: Path
 ) -> None:
-    """A webhook created with MlflowClient().create_webhook, then MLflow's test delivery, a new
-    version and the champion alias: each delivery MLflow makes is accepted (202) and becomes the
-    right DeployRequest; the same deliveries from a webhook holding another secret are refused
-    as badly signed, and deploy nothing."""
+    """A webhook created with MlflowClient().create_webhook, MLflow's test delivery, then a
+    scikit-learn model logged (skops) and registered as a new version, and the champion alias
+    set on it: MLflow's own deliveries are accepted, the version is pulled, published and
+    activated, and modelgate serves it, with the source model's answers, within seconds. The
+    same deliveries from a webhook holding another secret are refused as badly signed, and
+    deploy nothing."""
+    import mlflow
+    import mlflow.sklearn
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+
     environment = {
         **tour_environment,
         "MODELGATE_MLFLOW_WEBHOOK_SECRET": MLFLOW_SECRET,
+        "MODELGATE_MLFLOW_TRACKING_URI": mlflow_url,
         "MODELGATE_LOG_LEVEL": "INFO",
     }
-    client = MlflowClient(mlflow_server)
+    client = MlflowClient(mlflow_url)
     # Not a valid modelgate name: served under the one the mapping gives it.
     mlflow_name = f"Churn Model {uuid.uuid4().hex[:8]}"
     environment["MODELGATE_MLFLOW_MODEL_NAMES"] = json.dumps({mlflow_name: "churn"})
+    iris = load_iris()
+    logistic = LogisticRegression(max_iter=1000).fit(iris.data, iris.target)
+    run_cli(environment, tmp_path, "db", "upgrade")
+    tenant = json.loads(run_cli(environment, tmp_path, "tenants", "create", "--name", "t").stdout)
+    key = run_cli(environment, tmp_path, "keys", "issue", "--tenant", tenant["id"]).stdout.split()
     log_path = tmp_path / "serve.log"
     with serve(environment, tmp_path, log_path=log_path) as port:
         admin = _admin_key(environment, tmp_path)
@@ -140,43 +114,66 @@ def test_mlflow_s_own_deliveries_reach_the_deployer(
             tested = client.test_webhook(hook.webhook_id)
             assert (tested.success, tested.response_status) == (True, 202), tested
 
-            experiment = client.get_experiment_by_name("Default")
-            assert experiment is not None
-            run = client.create_run(experiment.experiment_id)
-            client.create_registered_model(mlflow_name)
-            version = client.create_model_version(
-                mlflow_name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id
-            )
+            mlflow.set_tracking_uri(mlflow_url)
+            try:
+                with mlflow.start_run():
+                    mlflow.sklearn.log_model(
+                        logistic,
+                        name="model",
+                        serialization_format="skops",
+                        registered_model_name=mlflow_name,
+                        await_registration_for=0,
+                        pip_requirements=["scikit-learn"],
+                    )
+            finally:
+                mlflow.set_tracking_uri(None)
+            [version] = client.search_model_versions(f"name = '{mlflow_name}'")
             client.set_registered_model_alias(mlflow_name, "champion", version.version)
 
-            # MLflow delivers from a thread pool of its own, after answering its client.
+            # MLflow delivers from a thread pool of its own, after answering its client; the
+            # pull (download, conversion, checks) and the activation follow in the background.
+            PromisedDelay("an MLflow champion served", 30).until_sync(
+                lambda: _served(port, key[-1], "churn").status_code == 200
+            )
             _until("three deployments", 30, lambda: len(_audit(port, admin, "webhook.deploy")) >= 3)
             _until("two refusals", 30, lambda: len(_audit(port, admin, "webhook.refuse")) >= 2)
         finally:
             client.delete_webhook(hook.webhook_id)
             client.delete_webhook(impostor.webhook_id)
 
-        deployed = [event["detail"] for event in _audit(port, admin, "webhook.deploy")]
-        assert [
-            (d["model"], d["version"], d["source_uri"], d["activate"], d["via"]) for d in deployed
-        ] == [
-            ("example_model", "1", "models:/example_model/1", False, "mlflow"),
-            ("churn", version.version, f"models:/{mlflow_name}/{version.version}", False, "mlflow"),
-            ("churn", version.version, f"models:/{mlflow_name}/{version.version}", True, "mlflow"),
-        ]
-        # Until pulls are merged, the deployer says so.
-        assert {d["outcome"] for d in deployed} == {"unsupported"}
-        accepted = _audit(port, admin, "webhook.accept")
-        assert [a["detail"]["delivery_id"] for a in accepted] == [
-            d["delivery_id"] for d in deployed
-        ]
-        assert {a["actor"] for a in accepted} == {"webhook:mlflow"}
+        answer = _served(port, key[-1], "churn").json()
+        assert answer["model_version"] == version.version
+        [expected] = logistic.predict_proba([IRIS_SETOSA])
+        assert answer["probability"] == pytest.approx(list(expected), abs=1e-5)
+
+        deployed = {
+            (d["model"], d["version"], d["source_uri"], d["activate"], d["outcome"])
+            for d in (event["detail"] for event in _audit(port, admin, "webhook.deploy"))
+        }
+        source = f"models:/{mlflow_name}/{version.version}"
+        # MLflow's example (example_model 1) does not exist there: refused, nothing changed.
+        assert deployed == {
+            ("example_model", "1", "models:/example_model/1", False, "refused"),
+            ("churn", version.version, source, False, "deployed"),
+            ("churn", version.version, source, True, "deployed"),
+        }
+        [pulled] = _audit(port, admin, "model.pull")
+        assert (pulled["actor"], pulled["detail"]["source"]) == ("webhook:mlflow", source)
+        [activated] = _audit(port, admin, "model.activate")
+        assert (activated["actor"], activated["target_id"]) == ("webhook:mlflow", "churn")
         refused = _audit(port, admin, "webhook.refuse")
         assert [r["detail"]["reason"] for r in refused] == ["bad-signature", "bad-signature"]
         assert len(_audit(port, admin, "webhook.deploy")) == 3
-    log = log_path.read_text()
-    assert "model deploy unsupported" in log
-    assert MLFLOW_SECRET not in log
+    assert MLFLOW_SECRET not in log_path.read_text()
+
+
+def _served(port: int, key: str, model: str) -> httpx.Response:
+    return httpx.post(
+        f"http://127.0.0.1:{port}/api/v1/predict",
+        json={"features": IRIS_SETOSA, "model": model},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=10,
+    )
 
 
 def _generic_delivery(payload: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
