@@ -19,8 +19,9 @@ COPY api ./api
 COPY auth ./auth
 COPY ml ./ml
 COPY migrations ./migrations
-# Editable, so that alembic.ini and migrations/ beside the code are found at /app (api.cli).
-RUN pip install -e . \
+# Editable, so that alembic.ini and migrations/ beside the code are found at /app (api.cli). The
+# s3 extra (boto3) lets a replica use an s3:// model store (MODELGATE_MODEL_STORE).
+RUN pip install -e ".[s3]" \
     && python -m compileall -q /app/api /app/auth /app/ml /app/migrations
 # A registry with the default model, so that a bare `docker run` serves something.
 RUN MODELGATE_MODEL_DIR=/app/models modelgate models train

@@ -20,7 +20,7 @@ from api.http.timeout import RequestTimeoutMiddleware
 from api.observability import metrics
 from api.observability.logging import configure_logging
 from api.observability.tracing import instrumented, provider_from_environment
-from api.routes import catalog, health, me, predict, root, token, v2
+from api.routes import catalog, health, me, predict, root, token, v2, webhooks
 from api.routes.admin import router as admin_router
 from api.routes.metrics import install_metrics
 from api.server.grpc_serving import start_grpc
@@ -92,7 +92,16 @@ def create_app(
 
     # Included straight into the app (not through an /api/v1 router of their own): every level
     # of nesting is one more router a request walks through. Predictions come first.
-    routers = (predict.router, health.router, catalog.router, me.router, token.router, admin_router)
+    # The model webhooks sit under /admin but are signed, not behind the admin credential.
+    routers = (
+        predict.router,
+        health.router,
+        catalog.router,
+        me.router,
+        token.router,
+        admin_router,
+        webhooks.router,
+    )
     for router in routers:
         app.include_router(router, prefix=API_PREFIX)
     app.include_router(root.router)

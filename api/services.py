@@ -19,8 +19,11 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from api.inference.cache import PredictionCache, build_prediction_cache
+from api.model_catalogue import model_store, sync_catalogue
 from api.observability import metrics
 from api.server.activations import apply_activations, check_models_periodically, follow_activations
+from api.webhooks.deploy import DeployQueue
+from api.webhooks.deployer import PullDeployer
 from auth.db import create_engine, create_sessionmaker
 from auth.identity.authn import KeyAuthenticator
 from auth.identity.failure_throttle import CredentialThrottle
@@ -29,6 +32,7 @@ from auth.identity.login_throttle import LoginThrottle
 from auth.identity.tokens import TokenConfig, prune_tokens_periodically, token_config
 from auth.limits.concurrency import ConcurrencyLimiter
 from auth.limits.limiter import RateLimiter
+from auth.model_catalog import CatalogEntry, CatalogKey
 from auth.redis_connection import RedisConnection, connect_redis
 from auth.settings import Secrets, Settings
 from auth.usage.writer import UsageWriter
@@ -59,12 +63,22 @@ class AppState:
     key_activity: KeyActivity
     tokens: TokenConfig
     login_throttle: LoginThrottle
+    # The model webhooks' failure budget per client address: the same budget (and Redis keys)
+    # as failed API keys and JWTs, so a bad signature costs what a bad key does.
+    webhook_throttle: CredentialThrottle
+    # Deploy requests from the model webhooks, run one at a time in the background.
+    deploys: DeployQueue
     started_at: float = field(default_factory=time.monotonic)
     # How scikit-learn calls are micro-batched (ml.batching).
     batching: BatchPolicy = DIRECT
     # None when MODELGATE_PREDICTION_CACHE_TTL_SECONDS is 0; its hits, misses and errors are
     # counted in Prometheus (api.observability.metrics).
     prediction_cache: PredictionCache | None = None
+    # When this process last pruned the accepted webhook delivery ids (api.webhooks.receiver).
+    webhooks_pruned_at: float = float("-inf")
+    # The catalogue entries this process has read (they never change), by (name, version):
+    # the registry holds their manifests, GET /models/{name} their sources.
+    catalogue: dict[CatalogKey, CatalogEntry] = field(default_factory=dict, repr=False)
     # The periodic work started by start() and cancelled by close().
     background: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
 
@@ -79,6 +93,10 @@ class AppState:
         redis = connect_redis(settings)
         rate_limiter = RateLimiter(settings, redis.storage)
         tokens = token_config(settings, secrets)
+        registry = ModelRegistry(settings.model_dir, model_store(settings))
+        # The catalogue entries this process has read: the follower adds to it, the webhooks'
+        # deployer and the activation route too.
+        catalogue: dict[CatalogKey, CatalogEntry] = {}
         return cls(
             settings=settings,
             secrets=secrets,
@@ -97,7 +115,7 @@ class AppState:
             ),
             rate_limiter=rate_limiter,
             concurrency=ConcurrencyLimiter(rate_limiter, settings.concurrency_slot_ttl_seconds),
-            registry=ModelRegistry(settings.model_dir),
+            registry=registry,
             usage_writer=UsageWriter(
                 engine,
                 max_batch=settings.usage_flush_max_records,
@@ -115,6 +133,13 @@ class AppState:
                 redis.storage,
                 settings.login_failures_per_address,
                 settings.login_failures_per_account,
+            ),
+            webhook_throttle=CredentialThrottle(redis.storage, settings.auth_failures_per_address),
+            catalogue=catalogue,
+            deploys=DeployQueue(
+                PullDeployer(settings, registry, sessionmaker, catalogue),
+                sessionmaker,
+                audit_timeout_seconds=settings.database_timeout_seconds,
             ),
             batching=BatchPolicy(
                 max_size=settings.batch_max_size,
@@ -135,6 +160,14 @@ class AppState:
         """Load the models and the operator's activations, then start the usage writer, the
         key activity and the periodic work (token pruning, activations, model self-checks)."""
         settings, registry, sessionmaker = self.settings, self.registry, self.sessionmaker
+        try:
+            # The catalogue first: a catalogued version on this disk is loaded only if its
+            # manifest is the catalogue's.
+            async with asyncio.timeout(settings.database_timeout_seconds):
+                async with sessionmaker() as session:
+                    await sync_catalogue(registry, session, self.catalogue)
+        except Exception as exc:
+            logger.warning("model catalogue could not be read at start", error=type(exc).__name__)
         # Hash checks, unpickling and warm-up take a while: keep the event loop free.
         await asyncio.to_thread(registry.load)
         metrics.record_registry(registry)
@@ -146,7 +179,9 @@ class AppState:
         try:
             # The operator's activations (in the database) before the first request, not a
             # second after it.
-            await apply_activations(registry, sessionmaker, settings.database_timeout_seconds)
+            await apply_activations(
+                registry, sessionmaker, settings.database_timeout_seconds, self.catalogue
+            )
         except Exception as exc:
             logger.warning("model activations could not be read at start", error=type(exc).__name__)
         if not registry.is_ready:
@@ -155,12 +190,18 @@ class AppState:
             )
         self.usage_writer.start()
         self.key_activity.start()
+        self.deploys.start()
         self.started_at = time.monotonic()
         # Created last, and first run once the app's lifespan hands control back to the loop.
         self.background = [
             asyncio.create_task(prune_tokens_periodically(sessionmaker, settings)),
             asyncio.create_task(
-                follow_activations(registry, sessionmaker, settings.database_timeout_seconds)
+                follow_activations(
+                    registry,
+                    sessionmaker,
+                    settings.database_timeout_seconds,
+                    catalogue=self.catalogue,
+                )
             ),
             asyncio.create_task(
                 check_models_periodically(registry, settings.model_check_interval_seconds)
@@ -178,6 +219,9 @@ class AppState:
         timeout = self.settings.shutdown_timeout_seconds
         try:
             async with asyncio.timeout(timeout):
+                # Deploys still waiting are logged and audited as not run, while the database
+                # is still there.
+                await self.deploys.close()
                 await self.usage_writer.close()
                 await self.key_activity.close()
                 if self.prediction_cache is not None:

@@ -82,6 +82,17 @@ async def activate_version(
     )
 
 
+async def record_pull(
+    session: AsyncSession, actor: Actor, name: str, detail: dict[str, object]
+) -> None:
+    """The audit event of a version pulled from a source (``model.pull``): the version, the
+    source without credentials, the artifact's kind and SHA-256, and whether it was unpickled
+    (only with the operator's explicit consent)."""
+    await record_event(
+        session, actor, action="model.pull", target_type="model", target_id=name, detail=detail
+    )
+
+
 async def active_versions(session: AsyncSession) -> dict[str, str]:
     """Every recorded activation: model name -> version (one small query)."""
     rows = await session.execute(select(ModelActivation.name, ModelActivation.version))

@@ -20,6 +20,7 @@ from sqlalchemy import (
     MetaData,
     SmallInteger,
     String,
+    Text,
     TypeDecorator,
     UniqueConstraint,
     Uuid,
@@ -345,3 +346,34 @@ class ModelActivation(Base):
     version: Mapped[str] = mapped_column(String(16))
     activated_at: Mapped[datetime] = mapped_column(default=utcnow)
     activated_by: Mapped[str] = mapped_column(String(200))  # the audit trail's actor name
+
+
+class WebhookDelivery(Base):
+    """A signed webhook delivery that was accepted (``auth.webhooks.deliveries``): its id is
+    accepted once, across every replica (the key). Rows older than twice the clock
+    skew allowed are pruned in bulk: by then the delivery's signed timestamp is stale anyway."""
+
+    __tablename__ = "webhook_delivery"
+
+    # The pair is the key: a second insert of it is the replay.
+    source: Mapped[str] = mapped_column(String(16), primary_key=True)  # "mlflow" or "generic"
+    delivery_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class ModelVersion(Base):
+    """One published model version in the catalogue (``auth.model_catalog``): its manifest as
+    the registry wrote it (the artifacts' SHA-256s every replica verifies a fetched copy
+    against), where it came from, and who published it. A row is never changed: publishing the
+    same name and version again with another manifest is refused."""
+
+    __tablename__ = "model_version"
+
+    # The registry's name and version patterns (ml.manifest); checked by the service.
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[str] = mapped_column(String(16), primary_key=True)
+    manifest: Mapped[str] = mapped_column(Text)
+    source_uri: Mapped[str | None] = mapped_column(Text)
+    source_version: Mapped[str | None] = mapped_column(String(200))
+    registered_at: Mapped[datetime] = mapped_column(default=utcnow)
+    registered_by: Mapped[str] = mapped_column(String(200))  # the audit trail's actor name

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import multiprocessing
 import os
+import re
 import secrets
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -21,7 +25,25 @@ from auth.errors import ConfigurationError
 MIN_SECRET_LENGTH = 32
 
 
+# MODELGATE_MODEL_STORE's forms besides URLs: an absolute or relative path (no scheme).
+_STORE_PATH_RE = re.compile(r"^(?![A-Za-z][A-Za-z0-9+.-]*://)[^\x00]+$")
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# The model registry's name pattern (ml.manifest.NAME_PATTERN; auth does not import ml).
+MODEL_NAME_RE = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
+
+
+def _is_whsec(value: str) -> bool:
+    """Whether ``value`` is a Standard Webhooks secret: ``whsec_`` and base64 of 24-64 bytes."""
+    if not value.startswith("whsec_"):
+        return False
+    try:
+        key = base64.b64decode(value[len("whsec_") :], validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return 24 <= len(key) <= 64
 
 
 def parse_networks(value: str) -> tuple[IPNetwork, ...]:
@@ -115,10 +137,23 @@ class Settings(BaseSettings):
     # one per request.
     key_last_used_flush_seconds: float = Field(default=10.0, ge=0.05, le=3600)
     max_batch_size: int = Field(default=100, ge=1, le=1000)
+    # Where `modelgate models pull` (ml.pull) finds models: an MLflow tracking server for
+    # models:/ sources (s3:// ones use s3_endpoint_url below), and the largest artifact a pull
+    # downloads.
+    mlflow_tracking_uri: str | None = Field(default=None, max_length=2048)
+    pull_max_bytes: int = Field(default=512 * 1024 * 1024, ge=1024, le=64 * 1024**3)
     # How often each worker checks every loaded model version (a canary prediction and a
     # re-hash of its files, in a thread): a version that fails is reloaded from the registry,
     # and is not served while it stays broken (api.server.activations).
     model_check_interval_seconds: float = Field(default=30.0, gt=0, le=86_400)
+    # Where published model versions' files live (ml.store), shared by every replica, whose
+    # model_dir is then a verified cache of it: "" (the model directory itself is the store, as
+    # it always was), a path or a file:// URL (a local or shared directory), or
+    # s3://bucket/prefix (credentials from the standard AWS chain only).
+    model_store: str = Field(default="", max_length=1000)
+    # An S3-compatible service instead of AWS (MinIO, Ceph, GCS's S3 endpoint): http(s)://host,
+    # for every s3:// location (the model store's and the pulls').
+    s3_endpoint_url: str = Field(default="", max_length=1000)
     # Micro-batching of the scikit-learn runtime (ml.batching): concurrent requests for one
     # version of up to batch_max_size rows share one predict_proba call; the first row of an
     # idle batcher waits at most batch_max_wait_ms for company. ONNX versions keep their direct
@@ -182,11 +217,83 @@ class Settings(BaseSettings):
     # How often each worker deletes access-token records that expired a while ago.
     token_prune_interval_seconds: float = Field(default=600.0, gt=0, le=86_400)
 
+    # Signed webhooks that announce new model versions (api.routes.webhooks). Each route answers
+    # 404 while its secret is unset: nothing unsigned is ever accepted.
+    # The secret given to MLflow's create_webhook(secret=...): its HMAC key, any string.
+    mlflow_webhook_secret: SecretStr | None = Field(default=None, min_length=16, max_length=1024)
+    # The generic Standard Webhooks secret: "whsec_" and base64 of 24 to 64 random bytes.
+    webhook_secret: SecretStr | None = Field(default=None, max_length=200)
+    # MLflow registered model name -> the name modelgate serves it under (JSON object). An
+    # unmapped MLflow name is served under itself if it is a valid modelgate name, else refused.
+    mlflow_model_names: dict[str, str] = Field(default_factory=dict, max_length=1000)
+    # The MLflow alias whose model_version_alias.created means "activate this version".
+    mlflow_activate_alias: str = Field(
+        default="champion", min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_-]+$"
+    )
+
     @field_validator("metrics_token", mode="before")
     @classmethod
     def _empty_metrics_token_is_none(cls, value: object) -> object:
         # MODELGATE_METRICS_TOKEN= (set but empty) leaves the route public, as unset does.
         return None if value == "" else value
+
+    @field_validator("mlflow_webhook_secret", "webhook_secret", mode="before")
+    @classmethod
+    def _empty_webhook_secret_is_none(cls, value: object) -> object:
+        # Set but empty: the route stays off, as unset.
+        return None if value == "" else value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _standard_webhooks_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not _is_whsec(value.get_secret_value()):
+            # Never echo the value: it is a secret, even a malformed one.
+            raise ValueError(
+                "MODELGATE_WEBHOOK_SECRET must be whsec_ followed by base64 of 24 to 64 bytes"
+            )
+        return value
+
+    @field_validator("mlflow_model_names")
+    @classmethod
+    def _served_names_are_model_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for mlflow_name, served in value.items():
+            if not (0 < len(mlflow_name) <= 256) or not re.fullmatch(MODEL_NAME_RE, served):
+                raise ValueError(
+                    f"MODELGATE_MLFLOW_MODEL_NAMES: {served!r} (for {mlflow_name[:256]!r}) is "
+                    "not a valid model name (letters, digits, _ and -, at most 64)"
+                )
+        return value
+
+    @field_validator("model_store")
+    @classmethod
+    def _valid_model_store(cls, value: str) -> str:
+        # The same forms as ml.store.open_store (auth does not import ml); a typo stops the
+        # server at start-up rather than serving from the wrong place.
+        value = value.strip()
+        if not value or _STORE_PATH_RE.fullmatch(value):
+            return value
+        parts = urlsplit(value)
+        if parts.scheme == "s3":
+            if not _BUCKET_RE.fullmatch(parts.netloc) or parts.query or parts.fragment:
+                raise ValueError("an s3:// model store is s3://bucket/prefix")
+            return value
+        if parts.scheme == "file" and parts.netloc in ("", "localhost") and parts.path:
+            return value
+        raise ValueError("the model store is a path, a file:///path URL or s3://bucket/prefix")
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _valid_s3_endpoint(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("the S3 endpoint is an http:// or https:// URL")
+        if parts.username or parts.password or parts.query or parts.fragment:
+            # Credentials come from the AWS chain only, never from a URL.
+            raise ValueError("the S3 endpoint URL holds no credentials, query or fragment")
+        return value
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -303,6 +410,12 @@ def check_production(settings: Settings, workers: int) -> None:
         raise ConfigurationError(
             "every MODELGATE_JWT_PREVIOUS_SECRETS entry must be at least "
             f"{MIN_SECRET_LENGTH} bytes in production"
+        )
+    mlflow_secret = settings.mlflow_webhook_secret
+    if mlflow_secret is not None and len(mlflow_secret.get_secret_value()) < MIN_SECRET_LENGTH:
+        raise ConfigurationError(
+            f"MODELGATE_MLFLOW_WEBHOOK_SECRET must be at least {MIN_SECRET_LENGTH} characters "
+            "in production"
         )
     if "*" in settings.cors_origin_list:
         raise ConfigurationError("MODELGATE_CORS_ORIGINS may not be '*' in production")

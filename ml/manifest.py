@@ -30,6 +30,8 @@ VERSION_PATTERN = r"^[1-9][0-9]{0,8}$"
 # A bare file name that starts with an alphanumeric: no separators, so no "../" escapes.
 ARTIFACT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
+# The longest source URI a manifest records (``modelgate models pull``).
+MAX_SOURCE_CHARS = 2048
 
 # The largest magnitude a feature may have by default: what a float32 holds. scikit-learn's
 # trees compute in float32, where anything larger becomes infinite.
@@ -90,6 +92,11 @@ class Manifest(BaseModel):
     # the metrics the operator gave at registration (accuracy on a test set, say); published.
     framework_versions: dict[str, Annotated[str, Field(max_length=64)]] | None = None
     metrics: dict[str, JsonValue] | None = None
+    # Where a pulled version came from (``modelgate models pull``): the source URI without any
+    # credentials (no userinfo, no query), and the source's own id for it (MLflow's version
+    # number, an S3 object version or ETag). None for a version trained or registered here.
+    source: Annotated[str, Field(min_length=1, max_length=MAX_SOURCE_CHARS)] | None = None
+    source_version: Annotated[str, Field(min_length=1, max_length=200)] | None = None
 
     @field_validator("created_at")
     @classmethod

@@ -6,6 +6,7 @@ converted to ONNX. The CLI only parses arguments, calls these and prints."""
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import joblib
 import numpy as np
@@ -68,7 +69,35 @@ def register_file(
         raise UnsupportedModelFile(f"{path}: expected a .joblib or .onnx file")
     # The operator's own file, on the operator's command: unpickling it runs its code, exactly
     # as training would. Serving never unpickles it again once converted.
-    estimator = joblib.load(path)
+    return register_estimator(
+        model_dir,
+        joblib.load(path),
+        name,
+        version,
+        feature_names=feature_names,
+        class_names=class_names,
+        reference=reference,
+        metrics=metrics,
+    )
+
+
+def register_estimator(
+    model_dir: Path,
+    estimator: Any,
+    name: str,
+    version: str | None,
+    *,
+    feature_names: Sequence[str] | None = None,
+    class_names: Sequence[str] | None = None,
+    reference: npt.NDArray[np.float64] | None = None,
+    metrics: dict[str, JsonValue] | None = None,
+    source: str | None = None,
+    source_version: str | None = None,
+) -> Manifest:
+    """Register a fitted classifier as version ``version`` (None: the next number) of ``name``,
+    not activated, named
+    and converted as :func:`register_file` says (``source`` and ``source_version`` record where
+    a pulled one came from)."""
     n_features = int(getattr(estimator, "n_features_in_", 0) or 0)
     own_features = getattr(estimator, "feature_names_in_", None)
     features = feature_names or (
@@ -88,6 +117,8 @@ def register_file(
         activate=False,
         conversion_rows=synthetic_rows(n_features) if reference is None else None,
         metrics=metrics,
+        source=source,
+        source_version=source_version,
     )
 
 

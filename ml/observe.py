@@ -11,7 +11,13 @@ logger = logging.getLogger(__name__)
 # Called with the runtime ("onnx" or "sklearn") and the rows of one call of it.
 BatchObserver = Callable[[str, int], None]
 
+# Called with a model's name and the outcome of one fetch from the model store: "fetched" (a
+# version this replica did not have), "refetched" (a local copy that no longer matched) or
+# "failed" (one try that failed).
+FetchObserver = Callable[[str, str], None]
+
 _batch_observer: BatchObserver | None = None
+_fetch_observer: FetchObserver | None = None
 
 
 def set_batch_observer(observer: BatchObserver | None) -> None:
@@ -36,3 +42,20 @@ def batch_done(runtime: str, rows: int) -> None:
     except Exception as exc:
         # Measuring must never fail a prediction.
         logger.warning("batch observer raised %s", type(exc).__name__)
+
+
+def set_fetch_observer(observer: FetchObserver | None) -> None:
+    """Install the process's fetch observer (None: remove it)."""
+    global _fetch_observer
+    _fetch_observer = observer
+
+
+def fetch_done(model: str, outcome: str) -> None:
+    """Report one fetch of a version from the model store (ml.replica_cache)."""
+    observer = _fetch_observer
+    if observer is None:
+        return
+    try:
+        observer(model, outcome)
+    except Exception as exc:
+        logger.warning("fetch observer raised %s", type(exc).__name__)

@@ -8,6 +8,9 @@ Layout on disk::
     <model_dir>/<name>/<version>/model.onnx    (when converted: served instead of the pickle)
     <model_dir>/<name>/ACTIVE              (the active version number)
 
+With a model store (:mod:`ml.store`), ``model_dir`` is this replica's cache of it: versions the
+catalogue lists are fetched and verified by :mod:`ml.replica_cache` before they are loaded.
+
 Thread-safety: :meth:`ModelRegistry.load` builds a complete new snapshot and swaps it in with a
 single assignment, so ``get``/``models`` may run concurrently with a reload and always see one
 consistent snapshot.
@@ -23,12 +26,14 @@ from ml.errors import ModelNotFound, ModelUnavailable
 from ml.loading import (
     NOT_IN_REGISTRY,
     Canary,
+    LoadOutcome,
     VersionStatus,
-    load_verified_version,
     unfit_reason,
 )
 from ml.manifest import ACTIVE_FILE, NAME_PATTERN, VERSION_PATTERN, FeatureRange, Manifest
 from ml.model import LoadedModel
+from ml.replica_cache import ReplicaCache
+from ml.store import ModelStore
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +108,10 @@ class ModelRegistry:
     served in its place: requests that pin none are refused until another is activated.
     """
 
-    def __init__(self, model_dir: Path) -> None:
+    def __init__(self, model_dir: Path, store: ModelStore | None = None) -> None:
         self.model_dir = Path(model_dir)
+        # The catalogue's manifests, and fetches from the store into model_dir (a cache).
+        self.cache = ReplicaCache(self.model_dir, store)
         self._entries: dict[str, _ModelEntry] = {}
         # Activations applied through set_active: they outlive a rescan.
         self._activated: dict[str, str] = {}
@@ -136,6 +143,17 @@ class ModelRegistry:
         # A name or version that is not in the registry came from the client, and could be
         # anything (a key pasted in the wrong field): it is never echoed back.
         entry = self._entries.get(name)
+        # Catalogued but not on this replica yet: fetched (and loaded) in the background.
+        if (
+            version is not None
+            and (entry is None or version not in entry.statuses)
+            and self.cache.fetch_in_background(
+                name, version, lambda: self.load_version(name, version)
+            )
+        ):
+            raise ModelUnavailable(
+                f"model '{name}' version '{version}' is being fetched; retry shortly"
+            )
         if entry is None:
             raise ModelNotFound("model not found")
         if version is None:
@@ -263,7 +281,7 @@ class ModelRegistry:
                     version,
                     problem,
                 )
-                status, new_model, canary = load_verified_version(name, self._version_dir(model))
+                status, new_model, canary = self._load(name, self._version_dir(model))
                 if new_model is None:
                     status = VersionStatus(
                         name, version, "unhealthy", status.error, status.manifest
@@ -274,13 +292,21 @@ class ModelRegistry:
                     self._retry(status)
         self._discover()
 
+    def learn_catalogue(self, manifests: list[str]) -> int:
+        """Learn catalogue manifests (JSON text from the database); returns how many were new.
+        A catalogued version is served only from a local copy that agrees with them."""
+        return self.cache.learn(manifests)
+
+    def _load(self, name: str, version_dir: Path, *, quiet: bool = False) -> LoadOutcome:
+        return self.cache.load(name, version_dir, quiet=quiet)
+
     def _version_dir(self, model: LoadedModel) -> Path:
         return self.model_dir / model.name / model.version
 
     def _retry(self, status: VersionStatus) -> None:
         """Load a failed or unhealthy version again, quietly unless it now loads."""
         version_dir = self.model_dir / status.name / status.version
-        outcome = load_verified_version(status.name, version_dir, quiet=True)
+        outcome = self._load(status.name, version_dir, quiet=True)
         if outcome[1] is not None:
             logger.info("model %s version %s is ready again", status.name, status.version)
             self._publish(*outcome, replacing=None)
@@ -306,9 +332,7 @@ class ModelRegistry:
                 continue
             for version_dir in _version_dirs(name_dir):
                 if version_dir.name not in known.statuses:
-                    self._publish(
-                        *load_verified_version(name_dir.name, version_dir), replacing=None
-                    )
+                    self._publish(*self._load(name_dir.name, version_dir), replacing=None)
 
     def _ensure_loaded(
         self, name: str, version: str
@@ -321,12 +345,12 @@ class ModelRegistry:
         if entry is not None and version in entry.loaded:
             return entry.statuses[version], entry.loaded[version]
         version_dir = self.model_dir / name / version
-        if not version_dir.is_dir():
+        if not version_dir.is_dir() and not self.cache.fetchable(name, version):
             return None, None
-        if not _inside(version_dir, self.model_dir):
+        if version_dir.is_dir() and not _inside(version_dir, self.model_dir):
             logger.warning("model %s version %s: directory outside the registry", name, version)
             return None, None
-        outcome = load_verified_version(name, version_dir)
+        outcome = self._load(name, version_dir)
         self._publish(*outcome, replacing=None)
         return outcome[0], outcome[1]
 
@@ -374,7 +398,7 @@ class ModelRegistry:
             return None
         entry = _ModelEntry(name=name, statuses={}, loaded={})
         for version_dir in version_dirs:
-            entry = entry.with_version(*load_verified_version(name, version_dir))
+            entry = entry.with_version(*self._load(name, version_dir))
         activated = self._activated.get(name)
         if activated is not None and activated not in entry.statuses:
             missing = VersionStatus(name, activated, "failed", NOT_IN_REGISTRY, None)

@@ -63,8 +63,9 @@ _MAX_ITEMS = 100
 _MAX_DEPTH = 3
 
 
-def train_default(model_dir: Path) -> Manifest:
-    """Train the benchmark model (a 100-tree random forest on iris) and register it as ``iris``."""
+def train_default(model_dir: Path, version: str | None = None) -> Manifest:
+    """Train the benchmark model (a 100-tree random forest on iris) and register it as ``iris``
+    (version ``version``, else the next number in ``model_dir``)."""
     iris = load_iris()
     estimator = RandomForestClassifier(n_estimators=100, random_state=0)
     estimator.fit(iris.data, iris.target)
@@ -75,6 +76,7 @@ def train_default(model_dir: Path) -> Manifest:
         feature_names=[str(name) for name in iris.feature_names],
         class_names=[str(name) for name in iris.target_names],
         reference=iris.data,
+        version=version,
     )
     logger.info("trained model %s version %s", manifest.name, manifest.version)
     return manifest
@@ -93,6 +95,8 @@ def register_model(
     activate: bool = True,
     conversion_rows: npt.ArrayLike | None = None,
     metrics: dict[str, JsonValue] | None = None,
+    source: str | None = None,
+    source_version: str | None = None,
 ) -> Manifest:
     """Store a fitted classifier as a new version of ``name`` (the next number unless
     ``version`` is given) and, with ``activate``, make it the active one (its ``ACTIVE`` file).
@@ -109,6 +113,7 @@ def register_model(
     ``class_names[i]`` names ``estimator.classes_[i]`` (the column order of ``predict_proba``).
     The version directory is assembled under a hidden temporary name and renamed into place, so
     a reader never sees a half-written version; ``ACTIVE`` is then replaced atomically.
+    ``source`` and ``source_version`` record where a pulled version came from (ml.pull).
     Raises ``ValueError`` if the name or version is invalid or taken, or the estimator does not
     fit the names given.
     """
@@ -151,6 +156,8 @@ def register_model(
             "input_range": accepted,
             "training_range": None if reference is None else _observed_range(reference),
             "metrics": metrics,
+            "source": source,
+            "source_version": source_version,
         },
         activate=activate,
     )
@@ -167,6 +174,8 @@ def register_onnx(
     version: str | None = None,
     activate: bool = True,
     metrics: dict[str, JsonValue] | None = None,
+    source: str | None = None,
+    source_version: str | None = None,
 ) -> Manifest:
     """Store an ONNX classifier (float64 input of one row per instance, a ``probabilities``
     output) as a new version of ``name``; no pickle is involved.
@@ -214,6 +223,8 @@ def register_onnx(
             "class_names": classes,
             "training_range": None if reference is None else _observed_range(rows),
             "metrics": metrics,
+            "source": source,
+            "source_version": source_version,
         },
         activate=activate,
     )

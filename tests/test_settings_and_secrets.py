@@ -210,3 +210,25 @@ def test_the_fail_open_retry_interval_is_a_setting_with_bounds(
     for value in (0, -1, 61):
         with pytest.raises(ValidationError, match="rate_limit_open_retry_seconds"):
             _settings(tmp_path, rate_limit_open_retry_seconds=value)
+
+
+def test_the_model_store_and_s3_endpoint_are_checked_where_they_are_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert (_settings(tmp_path).model_store, _settings(tmp_path).s3_endpoint_url) == ("", "")
+    monkeypatch.setenv("MODELGATE_MODEL_STORE", "s3://team-models/prod")
+    monkeypatch.setenv("MODELGATE_S3_ENDPOINT_URL", "http://127.0.0.1:9000")
+    configured = _settings(tmp_path)
+    assert (configured.model_store, configured.s3_endpoint_url) == (
+        "s3://team-models/prod",
+        "http://127.0.0.1:9000",
+    )
+    for store in ("/srv/models", "file:///srv/models", "relative/models"):
+        assert _settings(tmp_path, model_store=store).model_store == store
+    for store in ("s3://Not_A_Bucket/x", "https://example.com/models", "file://host/x"):
+        with pytest.raises(ValidationError, match="model_store"):
+            _settings(tmp_path, model_store=store)
+    # Credentials come from the AWS chain only: never inside the endpoint's URL.
+    for endpoint in ("https://key:secret@minio.example", "ftp://minio.example", "minio:9000"):
+        with pytest.raises(ValidationError, match="s3_endpoint_url"):
+            _settings(tmp_path, s3_endpoint_url=endpoint)

@@ -1,25 +1,32 @@
 """``modelgate models``: the model registry (train the default model, register a model file,
-convert pickles to ONNX, list, activate). The model logic is in :mod:`ml`; these commands parse
-their arguments, call it and print."""
+import the versions already on disk into the catalogue, pull one from MLflow, S3, https or a
+file, convert pickles to ONNX, list, activate). The model logic is in :mod:`ml`, publication in
+:mod:`api.model_catalogue`; these commands parse their arguments, call them and print."""
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 from pydantic import JsonValue
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from api.cli.common import echo_json, fail, run_in_session
+from api.cli.common import echo_json, fail, run_in_session, run_with_sessions
 from auth.audit import CLI_ACTOR
-from auth.settings import get_settings
+from auth.errors import ConfigurationError
+from auth.model_catalog import CatalogEntry, catalog_entry, model_entries
+from auth.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
+
+    from ml import Manifest
+    from ml.store import ModelStore
 
     FloatMatrix = npt.NDArray[np.float64]
 
@@ -38,12 +45,29 @@ def models_train(
     """Train the default iris model from scikit-learn's bundled data and register it."""
     from ml import DEFAULT_MODEL, has_model, train_default
 
-    model_dir = get_settings().model_dir
-    if if_absent and has_model(model_dir, DEFAULT_MODEL):
-        typer.echo(f"model {DEFAULT_MODEL!r} already present in {model_dir}")
+    settings = get_settings()
+    model_dir = settings.model_dir
+    if _model_store(settings) is None:
+        # No store: the model directory is the store, and training writes there as it always
+        # did, without the database (the image trains at build time); `models import` records
+        # it in the catalogue.
+        if if_absent and has_model(model_dir, DEFAULT_MODEL):
+            typer.echo(f"model {DEFAULT_MODEL!r} already present in {model_dir}")
+            return
+        manifest = train_default(model_dir)
+        typer.echo(f"registered {manifest.name} version {manifest.version} in {model_dir}")
         return
-    manifest = train_default(model_dir)
-    typer.echo(f"registered {manifest.name} version {manifest.version} in {model_dir}")
+    catalogued = run_in_session(settings, lambda session: model_entries(session, DEFAULT_MODEL))
+    if if_absent and catalogued:
+        typer.echo(f"model {DEFAULT_MODEL!r} already in the catalogue")
+        return
+    version = str(max((int(entry.version) for entry in catalogued), default=0) + 1)
+    manifest = _publish(
+        settings,
+        lambda staging: train_default(staging, version=version),
+        source_uri="modelgate:train",
+    )
+    typer.echo(f"published {manifest.name} version {manifest.version} to the model store")
 
 
 @models_app.command("convert")
@@ -131,29 +155,176 @@ def models_register(
         raise fail("--name: letters, digits, '_' and '-' (at most 64, starting alphanumeric)")
     if not re.fullmatch(VERSION_PATTERN, version):
         raise fail("--version: a number from 1 to 999999999")
-    model_dir = get_settings().model_dir
+    settings = get_settings()
     rows = _reference_rows(reference)
     recorded_metrics = _metrics_option(metrics)
-    try:
-        manifest = register_file(
-            model_dir,
-            path,
-            name,
-            version,
-            feature_names=_names_option(feature_names),
-            class_names=_names_option(class_names),
-            reference=rows,
-            metrics=recorded_metrics,
-        )
-    except UnsupportedModelFile as exc:
-        raise fail(str(exc)) from None
-    except (ConversionError, OSError, ValueError) as exc:
-        raise fail(f"{path} not registered: {exc}") from None
+    if run_in_session(settings, lambda session: catalog_entry(session, name, version)):
+        raise fail(f"model {name!r} already has a version {version} in the catalogue")
+
+    def stage(model_dir: Path) -> Manifest:
+        try:
+            return register_file(
+                model_dir,
+                path,
+                name,
+                version,
+                feature_names=_names_option(feature_names),
+                class_names=_names_option(class_names),
+                reference=rows,
+                metrics=recorded_metrics,
+            )
+        except UnsupportedModelFile as exc:
+            raise fail(str(exc)) from None
+        except (ConversionError, OSError, ValueError) as exc:
+            raise fail(f"{path} not registered: {exc}") from None
+
+    manifest = _publish(settings, stage, source_uri=path.resolve().as_uri())
     typer.echo(
         f"registered {manifest.name} version {manifest.version} ({manifest.runtime}) in "
-        f"{model_dir}; serve it with: modelgate models activate {manifest.name} "
+        f"{_where(settings)}; serve it with: modelgate models activate {manifest.name} "
         f"{manifest.version}"
     )
+
+
+def _where(settings: Settings) -> str:
+
+    store = _model_store(settings)
+    return str(settings.model_dir) if store is None else f"the model store {store.location}"
+
+
+def _publish(
+    settings: Settings, stage: Callable[[Path], Manifest], *, source_uri: str | None
+) -> Manifest:
+    """Stage a version with ``stage(staging_root)`` and publish it (``api.model_catalogue``):
+    staged in a temporary directory that is then put in the store, or, without a store, in the
+    model directory itself (the store), where a failed publication removes it again."""
+    from api.model_catalogue import discard_unpublished, publish_version, staging_root
+    from ml.store import StoreError
+
+    store = _model_store(settings)
+    with staging_root(settings.model_dir, store) as root:
+        manifest = stage(root)
+        staged = root / manifest.name / manifest.version
+
+        async def work(session: AsyncSession) -> Manifest:
+            return await publish_version(
+                session, store, staged, CLI_ACTOR, source_uri=source_uri, source_version=None
+            )
+
+        try:
+            return run_in_session(settings, work)
+        except BaseException as exc:
+            # Not published (the transaction rolled back: no catalogue row, no version).
+            discard_unpublished(settings.model_dir, store, manifest)
+            if isinstance(exc, StoreError):
+                raise fail(f"not published: {exc}") from None
+            raise
+
+
+@models_app.command("import")
+def models_import() -> None:
+    """Record every version on this machine's model directory that the catalogue lacks (and
+    put its files in the model store): one line per version. Run it once after upgrading."""
+    from api.model_catalogue import publish_version
+    from auth.errors import ModelgateError
+    from ml.manifest import MANIFEST_FILE, NAME_PATTERN, VERSION_PATTERN
+    from ml.store import StoreError
+
+    settings = get_settings()
+    store = _model_store(settings)
+    failures = 0
+    for manifest_path in sorted(settings.model_dir.glob(f"*/*/{MANIFEST_FILE}")):
+        version_dir = manifest_path.parent
+        name, version = version_dir.parent.name, version_dir.name
+        if not (re.fullmatch(NAME_PATTERN, name) and re.fullmatch(VERSION_PATTERN, version)):
+            continue
+
+        async def work(session: AsyncSession, version_dir: Path = version_dir) -> str | None:
+            before = await catalog_entry(session, version_dir.parent.name, version_dir.name)
+            try:
+                await publish_version(
+                    session, store, version_dir, CLI_ACTOR, source_uri=None, source_version=None
+                )
+            except (ModelgateError, StoreError) as exc:
+                await session.rollback()
+                why = exc.detail if isinstance(exc, ModelgateError) else str(exc)
+                typer.echo(
+                    f"{version_dir.parent.name} version {version_dir.name}: not imported ({why})",
+                    err=True,
+                )
+                return None
+            return "already in the catalogue" if before is not None else "imported"
+
+        outcome = run_in_session(settings, work)
+        if outcome is None:
+            failures += 1
+            continue
+        typer.echo(f"{name} version {version}: {outcome}")
+    if failures:
+        raise typer.Exit(1)
+
+
+@models_app.command("pull")
+def models_pull(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="models:/<name>/<version>, models:/<name>@<alias> (MLflow), s3://bucket/key, "
+            "https://... (needs --sha256), file:///path or a path: an .onnx, .skops or pickle."
+        ),
+    ],
+    name: Annotated[str, typer.Option("--name", help="The model's name here.")],
+    version: Annotated[
+        str | None,
+        typer.Option(help="The new version's number (default: MLflow's, else the next free)."),
+    ] = None,
+    sha256: Annotated[
+        str | None, typer.Option(help="The artifact's SHA-256 (hex): the pull checks it.")
+    ] = None,
+    allow_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--allow-pickle",
+            help="Accept a pickle artifact (it runs code when read); needs --sha256. Audited.",
+        ),
+    ] = False,
+    activate: Annotated[
+        bool, typer.Option("--activate", help="Activate it once pulled, as `activate` does.")
+    ] = False,
+) -> None:
+    """Fetch a model from MLflow, S3, https or a file, convert and check it as `register` does,
+    and add it as a new version (audited: model.pull); prints it as JSON."""
+    from pydantic import ValidationError
+
+    from api.pulls import pull_version
+    from api.schemas.pull import PullRequestBody, PullView
+    from auth.errors import ModelgateError
+    from ml import ModelError, ModelRegistry
+
+    try:
+        body = PullRequestBody(
+            source=source,
+            name=name,
+            version=version,
+            sha256=sha256.lower() if sha256 else None,
+            allow_pickle=allow_pickle,
+            activate=activate,
+        )
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise fail(f"--{'-'.join(map(str, error['loc']))}: {error['msg']}") from None
+    settings = get_settings()
+    registry = ModelRegistry(settings.model_dir, _model_store(settings))
+
+    async def work(sessionmaker: async_sessionmaker[AsyncSession]) -> PullView:
+        try:
+            return await pull_version(settings, sessionmaker, registry, CLI_ACTOR, body)
+        except ModelError as exc:
+            raise fail(f"pulled, but not activated: {exc.message}") from None
+        except ModelgateError as exc:
+            raise fail(exc.detail) from None
+
+    echo_json(run_with_sessions(settings, work))
 
 
 @models_app.command("list")
@@ -161,36 +332,46 @@ def models_list() -> None:
     """Print every model, one JSON object per line: its versions, their state and input
     schema, and the active version (recorded activation, else the registry's choice)."""
     from auth.model_activation import active_versions
+    from auth.model_catalog import new_entries
     from ml import ModelRegistry
 
     settings = get_settings()
     registry = ModelRegistry(settings.model_dir)
+
+    async def work(session: AsyncSession) -> tuple[dict[str, str], list[CatalogEntry]]:
+        return await active_versions(session), await new_entries(session, ())
+
+    recorded, entries = run_in_session(settings, work)
+    catalogue = {entry.key: entry for entry in entries}
+    registry.learn_catalogue([entry.manifest for entry in entries])
     registry.load()
-
-    async def work(session: AsyncSession) -> dict[str, str]:
-        return await active_versions(session)
-
-    recorded = run_in_session(settings, work)
-    for info in registry.models():
-        active = recorded.get(info.name, info.active_version)
-        versions = [
-            {
-                "version": status.version,
-                "state": status.state,
-                "error": status.error,
-                "runtime": status.runtime,
-                "created_at": None
-                if status.manifest is None
-                else status.manifest.created_at.isoformat(),
-                "n_features": None if status.manifest is None else status.manifest.n_features,
-                "metrics": None if status.manifest is None else status.manifest.metrics,
-            }
-            for status in info.versions
-        ]
+    infos = {info.name: info for info in registry.models()}
+    for name in sorted(set(infos) | {entry.name for entry in entries}):
+        info = infos.get(name)
+        statuses = {} if info is None else {status.version: status for status in info.versions}
+        versions = []
+        for version in sorted(set(statuses) | {v for n, v in catalogue if n == name}, key=int):
+            status, entry = statuses.get(version), catalogue.get((name, version))
+            manifest = status.manifest if status is not None else None
+            versions.append(
+                {
+                    "version": version,
+                    # "catalogued": published, not on this machine's disk (replicas fetch it
+                    # from the model store when it is activated or pinned).
+                    "state": "catalogued" if status is None else status.state,
+                    "error": None if status is None else status.error,
+                    "runtime": None if status is None else status.runtime,
+                    "created_at": None if manifest is None else manifest.created_at.isoformat(),
+                    "n_features": None if manifest is None else manifest.n_features,
+                    "metrics": None if manifest is None else manifest.metrics,
+                    "source": None if entry is None else entry.source_uri,
+                    "source_version": None if entry is None else entry.source_version,
+                }
+            )
         document = {
-            "name": info.name,
-            "active_version": active,
-            "activated_in": "database" if info.name in recorded else "registry",
+            "name": name,
+            "active_version": recorded.get(name, None if info is None else info.active_version),
+            "activated_in": "database" if name in recorded else "registry",
             "versions": versions,
         }
         typer.echo(json.dumps(document))
@@ -203,19 +384,34 @@ def models_activate(
 ) -> None:
     """Verify and warm up a version here, then record it as the model's active version (audited):
     every running worker serves it within 2 seconds. Rollback is the same command."""
-    from auth.model_activation import ActivationView, activate_version
+    from api.model_catalogue import activate_model_version
+    from auth.model_activation import ActivationView
     from ml import ModelError, ModelRegistry
 
     settings = get_settings()
+    # Checked here as a replica would: a catalogued version this machine does not have is
+    # fetched from the store and verified against the catalogue, then warmed up.
+    registry = ModelRegistry(settings.model_dir, _model_store(settings))
+
+    async def work(sessionmaker: async_sessionmaker[AsyncSession]) -> ActivationView:
+        try:
+            return await activate_model_version(
+                registry, sessionmaker, settings.database_timeout_seconds, CLI_ACTOR, name, version
+            )
+        except ModelError as exc:
+            raise fail(f"not activated: {exc.message}") from None
+
+    echo_json(run_with_sessions(settings, work))
+
+
+def _model_store(settings: Settings) -> ModelStore | None:
+    """The configured model store, or a one-line error."""
+    from api.model_catalogue import model_store
+
     try:
-        ModelRegistry(settings.model_dir).load_version(name, version)
-    except ModelError as exc:
-        raise fail(f"not activated: {exc.message}") from None
-
-    async def work(session: AsyncSession) -> ActivationView:
-        return await activate_version(session, CLI_ACTOR, name, version)
-
-    echo_json(run_in_session(settings, work))
+        return model_store(settings)
+    except ConfigurationError as exc:
+        raise fail(str(exc)) from None
 
 
 def _reference_rows(reference: Path | None) -> FloatMatrix | None:

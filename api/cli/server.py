@@ -27,6 +27,7 @@ def serve(
 ) -> None:
     """Migrate the database if needed, load the models and serve the API; on SIGTERM, drain
     and exit 0 (see the README's Shutdown)."""
+    from api.model_catalogue import model_store
     from api.observability.tracing import check_environment as check_tracing_environment
     from api.server import supervisor as serving
 
@@ -41,6 +42,7 @@ def serve(
         check_production(settings, workers)
         check_tracing_environment(os.environ)
         load_secrets(settings)  # generate development secrets once, before workers race
+        model_store(settings)  # a store that cannot be used stops the start, not a fetch
     except ConfigurationError as exc:
         raise fail(str(exc)) from None
     upgrade_database(settings.database_url)

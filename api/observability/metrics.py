@@ -132,6 +132,13 @@ MODEL_LOAD_FAILURES = Counter(
     "and version; each load of the registry counts its failures once.",
     ("model", "version"),
 )
+MODEL_FETCHES = Counter(
+    "modelgate_model_fetches_total",
+    "Fetches of model versions from the model store into this replica's cache, by model and "
+    "outcome: fetched (a version this replica did not have), refetched (a local copy that no "
+    "longer matched the catalogue's SHA-256) or failed (one try that failed).",
+    ("model", "outcome"),
+)
 MODEL_ACTIVE_VERSION = Gauge(
     "modelgate_model_active_version",
     "1 for the version each model serves by default, 0 for its other versions.",
@@ -199,6 +206,11 @@ def observe_batch(runtime: str, rows: int) -> None:
     child.observe(rows)
 
 
+def observe_fetch(model: str, outcome: str) -> None:
+    """Count one fetch of a model version from the model store (``ml.observe.fetch_done``)."""
+    MODEL_FETCHES.labels(model, outcome).inc()
+
+
 def observe_usage_flush(stats: FlushStats) -> None:
     """The usage writer's observer (``UsageWriter(observer=...)``): one flush's figures."""
     USAGE_FLUSH_RECORDS.observe(stats.records)
@@ -208,13 +220,24 @@ def observe_usage_flush(stats: FlushStats) -> None:
         USAGE_FLUSH_FAILURES.inc()
 
 
+# The (model, version) pairs this process last reported in MODEL_ACTIVE_VERSION.
+_reported_versions: set[tuple[str, str]] = set()
+
+
 def record_active_versions(registry: ModelRegistry) -> None:
-    """Each model's active version, after a switch (an activation, a self-check)."""
+    """Each model's active version, after a switch (an activation, a self-check); a version
+    the registry no longer has is no longer reported."""
+    reported = set()
     for info in registry.models():
         for status in info.versions:
             MODEL_ACTIVE_VERSION.labels(info.name, status.version).set(
                 1 if status.version == info.active_version else 0
             )
+            reported.add((info.name, status.version))
+    for stale in _reported_versions - reported:
+        MODEL_ACTIVE_VERSION.remove(*stale)
+    _reported_versions.clear()
+    _reported_versions.update(reported)
 
 
 def record_registry(registry: ModelRegistry) -> None:

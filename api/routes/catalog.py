@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from api.http.deps import AnyCredential, StateDep
 from api.http.errors import problem_responses
+from auth.model_catalog import CatalogEntry, CatalogKey
 from ml import DEFAULT_MODEL, ModelInfo, ModelNotFound, ModelUnavailable, VersionStatus
 from ml.manifest import FeatureRange
 
@@ -62,6 +63,17 @@ class ModelVersionOut(BaseModel):
     )
     metrics: dict[str, JsonValue] | None = Field(
         description="What the operator recorded at registration (e.g. test accuracy)"
+    )
+    source: str | None = Field(
+        default=None,
+        description="Where the version was published from (the model catalogue's source URI); "
+        "null when unknown (a version on this replica's disk only, or registered before the "
+        "catalogue)",
+    )
+    source_version: str | None = Field(
+        default=None,
+        description="The source's own id of this version (e.g. an MLflow model version); null "
+        "when unknown",
     )
 
 
@@ -129,7 +141,9 @@ def _ranges(ranges: list[FeatureRange] | None) -> list[FeatureRangeOut] | None:
     return None if ranges is None else [FeatureRangeOut(min=r.min, max=r.max) for r in ranges]
 
 
-def _version_out(status: VersionStatus, active: str | None) -> ModelVersionOut:
+def _version_out(
+    status: VersionStatus, active: str | None, entry: CatalogEntry | None
+) -> ModelVersionOut:
     manifest = status.manifest
     schema = None
     if manifest is not None:
@@ -149,16 +163,21 @@ def _version_out(status: VersionStatus, active: str | None) -> ModelVersionOut:
         class_names=[] if manifest is None else list(manifest.class_names),
         input_schema=schema,
         metrics=None if manifest is None else manifest.metrics,
+        source=None if entry is None else entry.source_uri,
+        source_version=None if entry is None else entry.source_version,
     )
 
 
-def _model_out(info: ModelInfo) -> ModelOut:
+def _model_out(info: ModelInfo, catalogue: dict[CatalogKey, CatalogEntry]) -> ModelOut:
     return ModelOut(
         name=info.name,
         active_version=info.active_version,
         serving=info.unavailable_reason is None,
         unavailable_reason=info.unavailable_reason,
-        versions=[_version_out(v, info.active_version) for v in info.versions],
+        versions=[
+            _version_out(v, info.active_version, catalogue.get((info.name, v.version)))
+            for v in info.versions
+        ],
         n_features=info.n_features,
         feature_names=info.feature_names,
         class_names=info.class_names,
@@ -173,7 +192,7 @@ async def list_models(subject: AnyCredential, state: StateDep) -> ModelList:
     tenant = subject.tenant
     return ModelList(
         models=[
-            _model_out(info)
+            _model_out(info, state.catalogue)
             for info in state.registry.models()
             if tenant is None or tenant.may_use(info.name)
         ]
@@ -188,7 +207,7 @@ async def get_model(name: str, subject: AnyCredential, state: StateDep) -> Model
     if subject.tenant is not None and not subject.tenant.may_use(name):
         # Outside the caller's plan: the answer of a model that does not exist.
         raise ModelNotFound("model not found")
-    return _model_out(state.registry.model_info(name))
+    return _model_out(state.registry.model_info(name), state.catalogue)
 
 
 @router.get(

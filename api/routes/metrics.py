@@ -13,7 +13,7 @@ from api.http.deps import app_state
 from api.http.errors import problem_responses
 from api.observability import metrics
 from auth.errors import Unauthenticated
-from ml.observe import set_batch_observer
+from ml.observe import set_batch_observer, set_fetch_observer
 
 router = APIRouter(tags=["service"])
 
@@ -51,6 +51,8 @@ def _carries(request: Request, token: str) -> bool:
 
 
 def install_metrics(app: FastAPI) -> None:
-    """Serve ``GET /metrics`` and let ``ml`` report its inference batches."""
+    """Serve ``GET /metrics`` and let ``ml`` report its inference batches and its fetches
+    from the model store."""
     app.include_router(router)
     set_batch_observer(metrics.observe_batch)
+    set_fetch_observer(metrics.observe_fetch)

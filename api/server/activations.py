@@ -1,6 +1,9 @@
-"""Each worker's part in the model lifecycle: it applies the operator's activations (kept in
-the database, ``auth.model_activation``) about once a second, and checks every loaded model
-version every ``MODELGATE_MODEL_CHECK_INTERVAL_SECONDS`` (``ml.ModelRegistry.self_check``)."""
+"""Each worker's part in the model lifecycle: about once a second it learns the versions
+published since (the catalogue, ``auth.model_catalog``) and applies the operator's activations
+(``auth.model_activation``), both kept in the database, fetching an activated version from the
+model store when this replica does not have it; and it checks every loaded model version every
+``MODELGATE_MODEL_CHECK_INTERVAL_SECONDS`` (``ml.ModelRegistry.self_check``, which fetches a
+corrupted copy again)."""
 
 from __future__ import annotations
 
@@ -10,8 +13,10 @@ import time
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from api.model_catalogue import sync_catalogue
 from api.observability import metrics
 from auth.model_activation import active_versions
+from auth.model_catalog import CatalogEntry, CatalogKey
 from ml import ModelRegistry
 
 logger = structlog.get_logger(__name__)
@@ -27,11 +32,15 @@ async def apply_activations(
     registry: ModelRegistry,
     sessionmaker: async_sessionmaker[AsyncSession],
     timeout: float,
+    catalogue: dict[CatalogKey, CatalogEntry] | None = None,
 ) -> None:
-    """Make the registry's active versions those recorded in the database (loading a version
-    in a thread when this worker has not loaded it yet). Models without a record keep the
-    registry's own choice."""
+    """Learn the new catalogue entries (into ``catalogue`` and the registry), then make the
+    registry's active versions those recorded in the database (loading a version in a thread
+    when this worker has not loaded it yet, fetching it from the store first when this replica
+    does not have it). Models without a record keep the registry's own choice."""
     async with asyncio.timeout(timeout), sessionmaker() as session:
+        if catalogue is not None:
+            await sync_catalogue(registry, session, catalogue)
         recorded = await active_versions(session)
     current = registry.activations()
     changed = False
@@ -48,6 +57,7 @@ async def follow_activations(
     sessionmaker: async_sessionmaker[AsyncSession],
     timeout: float,
     interval: float = ACTIVATION_POLL_SECONDS,
+    catalogue: dict[CatalogKey, CatalogEntry] | None = None,
 ) -> None:
     """Apply the recorded activations every ``interval`` seconds, until cancelled; a failed
     read keeps the versions this worker has (and is retried at the next tick)."""
@@ -55,7 +65,7 @@ async def follow_activations(
     while True:
         await asyncio.sleep(interval)
         try:
-            await apply_activations(registry, sessionmaker, timeout)
+            await apply_activations(registry, sessionmaker, timeout, catalogue)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -20,7 +20,7 @@ from typer.testing import CliRunner, Result
 
 from api.cli import app
 from auth.db import create_engine, create_sessionmaker
-from auth.models import AuditEvent, ModelActivation
+from auth.models import AuditEvent, ModelActivation, ModelVersion
 from auth.settings import get_settings
 from ml.onnx_export import convert
 from tests.conftest import Backend
@@ -47,12 +47,13 @@ def cli(
 
 
 @pytest_asyncio.fixture(autouse=True)
-async def _no_activation_left_behind(backend: Backend) -> AsyncIterator[None]:
+async def _no_activation_or_version_left_behind(backend: Backend) -> AsyncIterator[None]:
     yield
     engine = create_engine(backend.database_url)
     try:
         async with engine.begin() as connection:
             await connection.execute(delete(ModelActivation))
+            await connection.execute(delete(ModelVersion))
     finally:
         await engine.dispose()
 
@@ -194,3 +195,107 @@ def test_activate_refuses_a_broken_or_unknown_version_and_records_nothing(
     for name, version in (("iris", "9"), ("..", "1"), ("iris", "../1")):
         _run(cli, "models", "activate", name, version, code=1)
     assert asyncio.run(_query(backend.database_url, select(ModelActivation))) == []
+
+
+def test_with_a_store_train_and_register_publish_to_it_and_import_refuses_another_copy(
+    cli: CliRunner,
+    backend: Backend,
+    models: Path,
+    tmp_path: Path,
+    logistic: LogisticRegression,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registrations = select(AuditEvent).where(AuditEvent.action == "model.register")
+    earlier = {event.id for event in asyncio.run(_query(backend.database_url, registrations))}
+    store = tmp_path / "store"
+    monkeypatch.setenv("MODELGATE_MODEL_STORE", f"file://{store}")
+    get_settings.cache_clear()
+
+    trained = _run(cli, "models", "train")
+    assert "published iris version 1 to the model store" in trained.stdout
+    assert (store / "iris" / "1" / "manifest.json").is_file()
+    assert "already in the catalogue" in _run(cli, "models", "train", "--if-absent").stdout
+
+    # This machine's own iris 1 (trained elsewhere: another manifest) is not the catalogue's.
+    refused = _run(cli, "models", "import", code=1)
+    assert "iris version 1: not imported" in refused.stderr
+    assert "another manifest" in refused.stderr
+
+    source = tmp_path / "candidate.joblib"
+    joblib.dump(logistic, source)
+    registered = _run(
+        cli, *("models", "register", str(source), "--name", "flowers", "--version", "1")
+    )
+    assert "in the model store" in registered.stdout
+    assert (store / "flowers" / "1" / "model.onnx").is_file()
+    assert not (models / "flowers").exists()  # staged elsewhere: the model directory is a cache
+    [flowers] = _listed(cli)["flowers"]["versions"]
+    assert (flowers["state"], flowers["source"]) == ("catalogued", source.resolve().as_uri())
+    again = _run(
+        cli, *("models", "register", str(source), "--name", "flowers", "--version", "1"), code=1
+    )
+    assert "already has a version 1 in the catalogue" in again.stderr
+
+    events = asyncio.run(_query(backend.database_url, registrations))
+    assert sorted(
+        (e.actor, e.target_id, e.detail["version"]) for e in events if e.id not in earlier
+    ) == [
+        ("cli", "flowers", "1"),
+        ("cli", "iris", "1"),
+    ]
+
+
+def test_a_registration_the_store_refuses_is_not_published(
+    cli: CliRunner,
+    models: Path,
+    tmp_path: Path,
+    logistic: LogisticRegression,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    blocked = tmp_path / "store"
+    blocked.write_text("a file where the store's directory should be")
+    monkeypatch.setenv("MODELGATE_MODEL_STORE", str(blocked))
+    get_settings.cache_clear()
+    source = tmp_path / "candidate.joblib"
+    joblib.dump(logistic, source)
+    register = ("models", "register", str(source), "--name", "flowers", "--version", "1")
+
+    refused = _run(cli, *register, code=1)
+    assert "not published: the version could not be written to the model store" in refused.stderr
+    assert "flowers" not in _listed(cli)  # no catalogue row: the version does not exist
+
+    blocked.unlink()
+    assert "in the model store" in _run(cli, *register).stdout
+
+
+def test_pull_adds_and_activates_a_skops_file_with_an_audit_event(
+    cli: CliRunner, backend: Backend, models: Path, tmp_path: Path, logistic: LogisticRegression
+) -> None:
+    skops_io = pytest.importorskip("skops.io")  # the skops extra, which .ci/run installs
+    source = tmp_path / "candidate.skops"
+    skops_io.dump(logistic, source)
+    wrong = "0" * 64
+    refused = _run(
+        cli, "models", "pull", source.as_uri(), "--name", "iris", "--sha256", wrong, code=1
+    )
+    assert refused.stderr.startswith("error: the artifact's SHA-256 is not the one given")
+    assert len(refused.stderr.splitlines()) == 1
+    assert sorted(p.name for p in (models / "iris").iterdir() if p.name.isdigit()) == ["1"]
+
+    pulled = json.loads(
+        _run(cli, "models", "pull", str(source), "--name", "iris", "--activate").stdout
+    )
+    assert (pulled["version"], pulled["runtime"], pulled["artifact_kind"]) == ("2", "onnx", "skops")
+    assert pulled["source"] == source.as_uri()
+    assert pulled["activation"]["version"] == "2"
+    listed = _listed(cli)["iris"]
+    assert listed["active_version"] == "2"
+    assert [v["source"] for v in listed["versions"]] == [None, source.as_uri()]
+    taken = _run(cli, "models", "pull", str(source), "--name", "iris", "--version", "2", code=1)
+    assert "already has a version 2" in taken.stderr
+    # Neither refusal left anything behind: no version, no audit event.
+    assert sorted(p.name for p in (models / "iris").iterdir()) == ["1", "2", "ACTIVE"]
+    events = asyncio.run(
+        _query(backend.database_url, select(AuditEvent).where(AuditEvent.action == "model.pull"))
+    )
+    assert [(e.actor, e.target_id, e.detail["version"]) for e in events] == [("cli", "iris", "2")]

@@ -19,6 +19,10 @@ PUBLIC = {
     "/v2/health/ready",
     # Public unless MODELGATE_METRICS_TOKEN is set (its 401 is documented).
     "/metrics",
+    # Authenticated by the delivery's signature, not a bearer credential (their 401 is
+    # documented).
+    "/api/v1/admin/models/webhooks/mlflow",
+    "/api/v1/admin/models/webhooks/generic",
 }
 
 

@@ -77,6 +77,55 @@ def serve(
             log.close()
 
 
+# Credentials for moto_server (it accepts any): the standard AWS chain's environment variables,
+# so that boto3 runs with its defaults. Every other AWS_* variable of the caller is dropped.
+MOTO_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def aws_environment(environment: dict[str, str]) -> dict[str, str]:
+    """``environment`` without the caller's AWS_* variables, with moto's credentials."""
+    kept = {key: value for key, value in environment.items() if not key.startswith("AWS_")}
+    return {**kept, **MOTO_CREDENTIALS}
+
+
+@contextmanager
+def moto_server() -> Iterator[str]:
+    """Run moto's standalone S3 server (``moto_server``) on a free port until exit; yields its
+    endpoint URL."""
+    port = free_port()
+    process = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if process.poll() is not None:
+                raise AssertionError(f"moto_server exited with {process.returncode}")
+            try:
+                httpx.get(f"{url}/moto-api/", timeout=1)
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline:
+                    raise AssertionError("moto_server did not start") from None
+                time.sleep(0.05)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
 def run_cli(
     environment: dict[str, str], cwd: Path, *args: str, check: bool = True
 ) -> subprocess.CompletedProcess[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Request
@@ -10,13 +9,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.http.deps import AdminScope, CredentialFirstRoute, app_state, request_actor
 from api.http.errors import problem_responses
-from api.observability import metrics
-from auth.errors import Conflict, DatabaseTimedOut
+from api.model_catalogue import activate_model_version
+from auth.errors import Conflict
 from auth.model_activation import (
     MODEL_NAME_PATTERN,
     MODEL_VERSION_PATTERN,
     ActivationView,
-    activate_version,
 )
 from ml import ModelUnavailable
 
@@ -53,20 +51,15 @@ async def activate_model(
     """Verify, warm up and activate a model version on every worker (rollback: the same call)."""
     state = app_state(request)
     try:
-        # 404 (ModelNotFound) for a model or version the registry does not have.
-        await asyncio.to_thread(state.registry.load_version, name, body.version)
+        # 404 (ModelNotFound) for a model or version neither the registry nor the catalogue has.
+        return await activate_model_version(
+            state.registry,
+            state.sessionmaker,
+            state.settings.database_timeout_seconds,
+            request_actor(request, admin),
+            name,
+            body.version,
+            state.catalogue,
+        )
     except ModelUnavailable as exc:
         raise VersionUnavailable(exc.message) from None
-    try:
-        async with asyncio.timeout(state.settings.database_timeout_seconds):
-            async with state.sessionmaker() as session:
-                view = await activate_version(
-                    session, request_actor(request, admin), name, body.version
-                )
-                await session.commit()
-    except TimeoutError:
-        raise DatabaseTimedOut from None
-    # This worker switches now; the others within a second (api.server.activations).
-    await asyncio.to_thread(state.registry.set_active, name, body.version)
-    metrics.record_active_versions(state.registry)
-    return view
