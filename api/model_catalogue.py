@@ -20,16 +20,13 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.observability import metrics
 from auth.audit import Actor
-from auth.errors import ConfigurationError, DatabaseTimedOut, InvalidRequest
-from auth.model_activation import ActivationView, activate_version
+from auth.errors import ConfigurationError, InvalidRequest
 from auth.model_catalog import (
     CatalogEntry,
     CatalogKey,
-    catalog_entry,
     claim_version,
     model_entries,
     new_entries,
@@ -161,54 +158,3 @@ async def next_free_version(session: AsyncSession, model_dir: Path, name: str) -
     except OSError:
         local = []
     return str(max([*catalogued, *local], default=0) + 1)
-
-
-async def load_published_version(
-    registry: ModelRegistry,
-    sessionmaker: async_sessionmaker[AsyncSession],
-    timeout: float,
-    name: str,
-    version: str,
-    known: dict[CatalogKey, CatalogEntry] | None = None,
-) -> None:
-    """Load ``version`` of ``name`` in this process: fetched from the store if it is only
-    catalogued (it may have been published a moment ago, before this process's once-a-second
-    read of the catalogue), verified against the catalogue, warmed up, its canary asked.
-    Raises :class:`ml.ModelNotFound`, :class:`ml.ModelUnavailable` (with the reason) or
-    :class:`DatabaseTimedOut`."""
-    try:
-        async with asyncio.timeout(timeout), sessionmaker() as session:
-            entry = await catalog_entry(session, name, version)
-    except TimeoutError:
-        raise DatabaseTimedOut from None
-    if entry is not None:
-        if known is not None:
-            known[entry.key] = entry
-        registry.learn_catalogue([entry.manifest])
-    await asyncio.to_thread(registry.load_version, name, version)
-
-
-async def activate_model_version(
-    registry: ModelRegistry,
-    sessionmaker: async_sessionmaker[AsyncSession],
-    timeout: float,
-    actor: Actor,
-    name: str,
-    version: str,
-    known: dict[CatalogKey, CatalogEntry] | None = None,
-) -> ActivationView:
-    """Make ``version`` the active version of ``name``, blue-green: this process loads it
-    first (:func:`load_published_version`); only then is the activation recorded (audited)
-    and switched to here, and every other worker follows the record within a second. A
-    version that fails any step is not activated, and the version that served keeps serving.
-    Raises as :func:`load_published_version` does."""
-    await load_published_version(registry, sessionmaker, timeout, name, version, known)
-    try:
-        async with asyncio.timeout(timeout), sessionmaker() as session:
-            view = await activate_version(session, actor, name, version)
-            await session.commit()
-    except TimeoutError:
-        raise DatabaseTimedOut from None
-    await asyncio.to_thread(registry.set_active, name, version)
-    metrics.record_active_versions(registry)
-    return view

@@ -12,7 +12,6 @@ import asyncio
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.model_catalogue import (
-    activate_model_version,
     discard_unpublished,
     model_store,
     next_free_version,
@@ -20,6 +19,7 @@ from api.model_catalogue import (
     staging_root,
 )
 from api.schemas.pull import PullRequestBody, PullView
+from api.server.activations import activate_model_version
 from auth.audit import Actor
 from auth.errors import Conflict
 from auth.model_activation import record_pull
@@ -58,7 +58,7 @@ async def pull_version(
     """Pull ``body.source`` as a new version of ``body.name`` and publish it (the model store
     and the catalogue, with the pull's audit event, in one transaction: the catalogue row is
     the commit point), and with ``body.activate`` activate it blue-green
-    (:func:`api.model_catalogue.activate_model_version`: this process fetches, verifies and
+    (:func:`api.server.activations.activate_model_version`: this process fetches, verifies and
     warms it up before the activation is recorded). Raises :class:`PullFailed`, or, once the
     pull is published, the registry's error when the version cannot be served (it stays
     published, not active, and the version that served keeps serving)."""

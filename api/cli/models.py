@@ -384,7 +384,7 @@ def models_activate(
 ) -> None:
     """Verify and warm up a version here, then record it as the model's active version (audited):
     every running worker serves it within 2 seconds. Rollback is the same command."""
-    from api.model_catalogue import activate_model_version
+    from api.server.activations import activate_model_version
     from auth.model_activation import ActivationView
     from ml import ModelError, ModelRegistry
 

@@ -3,7 +3,8 @@ published since (the catalogue, ``auth.model_catalog``) and applies the operator
 (``auth.model_activation``), both kept in the database, fetching an activated version from the
 model store when this replica does not have it; and it checks every loaded model version every
 ``MODELGATE_MODEL_CHECK_INTERVAL_SECONDS`` (``ml.ModelRegistry.self_check``, which fetches a
-corrupted copy again)."""
+corrupted copy again). And the one way a version is activated here (the admin route, the CLI,
+pulls and the model webhooks): loaded first, then recorded (:func:`activate_model_version`)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.model_catalogue import sync_catalogue
 from api.observability import metrics
-from auth.model_activation import active_versions
-from auth.model_catalog import CatalogEntry, CatalogKey
+from auth.audit import Actor
+from auth.errors import DatabaseTimedOut
+from auth.model_activation import ActivationView, activate_version, active_versions
+from auth.model_catalog import CatalogEntry, CatalogKey, catalog_entry
 from ml import ModelRegistry
 
 logger = structlog.get_logger(__name__)
@@ -85,3 +88,54 @@ async def check_models_periodically(registry: ModelRegistry, interval: float) ->
             raise
         except Exception:
             logger.exception("model self-check raised")
+
+
+async def load_published_version(
+    registry: ModelRegistry,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    timeout: float,
+    name: str,
+    version: str,
+    known: dict[CatalogKey, CatalogEntry] | None = None,
+) -> None:
+    """Load ``version`` of ``name`` in this process: fetched from the store if it is only
+    catalogued (it may have been published a moment ago, before this process's once-a-second
+    read of the catalogue), verified against the catalogue, warmed up, its canary asked.
+    Raises :class:`ml.ModelNotFound`, :class:`ml.ModelUnavailable` (with the reason) or
+    :class:`DatabaseTimedOut`."""
+    try:
+        async with asyncio.timeout(timeout), sessionmaker() as session:
+            entry = await catalog_entry(session, name, version)
+    except TimeoutError:
+        raise DatabaseTimedOut from None
+    if entry is not None:
+        if known is not None:
+            known[entry.key] = entry
+        registry.learn_catalogue([entry.manifest])
+    await asyncio.to_thread(registry.load_version, name, version)
+
+
+async def activate_model_version(
+    registry: ModelRegistry,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    timeout: float,
+    actor: Actor,
+    name: str,
+    version: str,
+    known: dict[CatalogKey, CatalogEntry] | None = None,
+) -> ActivationView:
+    """Make ``version`` the active version of ``name``, blue-green: this process loads it
+    first (:func:`load_published_version`); only then is the activation recorded (audited)
+    and switched to here, and every other worker follows the record within a second. A
+    version that fails any step is not activated, and the version that served keeps serving.
+    Raises as :func:`load_published_version` does."""
+    await load_published_version(registry, sessionmaker, timeout, name, version, known)
+    try:
+        async with asyncio.timeout(timeout), sessionmaker() as session:
+            view = await activate_version(session, actor, name, version)
+            await session.commit()
+    except TimeoutError:
+        raise DatabaseTimedOut from None
+    await asyncio.to_thread(registry.set_active, name, version)
+    metrics.record_active_versions(registry)
+    return view

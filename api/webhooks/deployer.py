@@ -3,7 +3,7 @@ Webhooks sender is pulled and published the way an operator's ``modelgate models
 (``api.pulls``: fetched, its digest checked, converted and checked, put in the model store and
 the catalogue, audited ``model.pull``), and, when the delivery asks for it (MLflow's activation
 alias, or ``"activate": true``), activated blue-green through the one activation step
-(``api.model_catalogue.activate_model_version``): this process fetches, verifies, warms the
+(``api.server.activations.activate_model_version``): this process fetches, verifies, warms the
 version up and asks its canary before the activation is recorded, so the old version serves
 until then, and keeps serving if the new one fails. Every other worker follows the record.
 
@@ -18,9 +18,9 @@ import asyncio
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from api.model_catalogue import activate_model_version, load_published_version
 from api.pulls import PullFailed, pull_version
 from api.schemas.pull import PullRequestBody
+from api.server.activations import activate_model_version, load_published_version
 from api.webhooks.deploy import DeployOutcome, DeployRequest
 from auth.audit import Actor
 from auth.model_catalog import CatalogEntry, CatalogKey, VersionConflict, catalog_entry

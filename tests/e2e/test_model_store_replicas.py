@@ -1,12 +1,18 @@
 """Replicas that share no disk: two ``modelgate serve`` processes, each with its own initially
 empty model directory, one Postgres database and one S3 model store (a real moto_server). A
 version registered through the CLI is served by both after ``models activate``, within a few
-seconds; a corrupted local copy on one is fetched again from the store and served again."""
+seconds; a corrupted local copy on one is fetched again from the store and served again; a
+version whose store copy does not verify is refused at its activation, and the old version
+serves on, under load, with no failed request."""
 
 from __future__ import annotations
 
 import json
+import threading
+import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -40,6 +46,37 @@ def _predict(port: int, key: str) -> httpx.Response:
 def _serves(port: int, key: str, version: str) -> bool:
     response = _predict(port, key)
     return response.status_code == 200 and response.json()["model_version"] == version
+
+
+@contextmanager
+def _steady_load(ports: tuple[int, ...], key: str) -> Iterator[list[tuple[int, str | None]]]:
+    """Predictions on every port from a thread each, without pause, until the block ends: the
+    (status, version) of every answer."""
+    answers: list[tuple[int, str | None]] = []
+    stop = threading.Event()
+
+    def drive(port: int) -> None:
+        with httpx.Client(timeout=10) as client:
+            while not stop.is_set():
+                response = client.post(
+                    f"http://127.0.0.1:{port}/api/v1/predict",
+                    json={"features": IRIS_SETOSA},
+                    headers={"Authorization": f"Bearer {key}"},
+                )
+                ok = response.status_code == 200
+                answers.append(
+                    (response.status_code, response.json()["model_version"] if ok else None)
+                )
+
+    threads = [threading.Thread(target=drive, args=(port,)) for port in ports]
+    for thread in threads:
+        thread.start()
+    try:
+        yield answers
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
 
 
 def _refetches(port: int) -> float:
@@ -84,7 +121,12 @@ def test_replicas_with_empty_disks_serve_a_registered_version_and_refetch_a_corr
         assert "iris version 1: imported" in imported.stdout
         run_cli(environment, tmp_path, "models", "activate", "iris", "1")
         tenant = json.loads(
-            run_cli(environment, tmp_path, "tenants", "create", "--name", "t").stdout
+            run_cli(
+                environment,
+                tmp_path,
+                # Steady load below: the limit is not what is under test.
+                *("tenants", "create", "--name", "t", "--rate-limit", "100000/minute"),
+            ).stdout
         )
         key = run_cli(environment, tmp_path, "keys", "issue", "--tenant", tenant["id"])
         key_text = key.stdout.strip().splitlines()[-1]
@@ -146,3 +188,34 @@ def test_replicas_with_empty_disks_serve_a_registered_version_and_refetch_a_corr
             ready = httpx.get(f"http://127.0.0.1:{port_a}/api/v1/health/ready", timeout=10)
             assert ready.status_code == 200
             assert ready.json()["failed_model_versions"] == []
+
+            # Blue-green: version 3 is published, then its file in the store is replaced (a
+            # bad upload, a tampered bucket). Its activation on a replica, under load on both,
+            # is refused (the fetched bytes do not match the catalogue), nothing is recorded,
+            # and version 2 goes on serving on both, with no failed request.
+            run_cli(
+                environment,
+                tmp_path,
+                *("models", "register", str(source), "--name", "iris", "--version", "3"),
+                *("--reference", str(reference)),
+            )
+            s3_client(endpoint).put_object(
+                Bucket=bucket, Key="prod/iris/3/model.onnx", Body=bytes(corrupted)
+            )
+            admin = run_cli(environment, tmp_path, "admin", "create-key", "--name", "ops")
+            admin_key = admin.stdout.strip().splitlines()[-1]
+            with _steady_load((port_a, port_b), key_text) as answers:
+                refused = httpx.post(
+                    f"http://127.0.0.1:{port_a}/api/v1/admin/models/iris/activate",
+                    json={"version": "3"},
+                    headers={"Authorization": f"Bearer {admin_key}"},
+                    timeout=60,
+                )
+                time.sleep(2 * SERVED_SECONDS / 5)  # past the followers' next read
+            assert refused.status_code == 409, refused.text
+            assert refused.json()["type"] == "version-unavailable"
+            assert "SHA-256" in refused.json()["detail"]
+            assert len(answers) > 20
+            assert set(answers) == {(200, "2")}, set(answers)
+            for port in (port_a, port_b):
+                assert _serves(port, key_text, "2")

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.http.deps import AdminScope, CredentialFirstRoute, app_state, request_actor
 from api.http.errors import problem_responses
-from api.model_catalogue import activate_model_version
+from api.server.activations import activate_model_version
 from auth.errors import Conflict
 from auth.model_activation import (
     MODEL_NAME_PATTERN,
