@@ -2,8 +2,9 @@
 empty model directory, one Postgres database and one S3 model store (a real moto_server). A
 version registered through the CLI is served by both after ``models activate``, within a few
 seconds; a corrupted local copy on one is fetched again from the store and served again; a
-version whose store copy does not verify is refused at its activation, and the old version
-serves on, under load, with no failed request."""
+version pulled and activated through one replica is served by both; a version whose store copy
+does not verify is refused at its activation, and the old version serves on, under load, with no
+failed request."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import httpx
 import joblib
 import numpy as np
 import pytest
+import skops.io as skops_io
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
@@ -189,25 +191,51 @@ def test_replicas_with_empty_disks_serve_a_registered_version_and_refetch_a_corr
             assert ready.status_code == 200
             assert ready.json()["failed_model_versions"] == []
 
-            # Blue-green: version 3 is published, then its file in the store is replaced (a
+            # A version pulled through one replica (the admin pull route: a skops file, no
+            # pickle) and activated by the same call is served by both: the other fetches it
+            # from the store.
+            admin = run_cli(environment, tmp_path, "admin", "create-key", "--name", "ops")
+            admin_key = admin.stdout.strip().splitlines()[-1]
+            candidate = tmp_path / "candidate.skops"
+            skops_io.dump(
+                LogisticRegression(C=0.5, max_iter=1000).fit(iris.data, iris.target), candidate
+            )
+            pulled = httpx.post(
+                f"http://127.0.0.1:{port_a}/api/v1/admin/models/pull",
+                json={
+                    "source": candidate.as_uri(),
+                    "name": "iris",
+                    "version": "3",
+                    "activate": True,
+                },
+                headers={"Authorization": f"Bearer {admin_key}"},
+                timeout=120,
+            )
+            assert pulled.status_code == 200, pulled.text
+            assert pulled.json()["activation"]["version"] == "3"
+            for port in (port_a, port_b):
+                PromisedDelay(
+                    "a version pulled through the other replica", SERVED_SECONDS
+                ).until_sync(lambda port=port: _serves(port, key_text, "3"))
+            assert (replicas[1] / "iris" / "3" / "model.onnx").is_file()
+
+            # Blue-green: version 4 is published, then its file in the store is replaced (a
             # bad upload, a tampered bucket). Its activation on a replica, under load on both,
             # is refused (the fetched bytes do not match the catalogue), nothing is recorded,
-            # and version 2 goes on serving on both, with no failed request.
+            # and version 3 goes on serving on both, with no failed request.
             run_cli(
                 environment,
                 tmp_path,
-                *("models", "register", str(source), "--name", "iris", "--version", "3"),
+                *("models", "register", str(source), "--name", "iris", "--version", "4"),
                 *("--reference", str(reference)),
             )
             s3_client(endpoint).put_object(
-                Bucket=bucket, Key="prod/iris/3/model.onnx", Body=bytes(corrupted)
+                Bucket=bucket, Key="prod/iris/4/model.onnx", Body=bytes(corrupted)
             )
-            admin = run_cli(environment, tmp_path, "admin", "create-key", "--name", "ops")
-            admin_key = admin.stdout.strip().splitlines()[-1]
             with _steady_load((port_a, port_b), key_text) as answers:
                 refused = httpx.post(
                     f"http://127.0.0.1:{port_a}/api/v1/admin/models/iris/activate",
-                    json={"version": "3"},
+                    json={"version": "4"},
                     headers={"Authorization": f"Bearer {admin_key}"},
                     timeout=60,
                 )
@@ -216,6 +244,6 @@ def test_replicas_with_empty_disks_serve_a_registered_version_and_refetch_a_corr
             assert refused.json()["type"] == "version-unavailable"
             assert "SHA-256" in refused.json()["detail"]
             assert len(answers) > 20
-            assert set(answers) == {(200, "2")}, set(answers)
+            assert set(answers) == {(200, "3")}, set(answers)
             for port in (port_a, port_b):
-                assert _serves(port, key_text, "2")
+                assert _serves(port, key_text, "3")
