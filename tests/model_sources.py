@@ -1,7 +1,7 @@
 """Real servers that hold models, for the pull tests: MLflow's own tracking server (SQLite
-backend, artifacts served by it), moto's standalone S3 server, and a local https file server
-with a self-signed certificate (trusted through ``SSL_CERT_FILE``, as an operator would add a
-private CA). Each on a free port, stopped (its whole process group) on exit."""
+backend, artifacts served by it), and a local https file server with a self-signed certificate
+(trusted through ``SSL_CERT_FILE``, as an operator would add a private CA). Each on a free port,
+stopped (its whole process group) on exit. moto's S3 server is ``tests.e2e.servers.moto_server``."""
 
 from __future__ import annotations
 
@@ -89,16 +89,6 @@ def mlflow_server(directory: Path) -> Iterator[str]:
     ]
     # Creating its schema takes MLflow a while on a busy machine.
     with _process(command, f"{url}/health", directory / "mlflow.log", 180, environment):
-        yield url
-
-
-@contextmanager
-def moto_s3_server(directory: Path) -> Iterator[str]:
-    """moto's standalone server (S3 among its services); yields its endpoint URL."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
-    with _process(command, f"{url}/moto-api/", directory / "moto.log"):
         yield url
 
 

@@ -31,11 +31,11 @@ from tests.conftest import (
     running_app,
     unique,
 )
+from tests.e2e.servers import moto_server
 from tests.model_sources import (
     SLOW_SECONDS,
     https_file_server,
     mlflow_server,
-    moto_s3_server,
     self_signed_certificate,
 )
 
@@ -182,7 +182,7 @@ def s3_endpoint(files: Files, tmp_path_factory: pytest.TempPathFactory) -> Itera
         patch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(files.directory / "no-aws-credentials"))
         for variable in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
             patch.delenv(variable, raising=False)
-        with moto_s3_server(tmp_path_factory.mktemp("moto")) as endpoint:
+        with moto_server() as endpoint:
             client = boto3.client("s3", endpoint_url=endpoint)
             client.create_bucket(Bucket=BUCKET)
             for name in ("iris.onnx", "iris.skops"):
