@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
+import structlog
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.model_catalogue import (
@@ -20,7 +21,7 @@ from api.model_catalogue import (
 )
 from api.schemas.pull import PullRequestBody, PullView
 from api.server.activations import activate_model_version
-from auth.audit import Actor
+from auth.audit import Actor, record_event
 from auth.errors import Conflict
 from auth.model_activation import record_pull
 from auth.model_catalog import CatalogEntry, CatalogKey
@@ -29,6 +30,8 @@ from ml import ModelRegistry
 from ml.pull import PullRefused, PullRequest, PullResult, pull
 from ml.sources import SourceConfig, SourceError, parse_source
 from ml.store import StoreError
+
+logger = structlog.get_logger(__name__)
 
 
 class PullFailed(Conflict):
@@ -48,6 +51,51 @@ def source_config(settings: Settings) -> SourceConfig:
 
 
 async def pull_version(
+    settings: Settings,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    registry: ModelRegistry,
+    actor: Actor,
+    body: PullRequestBody,
+    known: dict[CatalogKey, CatalogEntry] | None = None,
+) -> PullView:
+    """:func:`_pull_version`, with each refusal audited too (``model.pull_refused``: the
+    source without credentials, the version asked for and the reason), so that every pull an
+    operator or a webhook tried is in the audit trail, served or not."""
+    try:
+        return await _pull_version(settings, sessionmaker, registry, actor, body, known)
+    except PullFailed as exc:
+        await _audit_refusal(settings, sessionmaker, actor, body, exc.detail)
+        raise
+
+
+async def _audit_refusal(
+    settings: Settings,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    actor: Actor,
+    body: PullRequestBody,
+    reason: str,
+) -> None:
+    try:
+        source = parse_source(body.source).recorded
+    except SourceError:
+        source = "(not a source modelgate reads)"
+    try:
+        async with asyncio.timeout(settings.database_timeout_seconds), sessionmaker() as session:
+            await record_event(
+                session,
+                actor,
+                action="model.pull_refused",
+                target_type="model",
+                target_id=body.name,
+                detail={"source": source, "version": body.version, "reason": reason[:300]},
+            )
+            await session.commit()
+    except Exception as exc:
+        # The refusal is still answered; only its audit event is missing, which the log says.
+        logger.error("refused model pull not audited", error=type(exc).__name__)
+
+
+async def _pull_version(
     settings: Settings,
     sessionmaker: async_sessionmaker[AsyncSession],
     registry: ModelRegistry,

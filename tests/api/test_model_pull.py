@@ -258,12 +258,12 @@ def _versions(app: Harness, name: str) -> list[str]:
     )
 
 
-async def _pull_events(app: Harness, name: str) -> list[AuditEvent]:
+async def _pull_events(app: Harness, name: str, action: str = "model.pull") -> list[AuditEvent]:
     async with app.sessionmaker() as session:
         return list(
             await session.scalars(
                 select(AuditEvent)
-                .where(AuditEvent.action == "model.pull", AuditEvent.target_id == name)
+                .where(AuditEvent.action == action, AuditEvent.target_id == name)
                 .order_by(AuditEvent.id)
             )
         )
@@ -337,6 +337,13 @@ async def test_a_digest_mismatch_is_refused_and_changes_nothing(
     assert _versions(app, name) == []
     assert await _pull_events(app, name) == []
     assert name not in {info.name for info in app.state.registry.models()}
+    # Each refusal is audited, with the source as recorded and the reason.
+    refusals = await _pull_events(app, name, "model.pull_refused")
+    assert [e.detail["source"] for e in refusals] == [
+        f"s3://{BUCKET}/models/iris.onnx",
+        "models:/iris-skops/1",
+    ]
+    assert all("SHA-256 is not the one given" in e.detail["reason"] for e in refusals)
 
 
 async def test_s3_https_and_file_sources_are_pulled_and_serve_their_answers(
