@@ -25,6 +25,7 @@ from api.server.activations import apply_activations, check_models_periodically,
 from api.webhooks.deploy import DeployQueue
 from api.webhooks.deployer import PullDeployer
 from auth.db import create_engine, create_sessionmaker
+from auth.idempotency import InFlightClaims, prune_answers_periodically
 from auth.identity.authn import KeyAuthenticator
 from auth.identity.failure_throttle import CredentialThrottle
 from auth.identity.key_activity import KeyActivity
@@ -60,6 +61,8 @@ class AppState:
     concurrency: ConcurrencyLimiter
     registry: ModelRegistry
     usage_writer: UsageWriter
+    # The Idempotency-Keys with a request in flight (on Redis when set; api.http.idempotency).
+    idempotency_claims: InFlightClaims
     key_activity: KeyActivity
     tokens: TokenConfig
     login_throttle: LoginThrottle
@@ -122,6 +125,11 @@ class AppState:
                 max_wait_seconds=settings.usage_flush_wait_ms / 1000,
                 timeout_seconds=settings.usage_flush_timeout_seconds,
                 observer=metrics.observe_usage_flush,
+            ),
+            # A claim outlives any request: its deadline, then the usage flush and its retry.
+            idempotency_claims=InFlightClaims(
+                redis.client,
+                settings.request_timeout_seconds + 2 * settings.usage_flush_timeout_seconds + 5,
             ),
             key_activity=KeyActivity(
                 engine,
@@ -195,6 +203,7 @@ class AppState:
         # Created last, and first run once the app's lifespan hands control back to the loop.
         self.background = [
             asyncio.create_task(prune_tokens_periodically(sessionmaker, settings)),
+            asyncio.create_task(prune_answers_periodically(sessionmaker)),
             asyncio.create_task(
                 follow_activations(
                     registry,
