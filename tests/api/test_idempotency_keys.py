@@ -12,7 +12,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, select, update
 
-from auth.idempotency import prune_expired
+from auth.idempotency import InFlightClaims, prune_expired
 from auth.models import IdempotentResponse, Tenant, UsageRecord, utcnow
 from tests.conftest import IRIS_SETOSA, Harness, bearer, create_admin_key, create_tenant_with_key
 
@@ -288,3 +288,27 @@ async def test_expired_answers_are_served_again_and_pruned_in_bulk(harness: Harn
             .where(IdempotentResponse.tenant_id == tenant.id)
         )
     assert left == 1
+
+
+async def test_a_key_is_billed_once_even_when_no_claim_holds_it(harness: Harness) -> None:
+    """The claims only spare a duplicate its inference: with claims that expire at once (a
+    worker that died, two workers racing), the usage writer's transaction still bills the key
+    once, and every duplicate is answered with the first answer."""
+    tenant, key = await create_tenant_with_key(harness)
+    claims = harness.state.idempotency_claims
+    harness.state.idempotency_claims = InFlightClaims(None, ttl_seconds=0)
+    try:
+        idem = sf(f"unclaimed-{uuid.uuid4()}")
+        body = {"instances": [IRIS_SETOSA] * 2}
+        answers = await asyncio.gather(
+            *[harness.client.post(BATCH, json=body, headers=keyed(key, idem)) for _ in range(20)]
+        )
+    finally:
+        harness.state.idempotency_claims = claims
+    assert {a.status_code for a in answers} <= {200, 409}
+    bodies = {a.content for a in answers if a.status_code == 200}
+    assert len(bodies) == 1
+    assert (
+        sum("Idempotency-Replayed" not in a.headers for a in answers if a.status_code == 200) >= 1
+    )
+    assert await records(harness, tenant.id) == (1, 2)
