@@ -189,13 +189,19 @@ async def test_another_tenant_with_the_same_key_string_is_served_independently(
 async def test_a_request_refused_by_the_quota_can_be_retried_with_its_key(
     harness: Harness,
 ) -> None:
-    tenant, key = await create_tenant_with_key(harness, monthly_quota=2)
+    tenant, key = await create_tenant_with_key(harness, monthly_quota=4)
+    spent = await harness.client.post(
+        BATCH, json={"instances": [IRIS_SETOSA] * 2}, headers=bearer(key)
+    )
+    assert spent.status_code == 200
     idem = sf("after-the-quota")
     body = {"instances": [IRIS_SETOSA] * 3}
+    # Refused by the usage writer's quota decision, in the transaction that would have stored
+    # the answer.
     refused = await harness.client.post(BATCH, json=body, headers=keyed(key, idem))
     assert refused.status_code == 429
     assert refused.json()["type"] == "quota-exceeded"
-    assert await records(harness, tenant.id) == (0, 0)
+    assert await records(harness, tenant.id) == (1, 2)
     # The operator raises the quota; the same key is served and billed once.
     await change_tenant(harness, tenant.id, monthly_quota=10)
     served = await harness.client.post(BATCH, json=body, headers=keyed(key, idem))
@@ -203,7 +209,7 @@ async def test_a_request_refused_by_the_quota_can_be_retried_with_its_key(
     assert "Idempotency-Replayed" not in served.headers
     again = await harness.client.post(BATCH, json=body, headers=keyed(key, idem))
     assert again.headers["Idempotency-Replayed"] == "true"
-    assert await records(harness, tenant.id) == (1, 3)
+    assert await records(harness, tenant.id) == (2, 5)
 
 
 async def test_a_request_refused_by_the_rate_limit_can_be_retried_with_its_key(
