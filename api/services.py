@@ -126,11 +126,10 @@ class AppState:
                 timeout_seconds=settings.usage_flush_timeout_seconds,
                 observer=metrics.observe_usage_flush,
             ),
-            # A claim outlives any request: its deadline, then the usage flush and its retry.
-            idempotency_claims=InFlightClaims(
-                redis.client,
-                settings.request_timeout_seconds + 2 * settings.usage_flush_timeout_seconds + 5,
-            ),
+            # A claim lasts the request's deadline: it only spares a duplicate its inference (the
+            # usage writer's transaction bills a key once whatever the claims), so after a crash
+            # a retry waits no longer than that.
+            idempotency_claims=InFlightClaims(redis.client, settings.request_timeout_seconds),
             key_activity=KeyActivity(
                 engine,
                 interval_seconds=settings.key_last_used_flush_seconds,
