@@ -34,6 +34,9 @@ from auth.idempotency import (
 )
 
 IDEMPOTENCY_KEY = "Idempotency-Key"
+# The key as the OpenAPI document states it: an sf-string of 1 to 255 characters, each a
+# printable ASCII character other than '"' and '\\', or one of them escaped.
+KEY_PATTERN = r'^"(?:[ !#-\[\]-~]|\\["\\]){1,255}"$'
 REPLAYED = "Idempotency-Replayed"
 # The answer's headers that are part of it (the rest are the request's own: X-Request-ID, the
 # rate limit's).
@@ -89,6 +92,8 @@ async def idempotency_key(
             description='A Structured Field string (`"..."`, 1 to 255 printable characters) '
             "naming this request: a retry with the same key and body is answered with the first "
             "answer (Idempotency-Replayed: true) and not billed again; kept 24 hours by default",
+            # Stated for the document only: a value off the pattern is parse_key's 400.
+            json_schema_extra={"pattern": KEY_PATTERN},
         ),
     ] = None,
 ) -> None:
