@@ -99,12 +99,15 @@ _ADD_DAILY = (
     "requests = usage_daily.requests + excluded.requests, "
     "units = usage_daily.units + excluded.units"
 )
-# An answer to remember; a key whose unexpired answer is stored already inserts nothing (an
-# expired one not yet pruned is replaced).
-_REMEMBER = (
+# The answers to remember, one row per key, in one statement (its VALUES are added per batch);
+# a key whose unexpired answer is stored already inserts nothing (an expired one not yet pruned
+# is replaced), and RETURNING names the keys that went in.
+_REMEMBER_INTO = (
     "INSERT INTO idempotent_response (scope, tenant_id, api_key_id, fingerprint, status_code, "
-    "headers, body, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
-    "ON CONFLICT (scope) DO UPDATE SET tenant_id = excluded.tenant_id, "
+    "headers, body, created_at, expires_at) VALUES "
+)
+_REMEMBER_ON_CONFLICT = (
+    " ON CONFLICT (scope) DO UPDATE SET tenant_id = excluded.tenant_id, "
     "api_key_id = excluded.api_key_id, fingerprint = excluded.fingerprint, "
     "status_code = excluded.status_code, headers = excluded.headers, body = excluded.body, "
     "created_at = excluded.created_at, expires_at = excluded.expires_at "
@@ -133,7 +136,6 @@ class _Statements:
     add_within_quota: str
     insert_records: str
     add_daily: str
-    remember: str
     forget: str
 
     @classmethod
@@ -149,7 +151,6 @@ class _Statements:
             add_within_quota=styled(_ADD_WITHIN_QUOTA + " RETURNING units"),
             insert_records=styled(_INSERT_RECORDS),
             add_daily=styled(_ADD_DAILY),
-            remember=styled(_REMEMBER),
             forget=styled(_FORGET),
         )
 
@@ -374,15 +375,48 @@ class UsageWriter:
     async def _remember(
         self, driver: Any, groups: dict[tuple[uuid.UUID, str], list[_Pending]]
     ) -> set[_Pending]:
-        """Insert the keyed events' answers (in scope order, so that two writers lock keys in
-        the same order); returns the events whose key already had one."""
-        keyed = [p for members in groups.values() for p in members if p.event.response]
+        """Insert the keyed events' answers in one statement (in scope order, so that two
+        writers lock keys in the same order); returns the events whose key already had one (a
+        second event of one key in the batch included)."""
+        first: dict[bytes, _Pending] = {}
         answered: set[_Pending] = set()
-        for pending in sorted(keyed, key=lambda p: p.event.response.scope):  # type: ignore[union-attr]
-            row = self._response_row(pending.event)
-            if not await self._fetch_one(driver, self._sql.remember, row):
-                answered.add(pending)
+        for members in groups.values():
+            for pending in members:
+                response = pending.event.response
+                if response is None:
+                    continue
+                if response.scope in first:
+                    answered.add(pending)
+                else:
+                    first[response.scope] = pending
+        if not first:
+            return answered
+        rows = [self._response_row(first[scope].event) for scope in sorted(first)]
+        inserted = await self._fetch_column(driver, self._remember_sql(len(rows)), rows)
+        kept = {bytes(scope) for scope in inserted}
+        answered.update(p for scope, p in first.items() if scope not in kept)
         return answered
+
+    def _remember_sql(self, count: int) -> str:
+        width = len(ROW_COLUMNS)
+        if self._dialect == "postgresql":
+            values = ", ".join(
+                "(" + ", ".join(f"${row * width + column + 1}" for column in range(width)) + ")"
+                for row in range(count)
+            )
+        else:
+            values = ", ".join(["(" + ", ".join(["?"] * width) + ")"] * count)
+        return _REMEMBER_INTO + values + _REMEMBER_ON_CONFLICT
+
+    async def _fetch_column(self, driver: Any, sql: str, rows: list[tuple[Any, ...]]) -> list[Any]:
+        parameters = [value for row in rows for value in row]
+        if self._dialect == "postgresql":
+            return [record[0] for record in await driver.fetch(sql, *parameters)]
+        cursor = await driver.execute(sql, parameters)
+        try:
+            return [record[0] for record in await cursor.fetchall()]
+        finally:
+            await cursor.close()
 
     def _response_row(self, event: UsageEvent) -> tuple[Any, ...]:
         assert event.response is not None  # noqa: S101 (only keyed events get here)
