@@ -26,7 +26,7 @@ from typing import Any
 
 import structlog
 from sqlalchemy import delete, select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from auth.errors import IdempotencyKeyInvalid
 from auth.models import IdempotentResponse, utcnow
@@ -130,10 +130,15 @@ def expiry(created_at: datetime, ttl_seconds: int) -> datetime:
     return created_at + timedelta(seconds=ttl_seconds)
 
 
-async def lookup(session: AsyncSession, scope: bytes) -> StoredResponse | None:
-    """The unexpired answer stored under ``scope``, if any (one primary-key read)."""
-    row = await session.get(IdempotentResponse, scope)
-    if row is None or row.expires_at <= utcnow():
+async def lookup(engine: AsyncEngine, scope: bytes) -> StoredResponse | None:
+    """The unexpired answer stored under ``scope``, if any: one primary-key read in autocommit
+    (no BEGIN and ROLLBACK around it: this read is on the path of every keyed request)."""
+    table = IdempotentResponse.__table__
+    statement = select(table).where(table.c.scope == scope, table.c.expires_at > utcnow())
+    async with engine.connect() as connection:
+        autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
+        row = (await autocommit.execute(statement)).first()
+    if row is None:
         return None
     return StoredResponse(
         scope=row.scope,

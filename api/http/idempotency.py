@@ -77,9 +77,7 @@ def checked(stored: StoredResponse, body_fingerprint: bytes) -> StoredResponse:
 
 async def stored_answer(request: Request, scope: bytes) -> StoredResponse | None:
     """The unexpired answer stored under ``scope``."""
-    state = app_state(request)
-    async with state.sessionmaker() as session:
-        return await lookup(session, scope)
+    return await lookup(app_state(request).engine, scope)
 
 
 async def idempotency_key(
