@@ -130,26 +130,60 @@ def expiry(created_at: datetime, ttl_seconds: int) -> datetime:
     return created_at + timedelta(seconds=ttl_seconds)
 
 
+# The lookup, through the driver (asyncpg or aiosqlite) as the usage writer speaks to it:
+# SQLAlchemy's execution layer costs more CPU than the read itself, on the path of every keyed
+# request. Postgres' parameter style; SQLite's "?" is derived from it.
+_LOOKUP = (
+    "SELECT tenant_id, api_key_id, fingerprint, status_code, headers, body, created_at, "
+    "expires_at FROM idempotent_response WHERE scope = $1 AND expires_at > $2"
+)
+
+
 async def lookup(engine: AsyncEngine, scope: bytes) -> StoredResponse | None:
-    """The unexpired answer stored under ``scope``, if any: one primary-key read in autocommit
-    (no BEGIN and ROLLBACK around it: this read is on the path of every keyed request)."""
+    """The unexpired answer stored under ``scope``, if any: one primary-key read, outside any
+    transaction (no BEGIN and ROLLBACK around it)."""
     table = IdempotentResponse.__table__
-    statement = select(table).where(table.c.scope == scope, table.c.expires_at > utcnow())
+    dialect = engine.dialect
+    expires = table.c.expires_at.type.dialect_impl(dialect)
+    now = utcnow()
+    process = expires.bind_processor(dialect)
     async with engine.connect() as connection:
-        autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
-        row = (await autocommit.execute(statement)).first()
+        raw = await connection.get_raw_connection()
+        driver: Any = raw.driver_connection
+        if dialect.name == "postgresql":
+            row = await driver.fetchrow(_LOOKUP, scope, process(now) if process else now)
+        else:
+            cursor = await driver.execute(
+                _LOOKUP.replace("$1", "?").replace("$2", "?"),
+                (scope, process(now) if process else now),
+            )
+            try:
+                row = await cursor.fetchone()
+            finally:
+                await cursor.close()
+            # aiosqlite runs in its own transaction mode: end the read's.
+            await driver.rollback()
     if row is None:
         return None
+    result = expires.result_processor(dialect, None)
+    ids = table.c.tenant_id.type.dialect_impl(dialect).result_processor(dialect, None)
+
+    def uid(value: Any) -> uuid.UUID:
+        return ids(value) if ids else value  # type: ignore[return-value]
+
+    def moment(value: Any) -> datetime:
+        return result(value) if result else value  # type: ignore[return-value]
+
     return StoredResponse(
-        scope=row.scope,
-        tenant_id=row.tenant_id,
-        api_key_id=row.api_key_id,
-        fingerprint=row.fingerprint,
-        status_code=row.status_code,
-        headers=json.loads(row.headers),
-        body=row.body,
-        created_at=row.created_at,
-        expires_at=row.expires_at,
+        scope=scope,
+        tenant_id=uid(row[0]),
+        api_key_id=uid(row[1]),
+        fingerprint=bytes(row[2]),
+        status_code=int(row[3]),
+        headers=json.loads(row[4]),
+        body=bytes(row[5]),
+        created_at=moment(row[6]),
+        expires_at=moment(row[7]),
     )
 
 
