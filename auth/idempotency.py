@@ -125,6 +125,36 @@ ROW_COLUMNS = (
 )
 
 
+# The answers to remember, one row per key, in one statement (its VALUES are added per batch);
+# a key whose unexpired answer is stored already inserts nothing (an expired one not yet pruned
+# is replaced), and RETURNING names the keys that went in.
+_REMEMBER_INTO = (
+    "INSERT INTO idempotent_response (scope, tenant_id, api_key_id, fingerprint, status_code, "
+    "headers, body, created_at, expires_at) VALUES "
+)
+_REMEMBER_ON_CONFLICT = (
+    " ON CONFLICT (scope) DO UPDATE SET tenant_id = excluded.tenant_id, "
+    "api_key_id = excluded.api_key_id, fingerprint = excluded.fingerprint, "
+    "status_code = excluded.status_code, headers = excluded.headers, body = excluded.body, "
+    "created_at = excluded.created_at, expires_at = excluded.expires_at "
+    "WHERE idempotent_response.expires_at <= excluded.created_at RETURNING scope"
+)
+FORGET = "DELETE FROM idempotent_response WHERE scope = $1"
+
+
+def remember_statement(dialect: str, count: int) -> str:
+    """The usage writer's insert of ``count`` answers in ``dialect``'s parameter style."""
+    width = len(ROW_COLUMNS)
+    if dialect == "postgresql":
+        values = ", ".join(
+            "(" + ", ".join(f"${row * width + column + 1}" for column in range(width)) + ")"
+            for row in range(count)
+        )
+    else:
+        values = ", ".join(["(" + ", ".join(["?"] * width) + ")"] * count)
+    return _REMEMBER_INTO + values + _REMEMBER_ON_CONFLICT
+
+
 def expiry(created_at: datetime, ttl_seconds: int) -> datetime:
     """When an answer stored at ``created_at`` expires."""
     return created_at + timedelta(seconds=ttl_seconds)

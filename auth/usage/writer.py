@@ -45,7 +45,7 @@ from sqlalchemy import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from auth.errors import DependencyUnavailable, QuotaExceeded
-from auth.idempotency import ROW_COLUMNS, AlreadyAnswered
+from auth.idempotency import FORGET, ROW_COLUMNS, AlreadyAnswered, remember_statement
 from auth.models import IdempotentResponse, UsageDaily, UsageRecord
 from auth.usage.ledger import DAILY_COLUMNS, UsageEvent, month_of, seconds_to_next_month
 from auth.usage.partitions import IS_PARTITIONED, create_partitions
@@ -99,21 +99,6 @@ _ADD_DAILY = (
     "requests = usage_daily.requests + excluded.requests, "
     "units = usage_daily.units + excluded.units"
 )
-# The answers to remember, one row per key, in one statement (its VALUES are added per batch);
-# a key whose unexpired answer is stored already inserts nothing (an expired one not yet pruned
-# is replaced), and RETURNING names the keys that went in.
-_REMEMBER_INTO = (
-    "INSERT INTO idempotent_response (scope, tenant_id, api_key_id, fingerprint, status_code, "
-    "headers, body, created_at, expires_at) VALUES "
-)
-_REMEMBER_ON_CONFLICT = (
-    " ON CONFLICT (scope) DO UPDATE SET tenant_id = excluded.tenant_id, "
-    "api_key_id = excluded.api_key_id, fingerprint = excluded.fingerprint, "
-    "status_code = excluded.status_code, headers = excluded.headers, body = excluded.body, "
-    "created_at = excluded.created_at, expires_at = excluded.expires_at "
-    "WHERE idempotent_response.expires_at <= excluded.created_at RETURNING scope"
-)
-_FORGET = "DELETE FROM idempotent_response WHERE scope = $1"
 _RECORD_COLUMNS = (
     "request_id",
     "tenant_id",
@@ -151,7 +136,7 @@ class _Statements:
             add_within_quota=styled(_ADD_WITHIN_QUOTA + " RETURNING units"),
             insert_records=styled(_INSERT_RECORDS),
             add_daily=styled(_ADD_DAILY),
-            forget=styled(_FORGET),
+            forget=styled(FORGET),
         )
 
 
@@ -392,21 +377,12 @@ class UsageWriter:
         if not first:
             return answered
         rows = [self._response_row(first[scope].event) for scope in sorted(first)]
-        inserted = await self._fetch_column(driver, self._remember_sql(len(rows)), rows)
+        inserted = await self._fetch_column(
+            driver, remember_statement(self._dialect, len(rows)), rows
+        )
         kept = {bytes(scope) for scope in inserted}
         answered.update(p for scope, p in first.items() if scope not in kept)
         return answered
-
-    def _remember_sql(self, count: int) -> str:
-        width = len(ROW_COLUMNS)
-        if self._dialect == "postgresql":
-            values = ", ".join(
-                "(" + ", ".join(f"${row * width + column + 1}" for column in range(width)) + ")"
-                for row in range(count)
-            )
-        else:
-            values = ", ".join(["(" + ", ".join(["?"] * width) + ")"] * count)
-        return _REMEMBER_INTO + values + _REMEMBER_ON_CONFLICT
 
     async def _fetch_column(self, driver: Any, sql: str, rows: list[tuple[Any, ...]]) -> list[Any]:
         parameters = [value for row in rows for value in row]
