@@ -32,7 +32,7 @@ run: install
 
 # The suite over TEST_WORKERS processes (pytest-xdist); tests/parallel.py says how they share the
 # machine. TEST_WORKERS=0 runs it in this one process.
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 4
 test: install
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
