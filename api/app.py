@@ -14,6 +14,7 @@ from opentelemetry.trace import TracerProvider
 from api.http.body_limit import BodyLimitMiddleware
 from api.http.errors import install_error_handlers
 from api.http.forwarded import TrustedProxies
+from api.http.idempotency import Replay, replay_handler
 from api.http.middleware import RequestContextMiddleware
 from api.http.openapi import install_openapi
 from api.http.timeout import RequestTimeoutMiddleware
@@ -88,6 +89,8 @@ def create_app(
     # The one reading of X-Forwarded-For (api.http.deps.client_address); empty: the socket's peer.
     app.state.trusted_proxies = TrustedProxies(settings.trusted_proxy_networks)
     install_error_handlers(app)
+    # A stored answer to an Idempotency-Key, sent instead of serving the request again.
+    app.add_exception_handler(Replay, replay_handler)
     install_openapi(app)
 
     # Included straight into the app (not through an /api/v1 router of their own): every level

@@ -25,6 +25,7 @@ from api.server.activations import apply_activations, check_models_periodically,
 from api.webhooks.deploy import DeployQueue
 from api.webhooks.deployer import PullDeployer
 from auth.db import create_engine, create_sessionmaker
+from auth.idempotency import InFlightClaims, prune_answers_periodically
 from auth.identity.authn import KeyAuthenticator
 from auth.identity.failure_throttle import CredentialThrottle
 from auth.identity.key_activity import KeyActivity
@@ -60,6 +61,8 @@ class AppState:
     concurrency: ConcurrencyLimiter
     registry: ModelRegistry
     usage_writer: UsageWriter
+    # The Idempotency-Keys with a request in flight (on Redis when set; api.http.idempotency).
+    idempotency_claims: InFlightClaims
     key_activity: KeyActivity
     tokens: TokenConfig
     login_throttle: LoginThrottle
@@ -123,6 +126,10 @@ class AppState:
                 timeout_seconds=settings.usage_flush_timeout_seconds,
                 observer=metrics.observe_usage_flush,
             ),
+            # A claim lasts the request's deadline: it only spares a duplicate its inference (the
+            # usage writer's transaction bills a key once whatever the claims), so after a crash
+            # a retry waits no longer than that.
+            idempotency_claims=InFlightClaims(redis.client, settings.request_timeout_seconds),
             key_activity=KeyActivity(
                 engine,
                 interval_seconds=settings.key_last_used_flush_seconds,
@@ -195,6 +202,7 @@ class AppState:
         # Created last, and first run once the app's lifespan hands control back to the loop.
         self.background = [
             asyncio.create_task(prune_tokens_periodically(sessionmaker, settings)),
+            asyncio.create_task(prune_answers_periodically(sessionmaker)),
             asyncio.create_task(
                 follow_activations(
                     registry,

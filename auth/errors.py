@@ -101,3 +101,28 @@ class DatabaseTimedOut(DependencyUnavailable):
 
     def __init__(self) -> None:
         super().__init__("the database did not answer in time", retry_after=2)
+
+
+class IdempotencyKeyInvalid(ModelgateError):
+    """An ``Idempotency-Key`` header that is not one Structured Field string of 1 to 255
+    printable characters (or the header sent twice)."""
+
+    status_code = 400
+    type = "idempotency-key-invalid"
+    title = "Invalid Idempotency-Key"
+
+
+class IdempotencyKeyInUse(ModelgateError):
+    """A request with this ``Idempotency-Key`` is still being served: retry once it is done."""
+
+    status_code = 409
+    type = "idempotency-key-in-use"
+    title = "Idempotency-Key in use"
+
+
+class IdempotencyKeyReused(ModelgateError):
+    """The ``Idempotency-Key`` was used for a request with another body."""
+
+    status_code = 422
+    type = "idempotency-key-reused"
+    title = "Idempotency-Key reused"

@@ -17,6 +17,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     SmallInteger,
     String,
@@ -359,6 +360,29 @@ class WebhookDelivery(Base):
     source: Mapped[str] = mapped_column(String(16), primary_key=True)  # "mlflow" or "generic"
     delivery_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class IdempotentResponse(Base):
+    """The stored answer to a request sent with an ``Idempotency-Key`` (``auth.idempotency``).
+
+    Written only by the usage writer, in the transaction that bills the request: a row exists
+    exactly when its request was billed, so a retry is answered from it and never billed again.
+    ``scope`` is the SHA-256 of the key's scope (tenant, API key, method, route, key string), so
+    one tenant's key can never name another's row. Expired rows are pruned in bulk."""
+
+    __tablename__ = "idempotent_response"
+
+    scope: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    api_key_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    # SHA-256 of the request's body as received: the same key with another body is refused.
+    fingerprint: Mapped[bytes] = mapped_column(LargeBinary(32))
+    status_code: Mapped[int] = mapped_column(SmallInteger)
+    # The response headers that matter (content type, V2's binary JSON length), as JSON text.
+    headers: Mapped[str] = mapped_column(Text)
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
 
 
 class ModelVersion(Base):

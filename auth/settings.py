@@ -169,6 +169,9 @@ class Settings(BaseSettings):
     prediction_cache_ttl_seconds: float = Field(default=0.0, ge=0, le=86_400)
     prediction_cache_size: int = Field(default=10_000, ge=1, le=1_000_000)
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
+    # How long the answer to a request sent with an Idempotency-Key is kept for its retries
+    # (auth.idempotency); expired answers are pruned in bulk every idempotency_prune_interval.
+    idempotency_ttl_seconds: int = Field(default=86_400, ge=60, le=30 * 86_400)
     # The Open Inference Protocol over gRPC (api/grpc/): off unless a port is given; every worker
     # serves it on that port (SO_REUSEPORT). Its host is `modelgate serve --host` unless set.
     grpc_port: int | None = Field(default=None, ge=1, le=65535)

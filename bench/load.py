@@ -35,6 +35,8 @@ class Target:
     body: str | bytes = ""
     headers: dict[str, str] = field(default_factory=dict)
     rows_per_request: int = 1
+    # A new Idempotency-Key on every request (made by the Lua script, not pre-formatted).
+    unique_idempotency_key: bool = False
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,7 @@ def run_wrk(base_url: str, target: Target, connections: int, duration_s: float) 
     env = dict(os.environ)
     env["BENCH_METHOD"] = target.method
     env["BENCH_HEADERS"] = "\n".join(f"{k}: {v}" for k, v in target.headers.items())
+    env["BENCH_IDEMPOTENCY_KEYS"] = "1" if target.unique_idempotency_key else ""
     with tempfile.TemporaryDirectory(prefix="bench-body-") as directory:
         if isinstance(target.body, bytes):
             # Binary bodies (NUL bytes included) reach the script through a file.

@@ -31,6 +31,7 @@ ENDPOINT_LABELS = {
     "usage": "GET /me/usage",
     "v2-infer": "POST /v2/models/iris/infer (1 row)",
     "v2-binary": "V2 infer, binary tensors (1 row)",
+    "predict-idem": "/predict, a new Idempotency-Key each",
     "grpc-infer": "gRPC ModelInfer (1 row, Python client)",
 }
 

@@ -61,6 +61,7 @@ ENDPOINTS = (
     "v2-infer",
     "v2-binary",
     "grpc-infer",
+    "predict-idem",
 )
 MODELGATE_ENDPOINTS = (
     "predict",
@@ -70,6 +71,7 @@ MODELGATE_ENDPOINTS = (
     "predict-sklearn",
     "v2-infer",
     "v2-binary",
+    "predict-idem",
 )
 # Endpoints driven on a server of their own, started with these settings on top of the bench's.
 VARIANT_SERVERS: dict[str, dict[str, str]] = {
@@ -177,6 +179,16 @@ def targets(api_key: str) -> dict[str, Target]:
             )
             for name in ("predict-sklearn", "predict-sklearn-direct")
         },
+        # /predict with a new Idempotency-Key on every request (bench/lua/request.lua makes
+        # them): the cost of a key that is looked up, claimed and stored with its record.
+        "predict-idem": Target(
+            "predict-idem",
+            "POST",
+            "/api/v1/predict",
+            _json_body({"features": IRIS_ROW}),
+            {**json_type, **auth},
+            unique_idempotency_key=True,
+        ),
         "predict-cached": Target(
             "predict-cached",
             "POST",

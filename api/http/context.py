@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from starlette.types import Scope
 
+from auth.idempotency import ClaimHold
 from auth.limits.concurrency import ConcurrencyLimiter, Slot, release_detached
 
 if TYPE_CHECKING:
@@ -83,6 +84,8 @@ class RequestContext:
     rate_limit: RateLimitStatus | None = None
     # The key's concurrency slot, held for the whole request (the middleware and Authenticator).
     in_flight: InFlightSlot = field(default_factory=InFlightSlot)
+    # The claim on its Idempotency-Key, given back on leaving (api.http.idempotency).
+    idempotency: ClaimHold = field(default_factory=ClaimHold)
     # The request's deadline (api.http.timeout); lifted where the request commits (commit_point).
     deadline: asyncio.Timeout | None = None
     # Authenticated for a billable scope: a 2xx needs its usage record (api.inference.metering).

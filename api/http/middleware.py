@@ -107,8 +107,9 @@ class RequestContextMiddleware:
 
         try:
             # The slot a key with max_in_flight takes (api.http.deps.Authenticator) is given
-            # back on leaving: once the response is sent, or the request failed or was cancelled.
-            async with context.in_flight:
+            # back on leaving: once the response is sent, or the request failed or was cancelled;
+            # so is the claim on an Idempotency-Key (api.http.idempotency).
+            async with context.in_flight, context.idempotency:
                 await self.app(scope, receive, send_with_headers)
         except ClientDisconnect:
             status = CLIENT_CLOSED_REQUEST  # nobody to answer

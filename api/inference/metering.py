@@ -18,6 +18,7 @@ from api.http.context import RequestContext, request_context
 from api.http.disconnect import client_has_gone
 from api.http.timeout import commit_point
 from api.services import AppState
+from auth.idempotency import StoredResponse
 from auth.identity.authn import AuthSubject
 from auth.models import utcnow
 from auth.usage.ledger import UsageEvent
@@ -60,9 +61,12 @@ async def charge_call(
     model_version: str,
     units: int,
     latency_ms: float,
+    response: StoredResponse | None = None,
 ) -> None:
     """:func:`charge` for any protocol: the call's context, and ``client_gone`` to ask whether
-    its client has already gone (the gRPC adapter's call is not an HTTP request)."""
+    its client has already gone (the gRPC adapter's call is not an HTTP request). ``response``:
+    the answer to store with the record, for a request sent with an ``Idempotency-Key``
+    (raises ``AlreadyAnswered``, nothing recorded, if its key was answered already)."""
     if client_gone():
         # Nobody will read the answer: it is not billed (api.http.disconnect).
         raise ClientDisconnect
@@ -78,6 +82,7 @@ async def charge_call(
         status_code=200,
         latency_ms=latency_ms,
         created_at=utcnow(),
+        response=response,
     )
     # From here the request runs to its answer: a deadline that cut it off while its record is
     # being committed would bill a request answered 503 (api.http.timeout).

@@ -27,6 +27,7 @@ from pydantic import BaseModel
 from api.http.context import request_context
 from api.http.deps import Authenticator, CredentialFirstRoute, PredictScope, app_state
 from api.http.errors import PROBLEM_DESCRIPTIONS
+from api.http.idempotency import IdempotencyKey
 from api.http.problems import PROBLEM_MEDIA_TYPE, problem_response
 from api.inference.pipeline import predict_and_bill, served_model
 from api.inference.tensors import (
@@ -62,7 +63,7 @@ from api.schemas.v2_binary import (
 )
 from auth.errors import DependencyUnavailable
 from auth.identity.authn import AuthSubject
-from ml import InvalidFeatures, LoadedModel, ModelUnavailable
+from ml import InvalidFeatures, LoadedModel, ModelUnavailable, Prediction
 from ml.manifest import NAME_PATTERN, VERSION_PATTERN
 
 # Metadata and readiness: the same caller as inference, not billed.
@@ -306,23 +307,28 @@ async def _infer(
             loc += ((exc.row or 0) * n_features + exc.feature,)
         return loc
 
-    # One unit per row, as /predict/batch: the quota refuses the request whole.
-    predictions, _, _ = await predict_and_bill(request, state, subject, model, rows, locate)
     request_id = body.request.id
-    content, json_length = encode_outputs(
-        {
-            "model_name": manifest.name,
-            "model_version": manifest.version,
-            "id": request_context(request.scope).request_id if request_id is None else request_id,
-        },
-        output_tensors(outputs, predictions, len(manifest.class_names)),
-        binary,
-    )
-    if json_length is None:
-        return Response(content, media_type="application/json")
-    return Response(
-        content, media_type=BINARY_MEDIA_TYPE, headers={HEADER_LENGTH: str(json_length)}
-    )
+
+    def render(predictions: list[Prediction], _ms: float, _cached: bool) -> Response:
+        content, json_length = encode_outputs(
+            {
+                "model_name": manifest.name,
+                "model_version": manifest.version,
+                "id": request_context(request.scope).request_id
+                if request_id is None
+                else request_id,
+            },
+            output_tensors(outputs, predictions, len(manifest.class_names)),
+            binary,
+        )
+        if json_length is None:
+            return Response(content, media_type="application/json")
+        return Response(
+            content, media_type=BINARY_MEDIA_TYPE, headers={HEADER_LENGTH: str(json_length)}
+        )
+
+    # One unit per row, as /predict/batch: the quota refuses the request whole.
+    return await predict_and_bill(request, state, subject, model, rows, locate, render)
 
 
 HeaderLength = Annotated[
@@ -335,7 +341,8 @@ HeaderLength = Annotated[
         "the body; the inputs' binary data follows it",
     ),
 ]
-INFER_ERRORS = v2_problems(401, 403, 404, 413, 429, 503)
+# 400, 409 and 422 also answer a bad, busy or reused Idempotency-Key (api.http.idempotency).
+INFER_ERRORS = v2_problems(400, 401, 403, 404, 409, 413, 422, 429, 503)
 INFER_ERRORS[200] = {
     "description": "The outputs: JSON, or (some asked for as binary data) the JSON, whose "
     f"length {HEADER_LENGTH} gives, then their binary data",
@@ -360,6 +367,7 @@ async def model_infer(
     model_name: ModelNamePath,
     subject: PredictScope,
     request: Request,
+    _: IdempotencyKey,
     header_length: HeaderLength = None,
 ) -> Response:
     """Infer with a model's active version (one unit per row of the input)."""
@@ -377,6 +385,7 @@ async def model_version_infer(
     model_version: ModelVersionPath,
     subject: PredictScope,
     request: Request,
+    _: IdempotencyKey,
     header_length: HeaderLength = None,
 ) -> Response:
     """Infer with one version of a model (one unit per row of the input)."""

@@ -14,6 +14,7 @@ from sqlalchemy import Date, cast, delete, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from auth.errors import InvalidRequest
+from auth.idempotency import StoredResponse
 from auth.models import ApiKey, MonthlyUsage, Plan, Tenant, UsageDaily, UsageRecord, utcnow
 from auth.usage.partitions import drop_months_before
 
@@ -66,6 +67,8 @@ class UsageEvent:
     status_code: int
     latency_ms: float
     created_at: datetime
+    # Sent with an Idempotency-Key: its answer, stored in the transaction that bills it.
+    response: StoredResponse | None = None
 
 
 @dataclass(frozen=True)

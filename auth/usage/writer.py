@@ -16,6 +16,11 @@ shared by everything that arrived while the previous one was in flight.
   and the writer goes on with the next batch: it recovers by itself when the database does.
 - Every record keeps its request id under a unique index, so a write that is retried can never
   bill twice.
+- A request sent with an ``Idempotency-Key`` carries its answer: the answer's row is inserted
+  first, in the same transaction, and only an event whose row went in is charged and recorded
+  (a key already answered raises ``AlreadyAnswered`` instead: not billed, answered from the
+  store). An event the quota refuses takes its row out again. So "billed" and "remembered" are
+  one commit (``auth.idempotency``).
 
 The writer keeps one connection of its own and speaks to it through the driver (asyncpg or
 aiosqlite) with two fixed statements: SQLAlchemy's execution layer cost about 1 ms of CPU per
@@ -40,7 +45,8 @@ from sqlalchemy import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from auth.errors import DependencyUnavailable, QuotaExceeded
-from auth.models import UsageDaily, UsageRecord
+from auth.idempotency import FORGET, ROW_COLUMNS, AlreadyAnswered, remember_statement
+from auth.models import IdempotentResponse, UsageDaily, UsageRecord
 from auth.usage.ledger import DAILY_COLUMNS, UsageEvent, month_of, seconds_to_next_month
 from auth.usage.partitions import IS_PARTITIONED, create_partitions
 
@@ -115,6 +121,7 @@ class _Statements:
     add_within_quota: str
     insert_records: str
     add_daily: str
+    forget: str
 
     @classmethod
     def for_dialect(cls, dialect: str) -> _Statements:
@@ -129,6 +136,7 @@ class _Statements:
             add_within_quota=styled(_ADD_WITHIN_QUOTA + " RETURNING units"),
             insert_records=styled(_INSERT_RECORDS),
             add_daily=styled(_ADD_DAILY),
+            forget=styled(FORGET),
         )
 
 
@@ -157,6 +165,9 @@ class UsageWriter:
         self._sql = _Statements.for_dialect(self._dialect)
         self._processors = _bind_processors(UsageRecord, _RECORD_COLUMNS, engine.dialect)
         self._daily_processors = _bind_processors(UsageDaily, DAILY_COLUMNS, engine.dialect)
+        self._response_processors = _bind_processors(
+            IdempotentResponse, ROW_COLUMNS, engine.dialect
+        )
         self._connection: AsyncConnection | None = None
         # Postgres: whether usage_record is partitioned by month (None: not asked yet), and the
         # months whose partition is known to exist (auth.usage.partitions).
@@ -183,8 +194,9 @@ class UsageWriter:
     async def charge(self, event: UsageEvent, monthly_quota: int | None) -> None:
         """Record ``event`` against the tenant's month and wait until it is committed.
 
-        Raises ``QuotaExceeded`` (nothing recorded) if it would cross ``monthly_quota``, and
-        ``DependencyUnavailable`` if the record could not be committed.
+        Raises ``QuotaExceeded`` (nothing recorded) if it would cross ``monthly_quota``,
+        ``AlreadyAnswered`` (nothing recorded) if the event's idempotency key has an answer
+        stored already, and ``DependencyUnavailable`` if the record could not be committed.
         """
         if self._closing or self._task is None:
             raise DependencyUnavailable("usage cannot be recorded: the server is shutting down")
@@ -237,7 +249,7 @@ class UsageWriter:
         try:
             async with asyncio.timeout(self._timeout):
                 try:
-                    refused = await self._write(batch)
+                    refused, answered = await self._write(batch)
                 except Exception as first:
                     self.interrupted_flushes += 1
                     # Usually a connection the server dropped while it sat idle: retry once on a
@@ -245,7 +257,7 @@ class UsageWriter:
                     # unique, so the retry fails whole instead of billing twice.
                     await self._drop_connection()
                     logger.info("usage flush retried", error=type(first).__name__)
-                    refused = await self._write(batch)
+                    refused, answered = await self._write(batch)
         except Exception as exc:
             # The connection's state is unknown: start the next batch on a fresh one.
             await self._drop_connection()
@@ -263,6 +275,8 @@ class UsageWriter:
             if pending in refused:
                 assert pending.monthly_quota is not None  # noqa: S101 (only quotas refuse)
                 pending.future.set_exception(_quota_exceeded(pending.event, pending.monthly_quota))
+            elif pending in answered:
+                pending.future.set_exception(AlreadyAnswered())
             else:
                 pending.future.set_result(None)
         return True
@@ -286,9 +300,10 @@ class UsageWriter:
             with contextlib.suppress(Exception):
                 await connection.close()
 
-    async def _write(self, batch: list[_Pending]) -> set[_Pending]:
-        """One transaction: charge every tenant's month, insert the accepted records, commit.
-        Returns the events refused for their quota."""
+    async def _write(self, batch: list[_Pending]) -> tuple[set[_Pending], set[_Pending]]:
+        """One transaction: store the answers of the keyed events, charge every tenant's month,
+        insert the accepted records, commit. Returns the events refused for their quota and
+        those whose key was answered already."""
         groups: dict[tuple[uuid.UUID, str], list[_Pending]] = {}
         for pending in batch:
             key = (pending.event.tenant_id, month_of(pending.event.created_at))
@@ -299,13 +314,13 @@ class UsageWriter:
             async with driver.transaction():
                 return await self._charge_and_insert(driver, groups)
         try:
-            refused = await self._charge_and_insert(driver, groups)
+            outcome = await self._charge_and_insert(driver, groups)
             await driver.commit()
         except BaseException:
             with contextlib.suppress(Exception):
                 await driver.rollback()
             raise
-        return refused
+        return outcome
 
     async def _ensure_partitions(self, driver: Any, months: set[str]) -> None:
         """Create the monthly partitions these records need, once per month and process: a set
@@ -319,16 +334,79 @@ class UsageWriter:
 
     async def _charge_and_insert(
         self, driver: Any, groups: dict[tuple[uuid.UUID, str], list[_Pending]]
-    ) -> set[_Pending]:
+    ) -> tuple[set[_Pending], set[_Pending]]:
+        answered = await self._remember(driver, groups)
         refused: set[_Pending] = set()
         for tenant_id, month in sorted(groups, key=lambda key: (str(key[0]), key[1])):
-            members = groups[(tenant_id, month)]
-            refused.update(await self._charge_month(driver, tenant_id, month, members))
-        accepted = [p.event for members in groups.values() for p in members if p not in refused]
+            members = [p for p in groups[(tenant_id, month)] if p not in answered]
+            if members:
+                refused.update(await self._charge_month(driver, tenant_id, month, members))
+        for pending in refused:
+            # Not billed, so not remembered: the client may retry with the same key.
+            if pending.event.response is not None:
+                scope = self._response_row(pending.event)[0]
+                await self._execute(driver, self._sql.forget, (scope,))
+        accepted = [
+            p.event
+            for members in groups.values()
+            for p in members
+            if p not in refused and p not in answered
+        ]
         if accepted:
             await driver.executemany(self._sql.insert_records, [self._row(e) for e in accepted])
             await driver.executemany(self._sql.add_daily, self._daily_rows(accepted))
-        return refused
+        return refused, answered
+
+    async def _remember(
+        self, driver: Any, groups: dict[tuple[uuid.UUID, str], list[_Pending]]
+    ) -> set[_Pending]:
+        """Insert the keyed events' answers in one statement (in scope order, so that two
+        writers lock keys in the same order); returns the events whose key already had one (a
+        second event of one key in the batch included)."""
+        first: dict[bytes, _Pending] = {}
+        answered: set[_Pending] = set()
+        for members in groups.values():
+            for pending in members:
+                response = pending.event.response
+                if response is None:
+                    continue
+                if response.scope in first:
+                    answered.add(pending)
+                else:
+                    first[response.scope] = pending
+        if not first:
+            return answered
+        rows = [self._response_row(first[scope].event) for scope in sorted(first)]
+        inserted = await self._fetch_column(
+            driver, remember_statement(self._dialect, len(rows)), rows
+        )
+        kept = {bytes(scope) for scope in inserted}
+        answered.update(p for scope, p in first.items() if scope not in kept)
+        return answered
+
+    async def _fetch_column(self, driver: Any, sql: str, rows: list[tuple[Any, ...]]) -> list[Any]:
+        parameters = [value for row in rows for value in row]
+        if self._dialect == "postgresql":
+            return [record[0] for record in await driver.fetch(sql, *parameters)]
+        cursor = await driver.execute(sql, parameters)
+        try:
+            return [record[0] for record in await cursor.fetchall()]
+        finally:
+            await cursor.close()
+
+    def _response_row(self, event: UsageEvent) -> tuple[Any, ...]:
+        assert event.response is not None  # noqa: S101 (only keyed events get here)
+        return tuple(
+            process(value) if process else value
+            for process, value in zip(self._response_processors, event.response.row(), strict=True)
+        )
+
+    async def _execute(self, driver: Any, sql: str, parameters: tuple[Any, ...]) -> None:
+        if self._dialect == "postgresql":
+            await driver.execute(sql, *parameters)
+            return
+        cursor = await driver.execute(sql, parameters)
+        await cursor.close()
 
     async def _charge_month(
         self, driver: Any, tenant_id: uuid.UUID, month: str, members: Sequence[_Pending]
@@ -428,7 +506,9 @@ class UsageWriter:
 
 
 def _bind_processors(
-    table: type[UsageRecord | UsageDaily], names: Sequence[str], dialect: Dialect
+    table: type[UsageRecord | UsageDaily | IdempotentResponse],
+    names: Sequence[str],
+    dialect: Dialect,
 ) -> list[Any]:
     """Each column's bind processor as the ORM applies it on this dialect. ``dialect_impl``
     matters: the generic type's processor skips the dialect's own formatting (SQLite's

@@ -29,12 +29,26 @@ local threads = {}
 
 function setup(thread)
   table.insert(threads, thread)
+  thread:set("thread_id", #threads)
 end
 
 function init(args)
   -- Globals of this thread's Lua state, read back by done() through thread:get().
   non2xx = 0
   statuses = {}
+  sent = 0
+  run_id = tostring(os.time())
+end
+
+-- BENCH_IDEMPOTENCY_KEYS=1: a new Idempotency-Key on every request (thread, counter and the
+-- run's start make it unique), so each request is formatted anew: a cost wrk's fixed request
+-- does not have, on the load generator's side.
+if os.getenv("BENCH_IDEMPOTENCY_KEYS") == "1" then
+  function request()
+    sent = sent + 1
+    wrk.headers["Idempotency-Key"] = string.format('"bench-%s-%d-%d"', run_id, thread_id, sent)
+    return wrk.format()
+  end
 end
 
 -- wrk itself only counts statuses above 399; every non-2xx is a failure here.
