@@ -25,7 +25,7 @@ from api.server.activations import apply_activations, check_models_periodically,
 from api.webhooks.deploy import DeployQueue
 from api.webhooks.deployer import PullDeployer
 from auth.db import create_engine, create_sessionmaker
-from auth.idempotency import InFlightClaims, prune_answers_periodically
+from auth.idempotency import AnswerLookups, InFlightClaims, prune_answers_periodically
 from auth.identity.authn import KeyAuthenticator
 from auth.identity.failure_throttle import CredentialThrottle
 from auth.identity.key_activity import KeyActivity
@@ -63,6 +63,8 @@ class AppState:
     usage_writer: UsageWriter
     # The Idempotency-Keys with a request in flight (on Redis when set; api.http.idempotency).
     idempotency_claims: InFlightClaims
+    # Their stored answers, looked up in one statement per event-loop turn.
+    idempotent_answers: AnswerLookups
     key_activity: KeyActivity
     tokens: TokenConfig
     login_throttle: LoginThrottle
@@ -130,6 +132,7 @@ class AppState:
             # usage writer's transaction bills a key once whatever the claims), so after a crash
             # a retry waits no longer than that.
             idempotency_claims=InFlightClaims(redis.client, settings.request_timeout_seconds),
+            idempotent_answers=AnswerLookups(engine),
             key_activity=KeyActivity(
                 engine,
                 interval_seconds=settings.key_last_used_flush_seconds,

@@ -119,6 +119,11 @@ class IdempotencyKeyInUse(ModelgateError):
     type = "idempotency-key-in-use"
     title = "Idempotency-Key in use"
 
+    def __init__(self, detail: str | None = None, retry_after: int = 1) -> None:
+        super().__init__(detail)
+        # A request is served in milliseconds: the first answer is usually stored by then.
+        self.retry_after = retry_after
+
 
 class IdempotencyKeyReused(ModelgateError):
     """The ``Idempotency-Key`` was used for a request with another body."""

@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from auth.errors import IdempotencyKeyInvalid
 from auth.models import IdempotentResponse, utcnow
+from auth.turn_batch import TurnBatch
 
 logger = structlog.get_logger(__name__)
 
@@ -162,39 +163,42 @@ def expiry(created_at: datetime, ttl_seconds: int) -> datetime:
 
 # The lookup, through the driver (asyncpg or aiosqlite) as the usage writer speaks to it:
 # SQLAlchemy's execution layer costs more CPU than the read itself, on the path of every keyed
-# request. Postgres' parameter style; SQLite's "?" is derived from it.
-_LOOKUP = (
-    "SELECT tenant_id, api_key_id, fingerprint, status_code, headers, body, created_at, "
-    "expires_at FROM idempotent_response WHERE scope = $1 AND expires_at > $2"
+# request. One statement answers the lookups of one event-loop turn (AnswerLookups).
+_LOOKUP_COLUMNS = (
+    "SELECT scope, tenant_id, api_key_id, fingerprint, status_code, headers, body, created_at, "
+    "expires_at FROM idempotent_response WHERE "
 )
 
 
-async def lookup(engine: AsyncEngine, scope: bytes) -> StoredResponse | None:
-    """The unexpired answer stored under ``scope``, if any: one primary-key read, outside any
-    transaction (no BEGIN and ROLLBACK around it)."""
+async def lookup_many(engine: AsyncEngine, scopes: list[bytes]) -> dict[bytes, StoredResponse]:
+    """The unexpired answers stored under ``scopes``, by scope: one primary-key read per scope in
+    one statement, outside any transaction (no BEGIN and ROLLBACK around it)."""
     table = IdempotentResponse.__table__
     dialect = engine.dialect
     expires = table.c.expires_at.type.dialect_impl(dialect)
     now = utcnow()
     process = expires.bind_processor(dialect)
+    bound_now = process(now) if process else now
+    unique = list(dict.fromkeys(scopes))
     async with engine.connect() as connection:
         raw = await connection.get_raw_connection()
         driver: Any = raw.driver_connection
         if dialect.name == "postgresql":
-            row = await driver.fetchrow(_LOOKUP, scope, process(now) if process else now)
+            rows = await driver.fetch(
+                _LOOKUP_COLUMNS + "scope = ANY($1::bytea[]) AND expires_at > $2", unique, bound_now
+            )
         else:
+            marks = ", ".join("?" * len(unique))
             cursor = await driver.execute(
-                _LOOKUP.replace("$1", "?").replace("$2", "?"),
-                (scope, process(now) if process else now),
+                _LOOKUP_COLUMNS + f"scope IN ({marks}) AND expires_at > ?",
+                (*unique, bound_now),
             )
             try:
-                row = await cursor.fetchone()
+                rows = await cursor.fetchall()
             finally:
                 await cursor.close()
             # aiosqlite runs in its own transaction mode: end the read's.
             await driver.rollback()
-    if row is None:
-        return None
     result = expires.result_processor(dialect, None)
     ids = table.c.tenant_id.type.dialect_impl(dialect).result_processor(dialect, None)
 
@@ -204,17 +208,38 @@ async def lookup(engine: AsyncEngine, scope: bytes) -> StoredResponse | None:
     def moment(value: Any) -> datetime:
         return result(value) if result else value  # type: ignore[return-value]
 
-    return StoredResponse(
-        scope=scope,
-        tenant_id=uid(row[0]),
-        api_key_id=uid(row[1]),
-        fingerprint=bytes(row[2]),
-        status_code=int(row[3]),
-        headers=json.loads(row[4]),
-        body=bytes(row[5]),
-        created_at=moment(row[6]),
-        expires_at=moment(row[7]),
-    )
+    return {
+        bytes(row[0]): StoredResponse(
+            scope=bytes(row[0]),
+            tenant_id=uid(row[1]),
+            api_key_id=uid(row[2]),
+            fingerprint=bytes(row[3]),
+            status_code=int(row[4]),
+            headers=json.loads(row[5]),
+            body=bytes(row[6]),
+            created_at=moment(row[7]),
+            expires_at=moment(row[8]),
+        )
+        for row in rows
+    }
+
+
+class AnswerLookups:
+    """The stored answers' lookups of concurrent keyed requests, made in one statement per
+    event-loop turn (``auth.turn_batch``): a keyed request would otherwise pay a pool checkout
+    and a round trip of its own."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._batch: TurnBatch[bytes, StoredResponse | None] = TurnBatch(self._send)
+
+    async def get(self, scope: bytes) -> StoredResponse | None:
+        """The unexpired answer stored under ``scope``, if any."""
+        return await self._batch.call(scope)
+
+    async def _send(self, scopes: list[bytes]) -> list[StoredResponse | BaseException | None]:
+        found = await lookup_many(self._engine, scopes)
+        return [found.get(scope) for scope in scopes]
 
 
 async def prune_expired(

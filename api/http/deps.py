@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from typing import Annotated, Any
 
 import fastapi.routing
@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.http.context import RequestContext, request_context
 from api.http.forwarded import TrustedProxies
+from api.http.idempotency import check_key
 from api.http.timeout import commit_point
 from api.services import AppState
 from auth.audit import Actor
@@ -230,6 +231,9 @@ class Authenticator(HTTPBearer):
             tenant_only=self.tenant_only,
             admin_only=self.admin_only,
             billable=self.billable,
+            # A billable request's Idempotency-Key is checked before the rate limit: a replay
+            # costs no rate-limit unit (api.http.idempotency says why).
+            before_limit=(lambda: check_key(request, state, subject)) if self.billable else None,
         )
         return subject
 
@@ -243,11 +247,13 @@ async def admit(
     tenant_only: bool = False,
     admin_only: bool = False,
     billable: bool = False,
+    before_limit: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Everything after the credential: the key's activity, the log's ids, the kind of
-    principal, the scopes, the billing mark, and the key's rate limit and concurrency slot.
-    ``Authenticator`` calls it for HTTP routes, the gRPC adapter (``api.grpc.service``) for its
-    calls: one check for every protocol."""
+    principal, the scopes, the billing mark, ``before_limit`` (the HTTP routes' Idempotency-Key
+    check), and the key's rate limit and concurrency slot. ``Authenticator`` calls it for HTTP
+    routes, the gRPC adapter (``api.grpc.service``) for its calls: one check for every
+    protocol."""
     if subject.key_id is not None:  # an admin user's JWT has no key (auth.identity.authn)
         state.key_activity.touch(subject.key_id)
     structlog.contextvars.bind_contextvars(
@@ -263,6 +269,8 @@ async def admit(
     authorize(subject, required_scopes)
     if billable:
         context.billable = True
+    if before_limit is not None:
+        await before_limit()
     slot = None
     if subject.max_in_flight is not None:
         # Taken by the rate limiter with the rate-limit check, in its one round trip (a

@@ -1,37 +1,38 @@
 """``Idempotency-Key`` on the billable POST routes (``/predict``, ``/predict/batch``, the V2
-infer routes): the dependency that checks a key before the route runs, and the replay.
+infer routes): the check made before the rate limit, and the replay.
 
-A request with a key is, in order: parsed (one RFC 8941 sf-string, else 400), scoped (tenant,
-API key, method, route) and fingerprinted (SHA-256 of the body as received); looked up (one
-primary-key read): an answer stored under the key is replayed byte for byte with
-``Idempotency-Replayed: true`` (another body: 422), without inference, usage record or quota;
-else the key is claimed (a claim held by another request: 409) and the request is served as
-usual, its answer handed to the usage writer with its usage event, so that it is stored in the
-same transaction as the record (``auth.idempotency``, ``api.inference.pipeline``). A refused
-request (4xx, 429, 503) stores nothing: its claim is given back and the key may be retried.
+A request with a key is, in order: authenticated and its scopes checked; parsed (one RFC 8941
+sf-string, else 400), scoped (tenant, API key, method, route) and fingerprinted (SHA-256 of the
+body as received); looked up (one primary-key read): an answer stored under the key is replayed
+byte for byte with ``Idempotency-Replayed: true`` (another body: 422), without inference, usage
+record, quota or rate-limit unit; else the key is claimed (a claim held by another request: 409),
+the rate limit is checked and the request is served as usual, its answer handed to the usage
+writer with its usage event, so that it is stored in the same transaction as the record
+(``auth.idempotency``, ``api.inference.pipeline``). A refused request (4xx, 429, 503) stores
+nothing: its claim is given back and the key may be retried.
 
-A replay counts against the key's rate limit like any request: the key is checked by the
-``Authenticator`` before the lookup, so a client retrying in a loop is slowed like any other, and
-the lookup it costs the database is bounded by the same limit.
+Why a replay costs no rate-limit unit: retrying with the same key is what a client is asked to do
+after a timeout, and after an outage every client does it at once; counting the retries would
+answer them 429 and hide the answers they are owed. What a replay costs is the lookup, one
+primary-key read, which every keyed request pays whatever its limit (a key's new requests are
+still limited): the same order of work as the limit check itself.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import Depends, Header, Request, Response
+from fastapi import Request, Response
 
 from api.http.context import request_context
-from api.http.deps import PredictScope, app_state
+from api.services import AppState
 from auth.errors import DependencyUnavailable, IdempotencyKeyInUse, IdempotencyKeyReused
 from auth.idempotency import (
     KeyedRequest,
     StoredResponse,
     fingerprint,
     key_scope,
-    lookup,
     parse_key,
 )
+from auth.identity.authn import AuthSubject
 
 IDEMPOTENCY_KEY = "Idempotency-Key"
 # The key as the OpenAPI document states it: an sf-string of 1 to 255 characters, each a
@@ -75,28 +76,30 @@ def checked(stored: StoredResponse, body_fingerprint: bytes) -> StoredResponse:
     return stored
 
 
-async def stored_answer(request: Request, scope: bytes) -> StoredResponse | None:
+async def stored_answer(state: AppState, scope: bytes) -> StoredResponse | None:
     """The unexpired answer stored under ``scope``."""
-    return await lookup(app_state(request).engine, scope)
+    return await state.idempotent_answers.get(scope)
 
 
-async def idempotency_key(
-    request: Request,
-    subject: PredictScope,
-    key: Annotated[  # noqa: ARG001 (declared for the OpenAPI document; read with getlist)
-        str | None,
-        Header(
-            alias=IDEMPOTENCY_KEY,
-            description='A Structured Field string (`"..."`, 1 to 255 printable characters) '
-            "naming this request: a retry with the same key and body is answered with the first "
-            "answer (Idempotency-Replayed: true) and not billed again; kept 24 hours by default",
-            # Stated for the document only: a value off the pattern is parse_key's 400.
-            json_schema_extra={"pattern": KEY_PATTERN},
-        ),
-    ] = None,
-) -> None:
+# The header as the OpenAPI document states it (declared through each route's ``openapi_extra``
+# rather than a dependency: on the hot path every dependency costs FastAPI's solver a visit).
+KEY_PARAMETER = {
+    "name": IDEMPOTENCY_KEY,
+    "in": "header",
+    "required": False,
+    "description": 'A Structured Field string (`"..."`, 1 to 255 printable characters) naming '
+    "this request: a retry with the same key and body is answered with the first answer "
+    "(Idempotency-Replayed: true) and not billed again; kept 24 hours by default",
+    "schema": {"type": "string", "pattern": KEY_PATTERN, "title": IDEMPOTENCY_KEY},
+}
+
+
+async def check_key(request: Request, state: AppState, subject: AuthSubject) -> None:
     """Check the request's ``Idempotency-Key``, if it has one: replay its stored answer (raises
-    :class:`Replay`), refuse it (400, 409, 422), or claim it for this request."""
+    :class:`Replay`), refuse it (400, 409, 422), or claim it for this request.
+
+    The ``Authenticator`` of the billable routes calls it once the credential and its scopes
+    are checked and before the rate limit: a replay costs no rate-limit unit."""
     values = request.headers.getlist(IDEMPOTENCY_KEY)
     if not values:
         return
@@ -106,10 +109,9 @@ async def idempotency_key(
     route = getattr(request.scope.get("route"), "path", request.url.path)
     scope = key_scope(tenant.id, key_id, request.method, route, parsed)
     body_fingerprint = fingerprint(await request.body())
-    stored = await stored_answer(request, scope)
+    stored = await stored_answer(state, scope)
     if stored is not None:
         raise Replay(checked(stored, body_fingerprint))
-    state = app_state(request)
     try:
         token = await state.idempotency_claims.claim(scope)
     except Exception:
@@ -121,9 +123,6 @@ async def idempotency_key(
     request_context(request.scope).idempotency.request = KeyedRequest(
         scope, body_fingerprint, tenant.id, key_id, state.idempotency_claims, token
     )
-
-
-IdempotencyKey = Annotated[None, Depends(idempotency_key)]
 
 
 def stored_form(

@@ -87,7 +87,7 @@ async def predict_and_bill(
         # Another request with this key was billed first (another worker, or a claim that
         # expired): its answer is this one's.
         assert stored is not None  # noqa: S101 (only a keyed event is answered already)
-        first = await stored_answer(request, stored.scope)
+        first = await stored_answer(state, stored.scope)
         if first is None:
             raise IdempotencyKeyInUse(
                 "a request with this Idempotency-Key is being served; retry once it is answered"

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from api.http.context import request_context
 from api.http.deps import CredentialFirstRoute, PredictScope, app_state
 from api.http.errors import problem_responses
-from api.http.idempotency import IdempotencyKey
+from api.http.idempotency import KEY_PARAMETER
 from api.inference.pipeline import predict_and_bill, served_model
 from api.schemas.predict import (
     HARD_MAX_INSTANCES,
@@ -54,14 +54,17 @@ def _json(body: BaseModel) -> Response:
 
 # 400, 409 and 422 also answer a bad, busy or reused Idempotency-Key (api.http.idempotency).
 PREDICT_ERRORS = problem_responses(400, 401, 403, 404, 409, 413, 422, 429, 503)
+# The Idempotency-Key header, for the document (checked by the Authenticator: api.http.deps).
+IDEMPOTENT = {"parameters": [KEY_PARAMETER]}
 
 
-@router.post("/predict", response_model=PredictResponse, responses=PREDICT_ERRORS)
+@router.post(
+    "/predict", response_model=PredictResponse, responses=PREDICT_ERRORS, openapi_extra=IDEMPOTENT
+)
 async def predict(
     body: PredictRequest,
     subject: PredictScope,
     request: Request,
-    _: IdempotencyKey,
 ) -> Response:
     """Predict the class of one instance (1 unit)."""
     state = app_state(request)
@@ -88,12 +91,16 @@ async def predict(
     )
 
 
-@router.post("/predict/batch", response_model=BatchPredictResponse, responses=PREDICT_ERRORS)
+@router.post(
+    "/predict/batch",
+    response_model=BatchPredictResponse,
+    responses=PREDICT_ERRORS,
+    openapi_extra=IDEMPOTENT,
+)
 async def predict_batch(
     body: BatchPredictRequest,
     subject: PredictScope,
     request: Request,
-    _: IdempotencyKey,
 ) -> Response:
     """Predict the classes of several instances (one unit per instance)."""
     state = app_state(request)

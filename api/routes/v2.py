@@ -27,7 +27,7 @@ from pydantic import BaseModel
 from api.http.context import request_context
 from api.http.deps import Authenticator, CredentialFirstRoute, PredictScope, app_state
 from api.http.errors import PROBLEM_DESCRIPTIONS
-from api.http.idempotency import IdempotencyKey
+from api.http.idempotency import KEY_PARAMETER
 from api.http.problems import PROBLEM_MEDIA_TYPE, problem_response
 from api.inference.pipeline import predict_and_bill, served_model
 from api.inference.tensors import (
@@ -354,7 +354,9 @@ INFER_ERRORS[200] = {
     },
     "content": {BINARY_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
 }
-INFER_BODY = request_body_openapi()
+# The body as the protocol defines it, and the Idempotency-Key header (checked by the
+# Authenticator: api.http.deps).
+INFER_BODY = {**request_body_openapi(), "parameters": [KEY_PARAMETER]}
 
 
 @router.post(
@@ -367,7 +369,6 @@ async def model_infer(
     model_name: ModelNamePath,
     subject: PredictScope,
     request: Request,
-    _: IdempotencyKey,
     header_length: HeaderLength = None,
 ) -> Response:
     """Infer with a model's active version (one unit per row of the input)."""
@@ -385,7 +386,6 @@ async def model_version_infer(
     model_version: ModelVersionPath,
     subject: PredictScope,
     request: Request,
-    _: IdempotencyKey,
     header_length: HeaderLength = None,
 ) -> Response:
     """Infer with one version of a model (one unit per row of the input)."""

@@ -9,7 +9,6 @@ of the window it leaves); the figures are computed as ``limits`` computes its wi
 
 from __future__ import annotations
 
-import asyncio
 from math import floor, inf
 from typing import Any
 
@@ -22,6 +21,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from auth.limits.concurrency import Slot
 from auth.limits.policy import RateLimitPolicy
 from auth.redis_connection import redis_client
+from auth.turn_batch import TurnBatch
 
 # What says Redis itself is unreachable or too slow (as opposed to an error it answered with).
 OUTAGE_ERRORS = (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError)
@@ -59,70 +59,35 @@ def sliding_window_stats(item: RateLimitItem, window: Any, now: float) -> Window
     return WindowStats(now + min(previous_reset, current_reset), remaining)
 
 
-# One check waiting for its pipeline: the script's keys and arguments, and where the reply goes.
-_Check = tuple[list[str], list[Any], "asyncio.Future[Any]"]
-
-
 class PipelinedScript:
     """Runs one Lua script per limit check, sending the checks of concurrent requests to Redis in
-    one pipeline per event-loop turn: the per-call overhead of the client, not Redis itself, is
-    what a request would otherwise pay, so it is paid once for everything that arrived
-    together."""
+    one pipeline per event-loop turn (``auth.turn_batch``): the per-call overhead of the client,
+    not Redis itself, is what a request would otherwise pay."""
 
     def __init__(self, client: Any, script: Any) -> None:
         self._client = client
         self._script = script
-        self._pending: list[_Check] = []
-        self._flush_scheduled = False
-        self._in_flight: set[asyncio.Task[None]] = set()
+        self._batch: TurnBatch[tuple[list[str], list[Any]], Any] = TurnBatch(self._send)
 
     async def run(self, keys: list[str], args: list[Any]) -> Any:
         """Queue one run of the script and await its reply."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._pending.append((keys, args, future))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            # call_soon runs after every callback already ready in this turn, so the checks of
-            # all requests that reached this point together go out together.
-            loop.call_soon(self._flush)
-        return await future
+        return await self._batch.call((keys, args))
 
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        batch, self._pending = self._pending, []
-        task = asyncio.ensure_future(self._send(batch))
-        self._in_flight.add(task)
-        task.add_done_callback(self._in_flight.discard)
-
-    async def _send(self, batch: list[_Check]) -> None:
+    async def _send(self, batch: list[tuple[list[str], list[Any]]]) -> list[Any]:
         try:
-            try:
-                replies = await self._execute(batch)
-            except NoScriptError:
-                # Redis restarted (or was flushed) and forgot the script: load it, once.
-                await self._client.script_load(self._script.script)
-                replies = await self._execute(batch)
-        except Exception as exc:
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        for (_, _, future), reply in zip(batch, replies, strict=True):
-            if future.done():
-                continue  # the request went away
-            if isinstance(reply, Exception):
-                future.set_exception(reply)
-            else:
-                future.set_result(reply)
+            return await self._execute(batch)
+        except NoScriptError:
+            # Redis restarted (or was flushed) and forgot the script: load it, once.
+            await self._client.script_load(self._script.script)
+            return await self._execute(batch)
 
-    async def _execute(self, batch: list[_Check]) -> list[Any]:
+    async def _execute(self, batch: list[tuple[list[str], list[Any]]]) -> list[Any]:
         # No MULTI: each check is atomic by itself (a Lua script), and a transaction would add
         # work on the server without making the limit any more exact. EVALSHA rather than the
         # Script object: a pipeline holding Script objects first asks Redis whether they exist,
         # a second round trip every time.
         pipeline = self._client.pipeline(transaction=False)
-        for keys, args, _ in batch:
+        for keys, args in batch:
             pipeline.evalsha(self._script.sha, len(keys), *keys, *args)
         replies: list[Any] = await pipeline.execute(raise_on_error=False)
         if any(isinstance(reply, NoScriptError) for reply in replies):

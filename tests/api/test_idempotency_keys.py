@@ -10,10 +10,10 @@ import uuid
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import event, func, select, update
 
-from auth.idempotency import InFlightClaims, prune_expired
-from auth.models import IdempotentResponse, Tenant, UsageRecord, utcnow
+from auth.idempotency import AnswerLookups, InFlightClaims, prune_expired
+from auth.models import ApiKey, IdempotentResponse, Tenant, UsageRecord, utcnow
 from tests.conftest import IRIS_SETOSA, Harness, bearer, create_admin_key, create_tenant_with_key
 
 PREDICT = "/api/v1/predict"
@@ -136,6 +136,7 @@ async def test_twenty_concurrent_requests_with_one_key_are_served_and_billed_onc
     assert len(served) == 1
     assert len(served) + len(replayed) + len(busy) == 20
     assert all(a.json()["type"] == "idempotency-key-in-use" for a in busy)
+    assert all(a.headers["Retry-After"] == "1" for a in busy)
     assert all(a.content == served[0].content for a in replayed)
     assert await records(harness, tenant.id) == (1, 2)
     after = await harness.client.post(BATCH, json=body, headers=keyed(key, idem))
@@ -232,6 +233,44 @@ async def test_a_request_refused_by_the_rate_limit_can_be_retried_with_its_key(
     assert await records(harness, tenant.id) == (2, 2)
 
 
+async def test_a_replay_costs_no_rate_limit_unit(harness: Harness) -> None:
+    _tenant, key = await create_tenant_with_key(harness, rate_limit="2/minute")
+    body = {"features": IRIS_SETOSA}
+    idem = sf("replayed-past-the-limit")
+    served = await harness.client.post(PREDICT, json=body, headers=keyed(key, idem))
+    assert served.status_code == 200, served.text
+    for _ in range(3):
+        again = await harness.client.post(PREDICT, json=body, headers=keyed(key, idem))
+        assert again.status_code == 200, again.text
+        assert again.headers["Idempotency-Replayed"] == "true"
+    # The replays left the second unit of the minute: a new request is served, the next refused.
+    assert (await harness.client.post(PREDICT, json=body, headers=bearer(key))).status_code == 200
+    refused = await harness.client.post(PREDICT, json=body, headers=bearer(key))
+    assert refused.status_code == 429
+    # Past the limit, the stored answer is still the retry's; a new key is limited.
+    again = await harness.client.post(PREDICT, json=body, headers=keyed(key, idem))
+    assert again.status_code == 200
+    assert again.content == served.content
+    fresh = await harness.client.post(PREDICT, json=body, headers=keyed(key, sf("new")))
+    assert fresh.status_code == 429
+
+
+async def test_a_key_without_the_predict_scope_gets_no_replay(harness: Harness) -> None:
+    tenant, key = await create_tenant_with_key(harness)
+    body = {"features": IRIS_SETOSA}
+    idem = sf("scope-taken-away")
+    served = await harness.client.post(PREDICT, json=body, headers=keyed(key, idem))
+    assert served.status_code == 200, served.text
+    async with harness.sessionmaker() as session:
+        await session.execute(
+            update(ApiKey).where(ApiKey.tenant_id == tenant.id).values(scopes="usage:read")
+        )
+        await session.commit()
+    await asyncio.sleep(1.1)
+    refused = await harness.client.post(PREDICT, json=body, headers=keyed(key, idem))
+    assert refused.status_code == 403, refused.text
+
+
 @pytest.mark.parametrize(
     "values",
     [
@@ -266,6 +305,43 @@ async def test_a_key_with_escapes_and_255_characters_is_accepted(harness: Harnes
         PREDICT, json={"features": IRIS_SETOSA}, headers=keyed(key, value)
     )
     assert response.status_code == 200, response.text
+
+
+async def test_concurrent_lookups_share_one_statement_and_get_their_own_answers(
+    harness: Harness,
+) -> None:
+    tenant, key = await create_tenant_with_key(harness)
+    body = {"features": IRIS_SETOSA}
+    stored = {}
+    for index in range(5):
+        idem = sf(f"looked-up-{index}")
+        answer = await harness.client.post(PREDICT, json=body, headers=keyed(key, idem))
+        assert answer.status_code == 200
+        stored[idem] = answer.content
+    async with harness.sessionmaker() as session:
+        scopes = (
+            await session.scalars(
+                select(IdempotentResponse.scope).where(IdempotentResponse.tenant_id == tenant.id)
+            )
+        ).all()
+    unknown = [uuid.uuid4().bytes * 2 for _ in range(15)]
+    checkouts = 0
+
+    def count(*_: object) -> None:
+        nonlocal checkouts
+        checkouts += 1
+
+    pool = harness.state.engine.sync_engine.pool
+    event.listen(pool, "checkout", count)
+    try:
+        lookups = AnswerLookups(harness.state.engine)
+        found = await asyncio.gather(*[lookups.get(scope) for scope in [*scopes, *unknown]])
+    finally:
+        event.remove(pool, "checkout", count)
+    assert checkouts == 1
+    assert [answer.scope for answer in found[: len(scopes)]] == list(scopes)
+    assert {answer.body for answer in found[: len(scopes)]} == set(stored.values())
+    assert found[len(scopes) :] == [None] * len(unknown)
 
 
 async def test_expired_answers_are_served_again_and_pruned_in_bulk(harness: Harness) -> None:

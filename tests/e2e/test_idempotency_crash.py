@@ -54,6 +54,14 @@ def _kill(server: subprocess.Popen[bytes]) -> None:
     server.wait()
 
 
+async def _until_answered(answered: set[str], count: int) -> None:
+    """Wait until ``answered`` holds ``count`` keys (at most 30 s: then the test fails)."""
+    deadline = time.monotonic() + 30
+    while len(answered) < count:
+        assert time.monotonic() < deadline, f"{len(answered)} answered of the {count} awaited"
+        await asyncio.sleep(0.05)
+
+
 async def _drive(
     environment: dict[str, str], cwd: Path, port: int, key: str
 ) -> tuple[set[str], int, int]:
@@ -100,13 +108,14 @@ async def _drive(
     server = await asyncio.to_thread(_start, environment, cwd, port)
     try:
         for _ in range(KILLS):
-            await asyncio.sleep(1.0)
+            # Killed in the middle of traffic: once this server has answered a round of
+            # requests (a fixed wait can end before a slow machine's first answer).
+            await _until_answered(answered, len(answered) + CLIENTS)
             served_before_kill = len(answered)
-            assert served_before_kill > 0
             _kill(server)
             await asyncio.sleep(0.3)
             server = await asyncio.to_thread(_start, environment, cwd, port)
-        await asyncio.sleep(1.0)
+        await _until_answered(answered, served_before_kill + CLIENTS)
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)
     finally:
