@@ -217,6 +217,7 @@ class AppState:
             asyncio.create_task(
                 check_models_periodically(registry, settings.model_check_interval_seconds)
             ),
+            asyncio.create_task(metrics.measure_event_loop_lag()),
         ]
 
     async def close(self) -> None:
