@@ -30,15 +30,18 @@ logger = structlog.get_logger(__name__)
 # How far behind the primary the server answering is, in seconds. 0 when it is no standby at all
 # (a primary, or a proxy in front of one), and when it has replayed everything it received and is
 # still streaming from the primary: the time of the last replayed commit says nothing then, the
-# primary may simply have had nothing to commit since. Otherwise (still replaying, or cut off
-# from the primary), the age of the last replayed commit; NULL (never replayed one) is infinite.
+# primary may simply have had nothing to commit since. (Replayed at or past what was received:
+# a restarted standby reports as received only what it has streamed since, from the start of a
+# WAL segment, which can be behind what it replayed from its own disk.) Otherwise (still
+# replaying, or cut off from the primary), the age of the last replayed commit; NULL (never
+# replayed one) is infinite.
 # pg_stat_wal_receiver's status is visible to a role with pg_read_all_stats (or pg_monitor);
 # without it an idle replica reads as lagging and the reports go to the primary.
 REPLICA_LAG_SQL = text(
     """
     SELECT CASE
         WHEN NOT pg_is_in_recovery() THEN 0.0
-        WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn()
+        WHEN pg_last_wal_replay_lsn() >= pg_last_wal_receive_lsn()
             AND EXISTS (SELECT 1 FROM pg_stat_wal_receiver WHERE status = 'streaming')
             THEN 0.0
         ELSE COALESCE(
