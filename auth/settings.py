@@ -259,8 +259,8 @@ class Settings(BaseSettings):
             raise ValueError("not a database URL") from None
         if sqlite:
             raise ValueError(
-                "a Postgres streaming replica of a Postgres MODELGATE_DATABASE_URL; the "
-                "embedded SQLite database has no replica (unset it)"
+                "must be a Postgres streaming replica of a Postgres MODELGATE_DATABASE_URL: "
+                "the embedded SQLite database has no replica (unset it)"
             )
         return value
 
