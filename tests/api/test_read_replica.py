@@ -4,6 +4,8 @@ behind; the credential check and the usage writes stay on the primary."""
 
 from __future__ import annotations
 
+import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,6 +20,7 @@ from pydantic import ValidationError
 from api.app import create_app
 from api.cli import upgrade_database
 from api.http.deps import REPLICA_LAG_HEADER
+from auth.read_replica import CHECK_TIMEOUT_SECONDS
 from auth.settings import Settings
 from tests.conftest import (
     Backend,
@@ -227,3 +230,31 @@ def test_the_openapi_document_declares_the_lag_header_on_the_four_reports(tmp_pa
         assert REPLICA_LAG_HEADER in paths[path]["get"]["responses"]["200"]["headers"], path
     export = paths["/api/v1/admin/billing/export"]["get"]["responses"]["200"]
     assert REPLICA_LAG_HEADER in export["headers"]
+
+
+async def test_a_replica_that_hangs_costs_one_check_timeout_then_is_left_alone(
+    pair: PostgresPair, served_model_dir: Path, tmp_path: Path
+) -> None:
+    # A listener that accepts connections and never answers: a hung host.
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(16)
+        hung_url = pair.url(hung.getsockname()[1])
+        settings = _settings(pair, served_model_dir, tmp_path, database_read_url=hung_url)
+        async with running_app(settings, Backend("postgres", pair.primary_url, "")) as app:
+            _, key = await _tenant_with_usage(app)
+            timings = []
+            for _ in range(2):
+                started = time.monotonic()
+                response = await app.client.get(
+                    "/api/v1/me/usage", params=WINDOW, headers=bearer(key)
+                )
+                timings.append(time.monotonic() - started)
+                assert response.status_code == 200, response.text
+                assert response.json()["total_units"] == 3
+                assert REPLICA_LAG_HEADER not in response.headers
+    first, second = timings
+    # The first report waited for the check's timeout, then read the primary; the next one
+    # did not ask the replica at all.
+    assert CHECK_TIMEOUT_SECONDS <= first < CHECK_TIMEOUT_SECONDS + 1.5
+    assert second < CHECK_TIMEOUT_SECONDS / 2
