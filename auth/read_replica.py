@@ -87,7 +87,8 @@ class ReadReplica:
         session = self._sessionmaker()
         try:
             async with asyncio.timeout(CHECK_TIMEOUT_SECONDS):
-                lag = float((await session.execute(REPLICA_LAG_SQL)).scalar_one())
+                # At least 0: the standby's clock may be a little behind the primary's.
+                lag = max(0.0, float((await session.execute(REPLICA_LAG_SQL)).scalar_one()))
         except (TimeoutError, DBAPIError, OSError) as exc:
             await session.close()
             self._retry_at = time.monotonic() + self.retry_seconds
