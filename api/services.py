@@ -34,6 +34,7 @@ from auth.identity.tokens import TokenConfig, prune_tokens_periodically, token_c
 from auth.limits.concurrency import ConcurrencyLimiter
 from auth.limits.limiter import RateLimiter
 from auth.model_catalog import CatalogEntry, CatalogKey
+from auth.read_replica import ReadReplica
 from auth.redis_connection import RedisConnection, connect_redis
 from auth.settings import Secrets, Settings
 from auth.usage.writer import UsageWriter
@@ -84,6 +85,9 @@ class AppState:
     # The catalogue entries this process has read (they never change), by (name, version):
     # the registry holds their manifests, GET /models/{name} their sources.
     catalogue: dict[CatalogKey, CatalogEntry] = field(default_factory=dict, repr=False)
+    # The Postgres replica the reports may read (MODELGATE_DATABASE_READ_URL; auth.read_replica);
+    # None: they read the primary.
+    read_replica: ReadReplica | None = None
     # The periodic work started by start() and cancelled by close().
     background: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
 
@@ -157,6 +161,16 @@ class AppState:
             )
             if settings.batch_enabled
             else DIRECT,
+            read_replica=ReadReplica(
+                create_engine(
+                    settings.database_read_url,
+                    statement_timeout_seconds=settings.database_timeout_seconds,
+                ),
+                max_lag_seconds=settings.database_read_max_lag_seconds,
+                observer=metrics.observe_report_read,
+            )
+            if settings.database_read_url
+            else None,
             prediction_cache=build_prediction_cache(
                 ttl_seconds=settings.prediction_cache_ttl_seconds,
                 max_entries=settings.prediction_cache_size,
@@ -239,6 +253,8 @@ class AppState:
                 if self.prediction_cache is not None:
                     await self.prediction_cache.drain()
                 await self.redis.close()
+                if self.read_replica is not None:
+                    await self.read_replica.close()
                 await self.engine.dispose()
         except TimeoutError:
             logger.error(

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.exc import ArgumentError
 
+from auth.db import is_sqlite
 from auth.errors import ConfigurationError
 
 # A secret shorter than this is refused in production: 32 bytes is HMAC-SHA256's block-size floor
@@ -73,6 +75,12 @@ class Settings(BaseSettings):
 
     env: Literal["development", "production"] = "development"
     database_url: str = "sqlite+aiosqlite:///./var/modelgate.db"
+    # A Postgres streaming replica for the reports (usage, a closed month's billing export, the
+    # audit listing: auth.read_replica); unset, they read the primary. Refused with a SQLite
+    # primary or a SQLite URL: the embedded database has no replicas.
+    database_read_url: str | None = Field(default=None, max_length=2048)
+    # A replica further behind than this (seconds) is not read: the report reads the primary.
+    database_read_max_lag_seconds: float = Field(default=30.0, gt=0, le=86_400)
     redis_url: str = ""
     jwt_secret: SecretStr | None = None
     key_pepper: SecretStr | None = None
@@ -233,6 +241,28 @@ class Settings(BaseSettings):
     mlflow_activate_alias: str = Field(
         default="champion", min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_-]+$"
     )
+
+    @field_validator("database_read_url", mode="before")
+    @classmethod
+    def _empty_read_url_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("database_read_url")
+    @classmethod
+    def _read_url_is_postgres(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return value
+        try:
+            sqlite = is_sqlite(value) or is_sqlite(info.data.get("database_url", ""))
+        except ArgumentError:
+            # Not the URL itself in the message: it holds the replica's password.
+            raise ValueError("not a database URL") from None
+        if sqlite:
+            raise ValueError(
+                "must be a Postgres streaming replica of a Postgres MODELGATE_DATABASE_URL: "
+                "the embedded SQLite database has no replica (unset it)"
+            )
+        return value
 
     @field_validator("metrics_token", mode="before")
     @classmethod

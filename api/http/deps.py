@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import fastapi.routing
@@ -59,6 +62,86 @@ async def get_session(request: Request, state: StateDep) -> AsyncIterator[AsyncS
 
 
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
+
+# The header of a report read from the read replica: how many seconds behind the primary the
+# replica was when the report began (auth.read_replica). Absent: the report read the primary.
+REPLICA_LAG_HEADER = "Replica-Lag"
+REPLICA_LAG_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "headers": {
+            REPLICA_LAG_HEADER: {
+                "description": "Present when the report was read from the read replica: how "
+                "many seconds behind the primary it was (0: caught up); absent when it was read "
+                "from the primary",
+                "schema": {"type": "number", "minimum": 0},
+            }
+        }
+    }
+}
+
+
+@dataclass(frozen=True)
+class ReportSession:
+    """A report's session: on the read replica (``lag_seconds`` its lag), or on the primary
+    (``lag_seconds`` None)."""
+
+    session: AsyncSession
+    lag_seconds: float | None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The ``Replica-Lag`` header when the report reads the replica."""
+        if self.lag_seconds is None:
+            return {}
+        return {REPLICA_LAG_HEADER: f"{self.lag_seconds:.3f}"}
+
+
+@asynccontextmanager
+async def _report_session(
+    request: Request, state: AppState, response: Response, *, may_use_replica: bool
+) -> AsyncIterator[ReportSession]:
+    replica = state.read_replica if may_use_replica else None
+    opened = await replica.open() if replica is not None else None
+    if opened is None:
+        async with state.sessionmaker() as session:
+            request_context(request.scope).session = session
+            yield ReportSession(session, None)
+        return
+    # Not the request's context session: DatabaseRoute has nothing to commit on a standby.
+    session, lag = opened
+    report = ReportSession(session, lag)
+    response.headers.update(report.headers)
+    try:
+        yield report
+    finally:
+        await session.close()
+
+
+async def get_report_session(
+    request: Request, state: StateDep, response: Response
+) -> AsyncIterator[ReportSession]:
+    """The session of a report that may be stale by the replica's lag (usage, the audit
+    listing): on the read replica when there is one, caught up within
+    ``MODELGATE_DATABASE_READ_MAX_LAG_SECONDS``; on the primary otherwise."""
+    async with _report_session(request, state, response, may_use_replica=True) as report:
+        yield report
+
+
+ReportSessionDep = Annotated[ReportSession, Depends(get_report_session)]
+
+
+async def get_closed_month_session(
+    request: Request, state: StateDep, response: Response
+) -> AsyncIterator[ReportSession]:
+    """The billing export's session: the replica for a month that is over (its rows no longer
+    change), the primary for the current month (its rows still grow)."""
+    month = request.query_params.get("month")
+    closed = month is not None and month < datetime.now(UTC).strftime("%Y-%m")
+    async with _report_session(request, state, response, may_use_replica=closed) as report:
+        yield report
+
+
+ClosedMonthSessionDep = Annotated[ReportSession, Depends(get_closed_month_session)]
 
 
 def client_address(request: Request) -> str | None:

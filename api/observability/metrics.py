@@ -133,6 +133,19 @@ EVENT_LOOP_LAG = Histogram(
     "ready waits for the loop (CPU-bound work, garbage collection, a blocking call).",
     buckets=_FLUSH_BUCKETS,
 )
+REPORT_READS = Counter(
+    "modelgate_report_reads_total",
+    "Reports (usage, a closed month's billing export, the audit listing) by the database they "
+    "read: the read replica (MODELGATE_DATABASE_READ_URL) or, when it is down or too far "
+    "behind, the primary.",
+    ("source",),
+)
+REPLICA_LAG = Gauge(
+    "modelgate_replica_lag_seconds",
+    "The read replica's lag behind the primary as last measured by a report, the largest over "
+    "the workers.",
+    multiprocess_mode="livemax",
+)
 MODEL_LOAD_FAILURES = Counter(
     "modelgate_model_load_failures_total",
     "Model versions that failed to load (manifest, hash check, artifact or warm-up), by model "
@@ -239,6 +252,14 @@ def observe_usage_flush(stats: FlushStats) -> None:
     USAGE_QUEUE_DEPTH.set(stats.queued)
     if stats.failed:
         USAGE_FLUSH_FAILURES.inc()
+
+
+def observe_report_read(source: str, lag_seconds: float | None) -> None:
+    """The read replica's observer (``ReadReplica(observer=...)``): where a report read, and
+    the replica's lag when it was measured."""
+    REPORT_READS.labels(source).inc()
+    if lag_seconds is not None:
+        REPLICA_LAG.set(lag_seconds)
 
 
 # The (model, version) pairs this process last reported in MODEL_ACTIVE_VERSION.

@@ -9,9 +9,11 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.http.deps import (
+    REPLICA_LAG_RESPONSE,
     DatabaseRoute,
     KeysScope,
     NoStore,
+    ReportSessionDep,
     SessionDep,
     StateDep,
     TenantCredential,
@@ -84,11 +86,13 @@ async def me(subject: TenantCredential, state: StateDep, session: SessionDep) ->
 
 
 @router.get(
-    "/me/usage", response_model=UsageReport, responses=problem_responses(401, 403, 422, 429, 503)
+    "/me/usage",
+    response_model=UsageReport,
+    responses={**REPLICA_LAG_RESPONSE, **problem_responses(401, 403, 422, 429, 503)},
 )
 async def my_usage(
     subject: UsageScope,
-    session: SessionDep,
+    report: ReportSessionDep,
     start: StartDay = None,
     end: EndDay = None,
     group_by: GroupBy = None,
@@ -98,7 +102,7 @@ async def my_usage(
     tenant = subject.require_tenant()
     first, last = report_window(start, end)
     summary = await usage_summary(
-        session, tenant.id, tenant.monthly_quota, first, last, group_by or DEFAULT_BREAKDOWNS
+        report.session, tenant.id, tenant.monthly_quota, first, last, group_by or DEFAULT_BREAKDOWNS
     )
     return usage_report(summary)
 

@@ -87,6 +87,12 @@ REFUSALS = [
         "MODELGATE_DATABASE_URL",
         id="workers-on-sqlite",
     ),
+    pytest.param(
+        {"MODELGATE_DATABASE_READ_URL": "postgresql+asyncpg://reports:s3cret@replica/modelgate"},
+        1,
+        "MODELGATE_DATABASE_READ_URL",
+        id="read-replica-of-sqlite",
+    ),
     pytest.param({"MODELGATE_ENV": "prod"}, 1, "MODELGATE_ENV", id="unknown-environment"),
     pytest.param(
         {"MODELGATE_REQUEST_TIMEOUT_SECONDS": "0"},
@@ -127,7 +133,7 @@ def test_production_serve_refuses_a_weak_configuration_in_one_line_naming_the_se
     assert lines[0].startswith("error: "), lines
     assert setting in lines[0], lines
     assert "Traceback" not in result.stderr + result.stdout
-    for secret in (STRONG, OTHER_STRONG, GENERATED, "p" * 31):
+    for secret in (STRONG, OTHER_STRONG, GENERATED, "p" * 31, "s3cret"):
         assert secret not in result.stderr + result.stdout
 
 

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
-from api.http.deps import DatabaseRoute, SessionDep
+from api.http.deps import REPLICA_LAG_RESPONSE, DatabaseRoute, ReportSessionDep
 from api.http.errors import problem_responses
 from api.schemas.fields import PRINTABLE_PATTERN, Moment, PageLimit
 from auth.audit import EventFilter, list_events
@@ -68,10 +68,12 @@ class AuditPage(BaseModel):
 
 
 @router.get(
-    "/audit", response_model=AuditPage, responses=problem_responses(401, 403, 422, 429, 503)
+    "/audit",
+    response_model=AuditPage,
+    responses={**REPLICA_LAG_RESPONSE, **problem_responses(401, 403, 422, 429, 503)},
 )
 async def list_audit_events(
-    session: SessionDep,
+    report: ReportSessionDep,
     tenant_id: Annotated[uuid.UUID | None, Query(description="events about this tenant")] = None,
     actor: Annotated[
         str | None,
@@ -99,6 +101,6 @@ async def list_audit_events(
 ) -> AuditPage:
     """List audit events, newest first, filtered by tenant, actor, action and time."""
     where = EventFilter(tenant_id=tenant_id, actor=actor, action=action, since=since, until=until)
-    events = await list_events(session, where, before_id=cursor, limit=limit)
+    events = await list_events(report.session, where, before_id=cursor, limit=limit)
     next_cursor = events[-1].id if len(events) == limit else None
     return AuditPage(events=[AuditEventOut.of(e) for e in events], next_cursor=next_cursor)

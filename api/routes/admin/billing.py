@@ -13,7 +13,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.http.deps import DatabaseRoute, SessionDep
+from api.http.deps import REPLICA_LAG_HEADER, ClosedMonthSessionDep, DatabaseRoute
 from api.http.errors import problem_responses
 from api.schemas.fields import BillingMonth
 from auth.usage.ledger import BillingRow, billing_rows, parse_month
@@ -79,12 +79,20 @@ async def billing_lines(session: AsyncSession, month: str, fmt: ExportFormat) ->
         200: {
             "description": "The month's billing rows",
             "content": {"text/csv": {}, "application/jsonl": {}},
+            "headers": {
+                REPLICA_LAG_HEADER: {
+                    "description": "Present when a closed month was read from the read "
+                    "replica: how many seconds behind the primary it was (0: caught up); absent "
+                    "when it was read from the primary (always for the current month)",
+                    "schema": {"type": "number", "minimum": 0},
+                }
+            },
         },
         **problem_responses(401, 403, 422, 429, 503),
     },
 )
 async def export_billing(
-    session: SessionDep,
+    report: ClosedMonthSessionDep,
     month: Annotated[BillingMonth, Query()],
     format: Annotated[ExportFormat, Query()] = "csv",
 ) -> StreamingResponse:
@@ -92,7 +100,10 @@ async def export_billing(
     parse_month(month)  # refuse a bad month with 422 before the stream starts
     media_type = "text/csv" if format == "csv" else "application/jsonl"
     return StreamingResponse(
-        billing_lines(session, month, format),
+        billing_lines(report.session, month, format),
         media_type=media_type,
-        headers={"Content-Disposition": f'attachment; filename="billing-{month}.{format}"'},
+        headers={
+            "Content-Disposition": f'attachment; filename="billing-{month}.{format}"',
+            **report.headers,
+        },
     )

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from api.http.deps import DatabaseRoute, SessionDep
+from api.http.deps import REPLICA_LAG_RESPONSE, DatabaseRoute, ReportSessionDep
 from api.http.errors import problem_responses
 from api.schemas.usage import EndDay, GroupBy, StartDay, UsageReport, usage_report
 from auth.tenants import get_tenant
@@ -19,16 +19,17 @@ router = APIRouter(route_class=DatabaseRoute, tags=["admin"])
 @router.get(
     "/usage",
     response_model=UsageReport,
-    responses=problem_responses(401, 403, 404, 422, 429, 503),
+    responses={**REPLICA_LAG_RESPONSE, **problem_responses(401, 403, 404, 422, 429, 503)},
 )
 async def tenant_usage(
-    session: SessionDep,
+    report: ReportSessionDep,
     tenant_id: Annotated[uuid.UUID, Query(description="the tenant to report on")],
     start: StartDay = None,
     end: EndDay = None,
     group_by: GroupBy = None,
 ) -> UsageReport:
     """Report a tenant's usage by day, model or key, with its quota position."""
+    session = report.session
     tenant = await get_tenant(session, tenant_id)
     first, last = report_window(start, end)
     summary = await usage_summary(
