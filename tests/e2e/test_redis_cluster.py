@@ -15,9 +15,12 @@ import httpx
 import pytest
 import redis
 
+from auth.idempotency import InFlightClaims
+from auth.identity.failure_throttle import FailureBudget
 from auth.limits.concurrency import ConcurrencyLimiter, ConcurrencyLimitExceeded, Slot
 from auth.limits.limiter import KeyRateLimitExceeded, RateLimiter
 from auth.limits.policy import parse_rate_limits
+from auth.redis_connection import connect_redis
 from tests.conftest import IRIS_SETOSA, Backend, make_settings, only_on
 from tests.e2e.redis_instances import Instance, cluster_url, redis_cluster
 from tests.e2e.servers import run_cli, serve
@@ -183,3 +186,37 @@ def test_a_cluster_refuses_keys_of_two_slots_in_one_script(cluster: list[Instanc
         assert client.eval("return 1", 2, *tagged) == 1
     finally:
         client.close()
+
+
+@only_on("postgres")
+async def test_the_other_redis_users_work_on_a_cluster(
+    backend: Backend, tmp_path: Path, cluster: list[Instance]
+) -> None:
+    """Through the one connection (``auth.redis_connection``): the failure budgets (a script
+    per address), the Idempotency-Key claims (SET NX and a compare-and-delete script) and the
+    rate limiter again after every node forgot its script (SCRIPT FLUSH: a restarted node)."""
+    settings = make_settings(backend, tmp_path, tmp_path, redis_url=cluster_url(cluster))
+    connection = connect_redis(settings)
+    limiter = RateLimiter(settings, connection.storage)
+    try:
+        budget = FailureBudget(connection.storage, "3/minute", f"mg:test:{uuid.uuid4()}")
+        assert [await budget.spend("203.0.113.9") for _ in range(3)] == [False, False, True]
+        assert await budget.retry_after("203.0.113.9") is not None
+        assert await budget.retry_after("203.0.113.10") is None
+
+        claims = InFlightClaims(connection.client, 30)
+        scope = uuid.uuid4().bytes
+        token = await claims.claim(scope)
+        assert token is not None
+        assert await claims.claim(scope) is None
+        await claims.release(scope, token)
+        assert await claims.claim(scope) is not None
+
+        key_id = f"flushed-{uuid.uuid4()}"
+        await limiter.hit(key_id, STACKED)
+        for node in cluster:
+            node.client().script_flush()
+        status = await limiter.hit(key_id, STACKED)
+        assert status.remaining == 23
+    finally:
+        await connection.close()
