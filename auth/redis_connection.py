@@ -49,7 +49,7 @@ class RedisConnection:
             await self.client.aclose()
 
 
-SENTINEL_SCHEMES = ("redis+sentinel://", "rediss+sentinel://")
+SENTINEL_SCHEME = "redis+sentinel://"
 
 
 def hash_tag(identifier: str) -> str:
@@ -69,7 +69,7 @@ def connect_redis(settings: Settings) -> RedisConnection:
         }
         # The same client library as the rest of the app (limits defaults to coredis).
         options = {"implementation": "redispy", **timeouts}
-        if settings.redis_url.startswith(SENTINEL_SCHEMES):
+        if settings.redis_url.startswith(SENTINEL_SCHEME):
             # The Sentinels' own connections are bounded too (limits passes them none), and
             # counters are read from the master only: a replica lags, and would under-count.
             options.update(sentinel_kwargs=timeouts, use_replicas=False)
