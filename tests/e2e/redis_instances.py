@@ -37,6 +37,15 @@ class Instance:
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, socket_timeout=2)
 
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """SIGSTOP until exit: the process hangs, its port still accepts connections."""
+        os.killpg(self.process.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.killpg(self.process.pid, signal.SIGCONT)
+
     def kill(self) -> None:
         """SIGKILL: the process gets no chance to hand anything over."""
         if self.process.poll() is None:
@@ -168,9 +177,10 @@ class Sentinels:
 
 
 @contextmanager
-def redis_sentinels(directory: Path) -> Iterator[Sentinels]:
+def redis_sentinels(directory: Path, failover_ready: bool = True) -> Iterator[Sentinels]:
     """A master and a replica, watched by three Sentinels (quorum 2) that call the master down
-    after ``DOWN_AFTER_MS`` and promote the replica."""
+    after ``DOWN_AFTER_MS`` and promote the replica. ``failover_ready``: wait until each
+    Sentinel knows its peers (a few seconds), without which they cannot fail over."""
     with ExitStack() as stack:
         master = stack.enter_context(redis_server(directory / "master"))
         replica = stack.enter_context(
@@ -196,7 +206,7 @@ def redis_sentinels(directory: Path) -> Iterator[Sentinels]:
         ]
         group = Sentinels(master, replica, sentinels)
         # Every Sentinel knows the replica and the other Sentinels before a failover is tried.
-        for sentinel in sentinels:
+        for sentinel in sentinels if failover_ready else []:
             _wait(
                 lambda sentinel=sentinel: (
                     (state := sentinel.client().sentinel_master(SERVICE))["num-slaves"] >= 1

@@ -22,8 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from auth.db import create_engine
+from auth.limits.limiter import RateLimiter
 from auth.models import UsageRecord
-from tests.conftest import IRIS_SETOSA, Backend, only_on
+from tests.conftest import IRIS_SETOSA, Backend, make_settings, only_on
 from tests.e2e.redis_instances import Sentinels, redis_sentinels
 from tests.e2e.servers import run_cli, serve
 
@@ -259,3 +260,24 @@ def test_a_master_killed_under_load_fails_over_without_a_500_or_an_overrun(
         },
     )
     assert lost["twenty"] >= 0
+
+
+@only_on("postgres")  # the backend with Redis
+async def test_a_hung_sentinel_costs_a_timeout_not_a_hang(backend: Backend, tmp_path: Path) -> None:
+    """The Sentinels' own connections are bounded by MODELGATE_REDIS_TIMEOUT_SECONDS too: with
+    the first Sentinel of the URL stopped (its port still accepts connections), a check asks
+    the next one within the timeout instead of waiting forever."""
+    with redis_sentinels(tmp_path / "redis", failover_ready=False) as group:
+        settings = make_settings(
+            backend, tmp_path, tmp_path, redis_url=group.url, redis_timeout_seconds=0.5
+        )
+        limiter = RateLimiter(settings)
+        try:
+            with group.sentinels[0].paused():
+                started = time.monotonic()
+                async with asyncio.timeout(10):
+                    status = await limiter.hit(f"hung-{uuid.uuid4()}", TWENTY_LIMIT)
+                assert time.monotonic() - started < 3
+            assert status.remaining == 19
+        finally:
+            await limiter.close()
