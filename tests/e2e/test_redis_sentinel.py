@@ -11,7 +11,6 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,10 +182,10 @@ def test_a_master_killed_under_load_fails_over_without_a_500_or_an_overrun(
     backend: Backend,
     tour_environment: dict[str, str],
     tmp_path: Path,
-    record_property: Callable[[str, object], None],
+    request: pytest.FixtureRequest,
 ) -> None:
     """The figures measured (failover time, first 2xx after the kill, checks lost) are in the
-    test's ``redis_failover`` property (``--junitxml``)."""
+    test report's ``redis_failover`` user property (``--junitxml`` writes it out)."""
 
     def prepare() -> list[tuple[str, str]]:
         # The database and keys need no Redis: made while the Sentinels find each other.
@@ -243,23 +242,25 @@ def test_a_master_killed_under_load_fails_over_without_a_500_or_an_overrun(
     # The metrics answered during the failover and counted its 503s.
     assert run.scraped_503
     assert run.scraped_503[-1] > 0
-    # What the old master took with it: checks counted and answered, missing on the new one
-    # (a lost check can only under-count). Measured here, documented in docs/operations.md.
+    # What the old master took with it: checks answered 2xx but missing on the new master (a
+    # lost check can only under-count; negative: checks counted whose answer the kill lost).
+    # Measured, not asserted (the limit above is); documented in docs/operations.md.
     lost = {
         "load": load_served - load_counted,
         "twenty": twenty_served - twenty_counted,
     }
     resumed = min(a.answered for a in run.load if a.sent > run.killed and a.status == 200)
-    record_property(
-        "redis_failover",
-        {
-            "promoted_after_seconds": round(failover_seconds, 2),
-            "first_2xx_after_seconds": round(resumed - run.killed, 2),
-            "served": {"load": load_served, "twenty": twenty_served},
-            "checks_lost": lost,
-        },
+    request.node.user_properties.append(
+        (
+            "redis_failover",
+            {
+                "promoted_after_seconds": round(failover_seconds, 2),
+                "first_2xx_after_seconds": round(resumed - run.killed, 2),
+                "served": {"load": load_served, "twenty": twenty_served},
+                "checks_lost": lost,
+            },
+        )
     )
-    assert lost["twenty"] >= 0
 
 
 @only_on("postgres")  # the backend with Redis
