@@ -44,9 +44,13 @@ class RedisConnection:
         return self.client is not None
 
     async def close(self) -> None:
-        """Close the client's connections (in memory there is nothing to close)."""
+        """Close the client's connections, and a Sentinel setup's connections to the Sentinels
+        (in memory there is nothing to close)."""
         if self.client is not None:
             await self.client.aclose()
+        sentinel = getattr(getattr(self.storage, "bridge", None), "sentinel", None)
+        for sentinel_client in getattr(sentinel, "sentinels", ()):
+            await sentinel_client.aclose()
 
 
 SENTINEL_SCHEME = "redis+sentinel://"

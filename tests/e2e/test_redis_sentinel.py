@@ -23,6 +23,7 @@ from sqlalchemy import func, select
 from auth.db import create_engine
 from auth.limits.limiter import RateLimiter
 from auth.models import UsageRecord
+from auth.redis_connection import connect_redis
 from tests.conftest import IRIS_SETOSA, Backend, make_settings, only_on
 from tests.e2e.redis_instances import Sentinels, redis_sentinels
 from tests.e2e.servers import run_cli, serve
@@ -272,7 +273,8 @@ async def test_a_hung_sentinel_costs_a_timeout_not_a_hang(backend: Backend, tmp_
         settings = make_settings(
             backend, tmp_path, tmp_path, redis_url=group.url, redis_timeout_seconds=0.5
         )
-        limiter = RateLimiter(settings)
+        connection = connect_redis(settings)
+        limiter = RateLimiter(settings, connection.storage)
         try:
             with group.sentinels[0].paused():
                 started = time.monotonic()
@@ -281,4 +283,8 @@ async def test_a_hung_sentinel_costs_a_timeout_not_a_hang(backend: Backend, tmp_
                 assert time.monotonic() - started < 3
             assert status.remaining == 19
         finally:
-            await limiter.close()
+            await connection.close()
+        # Closing closes the connections to the Sentinels too, not only the master's.
+        for sentinel_client in connection.storage.bridge.sentinel.sentinels:
+            pool = sentinel_client.connection_pool
+            assert not any(c.is_connected for c in pool._available_connections), pool
