@@ -21,6 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from auth.db import create_engine
+from auth.idempotency import InFlightClaims
+from auth.identity.failure_throttle import FailureBudget
 from auth.limits.limiter import RateLimiter
 from auth.models import UsageRecord
 from auth.redis_connection import connect_redis
@@ -268,7 +270,8 @@ def test_a_master_killed_under_load_fails_over_without_a_500_or_an_overrun(
 async def test_a_hung_sentinel_costs_a_timeout_not_a_hang(backend: Backend, tmp_path: Path) -> None:
     """The Sentinels' own connections are bounded by MODELGATE_REDIS_TIMEOUT_SECONDS too: with
     the first Sentinel of the URL stopped (its port still accepts connections), a check asks
-    the next one within the timeout instead of waiting forever."""
+    the next one within the timeout instead of waiting (5 s without). The failure budgets and
+    the Idempotency-Key claims work through the same connection."""
     with redis_sentinels(tmp_path / "redis", failover_ready=False) as group:
         settings = make_settings(
             backend, tmp_path, tmp_path, redis_url=group.url, redis_timeout_seconds=0.5
@@ -282,6 +285,15 @@ async def test_a_hung_sentinel_costs_a_timeout_not_a_hang(backend: Backend, tmp_
                     status = await limiter.hit(f"hung-{uuid.uuid4()}", TWENTY_LIMIT)
                 assert time.monotonic() - started < 3
             assert status.remaining == 19
+            # The other users of the one connection: a failure budget, the Idempotency-Key claims.
+            budget = FailureBudget(connection.storage, "2/minute", f"mg:test:{uuid.uuid4()}")
+            assert [await budget.spend("203.0.113.9") for _ in range(2)] == [False, True]
+            claims = InFlightClaims(connection.client, 30)
+            token = await claims.claim(b"scope")
+            assert token is not None
+            assert await claims.claim(b"scope") is None
+            await claims.release(b"scope", token)
+            assert await claims.claim(b"scope") is not None
         finally:
             await connection.close()
         # Closing closes the connections to the Sentinels too, not only the master's.
