@@ -11,6 +11,11 @@ instruments it. Every call is bounded by the client's socket timeouts, which are
 
 Without a Redis URL the storage is ``limits``' memory storage and there is no client: the counts
 are this process's own, which is right for one process and wrong for several workers.
+
+On Redis Cluster a script may only touch keys of one hash slot, so every key one script touches
+for one API key (its limits' counters and its set of requests in flight) carries the same hash
+tag (``hash_tag``): a check stays one script in one round trip, on the node that owns the key.
+On a plain Redis or a Sentinel-managed one the braces are just characters of the name.
 """
 
 from __future__ import annotations
@@ -39,9 +44,22 @@ class RedisConnection:
         return self.client is not None
 
     async def close(self) -> None:
-        """Close the client's connections (in memory there is nothing to close)."""
+        """Close the client's connections, and a Sentinel setup's connections to the Sentinels
+        (in memory there is nothing to close)."""
         if self.client is not None:
             await self.client.aclose()
+        sentinel = getattr(getattr(self.storage, "bridge", None), "sentinel", None)
+        for sentinel_client in getattr(sentinel, "sentinels", ()):
+            await sentinel_client.aclose()
+
+
+SENTINEL_SCHEME = "redis+sentinel://"
+
+
+def hash_tag(identifier: str) -> str:
+    """``identifier`` as a Redis Cluster hash tag: every key whose name holds it (as its first
+    ``{...}``) is in the same slot, so that one script may touch them all."""
+    return "{" + identifier + "}"
 
 
 def connect_redis(settings: Settings) -> RedisConnection:
@@ -49,12 +67,16 @@ def connect_redis(settings: Settings) -> RedisConnection:
     first command."""
     options: dict[str, Any] = {}
     if settings.redis_url:
-        options = {
-            # The same client library as the rest of the app (limits defaults to coredis).
-            "implementation": "redispy",
+        timeouts = {
             "socket_timeout": settings.redis_timeout_seconds,
             "socket_connect_timeout": settings.redis_timeout_seconds,
         }
+        # The same client library as the rest of the app (limits defaults to coredis).
+        options = {"implementation": "redispy", **timeouts}
+        if settings.redis_url.startswith(SENTINEL_SCHEME):
+            # The Sentinels' own connections are bounded too (limits passes them none), and
+            # counters are read from the master only: a replica lags, and would under-count.
+            options.update(sentinel_kwargs=timeouts, use_replicas=False)
     uri = settings.redis_url or "memory://"
     storage = storage_from_string("async+" + uri, **options)
     if not isinstance(storage, Storage):  # the "async+" scheme always gives one

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import structlog
 
 from auth.errors import ModelgateError
+from auth.redis_connection import hash_tag
 
 if TYPE_CHECKING:
     from auth.limits.limiter import RateLimiter
@@ -64,8 +65,9 @@ class Slot:
 
     @property
     def redis_key(self) -> str:
-        """The key's set of slots on Redis."""
-        return _NAMESPACE + self.key_id
+        """The key's set of slots on Redis (in its limits' hash slot: the rate-limit check's
+        script takes the slot)."""
+        return _NAMESPACE + hash_tag(self.key_id)
 
     @property
     def ttl_ms(self) -> int:

@@ -20,7 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from auth.limits.concurrency import Slot
 from auth.limits.policy import RateLimitPolicy
-from auth.redis_connection import redis_client
+from auth.redis_connection import hash_tag, redis_client
 from auth.turn_batch import TurnBatch
 
 # What says Redis itself is unreachable or too slow (as opposed to an error it answered with).
@@ -286,20 +286,18 @@ class RedisChecks:
         return WindowStats(now + max(ttl, 0), max(0, item.amount - count))
 
     def keys_for(self, item: RateLimitItem, key_id: str) -> list[str]:
-        """The Redis keys limits uses for this key id and limit (remembered: they are the same
-        on every request of a key)."""
+        """The Redis keys of this key id's limit (remembered: they are the same on every request
+        of a key). limits' names, with the key id as the hash tag (``hash_tag``): all of a key's
+        limits and its set of requests in flight share one Redis Cluster slot, so that one script
+        can check them. (limits' own sliding-window names put the whole limit in the tag, which
+        sends each limit of a key to another slot.)"""
         cache_key = (key_id, item.amount, item.get_expiry())
         keys = self._key_names.get(cache_key)
         if keys is None:
-            bridge, key = self._bridge, item.key_for(NAMESPACE, key_id)
-            if self._strategy_name == "sliding-window-counter":
-                storage = self._storage
-                keys = [
-                    bridge.prefixed_key(storage._previous_window_key(key)),
-                    bridge.prefixed_key(storage._current_window_key(key)),
-                ]
-            else:
-                keys = [bridge.prefixed_key(key)]
+            key = self._bridge.prefixed_key(item.key_for(NAMESPACE, hash_tag(key_id)))
+            # The sliding window: the previous window's counter, then the current's.
+            sliding = self._strategy_name == "sliding-window-counter"
+            keys = [key + "/-1", key] if sliding else [key]
             if len(self._key_names) >= _KEY_NAMES_CACHED:
                 self._key_names.clear()
             self._key_names[cache_key] = keys

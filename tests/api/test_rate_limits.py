@@ -38,6 +38,7 @@ from auth.limits.limiter import KeyRateLimitExceeded, RateLimiter
 from auth.limits.policy import parse_rate_limits
 from auth.limits.redis_checks import sliding_window_stats
 from auth.models import ApiKey, Tenant, UsageRecord
+from auth.redis_connection import hash_tag
 from auth.settings import Settings
 from tests.conftest import (
     IRIS_SETOSA,
@@ -431,12 +432,20 @@ async def test_redis_headers_report_the_window_of_the_check(
     limiter = await _redis_limiter(backend, tmp_path, rate_limit_strategy=strategy)
     key_id = f"figures-{uuid.uuid4()}"
     item = one_limit("3/minute")
+    # limits' own statistics, read from the keys the check wrote: the key id as a hash tag, and
+    # (sliding window) the window keys named as auth.limits.redis_checks names them.
+    storage: Any = limiter.storage
+    storage._current_window_key = lambda key: key
+    storage._previous_window_key = lambda key: key + "/-1"
+    assert limiter._redis is not None
+    named = limiter._redis.keys_for(item, key_id)
     try:
         remaining = []
         opened = time.time()
         for _ in range(3):
             status = await limiter.hit(key_id, "3/minute")
-            expected = await limiter._strategy.get_window_stats(item, "mg:key", key_id)
+            expected = await limiter._strategy.get_window_stats(item, "mg:key", hash_tag(key_id))
+            assert await client_exists(limiter, named)
             assert status.limit == 3
             assert status.remaining == expected.remaining
             assert opened + 59 <= status.reset_at <= time.time() + 60.5, status
@@ -448,6 +457,11 @@ async def test_redis_headers_report_the_window_of_the_check(
         assert 58 <= refused.value.status.retry_after <= 60
     finally:
         await limiter.close()
+
+
+async def client_exists(limiter: RateLimiter, names: list[str]) -> bool:
+    """Whether the check wrote the keys it is said to use (the current window's at least)."""
+    return bool(await limiter.client.exists(names[-1]))
 
 
 def test_a_sliding_window_opened_by_the_check_resets_a_window_later() -> None:
@@ -693,7 +707,7 @@ async def _slots_held(app: Harness, key_id: str) -> int:
     """Slots held for the key: on Redis, the entries of its set; else this process's count."""
     if app.backend.redis_url:
         with redis.Redis.from_url(app.backend.redis_url) as client:
-            return int(client.zcard(f"mg:inflight:{key_id}"))
+            return int(client.zcard(f"mg:inflight:{{{key_id}}}"))
     return app.state.concurrency.held(key_id)
 
 
@@ -868,7 +882,7 @@ async def test_a_request_the_rate_limit_refuses_holds_no_slot(
     async def held() -> int:
         if backend.redis_url:
             with redis.Redis.from_url(backend.redis_url) as client:
-                return int(client.zcard(f"mg:inflight:{key_id}"))
+                return int(client.zcard(f"mg:inflight:{{{key_id}}}"))
         return concurrency.held(key_id)
 
     try:
