@@ -34,6 +34,11 @@ KILLS = 2
 # a kill came between. Drawn over a range, as a loaded machine serves a request in 10 to 500 ms.
 IMPATIENT_AFTER = (0.01, 0.5)
 IMPATIENT = 0.25
+# The share of answers the client treats as lost (a connection that broke after the answer was
+# sent): it asks again with the same key and must get the same bytes, replayed. On a loaded
+# machine impatient clients may all leave before their request is billed, and the kills may hit
+# no request between its commit and its answer: these make sure the store answers some retries.
+LOST = 0.1
 
 
 def _start(environment: dict[str, str], cwd: Path, port: int) -> subprocess.Popen[bytes]:
@@ -86,6 +91,8 @@ async def _drive(
                 headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": f'"{idem}"'}
                 impatient = random.random() < IMPATIENT  # noqa: S311 (not a secret)
                 timeout = random.uniform(*IMPATIENT_AFTER) if impatient else 5.0  # noqa: S311
+                lose = random.random() < LOST  # noqa: S311
+                lost_body: bytes | None = None
                 while True:
                     try:
                         response = await http.post(
@@ -97,8 +104,17 @@ async def _drive(
                     except httpx.HTTPError:
                         response = None
                     if response is not None and response.status_code == 200:
+                        replayed = response.headers.get("Idempotency-Replayed") == "true"
+                        if lose and lost_body is None and not replayed:
+                            # Lost on its way, as on a connection that broke: asked again.
+                            lost_body = response.content
+                            retries += 1
+                            continue
+                        if lost_body is not None:
+                            assert replayed, "a served answer was served again"
+                            assert response.content == lost_body
                         answered.add(idem)
-                        replays += response.headers.get("Idempotency-Replayed") == "true"
+                        replays += replayed
                         break
                     # No answer (the server is down), 409 (in flight), 503: the same key again.
                     assert response is None or response.status_code in (409, 503), response.text
