@@ -140,6 +140,14 @@ def run_cli(
     )
 
 
+def tenant_and_key(environment: dict[str, str], cwd: Path, *options: str) -> tuple[str, str]:
+    """A new tenant (``modelgate tenants create OPTIONS``) and an API key issued for it:
+    (tenant id, key)."""
+    tenant = json.loads(run_cli(environment, cwd, "tenants", "create", *options).stdout)
+    issued = run_cli(environment, cwd, "keys", "issue", "--tenant", tenant["id"]).stdout
+    return tenant["id"], issued.strip().splitlines()[-1]
+
+
 def access_lines(log: str) -> list[dict[str, Any]]:
     """The access lines (logger ``modelgate.request``, event "request") of a server's JSON log."""
     lines = []

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import random
 import signal
@@ -21,7 +20,7 @@ import httpx
 import pytest
 
 from tests.conftest import IRIS_SETOSA, Backend, only_on, recorded_units
-from tests.e2e.servers import BIN, free_port, hermetic_cwd, run_cli, wait_ready
+from tests.e2e.servers import BIN, free_port, hermetic_cwd, run_cli, tenant_and_key, wait_ready
 
 pytestmark = pytest.mark.e2e
 
@@ -156,24 +155,13 @@ def test_keys_retried_across_a_sigkill_are_billed_exactly_once(
     # A short deadline: a claim left by the killed server lasts this long.
     environment = {**tour_environment, "MODELGATE_REQUEST_TIMEOUT_SECONDS": "2"}
     run_cli(environment, tmp_path, "db", "upgrade")
-    tenant = json.loads(
-        run_cli(
-            environment,
-            tmp_path,
-            "tenants",
-            "create",
-            "--name",
-            "retrying",
-            "--rate-limit",
-            "1000000/minute",
-        ).stdout
+    tenant_id, key_text = tenant_and_key(
+        environment, tmp_path, "--name", "retrying", "--rate-limit", "1000000/minute"
     )
-    key = run_cli(environment, tmp_path, "keys", "issue", "--tenant", tenant["id"])
-    key_text = key.stdout.strip().splitlines()[-1]
     port = free_port()
     started = time.monotonic()
     answered, replays, retries = asyncio.run(_drive(environment, tmp_path, port, key_text))
-    recorded = asyncio.run(recorded_units(environment["MODELGATE_DATABASE_URL"], tenant["id"]))
+    recorded = asyncio.run(recorded_units(environment["MODELGATE_DATABASE_URL"], tenant_id))
     assert retries > 0, "the kill left no request unanswered"
     assert replays > 0, "no retry was answered from the store"
     assert recorded == len(answered), (recorded, len(answered), replays, retries)

@@ -6,19 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import func, select
 
-from auth.db import create_engine
-from auth.models import UsageRecord
-from tests.conftest import IRIS_SETOSA, IRIS_VIRGINICA, only_on
-from tests.e2e.servers import run_cli, serve
+from tests.conftest import IRIS_SETOSA, IRIS_VIRGINICA, only_on, recorded_units
+from tests.e2e.servers import run_cli, serve, tenant_and_key
 from tests.promises import PromisedDelay
 
 pytestmark = pytest.mark.e2e
@@ -33,27 +29,7 @@ def _last_line(output: str) -> str:
 
 
 def _tenant_key(environment: dict[str, str], cwd: Path, name: str, plan: str) -> tuple[str, str]:
-    tenant = json.loads(_cli(environment, cwd, "tenants", "create", "--name", name, "--plan", plan))
-    assert tenant["plan"] == plan
-    key = _last_line(_cli(environment, cwd, "keys", "issue", "--tenant", tenant["id"]))
-    return tenant["id"], key
-
-
-def _units_recorded(database_url: str, tenant_id: str) -> int:
-    async def read() -> int:
-        engine = create_engine(database_url)
-        try:
-            async with engine.connect() as connection:
-                total = await connection.scalar(
-                    select(func.coalesce(func.sum(UsageRecord.units), 0)).where(
-                        UsageRecord.tenant_id == uuid.UUID(tenant_id)
-                    )
-                )
-            return int(total or 0)
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(read())
+    return tenant_and_key(environment, cwd, "--name", name, "--plan", plan)
 
 
 async def _burst(ports: list[int], key: str, count: int) -> list[int]:
@@ -141,7 +117,7 @@ def test_plans_hold_across_two_serving_processes(
             clients[0].post("/predict", json={"features": IRIS_SETOSA}, headers=auth).status_code
             == 429
         )
-        assert _units_recorded(environment["MODELGATE_DATABASE_URL"], quota_tenant) == 3
+        assert asyncio.run(recorded_units(environment["MODELGATE_DATABASE_URL"], quota_tenant)) == 3
 
         # A model outside the plan is, on both processes, a model that does not exist.
         outsider = {"Authorization": f"Bearer {outsider_key}"}

@@ -8,7 +8,6 @@ the metrics count the 503s. The checks lost with the old master are measured."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -18,17 +17,14 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import func, select
 
-from auth.db import create_engine
 from auth.idempotency import InFlightClaims
 from auth.identity.failure_throttle import FailureBudget
 from auth.limits.limiter import RateLimiter
-from auth.models import UsageRecord
 from auth.redis_connection import connect_redis
-from tests.conftest import IRIS_SETOSA, Backend, make_settings, only_on
+from tests.conftest import IRIS_SETOSA, Backend, make_settings, only_on, recorded_units
 from tests.e2e.redis_instances import Sentinels, redis_sentinels
-from tests.e2e.servers import run_cli, serve
+from tests.e2e.servers import run_cli, serve, tenant_and_key
 
 pytestmark = pytest.mark.e2e
 
@@ -70,9 +66,7 @@ def _key_of_plan(environment: dict[str, str], cwd: Path, limits: str) -> tuple[s
         cwd,
         *("plans", "create", "--name", plan, "--rate-limits", limits, "--max-in-flight", "100"),
     )
-    tenant = json.loads(_cli(environment, cwd, "tenants", "create", "--name", plan, "--plan", plan))
-    key = _cli(environment, cwd, "keys", "issue", "--tenant", tenant["id"]).splitlines()[-1]
-    return tenant["id"], key
+    return tenant_and_key(environment, cwd, "--name", plan, "--plan", plan)
 
 
 def _rejected_503(metrics_text: str) -> float:
@@ -153,23 +147,6 @@ async def _scenario(group: Sentinels, ports: tuple[int, int], load: str, twenty:
     return run
 
 
-def _billed(database_url: str, tenant_id: str) -> int:
-    async def read() -> int:
-        engine = create_engine(database_url)
-        try:
-            async with engine.connect() as connection:
-                total = await connection.scalar(
-                    select(func.coalesce(func.sum(UsageRecord.units), 0)).where(
-                        UsageRecord.tenant_id == uuid.UUID(tenant_id)
-                    )
-                )
-            return int(total or 0)
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(read())
-
-
 def _counted(group: Sentinels, limit: str) -> int:
     """The entries of the moving window of the (only) key with ``limit`` on the master the
     Sentinels now name: the checks Redis still remembers."""
@@ -217,8 +194,9 @@ def test_a_master_killed_under_load_fails_over_without_a_500_or_an_overrun(
     # The servers stopped (and wrote their usage): every 2xx is billed.
     load_served = sum(1 for a in run.load if a.status == 200)
     twenty_served = sum(1 for a in run.twenty if a.status == 200)
-    assert _billed(environment["MODELGATE_DATABASE_URL"], load_tenant) == load_served
-    assert _billed(environment["MODELGATE_DATABASE_URL"], twenty_tenant) == twenty_served
+    database = environment["MODELGATE_DATABASE_URL"]
+    assert asyncio.run(recorded_units(database, load_tenant)) == load_served
+    assert asyncio.run(recorded_units(database, twenty_tenant)) == twenty_served
 
     failover_seconds = run.promoted - run.killed
     # 2xx or 503, never a 500 (the 20-per-minute key: 429 once its minute is spent).

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import IRIS_SETOSA, Backend, only_on, recorded_units
-from tests.e2e.servers import run_cli, serve
+from tests.e2e.servers import run_cli, serve, tenant_and_key
 
 pytestmark = pytest.mark.e2e
 
@@ -93,23 +93,12 @@ def test_a_worker_killed_midway_loses_no_billed_request(
 ) -> None:
     environment = {**tour_environment, "MODELGATE_LOG_LEVEL": "INFO"}
     run_cli(environment, tmp_path, "db", "upgrade")
-    tenant = json.loads(
-        run_cli(
-            environment,
-            tmp_path,
-            "tenants",
-            "create",
-            "--name",
-            "busy",
-            "--rate-limit",
-            "1000000/minute",
-        ).stdout
+    tenant_id, key_text = tenant_and_key(
+        environment, tmp_path, "--name", "busy", "--rate-limit", "1000000/minute"
     )
-    key = run_cli(environment, tmp_path, "keys", "issue", "--tenant", tenant["id"])
-    key_text = key.stdout.strip().splitlines()[-1]
     log_path = tmp_path / "server.log"
     with serve(environment, tmp_path, workers=2, log_path=log_path) as port:
         ok, failed, in_flight_at_kill = asyncio.run(_drive(port, key_text, log_path))
-    recorded = asyncio.run(recorded_units(environment["MODELGATE_DATABASE_URL"], tenant["id"]))
+    recorded = asyncio.run(recorded_units(environment["MODELGATE_DATABASE_URL"], tenant_id))
     assert recorded >= ok, (recorded, ok)
     assert recorded - ok <= in_flight_at_kill, (recorded, ok, failed, in_flight_at_kill)
