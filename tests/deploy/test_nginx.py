@@ -47,7 +47,10 @@ if not NGINX_INSTALLED:
     pytest.skip("nginx is not installed (apt-get install nginx)", allow_module_level=True)
 
 PREDICT = "/api/v1/predict"
-# Failed credentials one client address may present per minute (the throttle under test).
+# Failed credentials one client address may present per minute (the throttle under test). Every
+# client of this module comes from a loopback address of its own (loopback()): the failure count
+# of an address is shared on Redis by every server of the run, and other tests' servers fail
+# credentials from 127.0.0.1 with budgets of their own.
 BUDGET = 5
 
 
@@ -192,7 +195,9 @@ def test_metrics_are_scraped_from_each_replica_and_not_served_through_nginx(stac
 
 async def _burst(url: str, key: str, count: int) -> list[int]:
     """``count`` concurrent predictions through ``url``, each claiming another origin."""
-    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+    async with httpx.AsyncClient(
+        base_url=url, timeout=30, transport=httpx.AsyncHTTPTransport(local_address=loopback())
+    ) as http:
 
         async def one(index: int) -> int:
             response = await http.post(
@@ -229,7 +234,11 @@ def test_a_revocation_through_nginx_holds_on_both_replicas_within_a_second(stack
     promise (measured: tests.conftest.PromisedDelay), and from then on nothing is served."""
     tenant_id, _ = stack.tenant("1000/minute")
     admin = {"Authorization": f"Bearer {stack.admin}"}
-    with httpx.Client(base_url=stack.proxy.url, timeout=30) as http:
+    with httpx.Client(
+        base_url=stack.proxy.url,
+        timeout=30,
+        transport=httpx.HTTPTransport(local_address=loopback()),
+    ) as http:
         issued = http.post(
             f"/api/v1/admin/tenants/{tenant_id}/keys",
             json={"name": "revoked", "scopes": ["predict"]},
@@ -280,7 +289,11 @@ async def _load(url: str, key: str, stop: asyncio.Event, load: Load, clients: in
 
     async def one_client() -> None:
         async with httpx.AsyncClient(
-            base_url=url, timeout=30, limits=httpx.Limits(max_keepalive_connections=0)
+            base_url=url,
+            timeout=30,
+            transport=httpx.AsyncHTTPTransport(
+                local_address=loopback(), limits=httpx.Limits(max_keepalive_connections=0)
+            ),
         ) as http:
             headers = {"Authorization": f"Bearer {key}"}
             while not stop.is_set():
