@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from auth.audit import Actor, record_event
 from auth.errors import Conflict, InvalidRequest, NotFound
+from auth.events.outbox import emit
 from auth.limits.plans import check_monthly_quota, check_rate_limits, plan_for_tenant
 from auth.models import AdminPrincipal, Plan, Tenant
 from auth.schemas import TenantView
@@ -102,6 +103,13 @@ async def update_tenant(
         tenant_id=tenant.id,
         detail=changes,
     )
+    if action == "tenant.suspend":
+        await emit(
+            session,
+            "tenant.suspended",
+            {"tenant_id": str(tenant.id), "name": tenant.name},
+            tenant_id=tenant.id,
+        )
     return TenantView.of(tenant, await _plan_of(session, tenant))
 
 

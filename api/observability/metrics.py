@@ -211,6 +211,39 @@ def observe_fetch(model: str, outcome: str) -> None:
     MODEL_FETCHES.labels(model, outcome).inc()
 
 
+EVENTS_CREATED = Counter(
+    "modelgate_events_created_total",
+    "Outgoing events taken from the outbox and fanned out to their endpoints, by type",
+    ["type"],
+)
+EVENT_DELIVERIES = Counter(
+    "modelgate_event_deliveries_total",
+    "Delivery attempts of outgoing events, by outcome "
+    "(delivered, http_error, network_error, refused)",
+    ["outcome"],
+)
+EVENT_OLDEST_UNDELIVERED = Gauge(
+    "modelgate_event_oldest_undelivered_age_seconds",
+    "Age of the oldest event not yet delivered to every endpoint (0: none)",
+    multiprocess_mode="max",
+)
+
+
+def record_events_created(event_type: str, count: int = 1) -> None:
+    """Events the dispatcher fanned out (each event once, whichever worker did it)."""
+    EVENTS_CREATED.labels(event_type).inc(count)
+
+
+def record_event_delivery(outcome: str) -> None:
+    """One delivery attempt's outcome."""
+    EVENT_DELIVERIES.labels(outcome).inc()
+
+
+def record_event_backlog(age_seconds: float) -> None:
+    """The age of the oldest undelivered event."""
+    EVENT_OLDEST_UNDELIVERED.set(age_seconds)
+
+
 def observe_usage_flush(stats: FlushStats) -> None:
     """The usage writer's observer (``UsageWriter(observer=...)``): one flush's figures."""
     USAGE_FLUSH_RECORDS.observe(stats.records)

@@ -24,7 +24,7 @@ from auth.usage.ledger import EARLIEST_DAY, LATEST_DAY
 PRINTABLE_PATTERN = r"^[^\x00-\x1f\x7f]+$"
 
 # The scopes a tenant's key may carry (an admin key's "admin" is never a tenant's to ask for).
-TenantScope = Literal["predict", "usage:read", "keys:manage"]
+TenantScope = Literal["predict", "usage:read", "keys:manage", "webhooks:manage"]
 Name = Annotated[str, Field(min_length=1, max_length=200, pattern=PRINTABLE_PATTERN)]
 # What the limiter accepts, with amounts that fit every counter: up to five limits, each
 # checked on every request (auth.limits.plans bounds the windows too).

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from auth.audit import Actor, record_event
 from auth.errors import Conflict, InvalidRequest, NotFound
+from auth.events.outbox import DEFAULT_THRESHOLDS
 from auth.limits.policy import MAX_LIMITS as MAX_RATE_LIMITS
 from auth.limits.policy import parse_rate_limits
 from auth.models import ApiKey, Plan, Tenant
@@ -229,6 +230,8 @@ class EffectiveLimits:
     monthly_quota: int | None
     max_in_flight: int | None
     models: frozenset[str] | None
+    # Percentages of monthly_quota that raise usage.threshold events (auth.events.outbox).
+    usage_alert_thresholds: tuple[int, ...] = DEFAULT_THRESHOLDS
 
 
 def effective_limits(
@@ -255,4 +258,13 @@ def effective_limits(
         ),
         max_in_flight=min(bounds, default=None),
         models=frozenset(plan.models) if plan.models is not None else None,
+        usage_alert_thresholds=tuple(
+            sorted(
+                tenant.usage_alert_thresholds
+                if tenant.usage_alert_thresholds is not None
+                else plan.usage_alert_thresholds
+                if plan.usage_alert_thresholds is not None
+                else DEFAULT_THRESHOLDS
+            )
+        ),
     )

@@ -86,7 +86,7 @@ class KeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Name
-    scopes: list[TenantScope] = Field(default=["predict", "usage:read"], min_length=1, max_length=3)
+    scopes: list[TenantScope] = Field(default=["predict", "usage:read"], min_length=1, max_length=4)
     expires_at: KeyExpiry | None = Field(
         default=None, description="when the key stops working; omitted: never"
     )

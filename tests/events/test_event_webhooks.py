@@ -1,0 +1,329 @@
+"""Outgoing events (issue 22): endpoints and their secrets, the outbox written with its cause,
+signed delivery to a real receiver, retries and the delivery log, and the address guard. Every
+test runs on Postgres and on the embedded default."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from sqlalchemy import select
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from auth.events.secrets import new_secret
+from auth.events.targets import TargetRefused, resolve_target
+from auth.models import Event
+from tests.conftest import (
+    IRIS_SETOSA,
+    Backend,
+    Harness,
+    bearer,
+    create_admin_key,
+    create_tenant_with_key,
+    make_settings,
+    running_app,
+)
+from tests.events.receiver import Receiver, running_receiver
+
+WEBHOOK_SCOPES = ("predict", "usage:read", "keys:manage", "webhooks:manage")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def harness(
+    backend: Backend, served_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Harness]:
+    """The app with loopback targets allowed (the receiver is on 127.0.0.1) and a fast retry
+    schedule."""
+    settings = make_settings(
+        backend,
+        served_model_dir,
+        tmp_path_factory.mktemp("var"),
+        webhook_allow_private_targets=True,
+        event_retry_schedule_seconds="0.1,0.1,0.1",
+        event_dispatch_interval_seconds=0.05,
+    )
+    async with running_app(settings, backend) as running:
+        yield running
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    with running_receiver() as running:
+        yield running
+
+
+async def register(
+    harness: Harness, key: str, url: str, events: list[str], prefix: str = "/api/v1/me/webhooks"
+) -> dict[str, Any]:
+    response = await harness.client.post(
+        prefix, json={"url": url, "events": events, "description": "test"}, headers=bearer(key)
+    )
+    assert response.status_code == 201, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def received(receiver: Receiver, count: int) -> list[Any]:
+    return await asyncio.to_thread(receiver.wait_for, count)
+
+
+def verified(secret: str, request: Any) -> dict[str, Any]:
+    """The body, verified with the standardwebhooks library as any receiver would."""
+    body: dict[str, Any] = Webhook(secret).verify(request.body, request.headers)
+    return body
+
+
+async def test_secret_is_shown_once_and_signs_every_delivery(
+    harness: Harness, receiver: Receiver
+) -> None:
+    _, key = await create_tenant_with_key(harness, scopes=WEBHOOK_SCOPES)
+    endpoint = await register(harness, key, receiver.url, ["webhook.test"])
+    secret = endpoint["secret"]
+    assert secret.startswith("whsec_")
+    listed = await harness.client.get("/api/v1/me/webhooks", headers=bearer(key))
+    shown = await harness.client.get(f"/api/v1/me/webhooks/{endpoint['id']}", headers=bearer(key))
+    assert secret not in listed.text
+    assert secret not in shown.text
+    assert "secret" not in shown.json()
+
+    queued = await harness.client.post(
+        f"/api/v1/me/webhooks/{endpoint['id']}/test", headers=bearer(key)
+    )
+    assert queued.status_code == 202, queued.text
+    (request,) = await received(receiver, 1)
+    body = verified(secret, request)
+    assert body["type"] == "webhook.test"
+    assert set(body) == {"type", "timestamp", "data"}
+    assert request.headers["webhook-id"] == queued.json()["event_id"]
+    with pytest.raises(WebhookVerificationError):
+        Webhook(new_secret()).verify(request.body, request.headers)
+
+
+async def test_rotated_secret_and_previous_both_sign_during_grace(
+    harness: Harness, receiver: Receiver
+) -> None:
+    _, key = await create_tenant_with_key(harness, scopes=WEBHOOK_SCOPES)
+    endpoint = await register(harness, key, receiver.url, ["webhook.test"])
+    rotated = await harness.client.post(
+        f"/api/v1/me/webhooks/{endpoint['id']}/rotate-secret",
+        json={"grace_seconds": 3600},
+        headers=bearer(key),
+    )
+    assert rotated.status_code == 200, rotated.text
+    assert rotated.json()["secret"] != endpoint["secret"]
+    await harness.client.post(f"/api/v1/me/webhooks/{endpoint['id']}/test", headers=bearer(key))
+    (request,) = await received(receiver, 1)
+    verified(endpoint["secret"], request)
+    verified(rotated.json()["secret"], request)
+
+
+async def test_failing_receiver_gets_the_same_event_id_until_it_answers(
+    harness: Harness, receiver: Receiver
+) -> None:
+    receiver.script = [500, 500, 200]
+    _, key = await create_tenant_with_key(harness, scopes=WEBHOOK_SCOPES)
+    endpoint = await register(harness, key, receiver.url, ["webhook.test"])
+    await harness.client.post(f"/api/v1/me/webhooks/{endpoint['id']}/test", headers=bearer(key))
+    requests = await received(receiver, 3)
+    assert len({r.headers["webhook-id"] for r in requests}) == 1
+    for request in requests:
+        verified(endpoint["secret"], request)
+    log: list[dict[str, Any]] = []
+    for _ in range(100):
+        response = await harness.client.get(
+            f"/api/v1/me/webhooks/{endpoint['id']}/deliveries", headers=bearer(key)
+        )
+        log = response.json()["attempts"]
+        if len(log) == 3:
+            break
+        await asyncio.sleep(0.05)
+    assert [a["status_code"] for a in reversed(log)] == [500, 500, 200]
+    assert [a["outcome"] for a in reversed(log)] == ["http_error", "http_error", "delivered"]
+    # The first bytes of the answer only.
+    assert all(len(a["response_excerpt"]) <= 1024 for a in log)
+    assert log[-1]["response_excerpt"].startswith("receiver says no")
+
+
+async def test_thresholds_and_exhaustion_are_each_sent_once(
+    harness: Harness, receiver: Receiver
+) -> None:
+    _, key = await create_tenant_with_key(harness, scopes=WEBHOOK_SCOPES, monthly_quota=10)
+    endpoint = await register(harness, key, receiver.url, ["usage.threshold", "quota.exhausted"])
+    answers = await asyncio.gather(
+        *(
+            harness.client.post(
+                "/api/v1/predict", json={"features": IRIS_SETOSA}, headers=bearer(key)
+            )
+            for _ in range(16)
+        )
+    )
+    assert sorted(a.status_code for a in answers) == [200] * 10 + [429] * 6
+    requests = await received(receiver, 5)
+    await asyncio.sleep(0.3)  # nothing more arrives
+    bodies = [verified(endpoint["secret"], r) for r in receiver.snapshot()]
+    thresholds = sorted(b["data"]["threshold"] for b in bodies if b["type"] == "usage.threshold")
+    assert thresholds == [50, 80, 90, 100]
+    assert [b["type"] for b in bodies].count("quota.exhausted") == 1
+    assert len(requests) == len(bodies) == 5
+    usage = await harness.client.get("/api/v1/me/usage", headers=bearer(key))
+    assert usage.json()["quota"]["thresholds_crossed"] == [50, 80, 90, 100]
+
+
+async def test_revoke_rotate_suspend_and_activate_each_send_their_event_once(
+    harness: Harness, receiver: Receiver
+) -> None:
+    tenant, key = await create_tenant_with_key(harness, scopes=WEBHOOK_SCOPES)
+    admin = await create_admin_key(harness)
+    endpoint = await register(
+        harness, key, receiver.url, ["key.revoked", "key.rotated", "tenant.suspended"]
+    )
+    _, other = await create_tenant_with_key(harness)  # another tenant: not this endpoint's
+    operator = await register(
+        harness, admin, receiver.url + "/operator", ["model.activated"], "/api/v1/admin/webhooks"
+    )
+    issued = await harness.client.post(
+        "/api/v1/me/keys", json={"name": "spare", "scopes": ["predict"]}, headers=bearer(key)
+    )
+    spare = issued.json()["id"]
+    revoked = await harness.client.post(f"/api/v1/me/keys/{spare}/revoke", headers=bearer(key))
+    assert revoked.status_code == 200, revoked.text
+    again = await harness.client.post(f"/api/v1/me/keys/{spare}/revoke", headers=bearer(key))
+    assert again.status_code == 200
+    issued = await harness.client.post(
+        "/api/v1/me/keys", json={"name": "rotating", "scopes": ["predict"]}, headers=bearer(key)
+    )
+    rotating = issued.json()["id"]
+    rotated = await harness.client.post(
+        f"/api/v1/admin/keys/{rotating}/rotate", json={"grace_seconds": 0}, headers=bearer(admin)
+    )
+    assert rotated.status_code == 201, rotated.text
+    activated = await harness.client.post(
+        "/api/v1/admin/models/iris/activate", json={"version": "1"}, headers=bearer(admin)
+    )
+    assert activated.status_code == 200, activated.text
+    suspended = await harness.client.patch(
+        f"/api/v1/admin/tenants/{tenant.id}", json={"status": "suspended"}, headers=bearer(admin)
+    )
+    assert suspended.status_code == 200, suspended.text
+    revoked_other = await harness.client.post(
+        "/api/v1/me/keys", json={"name": "x"}, headers=bearer(other)
+    )
+    assert revoked_other.status_code == 403  # no keys:manage; nothing happens
+    requests = await received(receiver, 4)
+    await asyncio.sleep(0.3)
+    requests = receiver.snapshot()
+    tenant_bodies = [verified(endpoint["secret"], r) for r in requests if r.path == "/hook"]
+    operator_bodies = [
+        verified(operator["secret"], r) for r in requests if r.path == "/hook/operator"
+    ]
+    assert sorted(b["type"] for b in tenant_bodies) == [
+        "key.revoked",
+        "key.rotated",
+        "tenant.suspended",
+    ]
+    assert [b["type"] for b in operator_bodies] == ["model.activated"]
+    assert {b["data"]["key_id"] for b in tenant_bodies if b["type"] != "tenant.suspended"} == {
+        spare,
+        rotating,
+    }
+    # Never a key or a secret in an event (a key's display prefix is not the key).
+    new_key = rotated.json()["key"]
+    for request in requests:
+        assert key.encode() not in request.body
+        assert new_key.encode() not in request.body
+        assert b"whsec_" not in request.body
+
+
+async def test_another_tenants_endpoint_is_not_found(harness: Harness, receiver: Receiver) -> None:
+    _, key = await create_tenant_with_key(harness, scopes=WEBHOOK_SCOPES)
+    _, other = await create_tenant_with_key(harness, scopes=WEBHOOK_SCOPES)
+    endpoint = await register(harness, key, receiver.url, ["webhook.test"])
+    for method, suffix in (("GET", ""), ("DELETE", ""), ("POST", "/test"), ("GET", "/deliveries")):
+        response = await harness.client.request(
+            method, f"/api/v1/me/webhooks/{endpoint['id']}{suffix}", headers=bearer(other)
+        )
+        assert response.status_code == 404, (method, suffix, response.text)
+    _, plain = await create_tenant_with_key(harness)
+    response = await harness.client.get("/api/v1/me/webhooks", headers=bearer(plain))
+    assert response.status_code == 403
+
+
+async def test_a_redirect_is_not_followed(harness: Harness, receiver: Receiver) -> None:
+    receiver.script = ["http://169.254.169.254/latest/meta-data/"]
+    _, key = await create_tenant_with_key(harness, scopes=WEBHOOK_SCOPES)
+    endpoint = await register(harness, key, receiver.url, ["webhook.test"])
+    await harness.client.post(f"/api/v1/me/webhooks/{endpoint['id']}/test", headers=bearer(key))
+    await received(receiver, 1)
+    log: list[dict[str, Any]] = []
+    for _ in range(100):
+        response = await harness.client.get(
+            f"/api/v1/me/webhooks/{endpoint['id']}/deliveries", headers=bearer(key)
+        )
+        log = response.json()["attempts"]
+        if log:
+            break
+        await asyncio.sleep(0.05)
+    assert log[-1]["status_code"] == 302
+    assert log[-1]["outcome"] == "http_error"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1/hook",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::1]/hook",
+        "http://10.1.2.3/hook",
+        "http://192.168.0.10/hook",
+        "http://[::ffff:127.0.0.1]/hook",
+        "http://localhost/hook",
+        "http://224.0.0.1/hook",
+    ],
+)
+async def test_private_targets_are_refused_without_the_setting(url: str) -> None:
+    with pytest.raises(TargetRefused):
+        await resolve_target(url, allow_private=False, production=False)
+    # https is required in production whatever the address.
+    with pytest.raises(TargetRefused):
+        await resolve_target("http://example.com/hook", allow_private=True, production=True)
+
+
+async def test_registration_refuses_a_private_url_without_the_setting(
+    backend: Backend, served_model_dir: Path, tmp_path: Path
+) -> None:
+    settings = make_settings(backend, served_model_dir, tmp_path)
+    async with running_app(settings, backend) as app:
+        _, key = await create_tenant_with_key(app, scopes=WEBHOOK_SCOPES)
+        for url in ("http://127.0.0.1:9/hook", "http://169.254.169.254/", "http://localhost/x"):
+            response = await app.client.post(
+                "/api/v1/me/webhooks",
+                json={"url": url, "events": ["webhook.test"]},
+                headers=bearer(key),
+            )
+            assert response.status_code == 422, (url, response.text)
+            assert response.headers["content-type"] == "application/problem+json"
+
+
+async def test_an_event_exists_only_if_its_cause_committed(harness: Harness) -> None:
+    tenant, key = await create_tenant_with_key(harness, scopes=WEBHOOK_SCOPES)
+    issued = await harness.client.post(
+        "/api/v1/me/keys", json={"name": "doomed", "scopes": ["predict"]}, headers=bearer(key)
+    )
+    key_id = uuid.UUID(issued.json()["id"])
+    from auth.identity.keys import revoke_key
+    from tests.conftest import TEST_ACTOR
+
+    async with harness.sessionmaker() as session:
+        await revoke_key(session, TEST_ACTOR, key_id)
+        await session.rollback()
+    async with harness.sessionmaker() as session:
+        payloads = (
+            await session.scalars(select(Event.payload).where(Event.tenant_id == tenant.id))
+        ).all()
+    assert not [p for p in payloads if json.loads(p)["type"] == "key.revoked"]
