@@ -38,6 +38,7 @@ from prometheus_client import (
     multiprocess,
 )
 
+from auth.events.outbox import EVENT_TYPES
 from auth.usage.writer import FlushStats
 
 if TYPE_CHECKING:
@@ -227,6 +228,13 @@ EVENT_OLDEST_UNDELIVERED = Gauge(
     "Age of the oldest event not yet delivered to every endpoint (0: none)",
     multiprocess_mode="max",
 )
+
+
+# Every series exists from the start (a scrape shows zeros rather than nothing).
+for _event_type in EVENT_TYPES:
+    EVENTS_CREATED.labels(_event_type)
+for _outcome in ("delivered", "http_error", "network_error", "refused"):
+    EVENT_DELIVERIES.labels(_outcome)
 
 
 def record_events_created(event_type: str, count: int = 1) -> None:

@@ -20,11 +20,6 @@ class QuotaOut(BaseModel):
     monthly_quota: int | None
     used: int
     remaining: int | None
-    thresholds_crossed: list[int] = Field(
-        default_factory=list,
-        description="the usage alert thresholds (percent of the quota) this month has crossed; "
-        "each raised one usage.threshold event",
-    )
 
 
 class DayOut(BaseModel):
@@ -65,6 +60,11 @@ class UsageReport(BaseModel):
     total_requests: int
     total_units: int
     quota: QuotaOut
+    thresholds_crossed: list[int] = Field(
+        default_factory=list,
+        description="the usage alert thresholds (percent of the monthly quota) the current "
+        "month has crossed; each raised one usage.threshold event",
+    )
     by_day: list[DayOut] = Field(description="by UTC day; empty unless group_by has day")
     by_model: list[ModelUsageOut] = Field(
         description="by model version; empty unless group_by has model"
@@ -87,9 +87,9 @@ def usage_report(
             monthly_quota=summary.quota.monthly_quota,
             used=summary.quota.used,
             remaining=summary.quota.remaining,
-            thresholds_crossed=crossed_so_far(
-                summary.quota.used, summary.quota.monthly_quota, thresholds
-            ),
+        ),
+        thresholds_crossed=crossed_so_far(
+            summary.quota.used, summary.quota.monthly_quota, thresholds
         ),
         by_day=[DayOut(date=d.date, requests=d.requests, units=d.units) for d in summary.by_day],
         by_model=[

@@ -172,7 +172,7 @@ async def test_thresholds_and_exhaustion_are_each_sent_once(
     assert [b["type"] for b in bodies].count("quota.exhausted") == 1
     assert len(requests) == len(bodies) == 5
     usage = await harness.client.get("/api/v1/me/usage", headers=bearer(key))
-    assert usage.json()["quota"]["thresholds_crossed"] == [50, 80, 90, 100]
+    assert usage.json()["thresholds_crossed"] == [50, 80, 90, 100]
 
 
 async def test_revoke_rotate_suspend_and_activate_each_send_their_event_once(
