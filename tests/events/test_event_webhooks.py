@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from sqlalchemy import select
+from sqlalchemy import select, text
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from auth.events.secrets import new_secret
@@ -327,3 +327,55 @@ async def test_an_event_exists_only_if_its_cause_committed(harness: Harness) -> 
             await session.scalars(select(Event.payload).where(Event.tenant_id == tenant.id))
         ).all()
     assert not [p for p in payloads if json.loads(p)["type"] == "key.revoked"]
+
+
+async def test_a_flush_that_fails_writes_no_event(harness: Harness) -> None:
+    """A real failure inside the usage writer's transaction (a trigger refuses the records,
+    after the counter moved and the threshold events were added): 503, and no event."""
+    tenant, key = await create_tenant_with_key(harness, scopes=WEBHOOK_SCOPES, monthly_quota=2)
+    postgres = harness.backend.name == "postgres"
+    create = (
+        [
+            "CREATE FUNCTION refuse_usage() RETURNS trigger AS $$ BEGIN "
+            "RAISE EXCEPTION 'refused by the test'; END $$ LANGUAGE plpgsql",
+            "CREATE TRIGGER refuse_usage BEFORE INSERT ON usage_record "
+            "FOR EACH ROW EXECUTE FUNCTION refuse_usage()",
+        ]
+        if postgres
+        else [
+            "CREATE TRIGGER refuse_usage BEFORE INSERT ON usage_record "
+            "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+        ]
+    )
+    drop = (
+        ["DROP TRIGGER refuse_usage ON usage_record", "DROP FUNCTION refuse_usage()"]
+        if postgres
+        else ["DROP TRIGGER refuse_usage"]
+    )
+    async with harness.sessionmaker() as session:
+        for statement in create:
+            await session.execute(text(statement))
+        await session.commit()
+    try:
+        response = await harness.client.post(
+            "/api/v1/predict", json={"features": IRIS_SETOSA}, headers=bearer(key)
+        )
+    finally:
+        async with harness.sessionmaker() as session:
+            for statement in drop:
+                await session.execute(text(statement))
+            await session.commit()
+    assert response.status_code == 503, response.text
+    async with harness.sessionmaker() as session:
+        events = (await session.scalars(select(Event).where(Event.tenant_id == tenant.id))).all()
+    assert events == []
+    # The same request once the database accepts it: 50 % of a quota of 2, one event.
+    served = await harness.client.post(
+        "/api/v1/predict", json={"features": IRIS_SETOSA}, headers=bearer(key)
+    )
+    assert served.status_code == 200
+    async with harness.sessionmaker() as session:
+        types = (
+            await session.scalars(select(Event.type).where(Event.tenant_id == tenant.id))
+        ).all()
+    assert types == ["usage.threshold"]
