@@ -4,6 +4,7 @@ database), pinning, no silent fallback, the periodic self-check, and each versio
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import time
 import uuid
@@ -20,7 +21,7 @@ from sqlalchemy import delete, select
 
 from auth.db import create_engine, create_sessionmaker
 from auth.model_activation import ActivationView, activate_version
-from auth.models import AuditEvent, ModelActivation
+from auth.models import AuditEvent, Event, ModelActivation
 from ml import register_model
 from tests.conftest import (
     IRIS_SETOSA,
@@ -175,6 +176,13 @@ async def test_unknown_invalid_or_broken_versions_are_refused_and_nothing_is_rec
 
         async with app.sessionmaker() as session:
             assert (await session.scalars(select(ModelActivation))).all() == []
+            # The broken version, and only it, told the operator (an outgoing event).
+            failures = (
+                await session.scalars(
+                    select(Event.payload).where(Event.type == "model.activation_failed")
+                )
+            ).all()
+        assert [json.loads(p)["data"]["version"] for p in failures] == ["2"]
         assert (await _served_version(app, key)).json()["model_version"] == "1"
 
         # Once the file is restored, the same call activates it.
