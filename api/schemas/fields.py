@@ -82,6 +82,15 @@ PricePer1000Units = Annotated[
     JsonInteger,
 ]
 PageLimit = Annotated[int, Field(ge=1, le=500)]
+# Percentages of the monthly quota that raise usage.threshold events (auth.events).
+AlertThresholds = Annotated[
+    list[Annotated[int, Field(ge=1, le=100)]],
+    Field(
+        max_length=10,
+        description="percentages of the monthly quota that raise a usage.threshold event "
+        "(each once a month); empty: none",
+    ),
+]
 PageOffset = Annotated[int, Field(ge=0, le=1_000_000)]
 # A month of the product's calendar (years 2000-2999), as the usage window's days are.
 BillingMonth = Annotated[

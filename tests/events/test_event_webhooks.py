@@ -28,6 +28,7 @@ from tests.conftest import (
     create_tenant_with_key,
     make_settings,
     running_app,
+    unique,
 )
 from tests.events.receiver import Receiver, running_receiver
 
@@ -379,3 +380,42 @@ async def test_a_flush_that_fails_writes_no_event(harness: Harness) -> None:
             await session.scalars(select(Event.type).where(Event.tenant_id == tenant.id))
         ).all()
     assert types == ["usage.threshold"]
+
+
+async def test_a_tenants_own_thresholds_override_its_plans(harness: Harness) -> None:
+    admin = await create_admin_key(harness)
+    plan = await harness.client.post(
+        "/api/v1/admin/plans",
+        json={"name": unique("alerts"), "monthly_quota": 4, "usage_alert_thresholds": [75]},
+        headers=bearer(admin),
+    )
+    assert plan.status_code == 201, plan.text
+    assert plan.json()["usage_alert_thresholds"] == [75]
+    tenant, key = await create_tenant_with_key(
+        harness, scopes=WEBHOOK_SCOPES, plan=plan.json()["name"]
+    )
+    changed = await harness.client.patch(
+        f"/api/v1/admin/tenants/{tenant.id}",
+        json={"usage_alert_thresholds": [50, 25, 50]},
+        headers=bearer(admin),
+    )
+    assert changed.status_code == 200, changed.text
+    refused = await harness.client.patch(
+        f"/api/v1/admin/tenants/{tenant.id}",
+        json={"usage_alert_thresholds": [0]},
+        headers=bearer(admin),
+    )
+    assert refused.status_code == 422
+    # The key has not been used yet: its first request reads the tenant as it is now.
+    for _ in range(3):
+        served = await harness.client.post(
+            "/api/v1/predict", json={"features": IRIS_SETOSA}, headers=bearer(key)
+        )
+        assert served.status_code == 200
+    async with harness.sessionmaker() as session:
+        payloads = (
+            await session.scalars(select(Event.payload).where(Event.tenant_id == tenant.id))
+        ).all()
+    assert sorted(json.loads(p)["data"]["threshold"] for p in payloads) == [25, 50]
+    usage = await harness.client.get("/api/v1/me/usage", headers=bearer(key))
+    assert usage.json()["thresholds_crossed"] == [25, 50]
