@@ -21,6 +21,8 @@ from urllib.parse import SplitResult, urlsplit
 from auth.errors import InvalidRequest
 
 MAX_URL_LENGTH = 2048
+# A name that takes longer than this to resolve is refused (a request must not wait on DNS).
+RESOLVE_TIMEOUT_SECONDS = 2.0
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -92,10 +94,11 @@ async def resolve_target(url: str, *, allow_private: bool, production: bool) -> 
         addresses = [ipaddress.ip_address(host)]
     except ValueError:
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(
-                host, port, type=socket.SOCK_STREAM
-            )
-        except (OSError, UnicodeError):
+            async with asyncio.timeout(RESOLVE_TIMEOUT_SECONDS):
+                infos = await asyncio.get_running_loop().getaddrinfo(
+                    host, port, type=socket.SOCK_STREAM
+                )
+        except (OSError, UnicodeError, TimeoutError):
             raise TargetRefused("the URL's host does not resolve", loc=("url",)) from None
         addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
     if not addresses:

@@ -8,6 +8,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,10 @@ import pytest_asyncio
 from sqlalchemy import select, text
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from auth.events.expiry import sweep_key_expiry
 from auth.events.secrets import new_secret
 from auth.events.targets import TargetRefused, resolve_target
-from auth.models import Event
+from auth.models import Event, utcnow
 from tests.conftest import (
     IRIS_SETOSA,
     Backend,
@@ -419,3 +421,77 @@ async def test_a_tenants_own_thresholds_override_its_plans(harness: Harness) -> 
     assert sorted(json.loads(p)["data"]["threshold"] for p in payloads) == [25, 50]
     usage = await harness.client.get("/api/v1/me/usage", headers=bearer(key))
     assert usage.json()["thresholds_crossed"] == [25, 50]
+
+
+async def test_key_expiry_notices_are_queued_once_each(harness: Harness) -> None:
+    tenant, key = await create_tenant_with_key(harness, scopes=WEBHOOK_SCOPES)
+    soon = await harness.client.post(
+        "/api/v1/me/keys",
+        json={"name": "soon", "scopes": ["predict"], "expires_at": _in(days=5)},
+        headers=bearer(key),
+    )
+    tomorrow = await harness.client.post(
+        "/api/v1/me/keys",
+        json={"name": "tomorrow", "scopes": ["predict"], "expires_at": _in(hours=20)},
+        headers=bearer(key),
+    )
+    later = await harness.client.post(
+        "/api/v1/me/keys",
+        json={"name": "later", "scopes": ["predict"], "expires_at": _in(days=30)},
+        headers=bearer(key),
+    )
+    assert {soon.status_code, tomorrow.status_code, later.status_code} == {201}, soon.text
+    for _ in range(2):  # two sweeps (two workers, or one worker twice): each notice once
+        async with harness.sessionmaker() as session:
+            await sweep_key_expiry(session)
+            await session.commit()
+    async with harness.sessionmaker() as session:
+        payloads = (
+            await session.scalars(
+                select(Event.payload).where(
+                    Event.tenant_id == tenant.id, Event.type == "key.expiring"
+                )
+            )
+        ).all()
+    data = [json.loads(p)["data"] for p in payloads]
+    notices = sorted((d["name"], d["days_before"]) for d in data)
+    assert notices == [("soon", 7), ("tomorrow", 1)]
+
+
+def _in(**delta: float) -> str:
+    return (utcnow() + timedelta(**delta)).isoformat()
+
+
+async def test_an_endpoint_failing_for_its_whole_window_is_disabled_and_the_operator_told(
+    backend: Backend, served_model_dir: Path, tmp_path: Path
+) -> None:
+    settings = make_settings(
+        backend,
+        served_model_dir,
+        tmp_path,
+        webhook_allow_private_targets=True,
+        event_retry_schedule_seconds=",".join(["0.1"] * 19),
+        event_dispatch_interval_seconds=0.05,
+        event_disable_after_seconds=0.5,
+    )
+    with running_receiver() as failing, running_receiver() as operator_receiver:
+        failing.script = [500] * 1000
+        async with running_app(settings, backend) as app:
+            _, key = await create_tenant_with_key(app, scopes=WEBHOOK_SCOPES)
+            admin = await create_admin_key(app)
+            operator = await register(
+                app, admin, operator_receiver.url, ["endpoint.disabled"], "/api/v1/admin/webhooks"
+            )
+            endpoint = await register(app, key, failing.url, ["webhook.test"])
+            await app.client.post(f"/api/v1/me/webhooks/{endpoint['id']}/test", headers=bearer(key))
+            (told,) = await received(operator_receiver, 1)
+            shown = await app.client.get(
+                f"/api/v1/me/webhooks/{endpoint['id']}", headers=bearer(key)
+            )
+        attempts = len(failing.snapshot())
+    body = verified(operator["secret"], told)
+    assert body["type"] == "endpoint.disabled"
+    assert body["data"]["endpoint_id"] == endpoint["id"]
+    assert shown.json()["status"] == "disabled"
+    assert shown.json()["disabled_reason"].startswith("every delivery failed since")
+    assert attempts >= 3
