@@ -153,7 +153,7 @@ def endpoint_routes(router: APIRouter, scope: Any, owner: Owner, prefix: str) ->
         state: StateDep,
         request: Request,
     ) -> EndpointWithSecret:
-        """Register an event endpoint; its signing secret (whsec_...) is in this response only."""
+        """Register an endpoint, its secret shown once; 422 for a non-public URL, 409 past 20."""
         return await create_endpoint(
             session,
             state.event_secrets,
@@ -189,7 +189,7 @@ def endpoint_routes(router: APIRouter, scope: Any, owner: Owner, prefix: str) ->
         state: StateDep,
         request: Request,
     ) -> EndpointView:
-        """Change an endpoint's URL, events, description, or disable or re-enable it."""
+        """Change an endpoint's URL (checked as at registration), events, description or status."""
         return await update_endpoint(
             session,
             request_actor(request, subject),
