@@ -26,8 +26,9 @@ class Receiver:
 
     url: str
     received: list[Received] = field(default_factory=list)
-    # Answers in order; once exhausted, 200.
-    script: list[int | str] = field(default_factory=list)
+    # Answers in order (a status; a URL to redirect to; seconds to wait before a 200); once
+    # exhausted, 200.
+    script: list[int | str | float] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def wait_for(self, count: int, timeout: float = 15.0) -> list[Received]:
@@ -61,6 +62,10 @@ def running_receiver() -> Iterator[Receiver]:
                     Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
                 )
                 answer = receiver.script.pop(0) if receiver.script else 200
+            if isinstance(answer, float):
+                # A slow endpoint: answer 200 after this many seconds.
+                time.sleep(answer)
+                answer = 200
             if isinstance(answer, str):
                 self.send_response(302)
                 self.send_header("Location", answer)

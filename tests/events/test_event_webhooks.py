@@ -495,3 +495,26 @@ async def test_an_endpoint_failing_for_its_whole_window_is_disabled_and_the_oper
     assert shown.json()["status"] == "disabled"
     assert shown.json()["disabled_reason"].startswith("every delivery failed since")
     assert attempts >= 3
+
+
+async def test_a_slow_endpoint_does_not_delay_another(harness: Harness, receiver: Receiver) -> None:
+    with running_receiver() as slow:
+        slow.script = [3.0] * 4
+        _, key = await create_tenant_with_key(harness, scopes=WEBHOOK_SCOPES)
+        slow_endpoint = await register(harness, key, slow.url, ["webhook.test"])
+        fast_endpoint = await register(harness, key, receiver.url, ["webhook.test"])
+        for _ in range(4):
+            await harness.client.post(
+                f"/api/v1/me/webhooks/{slow_endpoint['id']}/test", headers=bearer(key)
+            )
+        await asyncio.to_thread(slow.wait_for, 2)  # the slow endpoint's share is busy
+        started = asyncio.get_running_loop().time()
+        await harness.client.post(
+            f"/api/v1/me/webhooks/{fast_endpoint['id']}/test", headers=bearer(key)
+        )
+        await received(receiver, 1)
+        elapsed = asyncio.get_running_loop().time() - started
+        # Answered while the slow endpoint's first deliveries still wait for their answers.
+        assert elapsed < 2.0, elapsed
+        assert len(slow.snapshot()) == 2  # at most its share at once (MAX_PER_ENDPOINT)
+        await asyncio.to_thread(slow.wait_for, 4)
