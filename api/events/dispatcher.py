@@ -56,6 +56,8 @@ JITTER = 0.2
 MAX_EXCERPT_BYTES = 1024
 # Events fanned out per transaction.
 FAN_OUT_BATCH = 100
+# How often each worker measures the age of the oldest undelivered event (two small queries).
+BACKLOG_MEASURE_SECONDS = 5.0
 
 
 class Dispatcher:
@@ -87,6 +89,7 @@ class Dispatcher:
         )
         # The lease of a claimed delivery: longer than any attempt may take.
         self._lease = timedelta(seconds=settings.event_delivery_timeout_seconds + 30)
+        self._measured_at = float("-inf")
 
     def start(self) -> None:
         """Start delivering in the running event loop."""
@@ -138,7 +141,9 @@ class Dispatcher:
                 task = asyncio.create_task(self._deliver(delivery_id))
                 self._inflight[task] = endpoint_id
                 task.add_done_callback(self._finished)
-        await self._measure_backlog()
+        if time.monotonic() - self._measured_at >= BACKLOG_MEASURE_SECONDS:
+            self._measured_at = time.monotonic()
+            await self._measure_backlog()
         return bool(fanned or claimed)
 
     def _finished(self, task: asyncio.Task[None]) -> None:

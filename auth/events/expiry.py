@@ -61,11 +61,13 @@ async def sweep_key_expiry(session: AsyncSession) -> int:
 async def sweep_key_expiry_periodically(
     sessionmaker: async_sessionmaker[AsyncSession], interval_seconds: float
 ) -> None:
-    """Run :func:`sweep_key_expiry` every ``interval_seconds`` (each worker; once per notice)."""
+    """Run :func:`sweep_key_expiry` every ``interval_seconds`` (each worker; once per notice),
+    the first time one interval after start (a notice a few minutes late is harmless, and
+    starting a worker costs no query)."""
     while True:
+        await asyncio.sleep(interval_seconds)
         try:
             async with sessionmaker() as session, session.begin():
                 await sweep_key_expiry(session)
         except Exception as exc:
             logger.warning("key expiry sweep failed", error=type(exc).__name__)
-        await asyncio.sleep(interval_seconds)

@@ -17,12 +17,15 @@ import pytest_asyncio
 from sqlalchemy import select, text
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from auth.events.endpoints import TargetPolicy, create_endpoint
 from auth.events.expiry import sweep_key_expiry
 from auth.events.secrets import new_secret
 from auth.events.targets import TargetRefused, resolve_target
+from auth.identity.keys import revoke_key
 from auth.models import Event, utcnow
 from tests.conftest import (
     IRIS_SETOSA,
+    TEST_ACTOR,
     Backend,
     Harness,
     bearer,
@@ -41,15 +44,18 @@ WEBHOOK_SCOPES = ("predict", "usage:read", "keys:manage", "webhooks:manage")
 async def harness(
     backend: Backend, served_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Harness]:
-    """The app with loopback targets allowed (the receiver is on 127.0.0.1) and a fast retry
-    schedule."""
+    """The app with loopback targets allowed (the receiver is on 127.0.0.1), a fast retry
+    schedule and a short failure window. Every app on the module's database must share these:
+    any of them may deliver any event."""
     settings = make_settings(
         backend,
         served_model_dir,
         tmp_path_factory.mktemp("var"),
         webhook_allow_private_targets=True,
-        event_retry_schedule_seconds="0.1,0.1,0.1",
+        event_retry_schedule_seconds=",".join(["0.1"] * 19),
         event_dispatch_interval_seconds=0.05,
+        # An endpoint failing for half a second is disabled (a day in production).
+        event_disable_after_seconds=0.5,
     )
     async with running_app(settings, backend) as running:
         yield running
@@ -297,20 +303,24 @@ async def test_private_targets_are_refused_without_the_setting(url: str) -> None
         await resolve_target("http://example.com/hook", allow_private=True, production=True)
 
 
-async def test_registration_refuses_a_private_url_without_the_setting(
-    backend: Backend, served_model_dir: Path, tmp_path: Path
-) -> None:
-    settings = make_settings(backend, served_model_dir, tmp_path)
-    async with running_app(settings, backend) as app:
-        _, key = await create_tenant_with_key(app, scopes=WEBHOOK_SCOPES)
-        for url in ("http://127.0.0.1:9/hook", "http://169.254.169.254/", "http://localhost/x"):
-            response = await app.client.post(
-                "/api/v1/me/webhooks",
-                json={"url": url, "events": ["webhook.test"]},
-                headers=bearer(key),
-            )
-            assert response.status_code == 422, (url, response.text)
-            assert response.headers["content-type"] == "application/problem+json"
+async def test_registration_refuses_a_private_url_without_the_setting(harness: Harness) -> None:
+    # The service the routes and the CLI call, with the setting off (the module's app has it on;
+    # a second app on this database would deliver the module's events under other settings).
+    tenant, _ = await create_tenant_with_key(harness, scopes=WEBHOOK_SCOPES)
+    policy = TargetPolicy(allow_private=False, production=False)
+    for url in ("http://127.0.0.1:9/hook", "http://169.254.169.254/", "http://localhost/x"):
+        async with harness.sessionmaker() as session:
+            with pytest.raises(TargetRefused) as refused:
+                await create_endpoint(
+                    session,
+                    harness.state.event_secrets,
+                    TEST_ACTOR,
+                    policy,
+                    tenant_id=tenant.id,
+                    url=url,
+                    events=["webhook.test"],
+                )
+        assert refused.value.status_code == 422
 
 
 async def test_an_event_exists_only_if_its_cause_committed(harness: Harness) -> None:
@@ -319,9 +329,6 @@ async def test_an_event_exists_only_if_its_cause_committed(harness: Harness) -> 
         "/api/v1/me/keys", json={"name": "doomed", "scopes": ["predict"]}, headers=bearer(key)
     )
     key_id = uuid.UUID(issued.json()["id"])
-    from auth.identity.keys import revoke_key
-    from tests.conftest import TEST_ACTOR
-
     async with harness.sessionmaker() as session:
         await revoke_key(session, TEST_ACTOR, key_id)
         await session.rollback()
@@ -463,32 +470,26 @@ def _in(**delta: float) -> str:
 
 
 async def test_an_endpoint_failing_for_its_whole_window_is_disabled_and_the_operator_told(
-    backend: Backend, served_model_dir: Path, tmp_path: Path
+    harness: Harness,
 ) -> None:
-    settings = make_settings(
-        backend,
-        served_model_dir,
-        tmp_path,
-        webhook_allow_private_targets=True,
-        event_retry_schedule_seconds=",".join(["0.1"] * 19),
-        event_dispatch_interval_seconds=0.05,
-        event_disable_after_seconds=0.5,
-    )
     with running_receiver() as failing, running_receiver() as operator_receiver:
         failing.script = [500] * 1000
-        async with running_app(settings, backend) as app:
-            _, key = await create_tenant_with_key(app, scopes=WEBHOOK_SCOPES)
-            admin = await create_admin_key(app)
-            operator = await register(
-                app, admin, operator_receiver.url, ["endpoint.disabled"], "/api/v1/admin/webhooks"
-            )
-            endpoint = await register(app, key, failing.url, ["webhook.test"])
-            await app.client.post(f"/api/v1/me/webhooks/{endpoint['id']}/test", headers=bearer(key))
-            (told,) = await received(operator_receiver, 1)
-            shown = await app.client.get(
-                f"/api/v1/me/webhooks/{endpoint['id']}", headers=bearer(key)
-            )
+        _, key = await create_tenant_with_key(harness, scopes=WEBHOOK_SCOPES)
+        admin = await create_admin_key(harness)
+        operator = await register(
+            harness, admin, operator_receiver.url, ["endpoint.disabled"], "/api/v1/admin/webhooks"
+        )
+        endpoint = await register(harness, key, failing.url, ["webhook.test"])
+        await harness.client.post(f"/api/v1/me/webhooks/{endpoint['id']}/test", headers=bearer(key))
+        (told,) = await received(operator_receiver, 1)
+        shown = await harness.client.get(
+            f"/api/v1/me/webhooks/{endpoint['id']}", headers=bearer(key)
+        )
         attempts = len(failing.snapshot())
+        # The operator's endpoint is for this test alone.
+        await harness.client.delete(
+            f"/api/v1/admin/webhooks/{operator['id']}", headers=bearer(admin)
+        )
     body = verified(operator["secret"], told)
     assert body["type"] == "endpoint.disabled"
     assert body["data"]["endpoint_id"] == endpoint["id"]
