@@ -10,6 +10,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel
 from sqlalchemy import delete, select
@@ -98,6 +99,11 @@ async def _check_target(url: str, policy: TargetPolicy) -> None:
     await resolve_target(url, allow_private=policy.allow_private, production=policy.production)
 
 
+def _host(url: str) -> str | None:
+    """What the audit trail keeps of a URL: its host (a path or query may carry a token)."""
+    return urlsplit(url).hostname
+
+
 def _actor_target(endpoint: EventEndpoint) -> dict[str, Any]:
     return {"target_type": "event_endpoint", "target_id": str(endpoint.id)}
 
@@ -142,7 +148,7 @@ async def create_endpoint(
         actor,
         action="event_endpoint.create",
         tenant_id=tenant_id,
-        detail={"url": url, "events": event_types},
+        detail={"host": _host(url), "events": event_types},
         **_actor_target(endpoint),
     )
     return EndpointWithSecret(**EndpointView.of(endpoint).model_dump(), secret=secret)
@@ -216,7 +222,10 @@ async def update_endpoint(
         actor,
         action="event_endpoint.update",
         tenant_id=tenant_id,
-        detail={k: v for k, v in changes.items() if k in ("url", "events", "status")},
+        detail={
+            **{k: v for k, v in changes.items() if k in ("events", "status")},
+            **({"host": _host(changes["url"])} if "url" in changes else {}),
+        },
         **_actor_target(endpoint),
     )
     await session.refresh(endpoint)
@@ -234,7 +243,7 @@ async def delete_endpoint(
         actor,
         action="event_endpoint.delete",
         tenant_id=tenant_id,
-        detail={"url": endpoint.url},
+        detail={"host": _host(endpoint.url)},
         **_actor_target(endpoint),
     )
     # Explicitly, children first: SQLite enforces no cascade without its foreign-key pragma.

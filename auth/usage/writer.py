@@ -67,6 +67,10 @@ from auth.usage.partitions import IS_PARTITIONED, create_partitions
 logger = structlog.get_logger(__name__)
 
 
+# (tenant, month) pairs remembered as exhausted before the set is emptied.
+_MAX_EXHAUSTED_REMEMBERED = 100_000
+
+
 @dataclass(eq=False)
 class _Pending:
     event: UsageEvent
@@ -352,6 +356,9 @@ class UsageWriter:
                     await driver.rollback()
                 raise
         # Committed: the months that had their first refusal need no statement for it again.
+        if len(self._exhausted) > _MAX_EXHAUSTED_REMEMBERED:
+            # Only a saving: forgetting costs one statement (a no-op insert) per month again.
+            self._exhausted.clear()
         self._exhausted.update(
             (e.tenant_id, e.dedupe_key.rsplit(":", 1)[1])
             for e in events
