@@ -17,6 +17,7 @@ import pytest_asyncio
 from sqlalchemy import select, text
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from api.events.dispatcher import Dispatcher
 from auth.events.endpoints import TargetPolicy, create_endpoint
 from auth.events.expiry import sweep_key_expiry
 from auth.events.secrets import new_secret
@@ -519,3 +520,19 @@ async def test_a_slow_endpoint_does_not_delay_another(harness: Harness, receiver
         assert elapsed < 2.0, elapsed
         assert len(slow.snapshot()) == 2  # at most its share at once (MAX_PER_ENDPOINT)
         await asyncio.to_thread(slow.wait_for, 4)
+
+
+async def test_each_delivery_checks_its_target_again(harness: Harness, receiver: Receiver) -> None:
+    """An endpoint registered while its name resolved publicly and resolving privately by the
+    time of delivery (DNS rebinding) is refused then, and nothing reaches the address."""
+    strict = harness.state.settings.model_copy(update={"webhook_allow_private_targets": False})
+    dispatcher = Dispatcher(harness.sessionmaker, harness.state.event_secrets, strict)
+    try:
+        outcome, status, excerpt, _ = await dispatcher._send(
+            receiver.url, str(uuid.uuid4()), '{"type":"webhook.test"}', [new_secret()]
+        )
+    finally:
+        await dispatcher.close()
+    assert (outcome, status) == ("refused", None)
+    assert "non-public" in excerpt
+    assert receiver.snapshot() == []
