@@ -234,7 +234,12 @@ class AppState:
                 )
             ),
             asyncio.create_task(
-                check_models_periodically(registry, settings.model_check_interval_seconds)
+                check_models_periodically(
+                    registry,
+                    settings.model_check_interval_seconds,
+                    sessionmaker,
+                    settings.database_timeout_seconds,
+                )
             ),
             asyncio.create_task(
                 sweep_key_expiry_periodically(

@@ -21,6 +21,7 @@ from auth.errors import DatabaseTimedOut, InvalidRequest, ModelgateError, NotFou
 from auth.events.outbox import emit
 from auth.model_activation import ActivationView, activate_version, active_versions
 from auth.model_catalog import CatalogEntry, CatalogKey, catalog_entry
+from auth.models import utcnow
 from ml import ModelNotFound, ModelRegistry
 
 logger = structlog.get_logger(__name__)
@@ -78,17 +79,49 @@ async def follow_activations(
                 logger.warning("model activations could not be read", error=type(exc).__name__)
 
 
-async def check_models_periodically(registry: ModelRegistry, interval: float) -> None:
-    """Run the registry's self-check every ``interval`` seconds in a thread, until cancelled."""
+async def check_models_periodically(
+    registry: ModelRegistry,
+    interval: float,
+    sessionmaker: async_sessionmaker[AsyncSession] | None = None,
+    timeout: float = 5.0,
+) -> None:
+    """Run the registry's self-check every ``interval`` seconds in a thread, until cancelled;
+    with ``sessionmaker``, a version the check found unhealthy raises ``model.unhealthy`` for
+    the operator (once per version and UTC day, whichever worker noticed it first)."""
     while True:
         await asyncio.sleep(interval)
         try:
             await asyncio.to_thread(registry.self_check)
             metrics.record_registry(registry)
+            if sessionmaker is not None:
+                await _report_unhealthy(registry, sessionmaker, timeout)
         except asyncio.CancelledError:
             raise
         except Exception:
             logger.exception("model self-check raised")
+
+
+async def _report_unhealthy(
+    registry: ModelRegistry, sessionmaker: async_sessionmaker[AsyncSession], timeout: float
+) -> None:
+    unhealthy = [
+        (info.name, status.version, status.error)
+        for info in registry.models()
+        for status in info.versions
+        if status.state == "unhealthy"
+    ]
+    if not unhealthy:
+        return
+    day = utcnow().date().isoformat()
+    async with asyncio.timeout(timeout), sessionmaker() as session:
+        for name, version, error in unhealthy:
+            await emit(
+                session,
+                "model.unhealthy",
+                {"model": name, "version": version, "reason": (error or "")[:500]},
+                dedupe_key=f"model.unhealthy:{name}:{version}:{day}",
+            )
+        await session.commit()
 
 
 async def load_published_version(

@@ -36,7 +36,13 @@ TENANT_EVENT_TYPES = frozenset(
 )
 # Service-wide events: only operator endpoints get them.
 OPERATOR_EVENT_TYPES = frozenset(
-    {"model.activated", "model.activation_failed", "endpoint.disabled", "webhook.test"}
+    {
+        "model.activated",
+        "model.activation_failed",
+        "model.unhealthy",
+        "endpoint.disabled",
+        "webhook.test",
+    }
 )
 # Every event type, as the routes' schema lists them.
 EventType = Literal[
@@ -49,6 +55,7 @@ EventType = Literal[
     "webhook.test",
     "model.activated",
     "model.activation_failed",
+    "model.unhealthy",
     "endpoint.disabled",
 ]
 EVENT_TYPES = frozenset(get_args(EventType))

@@ -279,6 +279,18 @@ async def test_periodic_rehash_stops_serving_a_tampered_version_then_reloads_it_
         assert "iris/1" in ready["failed_model_versions"]
         assert ready["unavailable_models"][0]["model"] == "iris"
 
+        async def operator_told() -> bool:
+            async with app.sessionmaker() as session:
+                told = await session.scalars(
+                    select(Event.payload).where(Event.type == "model.unhealthy")
+                )
+                return [json.loads(p)["data"]["version"] for p in told] == ["1"]
+
+        # Once, however many self-checks found it unhealthy since.
+        await _until(operator_told, 5)
+        await asyncio.sleep(0.5)
+        assert await operator_told()
+
         (models / "iris" / "1" / "model.onnx").write_bytes(original)
 
         async def healthy() -> bool:
