@@ -246,6 +246,7 @@ class AppState:
                     sessionmaker, settings.key_expiry_sweep_interval_seconds
                 )
             ),
+            asyncio.create_task(metrics.measure_event_loop_lag()),
         ]
 
     async def close(self) -> None:

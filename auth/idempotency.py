@@ -273,24 +273,29 @@ _RELEASE = (
 )
 
 
+_CLAIM_PREFIX = "modelgate:idem:"
+
+
 class InFlightClaims:
     """Which keys have a request in flight: on Redis (every worker) or in this process.
 
     A claim expires after ``ttl_seconds`` (longer than any request may run), so a process that
     died holding one cannot block its key for longer."""
 
-    def __init__(self, redis_client: Any | None, ttl_seconds: float) -> None:
+    def __init__(self, redis_client: Any, ttl_seconds: float) -> None:
+        # None: no Redis, the claims are this process's.
         self._client = redis_client
         self._ttl_ms = max(1, int(ttl_seconds * 1000))
         self._local: dict[bytes, tuple[str, float]] = {}
+        # On Redis, the claims (and the releases) of one event-loop turn go out in one pipeline.
+        self._claims: TurnBatch[tuple[str, str], Any] = TurnBatch(self._send_claims)
+        self._releases: TurnBatch[tuple[str, str], Any] = TurnBatch(self._send_releases)
 
     async def claim(self, scope: bytes) -> str | None:
         """A token for the claim on ``scope``, or None if another request holds it."""
         token = secrets.token_hex(8)
         if self._client is not None:
-            taken = await self._client.set(
-                "modelgate:idem:" + scope.hex(), token, nx=True, px=self._ttl_ms
-            )
+            taken = await self._claims.call((_CLAIM_PREFIX + scope.hex(), token))
             return token if taken else None
         now = time.monotonic()
         held = self._local.get(scope)
@@ -304,11 +309,25 @@ class InFlightClaims:
     async def release(self, scope: bytes, token: str) -> None:
         """Give the claim back (only if ``token`` still holds it)."""
         if self._client is not None:
-            await self._client.eval(_RELEASE, 1, "modelgate:idem:" + scope.hex(), token)
+            await self._releases.call((_CLAIM_PREFIX + scope.hex(), token))
             return
         held = self._local.get(scope)
         if held is not None and held[0] == token:
             del self._local[scope]
+
+    async def _send_claims(self, claims: list[tuple[str, str]]) -> list[Any]:
+        pipeline = self._client.pipeline(transaction=False)
+        for key, token in claims:
+            pipeline.set(key, token, nx=True, px=self._ttl_ms)
+        replies: list[Any] = await pipeline.execute(raise_on_error=False)
+        return replies
+
+    async def _send_releases(self, releases: list[tuple[str, str]]) -> list[Any]:
+        pipeline = self._client.pipeline(transaction=False)
+        for key, token in releases:
+            pipeline.eval(_RELEASE, 1, key, token)
+        replies: list[Any] = await pipeline.execute(raise_on_error=False)
+        return replies
 
 
 class AlreadyAnswered(Exception):

@@ -76,8 +76,9 @@ def _entry(row: ModelVersion) -> CatalogEntry:
 
 def public_source_uri(uri: str | None) -> str | None:
     """``uri`` without what may be a secret: user and password, query (a presigned URL's
-    signature, a token) and fragment. The catalogue shows it to every credential that may use
-    the model, and the audit trail keeps it."""
+    signature, a token) and fragment. The catalogue shows it to operators, and the audit trail
+    keeps it. (``ml.sources.redact_url`` does the same for what ``ml`` records and says: the
+    layers may not import each other, and the system of record redacts whatever its caller.)"""
     if uri is None:
         return None
     try:

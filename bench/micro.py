@@ -20,6 +20,7 @@ from typing import Any
 import joblib
 from fastapi import FastAPI
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.app import create_app
 from api.cli import upgrade_database
@@ -390,6 +391,9 @@ async def run_micro(env: BenchEnvironment, log: Callable[[str], None]) -> list[M
             )
         )
 
+        for result in await _record_inserts(state.engine, tenant.id, key_id, tenant.plan_id):
+            add(result)
+
         for mode in ("NORMAL", "FULL"):
             for result in await _sqlite_usage_writes(env, mode):
                 add(result)
@@ -515,6 +519,88 @@ def _usage_event(tenant_id: uuid.UUID, key_id: uuid.UUID, plan_id: uuid.UUID) ->
         status_code=200,
         latency_ms=1.0,
         created_at=utcnow(),
+    )
+
+
+# A flush's records in one statement: as many as 64 concurrent requests hand the writer.
+FLUSH_ROWS = 64
+_RECORD_COLUMNS = (
+    "request_id",
+    "tenant_id",
+    "api_key_id",
+    "model",
+    "model_version",
+    "plan_id",
+    "units",
+    "status_code",
+    "latency_ms",
+    "created_at",
+)
+
+
+async def _record_inserts(
+    engine: AsyncEngine, tenant_id: uuid.UUID, key_id: uuid.UUID, plan_id: uuid.UUID
+) -> list[MicroResult]:
+    """How the usage writer's flush could insert its records on Postgres (issue 21: the writer's
+    client CPU): the prepared INSERT it sends through ``executemany`` today against COPY
+    (asyncpg's ``copy_records_to_table``), 64 rows in a transaction rolled back each time, per
+    row (the BEGIN and ROLLBACK, the same for both, included)."""
+    if engine.dialect.name != "postgresql":
+        return []
+
+    def rows() -> list[tuple[Any, ...]]:
+        now = utcnow()
+        return [
+            (uuid.uuid4(), tenant_id, key_id, "iris", "1", plan_id, 1, 200, 1.0, now)
+            for _ in range(FLUSH_ROWS)
+        ]
+
+    # The writer's statement (auth.usage.writer), from the constant column names above.
+    columns = ", ".join(_RECORD_COLUMNS)
+    marks = ", ".join(f"${i + 1}" for i in range(len(_RECORD_COLUMNS)))
+    insert = f"INSERT INTO usage_record ({columns}) VALUES ({marks})"  # noqa: S608
+    async with engine.connect() as connection:
+        raw = await connection.get_raw_connection()
+        driver: Any = raw.driver_connection
+
+        async def rolled_back(write: Callable[[list[tuple[Any, ...]]], Awaitable[object]]) -> None:
+            transaction = driver.transaction()
+            await transaction.start()
+            try:
+                await write(rows())
+            finally:
+                await transaction.rollback()
+
+        results = [
+            await time_async(
+                "usage.insert.executemany.x64",
+                "a flush's 64 usage records as the writer inserts them (prepared INSERT, "
+                "executemany), per record",
+                lambda: rolled_back(lambda batch: driver.executemany(insert, batch)),
+            ),
+            await time_async(
+                "usage.insert.copy.x64",
+                "the same 64 records by COPY (copy_records_to_table), per record",
+                lambda: rolled_back(
+                    lambda batch: driver.copy_records_to_table(
+                        "usage_record", records=batch, columns=_RECORD_COLUMNS
+                    )
+                ),
+            ),
+        ]
+    return [_per_row(result, FLUSH_ROWS) for result in results]
+
+
+def _per_row(result: MicroResult, rows: int) -> MicroResult:
+    """``result`` (per batch of ``rows``) per row."""
+    return MicroResult(
+        name=result.name,
+        description=result.description,
+        us_per_op=round((result.us_per_op or 0) / rows, 2),
+        min_us_per_op=round((result.min_us_per_op or 0) / rows, 2),
+        max_us_per_op=round((result.max_us_per_op or 0) / rows, 2),
+        iterations=result.iterations * rows,
+        repeats=result.repeats,
     )
 
 

@@ -20,6 +20,7 @@ which records through this module); the route is ``api.routes.metrics``.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 from collections.abc import Iterable
@@ -126,6 +127,12 @@ USAGE_QUEUE_DEPTH = Gauge(
     "modelgate_usage_queue_depth",
     "Usage records waiting for the next flush, summed over the workers (sampled after each flush).",
     multiprocess_mode="livesum",
+)
+EVENT_LOOP_LAG = Histogram(
+    "modelgate_event_loop_lag_seconds",
+    "How late each worker's event loop ran a timer due every 100 ms: how long a request that is "
+    "ready waits for the loop (CPU-bound work, garbage collection, a blocking call).",
+    buckets=_FLUSH_BUCKETS,
 )
 MODEL_LOAD_FAILURES = Counter(
     "modelgate_model_load_failures_total",
@@ -250,6 +257,20 @@ def record_event_delivery(outcome: str) -> None:
 def record_event_backlog(age_seconds: float) -> None:
     """The age of the oldest undelivered event."""
     EVENT_OLDEST_UNDELIVERED.set(age_seconds)
+
+
+# How often the event loop's lag is sampled: ten timers a second cost nothing a request sees.
+LOOP_LAG_INTERVAL_SECONDS = 0.1
+
+
+async def measure_event_loop_lag(interval_seconds: float = LOOP_LAG_INTERVAL_SECONDS) -> None:
+    """Forever: sleep ``interval_seconds`` and record how much later than due the loop woke
+    (``modelgate_event_loop_lag_seconds``), the wait every ready callback shared."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + interval_seconds
+        await asyncio.sleep(interval_seconds)
+        EVENT_LOOP_LAG.observe(max(0.0, loop.time() - due))
 
 
 def observe_usage_flush(stats: FlushStats) -> None:

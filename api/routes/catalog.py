@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from api.http.deps import AnyCredential, StateDep
 from api.http.errors import problem_responses
+from auth.identity.authn import AuthSubject
 from auth.model_catalog import CatalogEntry, CatalogKey
 from ml import DEFAULT_MODEL, ModelInfo, ModelNotFound, ModelUnavailable, VersionStatus
 from ml.manifest import FeatureRange
@@ -66,14 +67,14 @@ class ModelVersionOut(BaseModel):
     )
     source: str | None = Field(
         default=None,
-        description="Where the version was published from (the model catalogue's source URI); "
-        "null when unknown (a version on this replica's disk only, or registered before the "
-        "catalogue)",
+        description="Where the version was published from (the model catalogue's source URI, "
+        "without credentials); shown to operators only, null for a tenant's credential and when "
+        "unknown (a version on this replica's disk only, or registered before the catalogue)",
     )
     source_version: str | None = Field(
         default=None,
-        description="The source's own id of this version (e.g. an MLflow model version); null "
-        "when unknown",
+        description="The source's own id of this version (e.g. an MLflow model version); "
+        "operators only, as source",
     )
 
 
@@ -168,14 +169,19 @@ def _version_out(
     )
 
 
-def _model_out(info: ModelInfo, catalogue: dict[CatalogKey, CatalogEntry]) -> ModelOut:
+def _model_out(
+    info: ModelInfo, catalogue: dict[CatalogKey, CatalogEntry], subject: AuthSubject
+) -> ModelOut:
+    # Where a version came from (a registry's host, a bucket) is the operator's business: a
+    # tenant's credential sees no source.
+    sources = catalogue if subject.tenant is None else {}
     return ModelOut(
         name=info.name,
         active_version=info.active_version,
         serving=info.unavailable_reason is None,
         unavailable_reason=info.unavailable_reason,
         versions=[
-            _version_out(v, info.active_version, catalogue.get((info.name, v.version)))
+            _version_out(v, info.active_version, sources.get((info.name, v.version)))
             for v in info.versions
         ],
         n_features=info.n_features,
@@ -192,7 +198,7 @@ async def list_models(subject: AnyCredential, state: StateDep) -> ModelList:
     tenant = subject.tenant
     return ModelList(
         models=[
-            _model_out(info, state.catalogue)
+            _model_out(info, state.catalogue, subject)
             for info in state.registry.models()
             if tenant is None or tenant.may_use(info.name)
         ]
@@ -207,7 +213,7 @@ async def get_model(name: str, subject: AnyCredential, state: StateDep) -> Model
     if subject.tenant is not None and not subject.tenant.may_use(name):
         # Outside the caller's plan: the answer of a model that does not exist.
         raise ModelNotFound("model not found")
-    return _model_out(state.registry.model_info(name), state.catalogue)
+    return _model_out(state.registry.model_info(name), state.catalogue, subject)
 
 
 @router.get(

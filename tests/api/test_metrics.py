@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -346,3 +347,18 @@ async def test_a_failing_flush_observer_never_stops_billing(
     assert len(seen) >= 1
     assert sum(stats.records for stats in seen) == 3
     assert not any(stats.failed for stats in seen)
+
+
+async def test_the_event_loop_lag_is_measured(harness: Harness) -> None:
+    before = await scrape(harness.client)
+    count = value(before, "modelgate_event_loop_lag_seconds_count")
+    total = value(before, "modelgate_event_loop_lag_seconds_sum")
+    await asyncio.sleep(0.15)
+    time.sleep(0.3)  # the point: the loop is blocked
+    await asyncio.sleep(0.25)
+    after = await scrape(harness.client)
+    assert value(after, "modelgate_event_loop_lag_seconds_count") >= count + 2
+    assert value(after, "modelgate_event_loop_lag_seconds_sum") - total >= 0.2
+    assert value(after, "modelgate_event_loop_lag_seconds_bucket", le="0.1") < value(
+        after, "modelgate_event_loop_lag_seconds_count"
+    )

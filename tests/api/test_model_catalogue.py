@@ -162,11 +162,12 @@ async def test_a_tampered_staged_version_is_not_published(
     assert not LocalStore(tmp_path / "store").has_version(name, "1")
 
 
-async def test_a_model_shows_each_versions_source_from_the_catalogue(
+async def test_a_model_shows_each_versions_source_from_the_catalogue_to_operators_only(
     harness: Harness, client: httpx.AsyncClient, served_model_dir: Path
 ) -> None:
     _, key = await create_tenant_with_key(harness)
-    before = (await client.get("/api/v1/models/iris", headers=bearer(key))).json()
+    admin_key = await create_admin_key(harness)
+    before = (await client.get("/api/v1/models/iris", headers=bearer(admin_key))).json()
     assert (before["versions"][0]["source"], before["versions"][0]["source_version"]) == (
         None,
         None,
@@ -185,13 +186,18 @@ async def test_a_model_shows_each_versions_source_from_the_catalogue(
         await session.commit()
         # What the worker's once-a-second follower does.
         await sync_catalogue(harness.state.registry, session, harness.state.catalogue)
-    described = (await client.get("/api/v1/models/iris", headers=bearer(key))).json()
+    described = (await client.get("/api/v1/models/iris", headers=bearer(admin_key))).json()
     [version] = described["versions"]
     assert (version["source"], version["source_version"], version["state"]) == (
         "models:/iris/3",
         "3",
         "ready",
     )
+    # A tenant learns nothing of where the operator keeps its models.
+    for path in ("/api/v1/models/iris", "/api/v1/models"):
+        tenant_view = (await client.get(path, headers=bearer(key))).json()
+        [model] = [tenant_view] if path.endswith("iris") else tenant_view["models"]
+        assert [(v["source"], v["source_version"]) for v in model["versions"]] == [(None, None)]
 
 
 async def test_a_pinned_version_not_on_this_replica_answers_503_then_is_served(

@@ -28,10 +28,17 @@ pytestmark = pytest.mark.e2e
 CLIENTS = 32
 # The server is killed this many times, each time in the middle of traffic.
 KILLS = 2
-# The share of first attempts whose client gives up after 30 ms: many of them are served and
-# billed after the client left (it left once its record was handed over), so their retries are
-# answered from the store, whether or not a kill came between.
+# The share of first attempts whose client gives up early, after a time drawn between these
+# bounds: a request whose client left before its record was handed over is not billed (the retry
+# is served), one that left after is billed and its retry answered from the store, whether or not
+# a kill came between. Drawn over a range, as a loaded machine serves a request in 10 to 500 ms.
+IMPATIENT_AFTER = (0.01, 0.5)
 IMPATIENT = 0.25
+# The share of answers the client treats as lost (a connection that broke after the answer was
+# sent): it asks again with the same key and must get the same bytes, replayed. On a loaded
+# machine impatient clients may all leave before their request is billed, and the kills may hit
+# no request between its commit and its answer: these make sure the store answers some retries.
+LOST = 0.1
 
 
 def _start(environment: dict[str, str], cwd: Path, port: int) -> subprocess.Popen[bytes]:
@@ -83,7 +90,9 @@ async def _drive(
                 idem = str(uuid.uuid4())
                 headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": f'"{idem}"'}
                 impatient = random.random() < IMPATIENT  # noqa: S311 (not a secret)
-                timeout = 0.03 if impatient else 5.0
+                timeout = random.uniform(*IMPATIENT_AFTER) if impatient else 5.0  # noqa: S311
+                lose = random.random() < LOST  # noqa: S311
+                lost_body: bytes | None = None
                 while True:
                     try:
                         response = await http.post(
@@ -95,8 +104,17 @@ async def _drive(
                     except httpx.HTTPError:
                         response = None
                     if response is not None and response.status_code == 200:
+                        replayed = response.headers.get("Idempotency-Replayed") == "true"
+                        if lose and lost_body is None and not replayed:
+                            # Lost on its way, as on a connection that broke: asked again.
+                            lost_body = response.content
+                            retries += 1
+                            continue
+                        if lost_body is not None:
+                            assert replayed, "a served answer was served again"
+                            assert response.content == lost_body
                         answered.add(idem)
-                        replays += response.headers.get("Idempotency-Replayed") == "true"
+                        replays += replayed
                         break
                     # No answer (the server is down), 409 (in flight), 503: the same key again.
                     assert response is None or response.status_code in (409, 503), response.text
