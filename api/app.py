@@ -21,7 +21,7 @@ from api.http.timeout import RequestTimeoutMiddleware
 from api.observability import metrics
 from api.observability.logging import configure_logging
 from api.observability.tracing import instrumented, provider_from_environment
-from api.routes import catalog, health, me, predict, root, token, v2, webhooks
+from api.routes import catalog, events, health, me, predict, root, token, v2, webhooks
 from api.routes.admin import router as admin_router
 from api.routes.metrics import install_metrics
 from api.server.grpc_serving import start_grpc
@@ -101,6 +101,7 @@ def create_app(
         health.router,
         catalog.router,
         me.router,
+        events.me_router,
         token.router,
         admin_router,
         webhooks.router,

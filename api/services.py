@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from api.events.dispatcher import RETRY_SCHEDULE, Dispatcher
 from api.inference.cache import PredictionCache, build_prediction_cache
 from api.model_catalogue import model_store, sync_catalogue
 from api.observability import metrics
@@ -25,6 +26,8 @@ from api.server.activations import apply_activations, check_models_periodically,
 from api.webhooks.deploy import DeployQueue
 from api.webhooks.deployer import PullDeployer
 from auth.db import create_engine, create_sessionmaker
+from auth.events.expiry import sweep_key_expiry_periodically
+from auth.events.secrets import SecretBox
 from auth.idempotency import AnswerLookups, InFlightClaims, prune_answers_periodically
 from auth.identity.authn import KeyAuthenticator
 from auth.identity.failure_throttle import CredentialThrottle
@@ -74,6 +77,10 @@ class AppState:
     webhook_throttle: CredentialThrottle
     # Deploy requests from the model webhooks, run one at a time in the background.
     deploys: DeployQueue
+    # Outgoing events: the endpoints' signing secrets (sealed under the pepper) and the
+    # dispatcher that delivers the outbox.
+    event_secrets: SecretBox = field(repr=False)
+    dispatcher: Dispatcher = field(repr=False)
     started_at: float = field(default_factory=time.monotonic)
     # How scikit-learn calls are micro-batched (ml.batching).
     batching: BatchPolicy = DIRECT
@@ -106,6 +113,8 @@ class AppState:
         # The catalogue entries this process has read: the follower adds to it, the webhooks'
         # deployer and the activation route too.
         catalogue: dict[CatalogKey, CatalogEntry] = {}
+        event_secrets = SecretBox(secrets.key_pepper)
+        schedule = settings.event_retry_schedule_seconds
         return cls(
             settings=settings,
             secrets=secrets,
@@ -150,6 +159,15 @@ class AppState:
             ),
             webhook_throttle=CredentialThrottle(redis.storage, settings.auth_failures_per_address),
             catalogue=catalogue,
+            event_secrets=event_secrets,
+            dispatcher=Dispatcher(
+                sessionmaker,
+                event_secrets,
+                settings,
+                retry_schedule=[float(s) for s in schedule.split(",")]
+                if schedule
+                else RETRY_SCHEDULE,
+            ),
             deploys=DeployQueue(
                 PullDeployer(settings, registry, sessionmaker, catalogue),
                 sessionmaker,
@@ -215,6 +233,7 @@ class AppState:
         self.usage_writer.start()
         self.key_activity.start()
         self.deploys.start()
+        self.dispatcher.start()
         self.started_at = time.monotonic()
         # Created last, and first run once the app's lifespan hands control back to the loop.
         self.background = [
@@ -229,7 +248,17 @@ class AppState:
                 )
             ),
             asyncio.create_task(
-                check_models_periodically(registry, settings.model_check_interval_seconds)
+                check_models_periodically(
+                    registry,
+                    settings.model_check_interval_seconds,
+                    sessionmaker,
+                    settings.database_timeout_seconds,
+                )
+            ),
+            asyncio.create_task(
+                sweep_key_expiry_periodically(
+                    sessionmaker, settings.key_expiry_sweep_interval_seconds
+                )
             ),
             asyncio.create_task(metrics.measure_event_loop_lag()),
         ]
@@ -248,6 +277,7 @@ class AppState:
                 # Deploys still waiting are logged and audited as not run, while the database
                 # is still there.
                 await self.deploys.close()
+                await self.dispatcher.close()
                 await self.usage_writer.close()
                 await self.key_activity.close()
                 if self.prediction_cache is not None:

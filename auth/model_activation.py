@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from auth.audit import Actor, record_event
 from auth.errors import InvalidRequest
+from auth.events.outbox import emit
 from auth.models import ModelActivation, utcnow
 
 # The model registry's own patterns (ml.manifest.NAME_PATTERN and VERSION_PATTERN; auth does
@@ -72,6 +73,11 @@ async def activate_version(
         target_type="model",
         target_id=name,
         detail={"version": version, "previous_version": previous},
+    )
+    await emit(
+        session,
+        "model.activated",
+        {"model": name, "version": version, "previous_version": previous},
     )
     return ActivationView(
         name=name,

@@ -103,6 +103,9 @@ class Plan(Base):
     max_in_flight: Mapped[int | None] = mapped_column(Integer)
     # The model names its tenants may call; None: every model.
     models: Mapped[list[str] | None] = mapped_column(JSON)
+    # Percentages of the monthly quota that raise a usage.threshold event (auth.events);
+    # None: auth.events.outbox.DEFAULT_THRESHOLDS.
+    usage_alert_thresholds: Mapped[list[int] | None] = mapped_column(JSON)
     # In the currency's minor unit (cents for USD).
     price_per_1000_units: Mapped[int] = mapped_column(BigInteger, default=0)
     currency: Mapped[str] = mapped_column(String(3), default="USD")
@@ -127,6 +130,8 @@ class Tenant(Base):
     # Overrides of the plan's limits (None: the plan's).
     rate_limit: Mapped[str | None] = mapped_column(String(200))
     monthly_quota: Mapped[int | None] = mapped_column(BigInteger)
+    # Override of the plan's usage alert thresholds (None: the plan's).
+    usage_alert_thresholds: Mapped[list[int] | None] = mapped_column(JSON)
     status: Mapped[str] = mapped_column(String(16), default="active")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
@@ -401,3 +406,105 @@ class ModelVersion(Base):
     source_version: Mapped[str | None] = mapped_column(String(200))
     registered_at: Mapped[datetime] = mapped_column(default=utcnow)
     registered_by: Mapped[str] = mapped_column(String(200))  # the audit trail's actor name
+
+
+# Outgoing events (auth.events): what modelgate tells tenants and operators, and how it was
+# delivered. Not to be confused with WebhookDelivery above, the *incoming* model webhooks.
+
+
+class EventEndpoint(Base):
+    """A URL that receives signed events (Standard Webhooks): a tenant's own (``tenant_id``
+    set) or the operator's, service-wide (``tenant_id`` null).
+
+    The signing secret is stored encrypted (``auth.events.secrets``): it signs, so it cannot be
+    a one-way digest. During a rotation's grace period the previous secret signs as well."""
+
+    __tablename__ = "event_endpoint"
+    __table_args__ = (CheckConstraint("status IN ('active', 'disabled')", name="status"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("tenant.id", ondelete="CASCADE"), index=True
+    )
+    url: Mapped[str] = mapped_column(String(2048))
+    description: Mapped[str] = mapped_column(String(500), default="")
+    # The event types it receives.
+    event_types: Mapped[list[str]] = mapped_column(JSON)
+    secret_ciphertext: Mapped[str] = mapped_column(Text)
+    previous_secret_ciphertext: Mapped[str | None] = mapped_column(Text)
+    previous_secret_expires_at: Mapped[datetime | None] = mapped_column()
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    disabled_reason: Mapped[str | None] = mapped_column(String(500))
+    # The first failed delivery since the last success: a day of it disables the endpoint.
+    failing_since: Mapped[datetime | None] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Event(Base):
+    """The transactional outbox: one event, inserted in the transaction of the change that
+    caused it. ``id`` is the stable id sent as ``webhook-id`` at every attempt; ``payload`` is the
+    exact body ``{"type", "timestamp", "data"}`` that is signed. ``dedupe_key`` makes an event
+    that must happen once (a threshold of a month, a key's expiry notice) unique."""
+
+    __tablename__ = "event"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    type: Mapped[str] = mapped_column(String(64))
+    # The tenant it is about (None: service-wide).
+    tenant_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("tenant.id", ondelete="CASCADE"), index=True
+    )
+    payload: Mapped[str] = mapped_column(Text)
+    dedupe_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Set once a dispatcher created its deliveries (one per subscribed endpoint).
+    fanned_out_at: Mapped[datetime | None] = mapped_column(index=True)
+
+
+class EventDelivery(Base):
+    """One event to one endpoint: pending until delivered, retried with backoff, failed when
+    its schedule is exhausted or its endpoint is disabled."""
+
+    __tablename__ = "event_delivery"
+    __table_args__ = (
+        CheckConstraint("status IN ('pending', 'delivered', 'failed')", name="status"),
+        UniqueConstraint("event_id", "endpoint_id"),
+        Index("ix_event_delivery_status_next_attempt_at", "status", "next_attempt_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    event_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("event.id", ondelete="CASCADE"))
+    endpoint_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("event_endpoint.id", ondelete="CASCADE"), index=True
+    )
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column()
+
+
+class EventDeliveryAttempt(Base):
+    """The delivery log: one row per attempt, readable by the endpoint's owner."""
+
+    __tablename__ = "event_delivery_attempt"
+    __table_args__ = (
+        Index("ix_event_delivery_attempt_endpoint_id_attempted_at", "endpoint_id", "attempted_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("event_delivery.id", ondelete="CASCADE"), index=True
+    )
+    endpoint_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("event_endpoint.id", ondelete="CASCADE")
+    )
+    event_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    attempted_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # "delivered", "http_error", "network_error" or "refused" (the address guard).
+    outcome: Mapped[str] = mapped_column(String(16))
+    status_code: Mapped[int | None] = mapped_column(SmallInteger)
+    latency_ms: Mapped[float] = mapped_column(Float)
+    # The first bytes of the answer (or the error's class), for the owner to read.
+    response_excerpt: Mapped[str] = mapped_column(Text, default="")

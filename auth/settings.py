@@ -264,6 +264,29 @@ class Settings(BaseSettings):
             )
         return value
 
+    # Outgoing events (auth.events): signed deliveries to tenants' and operators' endpoints.
+    # Let endpoints resolve to loopback, private, link-local or metadata addresses (tests and
+    # closed networks only): off, every such URL is refused at registration and at delivery.
+    webhook_allow_private_targets: bool = False
+    # How often each worker looks for events to deliver when it found none.
+    event_dispatch_interval_seconds: float = Field(default=1.0, gt=0, le=60)
+    # One delivery's connect timeout and total budget (connect, send, read the answer).
+    event_connect_timeout_seconds: float = Field(default=3.0, gt=0, le=60)
+    event_delivery_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    # Deliveries in flight at once per worker, and to one endpoint: a slow endpoint holds at
+    # most its own share.
+    event_max_concurrency: int = Field(default=16, ge=1, le=256)
+    event_max_per_endpoint: int = Field(default=2, ge=1, le=64)
+    # An endpoint whose deliveries all failed for this long is disabled (with the reason).
+    event_disable_after_seconds: float = Field(default=86_400.0, gt=0, le=30 * 86_400)
+    # Seconds to wait after each failed attempt, comma-separated (empty: the dispatcher's
+    # RETRY_SCHEDULE, about a day); jittered by +-20%.
+    event_retry_schedule_seconds: str = Field(
+        default="", max_length=200, pattern=r"^$|^[0-9.]+(,[0-9.]+){0,19}$"
+    )
+    # How often each worker looks for keys about to expire (key.expiring).
+    key_expiry_sweep_interval_seconds: float = Field(default=300.0, gt=0, le=86_400)
+
     @field_validator("metrics_token", mode="before")
     @classmethod
     def _empty_metrics_token_is_none(cls, value: object) -> object:

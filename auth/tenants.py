@@ -11,7 +11,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from auth.audit import Actor, record_event
 from auth.errors import Conflict, InvalidRequest, NotFound
-from auth.limits.plans import check_monthly_quota, check_rate_limits, plan_for_tenant
+from auth.events.outbox import emit
+from auth.limits.plans import (
+    check_alert_thresholds,
+    check_monthly_quota,
+    check_rate_limits,
+    plan_for_tenant,
+)
 from auth.models import AdminPrincipal, Plan, Tenant
 from auth.schemas import TenantView
 
@@ -20,6 +26,8 @@ def _check_overrides(values: dict[str, Any]) -> None:
     if values.get("rate_limit") is not None:
         check_rate_limits(values["rate_limit"], "rate_limit")
     check_monthly_quota(values.get("monthly_quota"))
+    if values.get("usage_alert_thresholds") is not None:
+        values["usage_alert_thresholds"] = check_alert_thresholds(values["usage_alert_thresholds"])
 
 
 async def create_tenant(
@@ -102,6 +110,13 @@ async def update_tenant(
         tenant_id=tenant.id,
         detail=changes,
     )
+    if action == "tenant.suspend":
+        await emit(
+            session,
+            "tenant.suspended",
+            {"tenant_id": str(tenant.id), "name": tenant.name},
+            tenant_id=tenant.id,
+        )
     return TenantView.of(tenant, await _plan_of(session, tenant))
 
 

@@ -18,6 +18,7 @@ from api.cli.records import audit_app, billing_app, usage_app
 from api.cli.schema import alembic_config, upgrade_database
 from api.cli.server import db_app, serve
 from api.cli.tenants import plans_app, tenants_app
+from api.cli.webhooks import webhooks_app
 
 # The tests and the benchmark migrate their databases as the CLI does.
 __all__ = ["alembic_config", "app", "main", "upgrade_database"]
@@ -34,6 +35,7 @@ for sub, name in (
     (audit_app, "audit"),
     (usage_app, "usage"),
     (tokens_app, "tokens"),
+    (webhooks_app, "webhooks"),
 ):
     app.add_typer(sub, name=name)
 app.command()(serve)

@@ -377,6 +377,9 @@ PredictScope = Annotated[
 ]
 UsageScope = Annotated[AuthSubject, Depends(Authenticator({"usage:read"}, tenant_only=True))]
 KeysScope = Annotated[AuthSubject, Depends(Authenticator({"keys:manage"}, tenant_only=True))]
+WebhooksScope = Annotated[
+    AuthSubject, Depends(Authenticator({"webhooks:manage"}, tenant_only=True))
+]
 TenantCredential = Annotated[AuthSubject, Depends(Authenticator(set(), tenant_only=True))]
 AnyCredential = Annotated[AuthSubject, Depends(Authenticator(set()))]
 # The same instance as the /admin router's dependency, so FastAPI runs it once per request.

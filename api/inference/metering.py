@@ -86,5 +86,6 @@ async def charge_call(
     )
     # From here the request runs to its answer: a deadline that cut it off while its record is
     # being committed would bill a request answered 503 (api.http.timeout).
-    await commit_point(context, state.usage_writer.charge(event, tenant.monthly_quota))
+    charged = state.usage_writer.charge(event, tenant.monthly_quota, tenant.usage_alert_thresholds)
+    await commit_point(context, charged)
     context.billed = True

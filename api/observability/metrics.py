@@ -39,6 +39,7 @@ from prometheus_client import (
     multiprocess,
 )
 
+from auth.events.outbox import EVENT_TYPES
 from auth.usage.writer import FlushStats
 
 if TYPE_CHECKING:
@@ -229,6 +230,46 @@ def observe_batch(runtime: str, rows: int) -> None:
 def observe_fetch(model: str, outcome: str) -> None:
     """Count one fetch of a model version from the model store (``ml.observe.fetch_done``)."""
     MODEL_FETCHES.labels(model, outcome).inc()
+
+
+EVENTS_CREATED = Counter(
+    "modelgate_events_created_total",
+    "Outgoing events taken from the outbox and fanned out to their endpoints, by type",
+    ["type"],
+)
+EVENT_DELIVERIES = Counter(
+    "modelgate_event_deliveries_total",
+    "Delivery attempts of outgoing events, by outcome "
+    "(delivered, http_error, network_error, refused)",
+    ["outcome"],
+)
+EVENT_OLDEST_UNDELIVERED = Gauge(
+    "modelgate_event_oldest_undelivered_age_seconds",
+    "Age of the oldest event not yet delivered to every endpoint (0: none)",
+    multiprocess_mode="max",
+)
+
+
+# Every series exists from the start (a scrape shows zeros rather than nothing).
+for _event_type in EVENT_TYPES:
+    EVENTS_CREATED.labels(_event_type)
+for _outcome in ("delivered", "http_error", "network_error", "refused"):
+    EVENT_DELIVERIES.labels(_outcome)
+
+
+def record_events_created(event_type: str, count: int = 1) -> None:
+    """Events the dispatcher fanned out (each event once, whichever worker did it)."""
+    EVENTS_CREATED.labels(event_type).inc(count)
+
+
+def record_event_delivery(outcome: str) -> None:
+    """One delivery attempt's outcome."""
+    EVENT_DELIVERIES.labels(outcome).inc()
+
+
+def record_event_backlog(age_seconds: float) -> None:
+    """The age of the oldest undelivered event."""
+    EVENT_OLDEST_UNDELIVERED.set(age_seconds)
 
 
 # How often the event loop's lag is sampled: ten timers a second cost nothing a request sees.

@@ -104,7 +104,7 @@ async def my_usage(
     summary = await usage_summary(
         report.session, tenant.id, tenant.monthly_quota, first, last, group_by or DEFAULT_BREAKDOWNS
     )
-    return usage_report(summary)
+    return usage_report(summary, tenant.usage_alert_thresholds)
 
 
 class OwnKeyCreate(BaseModel):
@@ -116,7 +116,7 @@ class OwnKeyCreate(BaseModel):
     scopes: list[TenantScope] | None = Field(
         default=None,
         min_length=1,
-        max_length=3,
+        max_length=4,
         description="at most the calling credential's scopes (more: 403); omitted: all of them",
     )
     expires_at: KeyExpiry | None = Field(

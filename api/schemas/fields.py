@@ -24,7 +24,7 @@ from auth.usage.ledger import EARLIEST_DAY, LATEST_DAY
 PRINTABLE_PATTERN = r"^[^\x00-\x1f\x7f]+$"
 
 # The scopes a tenant's key may carry (an admin key's "admin" is never a tenant's to ask for).
-TenantScope = Literal["predict", "usage:read", "keys:manage"]
+TenantScope = Literal["predict", "usage:read", "keys:manage", "webhooks:manage"]
 Name = Annotated[str, Field(min_length=1, max_length=200, pattern=PRINTABLE_PATTERN)]
 # What the limiter accepts, with amounts that fit every counter: up to five limits, each
 # checked on every request (auth.limits.plans bounds the windows too).
@@ -82,6 +82,15 @@ PricePer1000Units = Annotated[
     JsonInteger,
 ]
 PageLimit = Annotated[int, Field(ge=1, le=500)]
+# Percentages of the monthly quota that raise usage.threshold events (auth.events).
+AlertThresholds = Annotated[
+    list[Annotated[int, Field(ge=1, le=100)]],
+    Field(
+        max_length=10,
+        description="percentages of the monthly quota that raise a usage.threshold event "
+        "(each once a month); empty: none",
+    ),
+]
 PageOffset = Annotated[int, Field(ge=0, le=1_000_000)]
 # A month of the product's calendar (years 2000-2999), as the usage window's days are.
 BillingMonth = Annotated[

@@ -10,6 +10,7 @@ from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.schemas.fields import DAY_BOUNDS, DAY_RANGE
+from auth.events.outbox import DEFAULT_THRESHOLDS, crossed_so_far
 from auth.usage.ledger import MAX_REPORT_DAYS, Breakdown, UsageSummary
 
 
@@ -59,6 +60,11 @@ class UsageReport(BaseModel):
     total_requests: int
     total_units: int
     quota: QuotaOut
+    thresholds_crossed: list[int] = Field(
+        default_factory=list,
+        description="the usage alert thresholds (percent of the monthly quota) the current "
+        "month has crossed; each raised one usage.threshold event",
+    )
     by_day: list[DayOut] = Field(description="by UTC day; empty unless group_by has day")
     by_model: list[ModelUsageOut] = Field(
         description="by model version; empty unless group_by has model"
@@ -66,8 +72,11 @@ class UsageReport(BaseModel):
     by_key: list[KeyUsageOut] = Field(description="by API key; empty unless group_by has key")
 
 
-def usage_report(summary: UsageSummary) -> UsageReport:
-    """The response model for a usage summary."""
+def usage_report(
+    summary: UsageSummary, thresholds: tuple[int, ...] = DEFAULT_THRESHOLDS
+) -> UsageReport:
+    """The response model for a usage summary; ``thresholds``: the tenant's usage alert
+    thresholds."""
     return UsageReport(
         tenant_id=summary.tenant_id,
         start=summary.start,
@@ -78,6 +87,9 @@ def usage_report(summary: UsageSummary) -> UsageReport:
             monthly_quota=summary.quota.monthly_quota,
             used=summary.quota.used,
             remaining=summary.quota.remaining,
+        ),
+        thresholds_crossed=crossed_so_far(
+            summary.quota.used, summary.quota.monthly_quota, thresholds
         ),
         by_day=[DayOut(date=d.date, requests=d.requests, units=d.units) for d in summary.by_day],
         by_model=[

@@ -17,10 +17,12 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from api.model_catalogue import sync_catalogue
 from api.observability import metrics
 from auth.audit import Actor
-from auth.errors import DatabaseTimedOut
+from auth.errors import DatabaseTimedOut, InvalidRequest, ModelgateError, NotFound
+from auth.events.outbox import emit
 from auth.model_activation import ActivationView, activate_version, active_versions
 from auth.model_catalog import CatalogEntry, CatalogKey, catalog_entry
-from ml import ModelRegistry
+from auth.models import utcnow
+from ml import ModelNotFound, ModelRegistry
 
 logger = structlog.get_logger(__name__)
 
@@ -77,17 +79,49 @@ async def follow_activations(
                 logger.warning("model activations could not be read", error=type(exc).__name__)
 
 
-async def check_models_periodically(registry: ModelRegistry, interval: float) -> None:
-    """Run the registry's self-check every ``interval`` seconds in a thread, until cancelled."""
+async def check_models_periodically(
+    registry: ModelRegistry,
+    interval: float,
+    sessionmaker: async_sessionmaker[AsyncSession] | None = None,
+    timeout: float = 5.0,
+) -> None:
+    """Run the registry's self-check every ``interval`` seconds in a thread, until cancelled;
+    with ``sessionmaker``, a version the check found unhealthy raises ``model.unhealthy`` for
+    the operator (once per version and UTC day, whichever worker noticed it first)."""
     while True:
         await asyncio.sleep(interval)
         try:
             await asyncio.to_thread(registry.self_check)
             metrics.record_registry(registry)
+            if sessionmaker is not None:
+                await _report_unhealthy(registry, sessionmaker, timeout)
         except asyncio.CancelledError:
             raise
         except Exception:
             logger.exception("model self-check raised")
+
+
+async def _report_unhealthy(
+    registry: ModelRegistry, sessionmaker: async_sessionmaker[AsyncSession], timeout: float
+) -> None:
+    unhealthy = [
+        (info.name, status.version, status.error)
+        for info in registry.models()
+        for status in info.versions
+        if status.state == "unhealthy"
+    ]
+    if not unhealthy:
+        return
+    day = utcnow().date().isoformat()
+    async with asyncio.timeout(timeout), sessionmaker() as session:
+        for name, version, error in unhealthy:
+            await emit(
+                session,
+                "model.unhealthy",
+                {"model": name, "version": version, "reason": (error or "")[:500]},
+                dedupe_key=f"model.unhealthy:{name}:{version}:{day}",
+            )
+        await session.commit()
 
 
 async def load_published_version(
@@ -115,6 +149,29 @@ async def load_published_version(
     await asyncio.to_thread(registry.load_version, name, version)
 
 
+async def _activation_failed(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    timeout: float,
+    name: str,
+    version: str,
+    exc: Exception,
+) -> None:
+    """Queue ``model.activation_failed`` (no activation record exists to write it with: it is
+    the failure's own transaction). Best effort: the activation's own error is what the caller
+    gets either way."""
+    reason = exc.detail if isinstance(exc, ModelgateError) else type(exc).__name__
+    try:
+        async with asyncio.timeout(timeout), sessionmaker() as session:
+            await emit(
+                session,
+                "model.activation_failed",
+                {"model": name, "version": version, "reason": reason[:500]},
+            )
+            await session.commit()
+    except Exception as failure:
+        logger.warning("activation failure event not written", error=type(failure).__name__)
+
+
 async def activate_model_version(
     registry: ModelRegistry,
     sessionmaker: async_sessionmaker[AsyncSession],
@@ -128,8 +185,16 @@ async def activate_model_version(
     first (:func:`load_published_version`); only then is the activation recorded (audited)
     and switched to here, and every other worker follows the record within a second. A
     version that fails any step is not activated, and the version that served keeps serving.
-    Raises as :func:`load_published_version` does."""
-    await load_published_version(registry, sessionmaker, timeout, name, version, known)
+    Raises as :func:`load_published_version` does; a version that fails to load raises an
+    operator event ``model.activation_failed`` first."""
+    try:
+        await load_published_version(registry, sessionmaker, timeout, name, version, known)
+    except (DatabaseTimedOut, InvalidRequest, NotFound, ModelNotFound):
+        # Not an activation that failed: a version that does not exist, or a bad name.
+        raise
+    except Exception as exc:
+        await _activation_failed(sessionmaker, timeout, name, version, exc)
+        raise
     try:
         async with asyncio.timeout(timeout), sessionmaker() as session:
             view = await activate_version(session, actor, name, version)

@@ -21,6 +21,7 @@ from auth.errors import (
     TenantSuspended,
     Unauthenticated,
 )
+from auth.events.outbox import DEFAULT_THRESHOLDS
 from auth.identity.failure_throttle import CredentialThrottle
 from auth.identity.keys import ADMIN_SCOPE, has_valid_checksum, key_digest, looks_like_key
 from auth.identity.tokens import TokenClaims, TokenConfig, verify_token
@@ -48,6 +49,8 @@ class TenantInfo:
     status: str
     # The models the plan opens (None: every model).
     models: frozenset[str] | None = None
+    # Percentages of monthly_quota that raise usage.threshold events.
+    usage_alert_thresholds: tuple[int, ...] = DEFAULT_THRESHOLDS
 
     def may_use(self, model: str) -> bool:
         """Whether the tenant's plan opens this model."""
@@ -437,6 +440,7 @@ def _tenant_info(
         monthly_quota=limits.monthly_quota,
         status=tenant.status,
         models=limits.models,
+        usage_alert_thresholds=limits.usage_alert_thresholds,
     )
 
 

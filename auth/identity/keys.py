@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from auth.audit import Actor, record_event
 from auth.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unauthenticated
+from auth.events.outbox import emit
 from auth.limits.plans import check_max_in_flight, check_rate_limits
 from auth.models import ApiKey, Tenant, utcnow
 from auth.schemas import IssuedKey, KeyView
@@ -33,7 +34,7 @@ _ALPHABET_SET = frozenset(_ALPHABET)
 # Enough of the key to recognise it in a list, far too little to matter to an attacker.
 DISPLAY_PREFIX_LENGTH = len(KEY_PREFIX) + 8
 
-TENANT_SCOPES = frozenset({"predict", "usage:read", "keys:manage"})
+TENANT_SCOPES = frozenset({"predict", "usage:read", "keys:manage", "webhooks:manage"})
 ADMIN_SCOPE = "admin"
 DEFAULT_TENANT_SCOPES = ("predict", "usage:read")
 # Keys expire before this moment or never: a later expiry is no expiry, and every date before
@@ -302,6 +303,14 @@ async def revoke_key(
         tenant_id=key.tenant_id,
         detail={"prefix": key.display_prefix},
     )
+    if key.tenant_id is not None:
+        # In the same transaction as the revocation: the event exists if and only if it does.
+        await emit(
+            session,
+            "key.revoked",
+            {"key_id": str(key.id), "name": key.name, "prefix": key.display_prefix},
+            tenant_id=key.tenant_id,
+        )
     return KeyView.of(key)
 
 
@@ -414,6 +423,20 @@ async def rotate_key(
             "old_revoked_at": ends_at.isoformat(),
         },
     )
+    if old.tenant_id is not None:
+        await emit(
+            session,
+            "key.rotated",
+            {
+                "key_id": str(old.id),
+                "new_key_id": str(new.id),
+                "name": old.name,
+                "prefix": old.display_prefix,
+                "new_prefix": new.display_prefix,
+                "old_key_revoked_at": ends_at.isoformat(),
+            },
+            tenant_id=old.tenant_id,
+        )
     return IssuedKey.issued(new, secret)
 
 

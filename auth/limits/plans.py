@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from auth.audit import Actor, record_event
 from auth.errors import Conflict, InvalidRequest, NotFound
+from auth.events.outbox import DEFAULT_THRESHOLDS
 from auth.limits.policy import MAX_LIMITS as MAX_RATE_LIMITS
 from auth.limits.policy import parse_rate_limits
 from auth.models import ApiKey, Plan, Tenant
@@ -74,8 +75,29 @@ def check_max_in_flight(bound: int | None) -> None:
         )
 
 
+# Usage alert thresholds: at most this many, each a percentage of the monthly quota.
+MAX_ALERT_THRESHOLDS = 10
+
+
+def check_alert_thresholds(thresholds: list[int] | None) -> list[int] | None:
+    """422 unless None or up to MAX_ALERT_THRESHOLDS percentages from 1 to 100; the stored
+    form (sorted, each once; empty: no alerts)."""
+    if thresholds is None:
+        return None
+    if len(thresholds) > MAX_ALERT_THRESHOLDS or not all(
+        isinstance(p, int) and 1 <= p <= 100 for p in thresholds
+    ):
+        raise InvalidRequest(
+            f"usage_alert_thresholds holds at most {MAX_ALERT_THRESHOLDS} percentages "
+            "from 1 to 100",
+            loc=("usage_alert_thresholds",),
+        )
+    return sorted(set(thresholds))
+
+
 def _check_bounds(values: dict[str, Any]) -> None:
     """Every bound a plan's value must keep, whatever entry point set it."""
+    check_alert_thresholds(values.get("usage_alert_thresholds"))
     if values.get("rate_limits") is not None:
         check_rate_limits(values["rate_limits"])
     check_monthly_quota(values.get("monthly_quota"))
@@ -106,6 +128,8 @@ class PlanView(BaseModel):
     monthly_quota: int | None
     max_in_flight: int | None
     models: list[str] | None
+    # Percentages of the monthly quota that raise usage.threshold (null: 50, 80, 90, 100).
+    usage_alert_thresholds: list[int] | None = None
     price_per_1000_units: int
     currency: str
     status: str
@@ -123,6 +147,8 @@ async def create_plan(session: AsyncSession, actor: Actor, **values: Any) -> Pla
     _check_bounds(values)
     if values.get("models") is not None:
         values["models"] = sorted(set(values["models"]))
+    if values.get("usage_alert_thresholds") is not None:
+        values["usage_alert_thresholds"] = check_alert_thresholds(values["usage_alert_thresholds"])
     name = values["name"]
     if await session.scalar(select(Plan.id).where(Plan.name == name)) is not None:
         raise Conflict(f"a plan named {name!r} already exists")
@@ -148,7 +174,15 @@ async def create_plan(session: AsyncSession, actor: Actor, **values: Any) -> Pla
 # What a plan's update may change: never its price or currency, which price the usage already
 # recorded under it (create a new plan and move the tenants instead).
 PLAN_CHANGEABLE = frozenset(
-    {"name", "rate_limits", "monthly_quota", "max_in_flight", "models", "status"}
+    {
+        "name",
+        "rate_limits",
+        "monthly_quota",
+        "max_in_flight",
+        "models",
+        "status",
+        "usage_alert_thresholds",
+    }
 )
 
 
@@ -166,6 +200,9 @@ async def update_plan(
     _check_bounds(changes)
     if changes.get("models") is not None:
         changes = {**changes, "models": sorted(set(changes["models"]))}
+    if changes.get("usage_alert_thresholds") is not None:
+        thresholds = check_alert_thresholds(changes["usage_alert_thresholds"])
+        changes = {**changes, "usage_alert_thresholds": thresholds}
     plan = await _plan_row(session, plan_id)
     if changes.get("name") not in (None, plan.name):
         taken = await session.scalar(select(Plan.id).where(Plan.name == changes["name"]))
@@ -229,6 +266,8 @@ class EffectiveLimits:
     monthly_quota: int | None
     max_in_flight: int | None
     models: frozenset[str] | None
+    # Percentages of monthly_quota that raise usage.threshold events (auth.events.outbox).
+    usage_alert_thresholds: tuple[int, ...] = DEFAULT_THRESHOLDS
 
 
 def effective_limits(
@@ -255,4 +294,13 @@ def effective_limits(
         ),
         max_in_flight=min(bounds, default=None),
         models=frozenset(plan.models) if plan.models is not None else None,
+        usage_alert_thresholds=tuple(
+            sorted(
+                tenant.usage_alert_thresholds
+                if tenant.usage_alert_thresholds is not None
+                else plan.usage_alert_thresholds
+                if plan.usage_alert_thresholds is not None
+                else DEFAULT_THRESHOLDS
+            )
+        ),
     )

@@ -14,6 +14,10 @@ shared by everything that arrived while the previous one was in flight.
 - Counters are locked in (tenant, month) order, so two workers' batches cannot deadlock.
 - A failed or timed-out flush answers 503 to every request in it (nothing is served unbilled)
   and the writer goes on with the next batch: it recovers by itself when the database does.
+- The same transaction writes the events the batch caused (``auth.events.outbox``): a
+  ``usage.threshold`` for each alert threshold the month's counter passed (read from the
+  counter's own upsert, whose row lock makes every unit count pass once across all workers) and
+  a ``quota.exhausted`` for the month's first refusal. No event exists for a flush that failed.
 - Every record keeps its request id under a unique index, so a write that is retried can never
   bill twice.
 - A request sent with an ``Idempotency-Key`` carries its answer: the answer's row is inserted
@@ -45,12 +49,26 @@ from sqlalchemy import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from auth.errors import DependencyUnavailable, QuotaExceeded
+from auth.events.outbox import (
+    DEFAULT_THRESHOLDS,
+    EVENT_COLUMNS,
+    INSERT_EVENT,
+    PendingEvent,
+    crossed_thresholds,
+    event_row,
+    exhausted_event,
+    threshold_event,
+)
 from auth.idempotency import FORGET, ROW_COLUMNS, AlreadyAnswered, remember_statement
-from auth.models import IdempotentResponse, UsageDaily, UsageRecord
+from auth.models import Event, IdempotentResponse, UsageDaily, UsageRecord
 from auth.usage.ledger import DAILY_COLUMNS, UsageEvent, month_of, seconds_to_next_month
 from auth.usage.partitions import IS_PARTITIONED, create_partitions
 
 logger = structlog.get_logger(__name__)
+
+
+# (tenant, month) pairs remembered as exhausted before the set is emptied.
+_MAX_EXHAUSTED_REMEMBERED = 100_000
 
 
 @dataclass(eq=False)
@@ -58,6 +76,8 @@ class _Pending:
     event: UsageEvent
     monthly_quota: int | None
     future: asyncio.Future[None] = field(repr=False)
+    # The tenant's usage alert thresholds, percentages of monthly_quota.
+    thresholds: tuple[int, ...] = DEFAULT_THRESHOLDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +142,7 @@ class _Statements:
     insert_records: str
     add_daily: str
     forget: str
+    insert_event: str
 
     @classmethod
     def for_dialect(cls, dialect: str) -> _Statements:
@@ -137,6 +158,7 @@ class _Statements:
             insert_records=styled(_INSERT_RECORDS),
             add_daily=styled(_ADD_DAILY),
             forget=styled(FORGET),
+            insert_event=styled(INSERT_EVENT),
         )
 
 
@@ -168,6 +190,12 @@ class UsageWriter:
         self._response_processors = _bind_processors(
             IdempotentResponse, ROW_COLUMNS, engine.dialect
         )
+        self._event_processors = _bind_processors(Event, EVENT_COLUMNS, engine.dialect)
+        # (tenant, month) pairs whose quota.exhausted event is known to be committed: later
+        # refusals of that month cost no statement.
+        self._exhausted: set[tuple[uuid.UUID, str]] = set()
+        # Events committed by this writer, for an observer (metrics).
+        self.events_written = 0
         self._connection: AsyncConnection | None = None
         # Postgres: whether usage_record is partitioned by month (None: not asked yet), and the
         # months whose partition is known to exist (auth.usage.partitions).
@@ -191,7 +219,12 @@ class UsageWriter:
             self._task = None
         await self._drop_connection()
 
-    async def charge(self, event: UsageEvent, monthly_quota: int | None) -> None:
+    async def charge(
+        self,
+        event: UsageEvent,
+        monthly_quota: int | None,
+        thresholds: tuple[int, ...] = DEFAULT_THRESHOLDS,
+    ) -> None:
         """Record ``event`` against the tenant's month and wait until it is committed.
 
         Raises ``QuotaExceeded`` (nothing recorded) if it would cross ``monthly_quota``,
@@ -203,7 +236,7 @@ class UsageWriter:
         if monthly_quota is not None and event.units > monthly_quota:
             raise _quota_exceeded(event, monthly_quota)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(event, monthly_quota, future))
+        self._queue.append(_Pending(event, monthly_quota, future, thresholds))
         self._wakeup.set()
         # A request cancelled while waiting cancels only its own future: a batch already being
         # written is unaffected, and one still queued is dropped (nothing was served).
@@ -309,17 +342,29 @@ class UsageWriter:
             key = (pending.event.tenant_id, month_of(pending.event.created_at))
             groups.setdefault(key, []).append(pending)
         driver = await self._driver()
+        events: list[PendingEvent] = []
         if self._dialect == "postgresql":
             await self._ensure_partitions(driver, {month for _, month in groups})
             async with driver.transaction():
-                return await self._charge_and_insert(driver, groups)
-        try:
-            outcome = await self._charge_and_insert(driver, groups)
-            await driver.commit()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await driver.rollback()
-            raise
+                outcome = await self._charge_and_insert(driver, groups, events)
+        else:
+            try:
+                outcome = await self._charge_and_insert(driver, groups, events)
+                await driver.commit()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await driver.rollback()
+                raise
+        # Committed: the months that had their first refusal need no statement for it again.
+        if len(self._exhausted) > _MAX_EXHAUSTED_REMEMBERED:
+            # Only a saving: forgetting costs one statement (a no-op insert) per month again.
+            self._exhausted.clear()
+        self._exhausted.update(
+            (e.tenant_id, e.dedupe_key.rsplit(":", 1)[1])
+            for e in events
+            if e.type == "quota.exhausted"
+        )
+        self.events_written += len(events)
         return outcome
 
     async def _ensure_partitions(self, driver: Any, months: set[str]) -> None:
@@ -333,14 +378,17 @@ class UsageWriter:
             self._months_ready |= missing
 
     async def _charge_and_insert(
-        self, driver: Any, groups: dict[tuple[uuid.UUID, str], list[_Pending]]
+        self,
+        driver: Any,
+        groups: dict[tuple[uuid.UUID, str], list[_Pending]],
+        events: list[PendingEvent],
     ) -> tuple[set[_Pending], set[_Pending]]:
         answered = await self._remember(driver, groups)
         refused: set[_Pending] = set()
         for tenant_id, month in sorted(groups, key=lambda key: (str(key[0]), key[1])):
             members = [p for p in groups[(tenant_id, month)] if p not in answered]
             if members:
-                refused.update(await self._charge_month(driver, tenant_id, month, members))
+                refused.update(await self._charge_month(driver, tenant_id, month, members, events))
         for pending in refused:
             # Not billed, so not remembered: the client may retry with the same key.
             if pending.event.response is not None:
@@ -355,7 +403,16 @@ class UsageWriter:
         if accepted:
             await driver.executemany(self._sql.insert_records, [self._row(e) for e in accepted])
             await driver.executemany(self._sql.add_daily, self._daily_rows(accepted))
+        if events:
+            # The dedupe key makes a second insert of an event that happened already a no-op.
+            await driver.executemany(self._sql.insert_event, [self._event_row(e) for e in events])
         return refused, answered
+
+    def _event_row(self, event: PendingEvent) -> tuple[Any, ...]:
+        return tuple(
+            process(value) if process else value
+            for process, value in zip(self._event_processors, event_row(event), strict=True)
+        )
 
     async def _remember(
         self, driver: Any, groups: dict[tuple[uuid.UUID, str], list[_Pending]]
@@ -409,23 +466,55 @@ class UsageWriter:
         await cursor.close()
 
     async def _charge_month(
-        self, driver: Any, tenant_id: uuid.UUID, month: str, members: Sequence[_Pending]
+        self,
+        driver: Any,
+        tenant_id: uuid.UUID,
+        month: str,
+        members: Sequence[_Pending],
+        events: list[PendingEvent],
     ) -> list[_Pending]:
         quotas = [p.monthly_quota for p in members if p.monthly_quota is not None]
         quota = min(quotas) if quotas else None
+        thresholds = members[-1].thresholds
         units = sum(p.event.units for p in members)
-        if (quota is None or units <= quota) and await self._add(
-            driver, tenant_id, month, units, len(members), quota
-        ):
-            return []
+        if quota is None or units <= quota:
+            after = await self._add(driver, tenant_id, month, units, len(members), quota)
+            if after is not None:
+                self._thresholds(events, tenant_id, month, after - units, after, quota, thresholds)
+                return []
         # The batch as a whole would cross the quota: decide request by request, in order.
         refused = []
+        used: int | None = None
         for pending in members:
-            if not await self._add(
-                driver, tenant_id, month, pending.event.units, 1, pending.monthly_quota
-            ):
+            units = pending.event.units
+            after = await self._add(driver, tenant_id, month, units, 1, pending.monthly_quota)
+            if after is None:
                 refused.append(pending)
+            else:
+                used = after
+                self._thresholds(events, tenant_id, month, after - units, after, quota, thresholds)
+        if refused and quota is not None and (tenant_id, month) not in self._exhausted:
+            # The counter's value when nothing in this batch fitted is not read: the quota's.
+            events.append(
+                exhausted_event(tenant_id, month, used if used is not None else quota, quota)
+            )
         return refused
+
+    @staticmethod
+    def _thresholds(
+        events: list[PendingEvent],
+        tenant_id: uuid.UUID,
+        month: str,
+        before: int,
+        after: int,
+        quota: int | None,
+        thresholds: tuple[int, ...],
+    ) -> None:
+        """Add the usage.threshold events of the counter's move from ``before`` to ``after``."""
+        if quota is None:
+            return
+        for percent in crossed_thresholds(before, after, quota, thresholds):
+            events.append(threshold_event(tenant_id, month, percent, after, quota))
 
     async def _add(
         self,
@@ -435,8 +524,9 @@ class UsageWriter:
         units: int,
         requests: int,
         quota: int | None,
-    ) -> bool:
-        """Add to the month's counter unless that would cross ``quota``; whether it was added.
+    ) -> int | None:
+        """Add to the month's counter unless that would cross ``quota``; the month's units
+        after the addition, or None if it was not added.
 
         One statement whether or not the month has a row yet (an upsert). The caller has
         ensured ``units <= quota``, so creating the row can never cross it either.
@@ -452,14 +542,17 @@ class UsageWriter:
             return await self._fetch_one(driver, self._sql.add, parameters)
         return await self._fetch_one(driver, self._sql.add_within_quota, (*parameters, quota))
 
-    async def _fetch_one(self, driver: Any, sql: str, parameters: tuple[Any, ...]) -> bool:
+    async def _fetch_one(self, driver: Any, sql: str, parameters: tuple[Any, ...]) -> int | None:
+        """The first column of the statement's one row (RETURNING units), or None."""
         if self._dialect == "postgresql":
-            return await driver.fetchrow(sql, *parameters) is not None
-        cursor = await driver.execute(sql, parameters)
-        try:
-            return await cursor.fetchone() is not None
-        finally:
-            await cursor.close()
+            row = await driver.fetchrow(sql, *parameters)
+        else:
+            cursor = await driver.execute(sql, parameters)
+            try:
+                row = await cursor.fetchone()
+            finally:
+                await cursor.close()
+        return None if row is None else int(row[0])
 
     def _daily_rows(self, events: Sequence[UsageEvent]) -> list[tuple[Any, ...]]:
         """The batch summed per rollup row, in key order (so that two writers touching the
@@ -506,7 +599,7 @@ class UsageWriter:
 
 
 def _bind_processors(
-    table: type[UsageRecord | UsageDaily | IdempotentResponse],
+    table: type[UsageRecord | UsageDaily | IdempotentResponse | Event],
     names: Sequence[str],
     dialect: Dialect,
 ) -> list[Any]:

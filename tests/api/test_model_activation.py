@@ -4,6 +4,7 @@ database), pinning, no silent fallback, the periodic self-check, and each versio
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import time
 import uuid
@@ -20,7 +21,7 @@ from sqlalchemy import delete, select
 
 from auth.db import create_engine, create_sessionmaker
 from auth.model_activation import ActivationView, activate_version
-from auth.models import AuditEvent, ModelActivation
+from auth.models import AuditEvent, Event, ModelActivation
 from ml import register_model
 from tests.conftest import (
     IRIS_SETOSA,
@@ -175,6 +176,13 @@ async def test_unknown_invalid_or_broken_versions_are_refused_and_nothing_is_rec
 
         async with app.sessionmaker() as session:
             assert (await session.scalars(select(ModelActivation))).all() == []
+            # The broken version, and only it, told the operator (an outgoing event).
+            failures = (
+                await session.scalars(
+                    select(Event.payload).where(Event.type == "model.activation_failed")
+                )
+            ).all()
+        assert [json.loads(p)["data"]["version"] for p in failures] == ["2"]
         assert (await _served_version(app, key)).json()["model_version"] == "1"
 
         # Once the file is restored, the same call activates it.
@@ -270,6 +278,18 @@ async def test_periodic_rehash_stops_serving_a_tampered_version_then_reloads_it_
         ready = (await app.client.get("/api/v1/health/ready")).json()
         assert "iris/1" in ready["failed_model_versions"]
         assert ready["unavailable_models"][0]["model"] == "iris"
+
+        async def operator_told() -> bool:
+            async with app.sessionmaker() as session:
+                told = await session.scalars(
+                    select(Event.payload).where(Event.type == "model.unhealthy")
+                )
+                return [json.loads(p)["data"]["version"] for p in told] == ["1"]
+
+        # Once, however many self-checks found it unhealthy since.
+        await _until(operator_told, 5)
+        await asyncio.sleep(0.5)
+        assert await operator_told()
 
         (models / "iris" / "1" / "model.onnx").write_bytes(original)
 

@@ -91,7 +91,7 @@ async def test_a_scope_the_caller_lacks_is_403_and_issues_nothing(
     assert [k["name"] for k in listing.json()["keys"]] == ["test key"]
 
 
-@pytest.mark.parametrize("scopes", [["admin"], [], ["predict"] * 4, ["anything"]])
+@pytest.mark.parametrize("scopes", [["admin"], [], ["predict"] * 5, ["anything"]])
 async def test_an_unknown_admin_or_empty_scope_list_is_422(
     harness: Harness, scopes: list[str]
 ) -> None:

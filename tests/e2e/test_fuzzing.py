@@ -102,7 +102,7 @@ def test_the_openapi_document_holds_under_fuzzing(
             "--tenant",
             tenant["id"],
             "--scopes",
-            "predict,usage:read,keys:manage",
+            "predict,usage:read,keys:manage,webhooks:manage",
         )
         tenant_key = issued.stdout.strip().splitlines()[-1]
         # Both credentials work, so the fuzzer reaches the logic behind them.

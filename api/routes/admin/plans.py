@@ -12,6 +12,7 @@ from pydantic.json_schema import SkipJsonSchema
 from api.http.deps import AdminScope, DatabaseRoute, SessionDep, request_actor
 from api.http.errors import problem_responses
 from api.schemas.fields import (
+    AlertThresholds,
     MaxInFlight,
     MonthlyQuota,
     PlanModels,
@@ -41,6 +42,9 @@ class PlanCreate(BaseModel):
     monthly_quota: MonthlyQuota | None = Field(default=None, description="null: unlimited")
     max_in_flight: MaxInFlight | None = Field(default=None, description="null: no bound")
     models: PlanModels | None = None
+    usage_alert_thresholds: AlertThresholds | None = Field(
+        default=None, description="null: 50, 80, 90 and 100 % of the monthly quota"
+    )
     price_per_1000_units: PricePer1000Units = 0
     currency: Currency = "USD"
 
@@ -57,6 +61,7 @@ class PlanUpdate(BaseModel):
     monthly_quota: MonthlyQuota | None = None
     max_in_flight: MaxInFlight | None = None
     models: PlanModels | None = None
+    usage_alert_thresholds: AlertThresholds | None = None
     status: Literal["active", "retired"] | SkipJsonSchema[None] = None
 
 

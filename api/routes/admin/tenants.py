@@ -12,6 +12,7 @@ from pydantic.json_schema import SkipJsonSchema
 from api.http.deps import AdminScope, DatabaseRoute, NoStore, SessionDep, StateDep, request_actor
 from api.http.errors import problem_responses
 from api.schemas.fields import (
+    AlertThresholds,
     JsonInteger,
     KeyExpiry,
     MaxInFlight,
@@ -71,6 +72,9 @@ class TenantUpdate(BaseModel):
     )
     rate_limit: RateLimitText | None = None
     monthly_quota: MonthlyQuota | None = None
+    usage_alert_thresholds: AlertThresholds | None = Field(
+        default=None, description="override of the plan's usage alert thresholds; null: the plan's"
+    )
     status: Literal["active", "suspended"] | SkipJsonSchema[None] = None
 
 
@@ -86,7 +90,7 @@ class KeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Name
-    scopes: list[TenantScope] = Field(default=["predict", "usage:read"], min_length=1, max_length=3)
+    scopes: list[TenantScope] = Field(default=["predict", "usage:read"], min_length=1, max_length=4)
     expires_at: KeyExpiry | None = Field(
         default=None, description="when the key stops working; omitted: never"
     )
