@@ -13,9 +13,11 @@ from auth.audit import Actor, record_event
 from auth.errors import Conflict, InvalidRequest, NotFound
 from auth.events.outbox import emit
 from auth.limits.plans import (
+    EffectiveLimits,
     check_alert_thresholds,
     check_monthly_quota,
     check_rate_limits,
+    effective_limits,
     plan_for_tenant,
 )
 from auth.models import AdminPrincipal, Plan, Tenant
@@ -118,6 +120,14 @@ async def update_tenant(
             tenant_id=tenant.id,
         )
     return TenantView.of(tenant, await _plan_of(session, tenant))
+
+
+async def tenant_limits(session: AsyncSession, tenant_id: uuid.UUID) -> EffectiveLimits:
+    """What a tenant is held to (its overrides, else its plan's), for a report on any tenant:
+    its monthly quota and alert thresholds; ``NotFound`` if there is no such tenant."""
+    tenant = await _tenant_row(session, tenant_id)
+    # No key: the server's default rate limit is never needed.
+    return effective_limits(await _plan_of(session, tenant), tenant, None, default_rate_limit="")
 
 
 async def _tenant_row(session: AsyncSession, tenant_id: uuid.UUID) -> Tenant:

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import Harness, bearer, create_admin_key, create_tenant_with_key
+from auth.limits.plans import create_plan
+from tests.conftest import (
+    IRIS_SETOSA,
+    TEST_ACTOR,
+    Harness,
+    bearer,
+    create_admin_key,
+    create_tenant_with_key,
+    unique,
+)
 from tests.factories import insert_usage, utc_at
 
 WINDOW = {"start": "2026-03-01", "end": "2026-03-31"}
@@ -97,3 +106,29 @@ async def test_the_tenant_may_break_its_usage_down_by_key(harness: Harness) -> N
     report = response.json()
     assert [k["units"] for k in report["by_key"]] == [9]
     assert report["by_day"] == []
+
+
+async def test_the_operator_sees_the_quota_and_thresholds_of_the_tenants_plan(
+    harness: Harness,
+) -> None:
+    plan = unique("plan")
+    async with harness.sessionmaker() as session:
+        await create_plan(
+            session, TEST_ACTOR, name=plan, monthly_quota=20, usage_alert_thresholds=[25, 50]
+        )
+        await session.commit()
+    tenant, key = await create_tenant_with_key(harness, plan=plan)
+    for _ in range(6):
+        served = await harness.client.post(
+            "/api/v1/predict", json={"features": IRIS_SETOSA}, headers=bearer(key)
+        )
+        assert served.status_code == 200, served.text
+    admin = await create_admin_key(harness)
+    mine = await harness.client.get("/api/v1/me/usage", headers=bearer(key))
+    theirs = await harness.client.get(
+        "/api/v1/admin/usage", params={"tenant_id": str(tenant.id)}, headers=bearer(admin)
+    )
+    assert theirs.status_code == 200, theirs.text
+    assert theirs.json() == mine.json()
+    assert theirs.json()["quota"] == {"monthly_quota": 20, "used": 6, "remaining": 14}
+    assert theirs.json()["thresholds_crossed"] == [25]

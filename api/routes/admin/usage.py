@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query
 from api.http.deps import REPLICA_LAG_RESPONSE, DatabaseRoute, ReportSessionDep
 from api.http.errors import problem_responses
 from api.schemas.usage import EndDay, GroupBy, StartDay, UsageReport, usage_report
-from auth.tenants import get_tenant
+from auth.tenants import tenant_limits
 from auth.usage.ledger import DEFAULT_BREAKDOWNS, report_window, usage_summary
 
 router = APIRouter(route_class=DatabaseRoute, tags=["admin"])
@@ -30,9 +30,10 @@ async def tenant_usage(
 ) -> UsageReport:
     """Report a tenant's usage by day, model or key, with its quota position."""
     session = report.session
-    tenant = await get_tenant(session, tenant_id)
+    # The quota and thresholds the tenant is held to: its overrides, else its plan's.
+    limits = await tenant_limits(session, tenant_id)
     first, last = report_window(start, end)
     summary = await usage_summary(
-        session, tenant.id, tenant.monthly_quota, first, last, group_by or DEFAULT_BREAKDOWNS
+        session, tenant_id, limits.monthly_quota, first, last, group_by or DEFAULT_BREAKDOWNS
     )
-    return usage_report(summary)
+    return usage_report(summary, limits.usage_alert_thresholds)
