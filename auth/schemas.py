@@ -21,6 +21,8 @@ class TenantView(BaseModel):
     # Overrides of the plan's (null: the plan's applies).
     rate_limit: str | None
     monthly_quota: int | None
+    # Percentages of the monthly quota that send usage.threshold (null: the plan's).
+    usage_alert_thresholds: list[int] | None = None
     status: str
     created_at: datetime
     updated_at: datetime
@@ -35,6 +37,7 @@ class TenantView(BaseModel):
             plan_id=plan.id,
             rate_limit=tenant.rate_limit,
             monthly_quota=tenant.monthly_quota,
+            usage_alert_thresholds=tenant.usage_alert_thresholds,
             status=tenant.status,
             created_at=tenant.created_at,
             updated_at=tenant.updated_at,

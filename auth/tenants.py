@@ -40,15 +40,25 @@ async def create_tenant(
     plan: str | None = None,
     rate_limit: str | None = None,
     monthly_quota: int | None = None,
+    usage_alert_thresholds: list[int] | None = None,
 ) -> TenantView:
     """Create an active tenant (the name must be unique) on the named plan (the default plan
     when None); audited as ``tenant.create``."""
-    _check_overrides({"rate_limit": rate_limit, "monthly_quota": monthly_quota})
+    overrides: dict[str, Any] = {
+        "rate_limit": rate_limit,
+        "monthly_quota": monthly_quota,
+        "usage_alert_thresholds": usage_alert_thresholds,
+    }
+    _check_overrides(overrides)
     plan_row = await plan_for_tenant(session, plan)
     if await session.scalar(select(Tenant.id).where(Tenant.name == name)) is not None:
         raise Conflict(f"a tenant named {name!r} already exists")
     tenant = Tenant(
-        name=name, plan_id=plan_row.id, rate_limit=rate_limit, monthly_quota=monthly_quota
+        name=name,
+        plan_id=plan_row.id,
+        rate_limit=rate_limit,
+        monthly_quota=monthly_quota,
+        usage_alert_thresholds=overrides["usage_alert_thresholds"],
     )
     session.add(tenant)
     try:
@@ -68,6 +78,7 @@ async def create_tenant(
             "plan": plan_row.name,
             "rate_limit": rate_limit,
             "monthly_quota": monthly_quota,
+            "usage_alert_thresholds": overrides["usage_alert_thresholds"],
         },
     )
     return TenantView.of(tenant, plan_row)

@@ -27,8 +27,10 @@ def tenants_create(
     monthly_quota: Annotated[
         int | None, typer.Option(min=0, help="Overrides the plan's units per month.")
     ] = None,
+    alert_thresholds: AlertThresholds = None,
 ) -> None:
     """Create a tenant and print it as JSON."""
+    thresholds = _thresholds(alert_thresholds)
 
     async def work(session: AsyncSession) -> TenantView:
         return await create_tenant(
@@ -38,6 +40,7 @@ def tenants_create(
             plan=plan,
             rate_limit=rate_limit,
             monthly_quota=monthly_quota,
+            usage_alert_thresholds=thresholds,
         )
 
     echo_json(run_in_session(get_settings(), work))
@@ -62,9 +65,12 @@ def plans_create(
         int, typer.Option(min=0, help="Price of 1,000 units in the currency's minor unit.")
     ] = 0,
     currency: Annotated[str, typer.Option(help="ISO 4217 code.")] = "USD",
+    alert_thresholds: AlertThresholds = None,
 ) -> None:
     """Create a plan and print it as JSON (its price never changes afterwards)."""
     from auth.limits.plans import PlanView, create_plan
+
+    thresholds = _thresholds(alert_thresholds)
 
     async def work(session: AsyncSession) -> PlanView:
         return await create_plan(
@@ -77,9 +83,29 @@ def plans_create(
             models=_model_list(models),
             price_per_1000_units=price_per_1000_units,
             currency=currency,
+            usage_alert_thresholds=thresholds,
         )
 
     echo_json(run_in_session(get_settings(), work))
+
+
+# The usage alert thresholds' option (auth.events.outbox: usage.threshold events).
+AlertThresholds = Annotated[
+    str | None,
+    typer.Option(
+        help='Percentages of the monthly quota that send usage.threshold, e.g. "50,80,90,100".'
+    ),
+]
+
+
+def _thresholds(value: str | None) -> list[int] | None:
+    """``--alert-thresholds``' comma-separated percentages (bounded by the service)."""
+    if value is None:
+        return None
+    try:
+        return [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise fail("--alert-thresholds is comma-separated whole percentages") from None
 
 
 def _model_list(models: str | None) -> list[str] | None:
@@ -108,6 +134,7 @@ def plans_update(
     max_in_flight: Annotated[int | None, typer.Option(min=1, help="Requests in flight.")] = None,
     models: Annotated[str | None, typer.Option(help="Comma-separated model names.")] = None,
     status: Annotated[str | None, typer.Option(help="active or retired.")] = None,
+    alert_thresholds: AlertThresholds = None,
 ) -> None:
     """Change a plan's limits, models or status (only the options given) and print it."""
     from auth.limits.plans import PlanView, update_plan
@@ -121,6 +148,7 @@ def plans_update(
             ("max_in_flight", max_in_flight),
             ("models", _model_list(models)),
             ("status", status),
+            ("usage_alert_thresholds", _thresholds(alert_thresholds)),
         )
         if value is not None
     }

@@ -141,3 +141,29 @@ def test_keys_revoke_revokes_now_and_is_idempotent(cli: CliRunner, backend: Back
     assert "revoked" in rotate.stderr
     missing = _run(cli, "keys", "revoke", str(uuid.uuid4()), code=1)
     assert "key not found" in missing.stderr
+
+
+def test_tenants_and_plans_take_usage_alert_thresholds(cli: CliRunner, backend: Backend) -> None:
+    plan = uuid.uuid4().hex
+    created = json.loads(
+        _run(cli, "plans", "create", "--name", plan, "--alert-thresholds", "75,25").stdout
+    )
+    assert created["usage_alert_thresholds"] == [25, 75]
+    updated = json.loads(
+        _run(cli, "plans", "update", created["id"], "--alert-thresholds", "90").stdout
+    )
+    assert updated["usage_alert_thresholds"] == [90]
+    tenant = json.loads(
+        _run(
+            cli, "tenants", "create", "--name", plan, "--plan", plan, "--alert-thresholds", "10,60"
+        ).stdout
+    )
+    assert tenant["usage_alert_thresholds"] == [10, 60]
+    refused = _run(
+        cli, "tenants", "create", "--name", "x" + plan, "--alert-thresholds", "a", code=1
+    )
+    assert "--alert-thresholds" in refused.stderr
+    out_of_range = _run(
+        cli, "tenants", "create", "--name", "y" + plan, "--alert-thresholds", "150", code=1
+    )
+    assert "usage_alert_thresholds" in out_of_range.stderr

@@ -382,3 +382,24 @@ async def test_an_operator_tightens_and_clears_a_keys_own_limits(harness: Harnes
         f"/api/v1/admin/keys/{admin_key_id}", json={"max_in_flight": 2}, headers=bearer(admin)
     )
     assert operator.status_code == 422, operator.text
+
+
+async def test_an_operator_sets_a_tenants_alert_thresholds_at_creation(harness: Harness) -> None:
+    admin = await create_admin_key(harness)
+    created = await harness.client.post(
+        "/api/v1/admin/tenants",
+        json={"name": unique("alerts"), "usage_alert_thresholds": [80, 40]},
+        headers=bearer(admin),
+    )
+    assert created.status_code == 201, created.text
+    assert created.json()["usage_alert_thresholds"] == [40, 80]
+    shown = await harness.client.get(
+        f"/api/v1/admin/tenants/{created.json()['id']}", headers=bearer(admin)
+    )
+    assert shown.json()["usage_alert_thresholds"] == [40, 80]
+    cleared = await harness.client.patch(
+        f"/api/v1/admin/tenants/{created.json()['id']}",
+        json={"usage_alert_thresholds": None},
+        headers=bearer(admin),
+    )
+    assert cleared.json()["usage_alert_thresholds"] is None

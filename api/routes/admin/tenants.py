@@ -55,6 +55,9 @@ class TenantCreate(BaseModel):
     monthly_quota: MonthlyQuota | None = Field(
         default=None, description="overrides the plan's monthly quota; null: the plan's"
     )
+    usage_alert_thresholds: AlertThresholds | None = Field(
+        default=None, description="override of the plan's usage alert thresholds; null: the plan's"
+    )
 
 
 class TenantUpdate(BaseModel):
@@ -145,6 +148,7 @@ async def create_tenant_route(
         plan=body.plan,
         rate_limit=body.rate_limit,
         monthly_quota=body.monthly_quota,
+        usage_alert_thresholds=body.usage_alert_thresholds,
     )
 
 
