@@ -31,10 +31,11 @@ run: install
 	MODELGATE_LOG_FORMAT=$(LOG_FORMAT) $(BIN)/modelgate serve --host $(HOST) --port $(PORT)
 
 # The suite over TEST_WORKERS processes (pytest-xdist); tests/parallel.py says how they share the
-# machine. TEST_WORKERS=0 runs it in this one process.
+# machine. TEST_WORKERS=0 runs it in this one process. The slowest tests are listed at the end of
+# every run: CI's whole run must stay under 15 minutes.
 TEST_WORKERS ?= 4
 test: install
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=20
 
 lint: install
 	$(BIN)/ruff check .
