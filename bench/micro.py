@@ -35,7 +35,7 @@ from auth.models import utcnow
 from auth.settings import Settings
 from auth.tenants import create_tenant
 from auth.usage.ledger import UsageEvent
-from auth.usage.writer import UsageWriter
+from auth.usage.writer import INSERT_RECORDS, RECORD_COLUMNS, UsageWriter
 from bench import IRIS_ROW
 from bench.services import BENCH_RATE_LIMIT, MICRO_LIMITER_IDS, SERVER_LOG_LEVEL, BenchEnvironment
 from ml import LoadedModel
@@ -524,18 +524,6 @@ def _usage_event(tenant_id: uuid.UUID, key_id: uuid.UUID, plan_id: uuid.UUID) ->
 
 # A flush's records in one statement: as many as 64 concurrent requests hand the writer.
 FLUSH_ROWS = 64
-_RECORD_COLUMNS = (
-    "request_id",
-    "tenant_id",
-    "api_key_id",
-    "model",
-    "model_version",
-    "plan_id",
-    "units",
-    "status_code",
-    "latency_ms",
-    "created_at",
-)
 
 
 async def _record_inserts(
@@ -555,10 +543,6 @@ async def _record_inserts(
             for _ in range(FLUSH_ROWS)
         ]
 
-    # The writer's statement (auth.usage.writer), from the constant column names above.
-    columns = ", ".join(_RECORD_COLUMNS)
-    marks = ", ".join(f"${i + 1}" for i in range(len(_RECORD_COLUMNS)))
-    insert = f"INSERT INTO usage_record ({columns}) VALUES ({marks})"  # noqa: S608
     async with engine.connect() as connection:
         raw = await connection.get_raw_connection()
         driver: Any = raw.driver_connection
@@ -576,14 +560,14 @@ async def _record_inserts(
                 "usage.insert.executemany.x64",
                 "a flush's 64 usage records as the writer inserts them (prepared INSERT, "
                 "executemany), per record",
-                lambda: rolled_back(lambda batch: driver.executemany(insert, batch)),
+                lambda: rolled_back(lambda batch: driver.executemany(INSERT_RECORDS, batch)),
             ),
             await time_async(
                 "usage.insert.copy.x64",
                 "the same 64 records by COPY (copy_records_to_table), per record",
                 lambda: rolled_back(
                     lambda batch: driver.copy_records_to_table(
-                        "usage_record", records=batch, columns=_RECORD_COLUMNS
+                        "usage_record", records=batch, columns=RECORD_COLUMNS
                     )
                 ),
             ),

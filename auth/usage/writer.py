@@ -105,10 +105,22 @@ _ADD = (
 # The same only if the month stays within the quota ($5). A new row is only ever created with
 # units <= quota (the caller checks), so the bound matters on conflict only.
 _ADD_WITHIN_QUOTA = _ADD + " WHERE monthly_usage.units + excluded.units <= $5"
-_INSERT_RECORDS = (
-    "INSERT INTO usage_record (request_id, tenant_id, api_key_id, model, model_version, plan_id, "
-    "units, status_code, latency_ms, created_at) "
-    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+# A usage record's columns, in the order of the writer's rows (UsageWriter._row); the bench
+# inserts the same rows both as the writer does and by COPY (bench/micro.py).
+RECORD_COLUMNS = (
+    "request_id",
+    "tenant_id",
+    "api_key_id",
+    "model",
+    "model_version",
+    "plan_id",
+    "units",
+    "status_code",
+    "latency_ms",
+    "created_at",
+)
+INSERT_RECORDS = "INSERT INTO usage_record ({}) VALUES ({})".format(  # noqa: S608 (constants)
+    ", ".join(RECORD_COLUMNS), ", ".join(f"${i + 1}" for i in range(len(RECORD_COLUMNS)))
 )
 # Adding the batch's records to their daily rollups, in the same transaction.
 _ADD_DAILY = (
@@ -155,7 +167,7 @@ class _Statements:
         return cls(
             add=styled(_ADD + " RETURNING units"),
             add_within_quota=styled(_ADD_WITHIN_QUOTA + " RETURNING units"),
-            insert_records=styled(_INSERT_RECORDS),
+            insert_records=styled(INSERT_RECORDS),
             add_daily=styled(_ADD_DAILY),
             forget=styled(FORGET),
             insert_event=styled(INSERT_EVENT),
