@@ -15,11 +15,15 @@ in-process work to do.
 
 Timing. A test that starts real servers and asserts what happens within a second or two of an
 event (a revocation, an activation, a grace's end) must not share the machine with other
-servers, or a busy moment fails it: it holds the run's server lock exclusively, while every
-other real-server test (marked ``e2e``) holds it shared. The few whose margin is a fraction of a
-second (a window's edge, bursts that must each fit in a second) run alone: they hold the run's
-machine lock exclusively, which every other test holds shared. Each lock prefers the exclusive
-holder (a turnstile): once a test waits for it, no new shared holder starts.
+servers, or a busy moment fails it: from the point it calls ``quiet_from_here()`` (its servers
+started, its tenants and keys made) to its end, it holds the run's server lock exclusively,
+while every other real-server test (marked ``e2e``) holds it shared. The few whose margin is a
+fraction of a second (a window's edge, bursts that must each fit in a second) run alone from
+that point: they hold the run's machine lock exclusively, which every other test holds shared.
+Before that point they hold both locks shared like any other test, so that the exclusive holds
+(one after another: the run's critical path at its end) last only as long as the measurements.
+Each lock prefers the exclusive holder (a turnstile): once a test waits for it, no new shared
+holder starts.
 
 Without xdist (``pytest tests/...``) the order and the locks are left alone."""
 
@@ -28,10 +32,9 @@ from __future__ import annotations
 import fcntl
 import os
 import tempfile
-from collections.abc import Generator, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Generator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
@@ -159,43 +162,111 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     return UnitScheduling(config, log)
 
 
-@contextmanager
-def _flock(path: Path, mode: int) -> Iterator[None]:
-    with path.open("a") as lock:
-        fcntl.flock(lock, mode)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def _lock_path(name: str) -> Path:
     return Path(tempfile.gettempdir()) / f"modelgate-tests-{_RUN}.{name}.lock"
 
 
-@contextmanager
-def run_lock(name: str, exclusive: bool) -> Iterator[None]:
-    """One of the run's locks, shared or exclusive, taken through its turnstile: a waiting
-    exclusive holder keeps the turnstile, so no new shared holder overtakes it."""
-    turnstile, lock = _lock_path(f"{name}-turnstile"), _lock_path(name)
-    if exclusive:
-        with _flock(turnstile, fcntl.LOCK_EX), _flock(lock, fcntl.LOCK_EX):
-            yield
-    else:
-        with _flock(turnstile, fcntl.LOCK_EX):
-            pass
-        with _flock(lock, fcntl.LOCK_SH):
-            yield
+class _RunLock:
+    """One of the run's locks as this worker's current test holds it: shared, or exclusive
+    through its turnstile (a waiting exclusive holder keeps the turnstile, so no new shared
+    holder overtakes it)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.exclusive = False
+        self._files: list[IO[str]] = []
+
+    def take(self, exclusive: bool) -> None:
+        assert not self._files, f"the {self.name} lock is already held"
+        turnstile = _lock_path(f"{self.name}-turnstile").open("a")
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        if not exclusive:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+            turnstile.close()
+        lock = _lock_path(self.name).open("a")
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        self._files = [turnstile, lock] if exclusive else [lock]
+        self.exclusive = exclusive
+
+    def release(self) -> None:
+        for held in reversed(self._files):
+            fcntl.flock(held, fcntl.LOCK_UN)
+            held.close()
+        self._files = []
+        self.exclusive = False
+
+
+class _TestLocks:
+    """The locks of the test running on this worker: the machine lock, and the server lock for a
+    real-server test; always taken in that order, so that no two workers wait for each other."""
+
+    def __init__(self, item: pytest.Item) -> None:
+        self.item = item
+        self.machine = _RunLock("machine")
+        self.servers = _RunLock("servers") if starts_servers(item) else None
+        self.quiet = False
+
+    def take_shared(self) -> None:
+        self.machine.take(exclusive=False)
+        if self.servers is not None:
+            self.servers.take(exclusive=False)
+
+    def make_quiet(self) -> None:
+        """Shared to exclusive, in the order above: everything held is let go first (a test
+        waiting for the machine lock while holding the server lock shared would wait for a test
+        waiting for the server lock while holding the machine lock shared)."""
+        alone = runs_alone(self.item)
+        if self.servers is not None:
+            self.servers.release()
+        if alone:
+            self.machine.release()
+            self.machine.take(exclusive=True)
+        if self.servers is not None:
+            self.servers.take(exclusive=True)
+        self.quiet = True
+
+    def release(self) -> None:
+        if self.servers is not None:
+            self.servers.release()
+        self.machine.release()
+
+
+_current: _TestLocks | None = None
+
+
+def quiet_from_here() -> None:
+    """From here to its end, the calling test (named in TIMING_CRITICAL) runs while no other
+    real-server test does, and one named in ALONE while no other test does. Call it once the
+    servers are started and the set-up is done, right before what is timed."""
+    if _current is None:  # not under xdist: nothing else runs
+        return
+    name = _function_id(_current.item.nodeid)
+    assert name in TIMING_CRITICAL, f"{name} is not in tests/parallel.py's TIMING_CRITICAL"
+    assert not _current.quiet, "quiet_from_here() was called twice"
+    _current.make_quiet()
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None]:
     """Setup, call and teardown of every test under the machine lock, and of a real-server test
-    under the server lock too (always in that order: no two workers wait for each other)."""
+    under the server lock too: shared, until a timing-critical test asks for the quiet."""
+    global _current
     if not _WORKER:
         return (yield)
-    with ExitStack() as locks:
-        locks.enter_context(run_lock("machine", exclusive=runs_alone(item)))
-        if starts_servers(item):
-            locks.enter_context(run_lock("servers", exclusive=is_timing_critical(item)))
+    _current = _TestLocks(item)
+    _current.take_shared()
+    try:
         return (yield)
+    finally:
+        _current.release()
+        _current = None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None]:
+    """A test named in TIMING_CRITICAL must call ``quiet_from_here()``: one that does not (an
+    edit moved the call away, say) would be timed on a busy machine without anyone knowing."""
+    result = yield
+    if _current is not None and is_timing_critical(item):
+        assert _current.quiet, f"{item.nodeid} did not call tests.parallel.quiet_from_here()"
+    return result

@@ -15,6 +15,7 @@ from sqlalchemy.engine import make_url
 
 from tests.conftest import IRIS_SETOSA, Backend, only_on
 from tests.e2e.servers import run_cli, serve
+from tests.parallel import quiet_from_here
 from tests.promises import PromisedDelay
 
 pytestmark = pytest.mark.e2e
@@ -130,6 +131,7 @@ def test_cached_key_is_refused_within_a_second_on_both_workers(
     )
     log_path = tmp_path / "server.log"
     with serve(environment, tmp_path, workers=2, log_path=log_path) as port:
+        quiet_from_here()
         # Both workers serve the key, so both hold it in their cache.
         assert len(_until_both_workers(port, key, log_path, 200)) == 2
         asyncio.run(

@@ -19,6 +19,7 @@ from sklearn.linear_model import LogisticRegression
 from ml.train import register_model
 from tests.conftest import IRIS_SETOSA, Backend, only_on
 from tests.e2e.servers import run_cli, serve
+from tests.parallel import quiet_from_here
 from tests.promises import PromisedDelay
 
 pytestmark = pytest.mark.e2e
@@ -96,6 +97,7 @@ def test_an_activation_reaches_another_server_within_two_seconds(
     with serve(tour_environment, tmp_path) as first, serve(tour_environment, tmp_path) as second:
         assert _version(first, key) == _version(second, key) == "1"
 
+        quiet_from_here()
         _activate(first, admin, "2")
         assert _version(first, key) == "2"  # the worker that answered: at once
         _served_within(second, key, "2", ACTIVATION_SECONDS)

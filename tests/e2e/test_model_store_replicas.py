@@ -27,6 +27,7 @@ from sklearn.linear_model import LogisticRegression
 from ml.s3 import s3_client
 from tests.conftest import IRIS_SETOSA, Backend, only_on
 from tests.e2e.servers import MOTO_CREDENTIALS, aws_environment, moto_server, run_cli, serve
+from tests.parallel import quiet_from_here
 from tests.promises import PromisedDelay
 
 pytestmark = pytest.mark.e2e
@@ -144,6 +145,7 @@ def test_replicas_with_empty_disks_serve_a_registered_version_and_refetch_a_corr
             # Each fetched the active version from the store when it started.
             assert _serves(port_a, key_text, "1")
             assert _serves(port_b, key_text, "1")
+            quiet_from_here()
 
             iris = load_iris()
             source = tmp_path / "candidate.joblib"

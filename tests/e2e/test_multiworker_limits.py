@@ -25,6 +25,7 @@ from auth.limits.limiter import RateLimiter
 from auth.models import Tenant
 from tests.conftest import IRIS_SETOSA, Backend, make_settings, only_on
 from tests.e2e.servers import run_cli, serve
+from tests.parallel import quiet_from_here
 
 pytestmark = pytest.mark.e2e
 
@@ -175,6 +176,7 @@ def test_limits_hold_exactly_across_two_separate_server_processes(
     limited, other = _tenant_with_keys(tour_environment, tmp_path, "20/minute", keys=2)
     (stacked,) = _tenant_with_keys(tour_environment, tmp_path, "10/second;25/minute")
     with _two_servers(tour_environment, tmp_path) as ports:
+        quiet_from_here()
         # 60 rapid requests, ten at a time, half to each process: exactly 20 served.
         answers = asyncio.run(_rounds(ports, limited, rounds=6, per_round=10))
         assert _served(answers) == 20, answers
@@ -276,6 +278,7 @@ def test_no_burst_across_a_window_edge_over_two_processes(
 
     runs = []
     with _two_servers(environment, tmp_path) as ports:
+        quiet_from_here()
         for _attempt in range(3):
             key = _cli(environment, tmp_path, "keys", "issue", "--tenant", tenant["id"])
             opening, before, after = asyncio.run(scenario(key.strip().splitlines()[-1]))

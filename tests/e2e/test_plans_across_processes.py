@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import IRIS_SETOSA, IRIS_VIRGINICA, only_on, recorded_units
 from tests.e2e.servers import run_cli, serve, tenant_and_key
+from tests.parallel import quiet_from_here
 from tests.promises import PromisedDelay
 
 pytestmark = pytest.mark.e2e
@@ -93,6 +94,7 @@ def test_plans_hold_across_two_serving_processes(
 
     with ExitStack() as stack:
         ports = [stack.enter_context(serve(environment, tmp_path)) for _ in range(2)]
+        quiet_from_here()
         clients = [
             stack.enter_context(httpx.Client(base_url=f"http://127.0.0.1:{port}/api/v1"))
             for port in ports

@@ -25,6 +25,7 @@ from auth.redis_connection import connect_redis
 from tests.conftest import IRIS_SETOSA, Backend, make_settings, only_on, recorded_units
 from tests.e2e.redis_instances import Sentinels, redis_sentinels
 from tests.e2e.servers import run_cli, serve, tenant_and_key
+from tests.parallel import quiet_from_here
 
 pytestmark = pytest.mark.e2e
 
@@ -188,6 +189,7 @@ def test_a_master_killed_under_load_fails_over_without_a_500_or_an_overrun(
                 "MODELGATE_PREDICTION_CACHE_TTL_SECONDS": "60",
             }
             with serve(environment, tmp_path) as first, serve(environment, tmp_path) as second:
+                quiet_from_here()
                 run = asyncio.run(_scenario(group, (first, second), load_key, twenty_key))
                 load_counted = _counted(group, LOAD_LIMIT)
                 twenty_counted = _counted(group, TWENTY_LIMIT)

@@ -18,6 +18,7 @@ import pytest
 
 from tests.conftest import IRIS_SETOSA, Backend, only_on, recorded_units
 from tests.e2e.servers import run_cli, serve, tenant_and_key
+from tests.parallel import quiet_from_here
 
 pytestmark = pytest.mark.e2e
 
@@ -98,6 +99,7 @@ def test_a_worker_killed_midway_loses_no_billed_request(
     )
     log_path = tmp_path / "server.log"
     with serve(environment, tmp_path, workers=2, log_path=log_path) as port:
+        quiet_from_here()
         ok, failed, in_flight_at_kill = asyncio.run(_drive(port, key_text, log_path))
     recorded = asyncio.run(recorded_units(environment["MODELGATE_DATABASE_URL"], tenant_id))
     assert recorded >= ok, (recorded, ok)

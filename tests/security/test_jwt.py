@@ -43,6 +43,7 @@ from tests.conftest import (
     unique,
 )
 from tests.e2e.servers import BIN, run_cli, serve
+from tests.parallel import quiet_from_here
 
 ME = "/api/v1/me"
 TOKEN = "/api/v1/auth/token"
@@ -451,6 +452,7 @@ def test_jwt_is_refused_within_a_second_on_both_workers_after_revocation(
         log_path = tmp_path / "server.log"
         with serve(environment, tmp_path, workers=2, log_path=log_path) as port:
             _wait_for_workers(log_path, 2)
+            quiet_from_here()
             assert len(_until_both_workers(port, token, log_path, 200)) == 2
             asyncio.run(_execute(url, change.format(tenant=tenant["id"], jti=jti)))
             refused_on_both_workers(port, token, log_path, 401)

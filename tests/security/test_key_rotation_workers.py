@@ -15,6 +15,7 @@ from tests.conftest import Backend, only_on
 from tests.e2e import conftest as e2e_fixtures
 from tests.e2e.servers import run_cli, serve
 from tests.e2e.test_key_cache_workers import _fire, _until_both_workers
+from tests.parallel import quiet_from_here
 
 pytestmark = pytest.mark.e2e
 
@@ -54,6 +55,7 @@ def test_rotated_key_is_refused_on_every_worker_once_the_grace_ends(
     ]
     log_path = tmp_path / "server.log"
     with serve(environment, tmp_path, workers=2, log_path=log_path) as port:
+        quiet_from_here()
         # Both workers serve the old key, so both hold it in their cache.
         assert len(_until_both_workers(port, old_key, log_path, 200)) == 2
         asked = time.monotonic()
