@@ -49,6 +49,7 @@ class Server:
     """The module's server: its base URL, an operator's e-mail, and a tenant with a key."""
 
     url: str
+    backend: str
     operator: str
     tenant_id: str
     tenant_key: str
@@ -90,8 +91,11 @@ def _register_second_iris(environment: dict[str, str], cwd: Path) -> None:
     )
 
 
-def _tenant_with_key(environment: dict[str, str], cwd: Path, name: str) -> tuple[str, str]:
-    tenant = json.loads(run_cli(environment, cwd, "tenants", "create", "--name", name).stdout)
+def _tenant_with_key(
+    environment: dict[str, str], cwd: Path, name: str, *options: str
+) -> tuple[str, str]:
+    created = run_cli(environment, cwd, "tenants", "create", "--name", name, *options)
+    tenant = json.loads(created.stdout)
     scopes = "predict,usage:read,keys:manage,webhooks:manage"
     issued = run_cli(
         environment, cwd, "keys", "issue", "--tenant", tenant["id"], "--scopes", scopes
@@ -133,10 +137,15 @@ def server(
         text=True,
         check=True,
     )
-    tenant_id, tenant_key = _tenant_with_key(environment, cwd, f"acme-{uuid.uuid4().hex[:6]}")
+    # A quota of 10 units: the first test's 5 cross the 50 % alert threshold, and its 7 in all
+    # stay within it.
+    tenant_id, tenant_key = _tenant_with_key(
+        environment, cwd, f"acme-{uuid.uuid4().hex[:6]}", "--monthly-quota", "10"
+    )
     _, xss_key = _tenant_with_key(environment, cwd, XSS_NAME)
     with serve(environment, cwd) as port:
-        yield Server(f"http://127.0.0.1:{port}", operator, tenant_id, tenant_key, xss_key)
+        url = f"http://127.0.0.1:{port}"
+        yield Server(url, backend.name, operator, tenant_id, tenant_key, xss_key)
 
 
 @pytest.fixture(scope="module")
@@ -215,8 +224,15 @@ class Console:
         return secret
 
     def screenshot(self, name: str) -> None:
-        if SCREENSHOTS:
-            self.page.screenshot(path=str(Path(SCREENSHOTS) / f"{name}.png"), full_page=True)
+        """The page's first 1,300 pixels, for docs/console.md, on the SQLite run when
+        MODELGATE_TEST_SCREENSHOTS names a directory."""
+        if SCREENSHOTS and self.server.backend == "sqlite":
+            height = min(1300, int(self.page.evaluate("() => document.body.scrollHeight")))
+            self.page.screenshot(
+                path=str(Path(SCREENSHOTS) / f"{name}.png"),
+                full_page=True,
+                clip={"x": 0, "y": 0, "width": 1100, "height": height},
+            )
 
 
 @pytest.fixture
@@ -224,6 +240,8 @@ def console(browser: Any, server: Server) -> Iterator[Console]:
     """A new context (nothing shared with another test: no token, no storage) whose requests to
     any origin but the server's are blocked and recorded."""
     context = browser.new_context(viewport={"width": 1100, "height": 900})
+    # Every wait is for something this server does in well under a second.
+    context.set_default_timeout(10_000)
     page = context.new_page()
     seen = Console(page, server)
 
@@ -290,6 +308,9 @@ def test_a_tenant_sees_its_usage_manages_a_key_and_signing_out_revokes_the_token
         usage["total_units"],
     )
     assert page.locator(".chart canvas").count() == 1
+    gauge = page.get_by_test_id("quota").inner_text()
+    assert f"{usage['quota']['used']} of 10 units" in gauge
+    assert "Alert thresholds crossed this month: 50 %" in gauge
     console.check_accessibility("tenant view")
     console.screenshot("tenant")
 
@@ -345,10 +366,11 @@ def test_an_operator_creates_suspends_activates_and_finds_each_action_in_the_aud
     key = console.secret_shown_once()
     assert server.api("POST", "/predict", key, json={"features": IRIS_SETOSA}).status_code == 200
     console.check_accessibility("operator: a tenant")
-    console.screenshot("operator")
 
     page.get_by_role("button", name="Suspend tenant").click()
     page.get_by_test_id("tenant-status").filter(has_text="suspended").wait_for()
+    console.settle()
+    console.screenshot("operator")
     server.refused_soon(key, "/models")
     assert server.api("POST", "/predict", key, json={"features": IRIS_SETOSA}).status_code == 403
 
@@ -386,14 +408,36 @@ def test_an_operator_creates_suspends_activates_and_finds_each_action_in_the_aud
     server.refused_soon(console.tokens[0], "/admin/tenants")
 
 
+def _tab_to(page: Any, selector: str, presses: int = 40) -> None:
+    """Press Tab until the element matching ``selector`` has the keyboard focus."""
+    for _ in range(presses):
+        page.keyboard.press("Tab")
+        if page.evaluate("(s) => document.activeElement.matches(s)", selector):
+            return
+    raise AssertionError(f"{selector} cannot be reached with the keyboard")
+
+
 def test_a_tenant_named_as_html_is_shown_as_that_text_and_no_script_runs(
     console: Console, server: Server
 ) -> None:
-    console.sign_in_tenant(server.xss_key)
+    """On a phone-sized screen, with the keyboard alone."""
     page = console.page
+    page.set_viewport_size({"width": 375, "height": 800})
+    console.open()
+    _tab_to(page, "#tenant-key")
+    page.keyboard.type(server.xss_key)
+    page.keyboard.press("Enter")
+    page.get_by_test_id("tenant-name").wait_for()
+    console.settle()
     assert page.get_by_test_id("tenant-name").inner_text() == XSS_NAME
     assert page.locator("img[src=x]").count() == 0
-    page.get_by_role("button", name="Sign out").click()
+    # Nothing wider than the screen but what scrolls inside its own box (the tables).
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= 375
+    console.check_accessibility("tenant view, 375 px wide")
+    _tab_to(page, "#sign-out")
+    page.keyboard.press("Enter")
+    page.get_by_text("Signed out.").wait_for()
+    page.set_viewport_size({"width": 1100, "height": 900})
     console.sign_in_operator()
     assert page.locator(".tenant-name", has_text=XSS_NAME).count() == 1
     assert page.locator("img[src=x]").count() == 0
