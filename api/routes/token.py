@@ -26,7 +26,7 @@ from api.services import AppState
 from auth.audit import Actor, record_event
 from auth.errors import Forbidden, Unauthenticated
 from auth.identity.admins import MAX_EMAIL_LENGTH, MAX_PASSWORD_LENGTH, authenticate_password
-from auth.identity.authn import authorize
+from auth.identity.authn import authorize, bearer_credential
 from auth.identity.keys import DISPLAY_PREFIX_LENGTH, looks_like_key
 from auth.identity.tokens import MintedToken, granted_scopes, mint_token, revoke_token
 
@@ -116,7 +116,7 @@ class RevokedToken(BaseModel):
     responses=problem_responses(401, 403, 429, 503),
 )
 async def revoke_own_token(
-    subject: AnyCredential, request: Request, session: SessionDep
+    subject: AnyCredential, request: Request, state: StateDep, session: SessionDep
 ) -> RevokedToken:
     """Revoke the access token (JWT) that calls this route: signing out (RFC 7009 in spirit)."""
     # An API key is not revoked by presenting it (a leaked key must not let anyone end it
@@ -130,6 +130,10 @@ async def revoke_own_token(
     # token.revoke, refused on every worker within the credential cache's second.
     record = await revoke_token(session, request_actor(request, subject), subject.jti)
     assert record.revoked_at is not None  # noqa: S101 (revoke_token just set it)
+    # This worker need not wait out its cache's second: the client that signed out, and any
+    # copy of its token, is refused here at once (a request racing this one, before the commit,
+    # may cache it again, for at most the same second as on the other workers).
+    state.authenticator.forget_token(bearer_credential(request.headers.get("authorization")))
     return RevokedToken(jti=record.jti, revoked_at=record.revoked_at)
 
 
