@@ -494,6 +494,19 @@ def test_rate_limits_and_outages_say_when_to_retry_and_a_refused_token_signs_out
     console.errors.clear()
 
 
+def test_an_expired_session_says_so_and_asks_to_sign_in_again(
+    console: Console, server: Server
+) -> None:
+    """The page's clock, run past the token's lifetime (15 minutes)."""
+    console.page.clock.install()
+    console.sign_in_tenant(server.tenant_key)
+    console.settle()
+    console.page.clock.fast_forward("15:01")
+    console.page.get_by_text("Your session expired. Sign in again to continue.").wait_for()
+    assert console.page.locator("#sign-in").is_visible()
+    assert console.page.locator("#tenant-view").is_hidden()
+
+
 def test_docs_and_redoc_render_with_every_other_origin_blocked(console: Console) -> None:
     console.open("/docs")
     console.page.locator(".opblock").first.wait_for()

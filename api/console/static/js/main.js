@@ -1,6 +1,6 @@
 // The console's entry point: sign-in, sign-out, and which view is shown.
 import { current, signIn, signOut, whenExpired } from "./api.js";
-import { explain, h, notice, replace } from "./dom.js";
+import { explain, notice, replace } from "./dom.js";
 import { showOperator } from "./operator.js";
 import { showTenant } from "./tenant.js";
 
@@ -65,5 +65,3 @@ $("sign-out").addEventListener("click", async () => {
   }
 });
 whenExpired((message) => showSignedOut(message, "error"));
-document.documentElement.classList.add("js");
-replace(status, h("span"));
