@@ -28,7 +28,7 @@ from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
 from tests.conftest import IRIS_SETOSA, Backend
-from tests.e2e.servers import BIN, run_cli, serve
+from tests.e2e.servers import BIN, free_port, run_cli, serve
 
 pytestmark = pytest.mark.e2e
 
@@ -91,16 +91,21 @@ def _register_second_iris(environment: dict[str, str], cwd: Path) -> None:
     )
 
 
-def _tenant_with_key(
-    environment: dict[str, str], cwd: Path, name: str, *options: str
-) -> tuple[str, str]:
-    created = run_cli(environment, cwd, "tenants", "create", "--name", name, *options)
-    tenant = json.loads(created.stdout)
-    scopes = "predict,usage:read,keys:manage,webhooks:manage"
-    issued = run_cli(
-        environment, cwd, "keys", "issue", "--tenant", tenant["id"], "--scopes", scopes
+def _tenant_with_key(url: str, admin_token: str, **fields: Any) -> tuple[str, str]:
+    """A tenant created over the API, and a key with every tenant scope: (id, key)."""
+    headers = {"Authorization": f"Bearer {admin_token}"}
+    tenant = httpx.post(f"{url}/api/v1/admin/tenants", json=fields, headers=headers, timeout=30)
+    assert tenant.status_code == 201, tenant.text
+    tenant_id = tenant.json()["id"]
+    scopes = ["predict", "usage:read", "keys:manage", "webhooks:manage"]
+    issued = httpx.post(
+        f"{url}/api/v1/admin/tenants/{tenant_id}/keys",
+        json={"name": "default", "scopes": scopes},
+        headers=headers,
+        timeout=30,
     )
-    return tenant["id"], issued.stdout.strip().splitlines()[-1]
+    assert issued.status_code == 201, issued.text
+    return tenant_id, issued.json()["key"]
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +129,8 @@ def server(
             # The tests present revoked credentials on purpose, from 127.0.0.1, on a Redis that
             # other tests share: no test may throttle another (tests/e2e/conftest.py says why).
             "MODELGATE_AUTH_FAILURES_PER_ADDRESS": "999999/minute",
+            # A webhook endpoint on this machine, where nothing listens: its deliveries fail.
+            "MODELGATE_WEBHOOK_ALLOW_PRIVATE_TARGETS": "true",
         }
     )
     _register_second_iris(environment, cwd)
@@ -137,14 +144,17 @@ def server(
         text=True,
         check=True,
     )
-    # A quota of 10 units: the first test's 5 cross the 50 % alert threshold, and its 7 in all
-    # stay within it.
-    tenant_id, tenant_key = _tenant_with_key(
-        environment, cwd, f"acme-{uuid.uuid4().hex[:6]}", "--monthly-quota", "10"
-    )
-    _, xss_key = _tenant_with_key(environment, cwd, XSS_NAME)
     with serve(environment, cwd) as port:
         url = f"http://127.0.0.1:{port}"
+        login = {"grant_type": "password", "username": operator, "password": PASSWORD}
+        token = httpx.post(f"{url}/api/v1/auth/token", data=login, timeout=30)
+        assert token.status_code == 200, token.text
+        admin_token = token.json()["access_token"]
+        # A quota of 10 units: the first test's 5 cross the 50 % alert threshold, and its 7 in
+        # all stay within it.
+        name = f"acme-{uuid.uuid4().hex[:6]}"
+        tenant_id, tenant_key = _tenant_with_key(url, admin_token, name=name, monthly_quota=10)
+        _, xss_key = _tenant_with_key(url, admin_token, name=XSS_NAME)
         yield Server(url, backend.name, operator, tenant_id, tenant_key, xss_key)
 
 
@@ -215,11 +225,11 @@ class Console:
     def settle(self) -> None:
         self.page.wait_for_function("() => !document.querySelector('[aria-busy=true], .loading')")
 
-    def secret_shown_once(self) -> str:
+    def secret_shown_once(self, prefix: str = "mg_") -> str:
         box = self.page.locator("[data-secret-once] input")
         box.wait_for()
         secret = str(box.input_value())
-        assert secret.startswith("mg_")
+        assert secret.startswith(prefix)
         assert "shown this once" in self.page.locator("[data-secret-once]").inner_text()
         return secret
 
@@ -348,6 +358,35 @@ def test_a_tenant_sees_its_usage_manages_a_key_and_signing_out_revokes_the_token
     # At once: the server has one worker, which dropped the token from its cache.
     assert server.api("GET", "/me", token).status_code == 401
     assert server.api("GET", "/me", key).status_code == 200  # the key itself still works
+
+
+def test_a_tenant_adds_a_webhook_endpoint_sees_its_secret_once_and_reads_its_delivery_log(
+    console: Console, server: Server
+) -> None:
+    console.sign_in_tenant(server.tenant_key)
+    page = console.page
+    console.settle()
+    hook = f"http://127.0.0.1:{free_port()}/hooks/{uuid.uuid4().hex[:6]}"
+    page.get_by_label("Endpoint URL (https)").fill(hook)
+    page.get_by_role("checkbox", name="webhook.test").check()
+    page.get_by_role("button", name="Add endpoint").click()
+    secret = console.secret_shown_once("whsec_")
+    console.settle()
+    page.get_by_role("button", name=f"Send test event to {hook}").click()
+    page.get_by_text("A webhook.test event was queued.").wait_for()
+    assert secret not in page.content()
+    # The delivery fails (nothing listens there) and the log says so.
+    deadline = time.monotonic() + 15
+    while True:
+        page.get_by_role("button", name=f"Deliveries to {hook}").click()
+        console.settle()
+        if page.locator(".deliveries tbody tr").count():
+            break
+        assert time.monotonic() < deadline, "no delivery attempt logged"
+        page.wait_for_timeout(500)
+    attempt = page.locator(".deliveries tbody tr").first.inner_text()
+    assert "network_error" in attempt
+    console.check_accessibility("tenant view, webhooks")
 
 
 def test_an_operator_creates_suspends_activates_and_finds_each_action_in_the_audit_view(
