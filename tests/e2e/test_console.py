@@ -403,9 +403,18 @@ def test_an_operator_creates_suspends_activates_and_finds_each_action_in_the_aud
     page.get_by_role("heading", name=f"Tenant {name}").wait_for()
     console.settle()
     page.get_by_role("button", name="Issue key").click()
-    key = console.secret_shown_once()
-    assert server.api("POST", "/predict", key, json={"features": IRIS_SETOSA}).status_code == 200
+    first_key = console.secret_shown_once()
+    assert server.api("GET", "/me", first_key).status_code == 200
     console.check_accessibility("operator: a tenant")
+    # Rotated with no grace: a new key, shown once; the old one is refused.
+    console.settle()
+    page.get_by_label("Grace period of a rotation").fill("0")
+    page.get_by_role("button", name="Rotate key default").click()
+    page.get_by_text('New key replacing "default"').wait_for()
+    key = console.secret_shown_once()
+    assert key != first_key
+    server.refused_soon(first_key)
+    assert server.api("POST", "/predict", key, json={"features": IRIS_SETOSA}).status_code == 200
 
     page.get_by_role("button", name="Suspend tenant").click()
     page.get_by_test_id("tenant-status").filter(has_text="suspended").wait_for()
@@ -436,7 +445,25 @@ def test_an_operator_creates_suspends_activates_and_finds_each_action_in_the_aud
     page.get_by_text("link up").wait_for()
     console.check_accessibility("operator: audit trail")
 
-    for section in ("Plans", "Usage", "Billing", "Webhooks"):
+    # Usage: the new tenant's one prediction, in the top tenants and its chart.
+    console.section("Usage")
+    console.check_accessibility("operator: Usage")
+    assert page.locator("tr", has_text=name).count() == 1
+    page.get_by_role("button", name=f"Chart the usage of {name}").click()
+    console.settle()
+    assert page.get_by_test_id("total-units").inner_text() == "1"
+    assert page.locator(".chart canvas").count() == 1
+
+    # Billing: this month's export, downloaded.
+    console.section("Billing")
+    console.check_accessibility("operator: Billing")
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download the export").click()
+    exported = Path(download.value.path()).read_text()
+    assert exported.startswith("tenant_id,tenant_name,date,model,model_version,requests,units")
+    assert name in exported
+
+    for section in ("Plans", "Webhooks"):
         console.section(section)
         console.check_accessibility(f"operator: {section}")
     # Back to the version the other tests predict with.

@@ -41,10 +41,9 @@ function keysOf(tenant) {
       ["revoked", (k) => when(k.revoked_at, "no")],
       ["actions", (k) => (k.revoked_at && new Date(k.revoked_at) <= new Date() ? "" : h("div", { class: "row" },
         button("Rotate", async () => {
-          const grace = window.prompt(`Rotate "${k.name}": seconds the old key keeps working (0 to 604800)`, "3600");
-          if (grace === null) return;
           if (await attempt(outcome, async () => {
-            const issued = await call("POST", `/admin/keys/${encodeURIComponent(k.id)}/rotate`, { body: { grace_seconds: Number.parseInt(grace, 10) || 0 } });
+            const body = { grace_seconds: optionalInt(grace) ?? 0 };
+            const issued = await call("POST", `/admin/keys/${encodeURIComponent(k.id)}/rotate`, { body });
             return secretOnce(`New key replacing "${k.name}"`, issued.key);
           })) refresh();
         }, { "aria-label": `Rotate key ${k.name}` }),
@@ -58,6 +57,7 @@ function keysOf(tenant) {
       ))],
     ], keys, "No keys.");
   });
+  const [graceField, grace] = field("Grace period of a rotation (seconds the old key keeps working)", { type: "number", min: "0", max: "604800", value: "3600" });
   const [nameField, name] = field("Name of the new key", { required: true, maxlength: "200", value: "default" });
   const boxes = KEY_SCOPES.map((scope) => {
     const input = h("input", { type: "checkbox", value: scope, checked: scope === "predict" || scope === "usage:read" });
@@ -72,7 +72,7 @@ function keysOf(tenant) {
       return secretOnce(`New key "${issued.name}" for ${tenant.name}`, issued.key);
     })) refresh();
   });
-  append(body, form, outcome, list);
+  append(body, form, outcome, graceField, list);
   refresh();
   return node;
 }
