@@ -416,6 +416,13 @@ def test_an_operator_creates_suspends_activates_and_finds_each_action_in_the_aud
     server.refused_soon(first_key)
     assert server.api("POST", "/predict", key, json={"features": IRIS_SETOSA}).status_code == 200
 
+    # Its quota, edited.
+    page.get_by_label("Monthly quota override").fill("1000")
+    page.get_by_role("button", name="Save").click()
+    page.get_by_text(f"Saved {name}.").wait_for()
+    console.settle()
+    assert server.api("GET", "/me", key).json()["tenant"]["monthly_quota"] == 1000
+
     page.get_by_role("button", name="Suspend tenant").click()
     page.get_by_test_id("tenant-status").filter(has_text="suspended").wait_for()
     console.settle()

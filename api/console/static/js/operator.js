@@ -77,8 +77,9 @@ function keysOf(tenant) {
   return node;
 }
 
-function tenantDetail(tenant, plans, where, onChange) {
-  const outcome = h("div", { "aria-live": "polite" });
+function tenantDetail(tenant, plans, where, onChange, message) {
+  // The outcome of the change that rebuilt this view, if any.
+  const outcome = h("div", { "aria-live": "polite" }, message ? notice("ok", message) : "");
   const [planField, plan] = field("Plan", {}, plans.map((p) => [p.name, p.name]));
   plan.value = tenant.plan;
   const [rateField, rate] = field("Rate limit override (empty: the plan's)", { value: tenant.rate_limit ?? "", placeholder: "100/minute" });
@@ -87,11 +88,11 @@ function tenantDetail(tenant, plans, where, onChange) {
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     const body = { plan: plan.value, rate_limit: rate.value.trim() || null, monthly_quota: optionalInt(quota) };
+    let saved = null;
     if (await attempt(outcome, async () => {
-      const saved = await call("PATCH", `/admin/tenants/${encodeURIComponent(tenant.id)}`, { body });
+      saved = await call("PATCH", `/admin/tenants/${encodeURIComponent(tenant.id)}`, { body });
       onChange();
-      return notice("ok", `Saved ${saved.name}.`);
-    })) showTenantDetail(tenant.id, plans, where, onChange);
+    })) showTenantDetail(tenant.id, plans, where, onChange, `Saved ${saved.name}.`);
   });
   const suspended = tenant.status === "suspended";
   const toggle = button(suspended ? "Reactivate tenant" : "Suspend tenant", async () => {
@@ -99,8 +100,7 @@ function tenantDetail(tenant, plans, where, onChange) {
     if (await attempt(outcome, async () => {
       await call("PATCH", `/admin/tenants/${encodeURIComponent(tenant.id)}`, { body: { status: suspended ? "active" : "suspended" } });
       onChange();
-      return notice("ok", suspended ? "Tenant reactivated." : "Tenant suspended.");
-    })) showTenantDetail(tenant.id, plans, where, onChange);
+    })) showTenantDetail(tenant.id, plans, where, onChange, suspended ? "Tenant reactivated." : "Tenant suspended: its keys and tokens are refused.");
   }, { class: suspended ? "" : "danger" });
   const [node, body] = panel(`Tenant ${tenant.name}`, 3);
   append(
@@ -117,8 +117,8 @@ function tenantDetail(tenant, plans, where, onChange) {
   return node;
 }
 
-async function showTenantDetail(id, plans, where, onChange) {
-  await load(where, async () => tenantDetail(await call("GET", `/admin/tenants/${encodeURIComponent(id)}`), plans, where, onChange));
+async function showTenantDetail(id, plans, where, onChange, message = null) {
+  await load(where, async () => tenantDetail(await call("GET", `/admin/tenants/${encodeURIComponent(id)}`), plans, where, onChange, message));
   where.querySelector("h3")?.setAttribute("tabindex", "-1");
   where.querySelector("h3")?.focus();
 }
