@@ -291,19 +291,74 @@ function billingSection(root) {
 
 // ---- Audit trail -----------------------------------------------------------------------------
 
+// ---- The audit chain, checked in the browser ---------------------------------------------------
+
+/** JSON text as Python's json.dumps(ensure_ascii=True) writes it: every character outside
+ * printable ASCII as a \uXXXX escape. */
+function asciiJson(text) {
+  return text.replace(/[\u007f-\uffff]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`);
+}
+
+/** A value as JSON with sorted keys and no whitespace (auth.audit.canonical_form's rules). */
+function canonicalJson(value) {
+  if (Array.isArray(value)) return `[${value.map(canonicalJson).join(",")}]`;
+  if (value !== null && typeof value === "object") {
+    const members = Object.keys(value).sort().map((key) => `${asciiJson(JSON.stringify(key))}:${canonicalJson(value[key])}`);
+    return `{${members.join(",")}}`;
+  }
+  return asciiJson(JSON.stringify(value));
+}
+
+/** An API timestamp as Python's isoformat(timespec="microseconds") of the UTC time. */
+function pythonTime(text) {
+  const match = /^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(\d+))?(Z|[+-]00:00)?$/.exec(text);
+  if (!match) return text;
+  return `${match[1]}.${(match[2] || "").padEnd(6, "0").slice(0, 6)}+00:00`;
+}
+
+/** The hex SHA-256 an event's hash should be: the one `modelgate audit verify` recomputes. */
+async function eventHash(event) {
+  const document = {
+    id: event.id,
+    created_at: pythonTime(event.created_at),
+    actor: event.actor,
+    actor_key_id: event.actor_key_id,
+    action: event.action,
+    target_type: event.target_type,
+    target_id: event.target_id,
+    tenant_id: event.tenant_id,
+    remote_addr: event.client_addr,
+    user_agent: event.user_agent,
+    request_id: event.request_id,
+    detail: event.detail,
+    prev_hash: event.prev_hash,
+  };
+  const digest = await crypto.subtle.digest("SHA-256", new TextEncoder().encode(canonicalJson(document)));
+  return Array.from(new Uint8Array(digest), (byte) => byte.toString(16).padStart(2, "0")).join("");
+}
+
 /**
- * Check the links of a page of events (newest first): each event's prev_hash must be the hash of
- * the event before it. The whole chain, every hash recomputed, is `modelgate audit verify`.
+ * Verify a page of events (newest first): each event's hash recomputed, and each event naming
+ * the previous one's hash. The whole chain, from its first event to its recorded end, is
+ * `modelgate audit verify`.
  */
-function linkage(events) {
+async function verification(events) {
+  const whole = "The whole chain, from its first event to its recorded end, is checked by `modelgate audit verify`.";
   for (let i = 0; i + 1 < events.length; i += 1) {
-    const newer = events[i];
-    const older = events[i + 1];
+    const [newer, older] = [events[i], events[i + 1]];
     if (newer.id === older.id + 1 && newer.prev_hash !== older.hash) {
-      return notice("error", `The chain is broken: event ${newer.id} does not follow event ${older.id}.`);
+      return notice("error", `Chain broken: event ${newer.id} does not follow event ${older.id} (deleted, inserted or reordered). ${whole}`);
     }
   }
-  return notice("ok", `The ${events.length} events shown link up: each names the previous one's hash. The whole chain is verified by \`modelgate audit verify\`.`);
+  if (!globalThis.crypto?.subtle) {
+    return notice("info", `The ${events.length} events shown link up (each names the previous one's hash); their hashes cannot be recomputed on a page served over plain http. ${whole}`);
+  }
+  for (const event of events) {
+    if ((await eventHash(event)) !== event.hash) {
+      return notice("error", `Chain broken: event ${event.id} does not match its hash (edited after it was recorded). ${whole}`);
+    }
+  }
+  return notice("ok", `Verified: the ${events.length} events shown match their hashes and link up. ${whole}`);
 }
 
 function auditSection(root) {
@@ -326,7 +381,7 @@ function auditSection(root) {
   const show = (cursor) => load(results, async () => {
     const page = await call("GET", "/admin/audit", { query: query(cursor) });
     return [
-      linkage(page.events),
+      await verification(page.events),
       table("Audit events, newest first", [
         ["when", (e) => when(e.created_at)],
         ["actor", (e) => e.actor],
