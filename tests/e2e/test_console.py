@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -54,6 +55,7 @@ class Server:
     tenant_id: str
     tenant_key: str
     xss_key: str
+    limited_key: str  # allowed 2 requests a minute
 
     def api(self, method: str, path: str, credential: str, **kwargs: Any) -> httpx.Response:
         return httpx.request(
@@ -155,9 +157,12 @@ def server(
         name = f"acme-{uuid.uuid4().hex[:6]}"
         tenant_id, tenant_key = _tenant_with_key(url, admin_token, name=name, monthly_quota=10)
         _, xss_key = _tenant_with_key(url, admin_token, name=XSS_NAME)
+        _, limited_key = _tenant_with_key(
+            url, admin_token, name=f"busy-{uuid.uuid4().hex[:6]}", rate_limit="2/minute"
+        )
         # Non-ASCII in the audit trail, for the page's check of its hashes.
         _tenant_with_key(url, admin_token, name="Zürich ☃ 🚀")
-        yield Server(url, backend.name, operator, tenant_id, tenant_key, xss_key)
+        yield Server(url, backend.name, operator, tenant_id, tenant_key, xss_key, limited_key)
 
 
 @pytest.fixture(scope="module")
@@ -533,6 +538,22 @@ def test_a_tenant_named_as_html_is_shown_as_that_text_and_no_script_runs(
     assert page.locator("img[src=x]").count() == 0
     page.wait_for_timeout(200)  # an onerror handler would have run by now
     assert console.dialogs == []
+
+
+def test_a_tenant_over_its_rate_limit_is_told_when_to_retry(
+    console: Console, server: Server
+) -> None:
+    """The server's own 429: a key allowed 2 requests a minute, and a view that makes more."""
+    console.sign_in_tenant(server.limited_key)
+    console.settle()
+    refused = console.page.locator(".notice.error", has_text="(429)")
+    assert refused.count() >= 1
+    text = refused.first.inner_text()
+    assert re.search(r"Try again in \d+ seconds?\.", text), text
+    console.check_accessibility("tenant view, rate-limited")
+    # The browser reports each refused request as an error: they were the point here.
+    assert all("429" in error for error in console.errors), console.errors
+    console.errors.clear()
 
 
 def test_rate_limits_and_outages_say_when_to_retry_and_a_refused_token_signs_out(
