@@ -559,8 +559,9 @@ def test_a_tenant_over_its_rate_limit_is_told_when_to_retry(
 def test_rate_limits_and_outages_say_when_to_retry_and_a_refused_token_signs_out(
     console: Console, server: Server
 ) -> None:
-    """The error states, with the API's answers replaced in the browser (the server's own 429 and
-    503 are tested in tests/api/): what happened, and when to try again."""
+    """The error states the server is hard to bring about on demand (a 503, a 429 with a given
+    Retry-After, a token refused mid-session), with the API's answers replaced in the browser:
+    what happened, and when to try again. The server's own 429 is the test above."""
     answers: dict[str, tuple[int, dict[str, str], dict[str, Any]]] = {}
 
     def answer(path: str) -> Callable[[Any], None]:
