@@ -11,6 +11,7 @@ another origin, so both work air-gapped.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -67,16 +68,28 @@ REDOC_HEADERS = {
 ASSET_HEADERS = ((b"cache-control", b"public, max-age=3600"), *_COMMON_HEADERS)
 
 
+@dataclass(frozen=True)
+class MountLabel:
+    """What the request log and metrics name a static file's route by (``route_template`` reads
+    ``path_format``): the mount's path, one value for all its files, never a client's path."""
+
+    path_format: str
+
+
 class WithHeaders:
     """An ASGI app that sets ``headers`` on every response of ``app`` (replacing any of the same
-    name): the static files' security headers."""
+    name): the static files' security headers. Its requests are logged and counted under
+    ``path`` (a mount is no route, and would be ``unmatched``)."""
 
-    def __init__(self, app: ASGIApp, headers: tuple[tuple[bytes, bytes], ...]) -> None:
+    def __init__(self, app: ASGIApp, headers: tuple[tuple[bytes, bytes], ...], path: str) -> None:
         self.app = app
         self.headers = headers
         self._names = {name for name, _ in headers}
+        self._label = MountLabel(path)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["route"] = self._label
+
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 kept = [
@@ -95,13 +108,15 @@ def install_console(app: FastAPI, settings: Settings) -> None:
     ``MODELGATE_CONSOLE=false``, the console at ``/console/``."""
     app.mount(
         ASSETS_PATH,
-        WithHeaders(StaticFiles(directory=ASSETS_DIR), ASSET_HEADERS),
+        WithHeaders(StaticFiles(directory=ASSETS_DIR), ASSET_HEADERS, ASSETS_PATH),
         name="assets",
     )
     if settings.console:
         app.mount(
             CONSOLE_PATH,
-            WithHeaders(StaticFiles(directory=STATIC_DIR, html=True), CONSOLE_HEADERS),
+            WithHeaders(
+                StaticFiles(directory=STATIC_DIR, html=True), CONSOLE_HEADERS, CONSOLE_PATH
+            ),
             name="console",
         )
 

@@ -91,6 +91,9 @@ def test_console_sources_load_nothing_from_elsewhere_and_never_parse_html() -> N
         for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
             assert sink not in text, (path, sink)
         if path.suffix == ".html":
+            # Were the script not to run, a submitted credential must not land in a URL.
+            for form in re.findall(r"<form[^>]*>", text):
+                assert 'method="post"' in form, form
             assert "style=" not in text
             assert re.search(r"<script(?![^>]*\bsrc=)", text) is None, "inline script"
             assert "<style" not in text
