@@ -25,6 +25,7 @@ import httpx
 import joblib
 import numpy as np
 import pytest
+import skops.io as skops_io
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
@@ -51,6 +52,7 @@ class Server:
 
     url: str
     backend: str
+    cwd: Path
     operator: str
     tenant_id: str
     tenant_key: str
@@ -91,6 +93,8 @@ def _register_second_iris(environment: dict[str, str], cwd: Path) -> None:
         *("models", "register", str(source), "--name", "iris", "--version", "2"),
         *("--reference", str(reference)),
     )
+    # A third, in skops' format (no pickle), for the operator to pull from a file.
+    skops_io.dump(LogisticRegression(max_iter=500).fit(iris.data, iris.target), cwd / "iris.skops")
 
 
 def _tenant_with_key(url: str, admin_token: str, **fields: Any) -> tuple[str, str]:
@@ -162,7 +166,7 @@ def server(
         )
         # Non-ASCII in the audit trail, for the page's check of its hashes.
         _tenant_with_key(url, admin_token, name="Zürich ☃ 🚀")
-        yield Server(url, backend.name, operator, tenant_id, tenant_key, xss_key, limited_key)
+        yield Server(url, backend.name, cwd, operator, tenant_id, tenant_key, xss_key, limited_key)
 
 
 @pytest.fixture(scope="module")
@@ -441,12 +445,24 @@ def test_an_operator_creates_suspends_activates_and_finds_each_action_in_the_aud
     console.check_accessibility("operator: models")
     page.get_by_role("button", name="Activate version 2 of iris").click()
     page.get_by_text("iris version 2 is active").wait_for()
-    tenant_key = server.tenant_key
-    active = server.api("GET", "/models/iris", tenant_key).json()["active_version"]
-    assert active == "2"
+    console.settle()
+    assert server.api("GET", "/models/iris", server.tenant_key).json()["active_version"] == "2"
+    # A third version pulled from a file, then activated.
+    page.get_by_role("textbox", name="Source").fill(f"file://{server.cwd / 'iris.skops'}")
+    page.get_by_label("Served name").fill("iris")
+    page.get_by_label("Version (optional)").fill("3")
+    page.get_by_role("button", name="Pull", exact=True).click()
+    page.get_by_text("Pulled iris version 3").wait_for()
+    console.settle()
+    # Loaded when activated: by name, as a version not listed yet would be.
+    page.get_by_label("Version to activate").fill("3")
+    page.get_by_role("button", name="Activate", exact=True).click()
+    page.get_by_text("iris version 3 is active (was 2)").wait_for()
+    console.settle()
+    assert server.api("GET", "/models/iris", server.tenant_key).json()["active_version"] == "3"
 
     console.section("Audit trail")
-    for action in ("tenant.create", "key.issue", "tenant.suspend", "model.activate"):
+    for action in ("tenant.create", "key.issue", "tenant.suspend", "model.activate", "model.pull"):
         page.get_by_label("Action").fill(action)
         page.get_by_role("button", name="Search the trail").click()
         console.settle()

@@ -231,6 +231,8 @@ async function topTenants(month) {
 function usageSection(root) {
   const { start, end } = thisMonth();
   const top = h("div");
+  const [monthField, month] = field("Month (UTC)", { type: "month", required: true, value: start.slice(0, 7) });
+  const monthForm = h("form", { class: "inline-form" }, monthField, h("button", { type: "submit" }, "Rank tenants"));
   const chart = h("div");
   const [tenantField, tenant] = field("Tenant", {}, []);
   const [startField, from] = field("From (UTC day)", { type: "date", value: start, required: true });
@@ -245,10 +247,12 @@ function usageSection(root) {
     event.preventDefault();
     if (tenant.value) show();
   });
-  load(top, async () => {
-    const [{ tenants }, ranking] = await Promise.all([call("GET", "/admin/tenants", { query: { limit: 500 } }), topTenants(start.slice(0, 7))]);
+  const rank = () => load(top, async () => {
+    const [{ tenants }, ranking] = await Promise.all([call("GET", "/admin/tenants", { query: { limit: 500 } }), topTenants(month.value)]);
+    const chosen = tenant.value;
     replace(tenant, tenants.map((t) => h("option", { value: t.id }, t.name)));
-    return table("Top tenants this month, by units", [
+    if (chosen) tenant.value = chosen;
+    return table(`Top tenants of ${month.value}, by units`, [
       ["tenant", (t) => t.tenant_name],
       ["requests", (t) => count(t.requests)],
       ["units", (t) => count(t.units)],
@@ -256,10 +260,15 @@ function usageSection(root) {
         tenant.value = t.tenant_id;
         return show();
       }, { "aria-label": `Chart the usage of ${t.tenant_name}` })],
-    ], ranking.slice(0, 20), "No usage this month yet.");
+    ], ranking.slice(0, 20), "No usage in this month.");
   });
-  const [topNode, topBody] = panel("Top tenants this month");
-  append(topBody, top);
+  monthForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    rank();
+  });
+  rank();
+  const [topNode, topBody] = panel("Top tenants of a month");
+  append(topBody, h("p", { class: "muted" }, "Summed from the month's billing export."), monthForm, top);
   const [chartNode, chartBody] = panel("A tenant's usage");
   append(chartBody, form, chart);
   append(root, topNode, chartNode);
@@ -435,10 +444,18 @@ function modelsSection(root) {
   const [versionField, version] = field("Version (optional)");
   const [shaField, sha] = field("SHA-256 (required for https)", { pattern: "[0-9a-f]{64}" });
   const activate = h("input", { type: "checkbox" });
-  const form = h("form", { class: "inline-form" }, sourceField, nameField, versionField, shaField, h("label", { class: "check" }, activate, " activate once verified"), h("button", { type: "submit" }, "Pull"));
+  const pickle = h("input", { type: "checkbox" });
+  const form = h(
+    "form",
+    { class: "inline-form" },
+    sourceField, nameField, versionField, shaField,
+    h("label", { class: "check" }, activate, " activate once verified"),
+    h("label", { class: "check" }, pickle, " allow a pickle (it runs code when loaded: only with its SHA-256, from a source you trust)"),
+    h("button", { type: "submit" }, "Pull"),
+  );
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
-    const body = { source: source.value.trim(), name: name.value.trim(), activate: activate.checked };
+    const body = { source: source.value.trim(), name: name.value.trim(), activate: activate.checked, allow_pickle: pickle.checked };
     if (version.value.trim()) body.version = version.value.trim();
     if (sha.value.trim()) body.sha256 = sha.value.trim();
     if (await attempt(outcome, async () => {
@@ -446,9 +463,23 @@ function modelsSection(root) {
       return notice("ok", `Pulled ${pulled.name} version ${pulled.version} (${pulled.runtime}, sha256 ${pulled.artifact_sha256}).`);
     })) refresh();
   });
+  // Any version the catalogue holds, listed above or not yet loaded here (a version just pulled
+  // is loaded when it is activated): the same call as the buttons, which also rolls back.
+  const [modelField, model] = field("Model name", { required: true, value: "iris" });
+  const [targetField, target] = field("Version to activate", { required: true });
+  const activateForm = h("form", { class: "inline-form" }, modelField, targetField, h("button", { type: "submit" }, "Activate"));
+  activateForm.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    if (await attempt(outcome, async () => {
+      const done = await call("POST", `/admin/models/${encodeURIComponent(model.value.trim())}/activate`, { body: { version: target.value.trim() } });
+      return notice("ok", `${done.name} version ${done.version} is active${done.previous_version ? ` (was ${done.previous_version})` : ""}.`);
+    })) refresh();
+  });
+  const [activateNode, activateBody] = panel("Activate or roll back a version");
+  append(activateBody, activateForm);
   const [pullNode, pullBody] = panel("Pull a model version");
   append(pullBody, form);
-  append(root, outcome, list, pullNode);
+  append(root, outcome, list, activateNode, pullNode);
   refresh();
 }
 
