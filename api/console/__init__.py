@@ -53,8 +53,8 @@ _COMMON_HEADERS = (
 )
 CONSOLE_HEADERS = (
     (b"content-security-policy", CONSOLE_CSP.encode()),
-    # The page holds a bearer token in memory: no cache may keep a copy of the page that a
-    # later deploy changes, and revalidation is cheap (ETag).
+    # Revalidated on every load (cheap: ETag), so that an upgrade's page and modules are used
+    # together at once, never an old module with a new page.
     (b"cache-control", b"no-cache"),
     *_COMMON_HEADERS,
 )
