@@ -1,6 +1,8 @@
 """Model layer of modelgate: registry, manifests, hash-verified loading and inference.
 
 Nothing here knows about HTTP; the API layer maps :class:`ModelError` subclasses to responses.
+Training and conversion (:mod:`ml.train`, which imports scikit-learn) are imported where they are
+used, so that a serving process does not pay for scikit-learn.
 """
 
 from ml.errors import InvalidFeatures, ModelError, ModelNotFound, ModelUnavailable
@@ -9,7 +11,6 @@ from ml.manifest import FLOAT32_MAX, Manifest, read_manifest, sha256_file, write
 from ml.model import LoadedModel, Prediction
 from ml.onnx_export import ConversionError
 from ml.registry import DEFAULT_MODEL, ModelInfo, ModelProblem, ModelRegistry
-from ml.train import convert_version, has_model, register_model, train_default
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -26,11 +27,7 @@ __all__ = [
     "ModelUnavailable",
     "Prediction",
     "VersionStatus",
-    "convert_version",
-    "has_model",
     "read_manifest",
-    "register_model",
     "sha256_file",
-    "train_default",
     "write_manifest",
 ]

@@ -14,9 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import joblib
 import numpy as np
-import sklearn
 
 from ml.errors import ModelUnavailable
 from ml.manifest import (
@@ -208,6 +206,21 @@ def _load_onnx(manifest: Manifest, version_dir: Path, artifact: str, sha256: str
     return LoadedModel(manifest, predict_proba, "onnx")
 
 
+# joblib and scikit-learn are imported by the pickle path only: a server of ONNX versions never
+# unpickles, and importing scikit-learn (with SciPy and pandas) costs every process that starts,
+# the supervisor and each worker, about a second of CPU (tests/test_startup_imports.py).
+def _joblib() -> Any:
+    import joblib
+
+    return joblib
+
+
+def _sklearn_version() -> str:
+    import sklearn
+
+    return str(sklearn.__version__)
+
+
 def load_verified_estimator(manifest: Manifest, version_dir: Path) -> Any:
     """Unpickle a version's artifact, only if its bytes match the manifest's SHA-256.
 
@@ -232,7 +245,7 @@ def load_verified_estimator(manifest: Manifest, version_dir: Path) -> Any:
             # Unpickling is code execution: it is safe only because the SHA-256 of these exact
             # bytes was verified against the manifest just above. (ruff's S301 does not flag
             # joblib.load, so no noqa is needed; RUF100 would reject an unused one.)
-            return joblib.load(fileobj)
+            return _joblib().load(fileobj)
         except Exception as exc:
             logger.warning(
                 "model %s version %s: unpickling raised %s",
@@ -257,13 +270,14 @@ def _load_pickle(manifest: Manifest, version_dir: Path) -> LoadedModel:
         raise _LoadFailure(
             f"model has {len(classes)} classes but its manifest names {len(manifest.class_names)}"
         )
-    if manifest.sklearn_version != sklearn.__version__:
+    sklearn_version = _sklearn_version()
+    if manifest.sklearn_version != sklearn_version:
         # Pickles usually survive patch releases; say so loudly rather than refuse to serve.
         logger.warning(
             "model %s version %s was saved with scikit-learn %s, running %s",
             manifest.name,
             manifest.version,
             manifest.sklearn_version,
-            sklearn.__version__,
+            sklearn_version,
         )
     return LoadedModel(manifest, estimator.predict_proba, "sklearn")

@@ -20,12 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ml.manifest import NAME_PATTERN, SHA256_PATTERN, VERSION_PATTERN, Manifest
-from ml.model_files import register_estimator
 from ml.onnx_export import ConversionError
 from ml.sources import Fetched, SourceConfig, SourceError, fetch, parse_source
-from ml.sources.artifacts import PICKLE_REFUSED, adapt_onnx, load_pickle, load_skops
 from ml.sources.uri import ArtifactKind
-from ml.train import register_onnx
 
 __all__ = ["PullRefused", "PullRequest", "PullResult", "pull"]
 
@@ -101,6 +98,17 @@ def pull(model_dir: Path, request: PullRequest, config: SourceConfig) -> PullRes
 def _register(
     model_dir: Path, request: PullRequest, fetched: Fetched, max_bytes: int
 ) -> PullResult:
+    # Registering converts and checks with scikit-learn and skl2onnx: imported by the first pull,
+    # not by every serving process that may never pull (about a second of CPU each).
+    from ml.model_files import register_estimator
+    from ml.sources.artifacts import (
+        PICKLE_REFUSED,
+        adapt_onnx,
+        load_pickle,
+        load_skops,
+    )
+    from ml.train import register_onnx
+
     version = request.version or fetched.version_hint
     if version is not None and not re.fullmatch(VERSION_PATTERN, version):
         raise PullRefused(f"the source's version {version[:20]!r} is not a version number")

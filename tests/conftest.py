@@ -48,8 +48,8 @@ from auth.models import ApiKey
 from auth.schemas import TenantView
 from auth.settings import Settings, get_settings
 from auth.tenants import create_tenant, get_or_create_admin
-from ml import train_default
 from ml.observe import batch_observer, set_batch_observer
+from ml.train import train_default
 from tests.promises import PromisedDelay, running, summarize
 
 TEST_VARIABLE_PREFIX = "MODELGATE_TEST_"

@@ -68,6 +68,10 @@ def mlflow_server(directory: Path) -> Iterator[str]:
             # MLflow caches each event's webhooks (60 s by default): a test's new webhook must
             # not wait behind the list an earlier test left.
             "MLFLOW_WEBHOOK_CACHE_TTL": "1",
+            # No job runner: it starts three more Python processes (huey consumers, for MLflow's
+            # GenAI jobs), seconds of CPU on a busy machine; the registry, its artifacts and its
+            # webhooks (delivered from a thread pool) do not use it.
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         }
     )
     port = free_port()

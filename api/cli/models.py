@@ -43,7 +43,8 @@ def models_train(
     ] = False,
 ) -> None:
     """Train the default iris model from scikit-learn's bundled data and register it."""
-    from ml import DEFAULT_MODEL, has_model, train_default
+    from ml import DEFAULT_MODEL
+    from ml.train import has_model, train_default
 
     settings = get_settings()
     model_dir = settings.model_dir

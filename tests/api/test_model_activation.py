@@ -22,7 +22,7 @@ from sqlalchemy import delete, select
 from auth.db import create_engine, create_sessionmaker
 from auth.model_activation import ActivationView, activate_version
 from auth.models import AuditEvent, Event, ModelActivation
-from ml import register_model
+from ml.train import register_model
 from tests.conftest import (
     IRIS_SETOSA,
     TEST_ACTOR,

@@ -56,7 +56,7 @@ async def test_a_manifest_from_before_model_type_is_described_without_unpickling
     def refuse(*_args: Any, **_kwargs: Any) -> Any:
         pytest.fail("the pickle was opened at serve time")
 
-    monkeypatch.setattr("ml.loading.joblib.load", refuse)
+    monkeypatch.setattr("joblib.load", refuse)
     async with running_app(make_settings(backend, model_copy, tmp_path / "var"), backend) as app:
         _, key = await create_tenant_with_key(app)
         response = await app.client.get("/api/v1/model/info", headers=bearer(key))

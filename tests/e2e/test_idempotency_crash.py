@@ -159,10 +159,11 @@ def test_keys_retried_across_a_sigkill_are_billed_exactly_once(
         environment, tmp_path, "--name", "retrying", "--rate-limit", "1000000/minute"
     )
     port = free_port()
-    started = time.monotonic()
+    # No bound on the whole run's time: each phase is bounded where it waits (_until_answered's
+    # 30 s, the clients' 60 s), and a claim the killed server left that outlived its 2 s deadline
+    # would keep its key at 409 past those bounds. A loaded CI machine took 131 s for all of it.
     answered, replays, retries = asyncio.run(_drive(environment, tmp_path, port, key_text))
     recorded = asyncio.run(recorded_units(environment["MODELGATE_DATABASE_URL"], tenant_id))
     assert retries > 0, "the kill left no request unanswered"
     assert replays > 0, "no retry was answered from the store"
     assert recorded == len(answered), (recorded, len(answered), replays, retries)
-    assert time.monotonic() - started < 90

@@ -16,7 +16,7 @@ import pytest
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
-from ml import register_model
+from ml.train import register_model
 from tests.conftest import IRIS_SETOSA, Backend, only_on
 from tests.e2e.servers import run_cli, serve
 from tests.promises import PromisedDelay

@@ -9,7 +9,8 @@ import pytest
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
-from ml import ModelRegistry, register_model
+from ml import ModelRegistry
+from ml.train import register_model
 
 
 @pytest.fixture(scope="session")

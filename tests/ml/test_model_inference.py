@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from ml import InvalidFeatures, LoadedModel, ModelRegistry, register_model
+from ml import InvalidFeatures, LoadedModel, ModelRegistry
 from ml.model import INLINE_MAX_ROWS, Runtime
+from ml.train import register_model
 
 
 @pytest.mark.parametrize(
@@ -49,7 +50,7 @@ def test_onnx_version_is_served_without_unpickling(
     def refuse(*_args: Any, **_kwargs: Any) -> Any:
         pytest.fail("a version with an ONNX file was unpickled")
 
-    monkeypatch.setattr("ml.loading.joblib.load", refuse)
+    monkeypatch.setattr("joblib.load", refuse)
     registry = ModelRegistry(model_dir)
     registry.load()
     assert registry.get("iris").runtime == "onnx"

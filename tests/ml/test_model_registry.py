@@ -54,7 +54,7 @@ def test_tampered_artifact_is_refused_before_unpickling(
         return real_load(fileobj, *args, **kwargs)
 
     # Patch the name exactly as ml.loading looks it up.
-    monkeypatch.setattr("ml.loading.joblib.load", spy)
+    monkeypatch.setattr("joblib.load", spy)
     registry = _load(model_dir)
 
     assert loaded_from == [model_dir / "iris" / "1"]

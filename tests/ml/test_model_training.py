@@ -15,8 +15,8 @@ from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 
-from ml import ModelRegistry, has_model, register_model, sha256_file, train_default
-from ml.train import describe_estimator
+from ml import ModelRegistry, sha256_file
+from ml.train import describe_estimator, has_model, register_model, train_default
 
 
 def test_training_writes_artifact_and_manifest_with_matching_sha256(model_dir: Path) -> None:

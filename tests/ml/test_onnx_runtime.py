@@ -14,12 +14,11 @@ from ml import (
     Manifest,
     ModelRegistry,
     ModelUnavailable,
-    convert_version,
     onnx_export,
     read_manifest,
-    register_model,
 )
 from ml.manifest import sha256_file
+from ml.train import convert_version, register_model
 
 
 def _load(model_dir: Path) -> ModelRegistry:
@@ -143,7 +142,7 @@ def test_convert_refuses_a_tampered_pickle_without_unpickling_it(
     with (version_dir / "model.joblib").open("ab") as fileobj:
         fileobj.write(b"tampered")
     monkeypatch.setattr(
-        "ml.loading.joblib.load", lambda *_a, **_k: pytest.fail("a tampered pickle was loaded")
+        "joblib.load", lambda *_a, **_k: pytest.fail("a tampered pickle was loaded")
     )
 
     with pytest.raises(ValueError, match="does not match the SHA-256"):

@@ -14,10 +14,10 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from auth.model_activation import MODEL_NAME_PATTERN, MODEL_VERSION_PATTERN
-from ml import ModelNotFound, ModelRegistry, ModelUnavailable, register_model
+from ml import ModelNotFound, ModelRegistry, ModelUnavailable
 from ml.manifest import NAME_PATTERN, VERSION_PATTERN
 from ml.onnx_export import convert
-from ml.train import register_onnx
+from ml.train import register_model, register_onnx
 
 
 def _load(model_dir: Path) -> ModelRegistry:
