@@ -11,6 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.telemetry import TelemetryConfig
 from opentelemetry.trace import TracerProvider
 
+from api.console import install_api_docs, install_console
 from api.http.body_limit import BodyLimitMiddleware
 from api.http.errors import install_error_handlers
 from api.http.forwarded import TrustedProxies
@@ -83,6 +84,9 @@ def create_app(
         summary="Multi-tenant machine-learning predictions, metered and rate-limited.",
         lifespan=lifespan,
         telemetry=_telemetry(tracer_provider),
+        # Served from vendored assets by api.console, not FastAPI's pages that load a CDN's.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.tracer_provider = tracer_provider
     app.state.settings = settings
@@ -111,6 +115,8 @@ def create_app(
     app.include_router(root.router)
     install_metrics(app)
     app.include_router(v2.router)  # the Open Inference Protocol, at /v2 (no prefix)
+    install_api_docs(app)
+    install_console(app, settings)
 
     origins = settings.cors_origin_list
     if origins:

@@ -86,6 +86,8 @@ class Settings(BaseSettings):
     key_pepper: SecretStr | None = None
     model_dir: Path = Path("./models")
     cors_origins: str = ""
+    # Serve the web console (api.console) at /console/: static files, a client of the public API.
+    console: bool = True
     # Where development secrets are generated and the embedded database lives.
     var_dir: Path = Path("./var")
 

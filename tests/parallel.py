@@ -2,7 +2,8 @@
 tests/conftest.py.
 
 Work units (``unit_of``), each run whole by one worker: a test of tests/e2e/ (it starts servers
-of its own) is a unit by itself; every other module is one unit, so that its module fixtures (a
+of its own) is a unit by itself, but for the modules whose tests share a server
+(``SHARED_SERVER_MODULES``); every other module is one unit, so that its module fixtures (a
 database and an app, tests/deploy/test_nginx.py's nginx and replicas) are set up once. pytest
 9's node ids can no longer be suffixed by xdist's ``loadgroup``, so the units are told to xdist
 by a scheduler of our own (``pytest_xdist_make_scheduler``).
@@ -79,10 +80,18 @@ def _function_id(nodeid: str) -> str:
     return nodeid.split("[", 1)[0]
 
 
+# Real-server modules whose tests share one server per backend and one browser (module
+# fixtures): each is one unit, so that they are started once, not once per test.
+SHARED_SERVER_MODULES = frozenset({"tests/e2e/test_console.py"})
+
+
 def unit_of(nodeid: str) -> str:
-    """The work unit of a test: itself in tests/e2e/, else its module."""
+    """The work unit of a test: itself in tests/e2e/ (but for the modules above), else its
+    module."""
     module = _module(nodeid)
-    return nodeid if module.startswith("tests/e2e/") else module
+    if module.startswith("tests/e2e/") and module not in SHARED_SERVER_MODULES:
+        return nodeid
+    return module
 
 
 def is_timing_critical(item: pytest.Item) -> bool:

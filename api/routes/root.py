@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
+from api.console import DOCS_PATH
 from api.http.errors import problem_responses
 
 router = APIRouter(tags=["service"])
@@ -22,4 +23,4 @@ class ServiceInfo(BaseModel):
 async def service_info(request: Request) -> ServiceInfo:
     """Name the service, its version and the path of its documentation."""
     app = request.app
-    return ServiceInfo(name=app.title, version=app.version, docs=app.docs_url)
+    return ServiceInfo(name=app.title, version=app.version, docs=DOCS_PATH)

@@ -1,7 +1,10 @@
-"""``POST /auth/token``: an API key or an admin user's password for a short-lived JWT."""
+"""``POST /auth/token``: an API key or an admin user's password for a short-lived JWT;
+``POST /auth/revoke``: a JWT revoking itself (signing out)."""
 
 from __future__ import annotations
 
+import uuid
+from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Form, Request
@@ -10,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.http.context import request_context
 from api.http.deps import (
+    AnyCredential,
     DatabaseRoute,
     NoStore,
     SessionDep,
@@ -20,11 +24,11 @@ from api.http.deps import (
 from api.http.errors import problem_responses
 from api.services import AppState
 from auth.audit import Actor, record_event
-from auth.errors import Unauthenticated
+from auth.errors import Forbidden, Unauthenticated
 from auth.identity.admins import MAX_EMAIL_LENGTH, MAX_PASSWORD_LENGTH, authenticate_password
-from auth.identity.authn import authorize
+from auth.identity.authn import authorize, bearer_credential
 from auth.identity.keys import DISPLAY_PREFIX_LENGTH, looks_like_key
-from auth.identity.tokens import MintedToken, granted_scopes, mint_token
+from auth.identity.tokens import MintedToken, granted_scopes, mint_token, revoke_token
 
 router = APIRouter(route_class=DatabaseRoute, tags=["auth"])
 
@@ -96,6 +100,41 @@ async def issue_token(
         expires_in=minted.expires_in,
         scope=" ".join(sorted(minted.scopes)),
     )
+
+
+class RevokedToken(BaseModel):
+    """The access token that called ``/auth/revoke``, now revoked."""
+
+    jti: uuid.UUID
+    revoked_at: datetime
+
+
+@router.post(
+    "/auth/revoke",
+    response_model=RevokedToken,
+    dependencies=[NoStore],
+    responses=problem_responses(401, 403, 429, 503),
+)
+async def revoke_own_token(
+    subject: AnyCredential, request: Request, state: StateDep, session: SessionDep
+) -> RevokedToken:
+    """Revoke the access token (JWT) that calls this route: signing out (RFC 7009 in spirit)."""
+    # An API key is not revoked by presenting it (a leaked key must not let anyone end it
+    # silently, and a client that meant to sign out must not lose its key): 403.
+    if subject.jti is None:
+        raise Forbidden(
+            "this route revokes the access token that calls it; an API key is revoked with "
+            "POST /me/keys/{id}/revoke or by an operator"
+        )
+    # The same revocation as an operator's (POST /admin/tokens/{jti}/revoke): audited as
+    # token.revoke, refused on every worker within the credential cache's second.
+    record = await revoke_token(session, request_actor(request, subject), subject.jti)
+    assert record.revoked_at is not None  # noqa: S101 (revoke_token just set it)
+    # This worker need not wait out its cache's second: the client that signed out, and any
+    # copy of its token, is refused here at once (a request racing this one, before the commit,
+    # may cache it again, for at most the same second as on the other workers).
+    state.authenticator.forget_token(bearer_credential(request.headers.get("authorization")))
+    return RevokedToken(jti=record.jti, revoked_at=record.revoked_at)
 
 
 async def _mint(

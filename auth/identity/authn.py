@@ -284,6 +284,12 @@ class KeyAuthenticator:
         """Drop every cached credential (the benchmark uses it to time a cache miss)."""
         self._cache.clear()
 
+    def forget_token(self, token: str) -> None:
+        """Drop one access token from this worker's cache (it signed itself out): its next
+        request here is looked up, and refused, at once; other workers' entries lapse within
+        their second."""
+        self._cache.pop(token, None)
+
     async def _verify(
         self,
         entry: str,

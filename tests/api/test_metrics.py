@@ -89,10 +89,12 @@ async def test_requests_are_labelled_by_route_template_never_by_raw_path(
     model = await harness.client.get(f"/api/v1/models/{secret_name}", headers=bearer(key))
     assert model.status_code == 404
     assert (await harness.client.get(f"/{secret_path}/x?q={secret_path}")).status_code == 404
+    # A static file of the console is counted under its mount's path (api.console).
+    assert (await harness.client.get(f"/console/{secret_path}.js")).status_code == 404
     after = await scrape(harness.client)
     assert secret_name not in after
     assert secret_path not in after
-    for route in ("/api/v1/models/{name}", "unmatched"):
+    for route in ("/api/v1/models/{name}", "unmatched", "/console"):
         labels = {"route": route, "method": "GET", "status": "404"}
         grown = value(after, "modelgate_http_requests_total", **labels) - value(
             before, "modelgate_http_requests_total", **labels

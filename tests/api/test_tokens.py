@@ -268,6 +268,61 @@ async def test_operators_list_and_revoke_token_records_and_revocation_holds_with
     assert unknown.status_code == 404
 
 
+async def test_a_token_revokes_itself_at_auth_revoke_and_a_key_may_not(
+    harness: Harness,
+) -> None:
+    tenant, key = await create_tenant_with_key(harness)
+    token = await key_token(harness, key)
+    jti = jwt.decode(token, options={"verify_signature": False})["jti"]
+    other = await key_token(harness, key)
+    served = await harness.client.post(
+        "/api/v1/predict", json={"features": IRIS_SETOSA}, headers=bearer(token)
+    )
+    assert served.status_code == 200  # and now cached
+
+    revoked = await harness.client.post("/api/v1/auth/revoke", headers=bearer(token))
+    assert revoked.status_code == 200, revoked.text
+    assert revoked.json()["jti"] == jti
+    assert revoked.json()["revoked_at"] is not None
+    assert revoked.headers["cache-control"] == "no-store"
+    # At once on this worker (it drops the token from its cache); within a second on others.
+    after = await harness.client.post(
+        "/api/v1/predict", json={"features": IRIS_SETOSA}, headers=bearer(token)
+    )
+    assert after.status_code == 401
+    async with harness.sessionmaker() as session:
+        event = await session.scalar(
+            select(AuditEvent).where(
+                AuditEvent.action == "token.revoke", AuditEvent.target_id == jti
+            )
+        )
+    assert event is not None
+    assert event.actor == f"tenant:{tenant.id}"
+    # Only that token: another minted from the same key, and the key, still work.
+    for credential in (other, key):
+        still = await harness.client.get("/api/v1/me", headers=bearer(credential))
+        assert still.status_code == 200
+    # A key presented here is refused (403) and keeps working; no credential is 401.
+    refused = await harness.client.post("/api/v1/auth/revoke", headers=bearer(key))
+    assert refused.status_code == 403
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert (await harness.client.get("/api/v1/me", headers=bearer(key))).status_code == 200
+    anonymous = await harness.client.post("/api/v1/auth/revoke")
+    assert anonymous.status_code == 401
+    # An admin user's token signs out the same way.
+    email = await new_admin_user(harness)
+    login = await mint(harness, grant_type="password", username=email, password=PASSWORD)
+    admin_token = login.json()["access_token"]
+    out = await harness.client.post("/api/v1/auth/revoke", headers=bearer(admin_token))
+    assert out.status_code == 200, out.text
+    deadline = time.monotonic() + 1.5
+    while (
+        await harness.client.get("/api/v1/admin/tenants", headers=bearer(admin_token))
+    ).status_code == 200:
+        assert time.monotonic() < deadline, "the admin user's token still works"
+        await asyncio.sleep(0.05)
+
+
 async def test_records_expired_a_while_ago_are_pruned(harness: Harness) -> None:
     _, key = await create_tenant_with_key(harness)
     token = await key_token(harness, key)
