@@ -14,7 +14,7 @@ import statistics
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import joblib
@@ -59,6 +59,9 @@ class MicroResult:
     iterations: int = 0  # per repeat
     repeats: int = 0
     skipped: str | None = None
+    # This process's CPU per operation (median): what an operation that waits on Postgres or
+    # Redis costs the worker, as its wall time (us_per_op) does not say.
+    cpu_us_per_op: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A plain dict for the results file."""
@@ -76,12 +79,14 @@ def time_sync(name: str, description: str, operation: Callable[[], object]) -> M
         operation()
     iterations = _calibrate((time.perf_counter_ns() - started) / 10 / 1e9)
     per_op: list[float] = []
+    cpu_per_op: list[float] = []
     for _ in range(REPEATS):
-        started = time.perf_counter_ns()
+        started, cpu_started = time.perf_counter_ns(), time.process_time_ns()
         for _ in range(iterations):
             operation()
         per_op.append((time.perf_counter_ns() - started) / iterations / 1000)
-    return _result(name, description, per_op, iterations)
+        cpu_per_op.append((time.process_time_ns() - cpu_started) / iterations / 1000)
+    return _result(name, description, per_op, iterations, cpu_per_op)
 
 
 async def time_async(
@@ -93,12 +98,14 @@ async def time_async(
         await operation()
     iterations = _calibrate((time.perf_counter_ns() - started) / 10 / 1e9)
     per_op: list[float] = []
+    cpu_per_op: list[float] = []
     for _ in range(REPEATS):
-        started = time.perf_counter_ns()
+        started, cpu_started = time.perf_counter_ns(), time.process_time_ns()
         for _ in range(iterations):
             await operation()
         per_op.append((time.perf_counter_ns() - started) / iterations / 1000)
-    return _result(name, description, per_op, iterations)
+        cpu_per_op.append((time.process_time_ns() - cpu_started) / iterations / 1000)
+    return _result(name, description, per_op, iterations, cpu_per_op)
 
 
 async def time_amortized(
@@ -113,17 +120,7 @@ async def time_amortized(
     async def gathered() -> None:
         await asyncio.gather(*(operation() for _ in range(concurrency)))
 
-    result = await time_async(name, description, gathered)
-    scale = 1 / concurrency
-    return MicroResult(
-        name=result.name,
-        description=result.description,
-        us_per_op=round((result.us_per_op or 0) * scale, 2),
-        min_us_per_op=round((result.min_us_per_op or 0) * scale, 2),
-        max_us_per_op=round((result.max_us_per_op or 0) * scale, 2),
-        iterations=result.iterations * concurrency,
-        repeats=result.repeats,
-    )
+    return _scaled(await time_async(name, description, gathered), concurrency)
 
 
 async def time_concurrent(
@@ -137,11 +134,13 @@ async def time_concurrent(
     for operations too slow for :func:`time_amortized`'s calibration (scikit-learn)."""
     await asyncio.gather(*(operation() for _ in range(concurrency)))
     per_op: list[float] = []
+    cpu_per_op: list[float] = []
     for _ in range(repeats):
-        started = time.perf_counter_ns()
+        started, cpu_started = time.perf_counter_ns(), time.process_time_ns()
         await asyncio.gather(*(operation() for _ in range(concurrency)))
         per_op.append((time.perf_counter_ns() - started) / concurrency / 1000)
-    return _result(name, description, per_op, concurrency)
+        cpu_per_op.append((time.process_time_ns() - cpu_started) / concurrency / 1000)
+    return _result(name, description, per_op, concurrency, cpu_per_op)
 
 
 def _sklearn_runtime(model: LoadedModel, env: BenchEnvironment) -> LoadedModel:
@@ -151,7 +150,9 @@ def _sklearn_runtime(model: LoadedModel, env: BenchEnvironment) -> LoadedModel:
     return LoadedModel(model.manifest, estimator.predict_proba, "sklearn")
 
 
-def _result(name: str, description: str, per_op: list[float], iterations: int) -> MicroResult:
+def _result(
+    name: str, description: str, per_op: list[float], iterations: int, cpu_per_op: list[float]
+) -> MicroResult:
     return MicroResult(
         name=name,
         description=description,
@@ -160,6 +161,23 @@ def _result(name: str, description: str, per_op: list[float], iterations: int) -
         max_us_per_op=round(max(per_op), 2),
         iterations=iterations,
         repeats=len(per_op),
+        cpu_us_per_op=round(statistics.median(cpu_per_op), 2),
+    )
+
+
+def _scaled(result: MicroResult, operations: int) -> MicroResult:
+    """``result`` (measured per group of ``operations``) per operation."""
+
+    def per(value: float | None) -> float | None:
+        return None if value is None else round(value / operations, 2)
+
+    return replace(
+        result,
+        us_per_op=per(result.us_per_op),
+        min_us_per_op=per(result.min_us_per_op),
+        max_us_per_op=per(result.max_us_per_op),
+        cpu_us_per_op=per(result.cpu_us_per_op),
+        iterations=result.iterations * operations,
     )
 
 
@@ -572,20 +590,7 @@ async def _record_inserts(
                 ),
             ),
         ]
-    return [_per_row(result, FLUSH_ROWS) for result in results]
-
-
-def _per_row(result: MicroResult, rows: int) -> MicroResult:
-    """``result`` (per batch of ``rows``) per row."""
-    return MicroResult(
-        name=result.name,
-        description=result.description,
-        us_per_op=round((result.us_per_op or 0) / rows, 2),
-        min_us_per_op=round((result.min_us_per_op or 0) / rows, 2),
-        max_us_per_op=round((result.max_us_per_op or 0) / rows, 2),
-        iterations=result.iterations * rows,
-        repeats=result.repeats,
-    )
+    return [_scaled(result, FLUSH_ROWS) for result in results]
 
 
 async def _sqlite_usage_writes(env: BenchEnvironment, synchronous: str) -> list[MicroResult]:

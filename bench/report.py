@@ -48,6 +48,22 @@ class Cell:
     note: str = ""
     result: LoadResult | None = None
     warmup_errors: int = 0
+    # CPU seconds the server's processes, Postgres and Redis used during the measured run
+    # (bench.cpu; empty where /proc cannot be read).
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
+
+    def cpu_percent(self, who: str) -> float | None:
+        """What ``who`` used during the measured run, in % of one core."""
+        if self.result is None or who not in self.cpu_seconds or not self.result.duration_s:
+            return None
+        return 100 * self.cpu_seconds[who] / self.result.duration_s
+
+    @property
+    def server_us_per_request(self) -> float | None:
+        """The server's CPU per request answered (all its workers), in µs."""
+        if self.status != OK or self.result is None or "server" not in self.cpu_seconds:
+            return None
+        return 1e6 * self.cpu_seconds["server"] / max(1, self.result.requests)
 
     @property
     def key(self) -> tuple[int, str, int]:
@@ -110,6 +126,10 @@ class RunReport:
                 ),
                 "ratio_to_echo": _round(self.ratio(cell), 4),
                 "warmup_errors": cell.warmup_errors,
+                "cpu_percent": {
+                    who: _round(cell.cpu_percent(who), 1) for who in sorted(cell.cpu_seconds)
+                },
+                "server_cpu_us_per_request": _round(cell.server_us_per_request, 1),
                 # Kept for failed cells too, for diagnosis; the figures above are null then.
                 "measured": cell.result.to_json() if cell.result else None,
             }
@@ -205,6 +225,37 @@ def _fmt(value: float | None, spec: str, missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
 
+# The pieces of a /predict request that are modelgate's own accounting, by their micro-benchmarks
+# under load (64 concurrent): the cached credential check, the rate-limit check and the usage
+# record's group commit. Issue 21's goal: together at most 15% of a request's CPU.
+HOT_PATH_PIECES = ("key.authenticate", "limiter.hit.redis.x64", "usage.write.x64")
+
+
+def hot_path_share(report: RunReport) -> str | None:
+    """One line: the CPU of authentication, limit and metering per request (the micro column),
+    and its share of the server's CPU per ``/predict`` request at one worker, 64 connections."""
+    cpu = {m.name: m.cpu_us_per_op for m in report.micro if m.cpu_us_per_op is not None}
+    cell = next(
+        (
+            c
+            for c in report.cells
+            if (c.endpoint, c.workers, c.connections) == ("predict", 1, 64)
+            and c.server_us_per_request
+        ),
+        None,
+    )
+    if cell is None or not all(name in cpu for name in HOT_PATH_PIECES):
+        return None
+    pieces = sum(cpu[name] for name in HOT_PATH_PIECES)
+    per_request = cell.server_us_per_request or 0.0
+    return (
+        f"authentication + limit + metering: {pieces:.0f} µs of CPU per request "
+        f"({' + '.join(f'{cpu[name]:.1f}' for name in HOT_PATH_PIECES)}), "
+        f"{100 * pieces / per_request:.1f}% of /predict's {per_request:.0f} µs at 1 worker, 64 "
+        "connections"
+    )
+
+
 def render_table(report: RunReport) -> str:
     """The load results as one fixed-width table, then the micro-benchmarks and notes."""
     meta = report.meta
@@ -218,7 +269,8 @@ def render_table(report: RunReport) -> str:
     ]
     header = (
         f"{'workers':>7}  {'endpoint':<26} {'conns':>5} {'req/s':>9} {'rows/s':>9} "
-        f"{'p50 ms':>8} {'p99 ms':>8} {'errors':>6} {'vs echo':>7} {'wrk cpu':>7}"
+        f"{'p50 ms':>8} {'p99 ms':>8} {'errors':>6} {'vs echo':>7} {'wrk cpu':>7} "
+        f"{'srv cpu':>7} {'pg cpu':>6} {'redis':>6} {'srv µs/req':>10}"
     )
     lines += [header, "-" * len(header)]
     order = list(ENDPOINT_LABELS)
@@ -258,7 +310,11 @@ def render_table(report: RunReport) -> str:
             f"{cell.workers:>7}  {label:<26} {cell.connections:>5} {rps_text:>9} {rows_text:>9} "
             f"{_fmt(shown.p50_ms if shown else None, '.2f'):>8} "
             f"{_fmt(shown.p99_ms if shown else None, '.2f'):>8} {errors:>6} {ratio_text:>7} "
-            f"{_fmt(result.wrk_cpu_percent if result else None, '.0f'):>6}%"
+            f"{_fmt(result.wrk_cpu_percent if result else None, '.0f'):>6}% "
+            f"{_fmt(cell.cpu_percent('server'), '.0f'):>6}% "
+            f"{_fmt(cell.cpu_percent('postgres'), '.0f'):>5}% "
+            f"{_fmt(cell.cpu_percent('redis'), '.0f'):>5}% "
+            f"{_fmt(cell.server_us_per_request, '.0f'):>10}"
         )
     failed = report.failed
     if failed:
@@ -266,16 +322,26 @@ def render_table(report: RunReport) -> str:
         for cell in failed:
             lines.append(f"  w{cell.workers} {cell.endpoint} c{cell.connections}: {cell.note}")
     if report.micro:
-        lines += ["", f"{'micro-benchmark':<24} {'µs/op':>10} {'min':>9} {'max':>9}  what"]
+        # µs/op is wall time per operation; CPU µs is this process's CPU per operation (what
+        # an operation that waits on Postgres or Redis costs the worker).
+        lines += [
+            "",
+            f"{'micro-benchmark':<24} {'µs/op':>10} {'min':>9} {'max':>9} {'CPU µs':>8}  what",
+        ]
         for micro in report.micro:
             if micro.skipped:
-                lines.append(f"{micro.name:<24} {'skipped':>10} {'':>9} {'':>9}  {micro.skipped}")
+                lines.append(
+                    f"{micro.name:<24} {'skipped':>10} {'':>9} {'':>9} {'':>8}  {micro.skipped}"
+                )
             else:
                 lines.append(
                     f"{micro.name:<24} {_fmt(micro.us_per_op, '.1f'):>10} "
-                    f"{_fmt(micro.min_us_per_op, '.1f'):>9} {_fmt(micro.max_us_per_op, '.1f'):>9}"
-                    f"  {micro.description}"
+                    f"{_fmt(micro.min_us_per_op, '.1f'):>9} {_fmt(micro.max_us_per_op, '.1f'):>9} "
+                    f"{_fmt(micro.cpu_us_per_op, '.1f'):>8}  {micro.description}"
                 )
+    share = hot_path_share(report)
+    if share:
+        lines += ["", share]
     if report.notes:
         lines += ["", *(f"note: {note}" for note in report.notes)]
     return "\n".join(lines)

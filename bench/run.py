@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import IRIS_ROW, BenchError
+from bench import IRIS_ROW, BenchError, cpu
 from bench.grpc_load import run_grpc_load
 from bench.load import Target, require_wrk, run_wrk
 from bench.micro import run_micro_sync
@@ -230,7 +230,9 @@ def measure_cell(server: Server, target: Target, cell: Cell, options: RunOptions
         if options.warmup_s > 0:
             warmup = run_wrk(server.base_url, target, cell.connections, options.warmup_s)
             cell.warmup_errors = warmup.error_count
+        before = cpu.snapshot()
         cell.result = run_wrk(server.base_url, target, cell.connections, options.duration_s)
+        cell.cpu_seconds = cpu.usage(before, cpu.snapshot(), server.pid)
     except BenchError as exc:
         cell.status, cell.note = FAILED, str(exc)
         return

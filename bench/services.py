@@ -395,6 +395,11 @@ class Server:
                 start_new_session=True,
             )
 
+    @property
+    def pid(self) -> int | None:
+        """The server's process id (its workers are its children), once started."""
+        return self._process.pid if self._process is not None else None
+
     def alive(self) -> bool:
         """Whether the server process is still running."""
         return self._process is not None and self._process.poll() is None
