@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -36,7 +35,7 @@ from tests.deploy.stack import (
     prepare_nginx,
     replica,
 )
-from tests.e2e.servers import BIN, run_cli
+from tests.e2e.servers import run_cli, server_environment
 from tests.e2e.test_edge_addresses import client, loopback, predict, token_address
 from tests.parallel import quiet_from_here
 from tests.promises import PromisedDelay
@@ -103,26 +102,19 @@ class Stack:
 
 def environment_for(backend: Backend, models: Path, var: Path) -> dict[str, str]:
     """Each replica's environment: the shared database and Redis, nginx as the trusted proxy."""
-    environment = {
-        key: value for key, value in os.environ.items() if not key.startswith("MODELGATE_")
-    }
-    environment.update(
-        {
-            "PATH": f"{BIN}{os.pathsep}{environment.get('PATH', '')}",
-            "MODELGATE_DATABASE_URL": backend.database_url,
-            "MODELGATE_REDIS_URL": backend.redis_url,
-            "MODELGATE_MODEL_DIR": str(models),
-            "MODELGATE_VAR_DIR": str(var),
-            # Both replicas must share the secrets, as compose's replicas share theirs.
-            "MODELGATE_KEY_PEPPER": "deploy-test-pepper-" + "p" * 32,
-            "MODELGATE_JWT_SECRET": "deploy-test-jwt-secret-" + "j" * 32,
-            "MODELGATE_TRUSTED_PROXIES": PROXY_ADDRESS,
-            "MODELGATE_AUTH_FAILURES_PER_ADDRESS": f"{BUDGET}/minute",
-            # INFO: each replica logs a line per request (with its pid).
-            "MODELGATE_LOG_LEVEL": "INFO",
-        }
+    return server_environment(
+        backend.database_url,
+        backend.redis_url,
+        models,
+        var,
+        # Both replicas must share the secrets, as compose's replicas share theirs.
+        MODELGATE_KEY_PEPPER="deploy-test-pepper-" + "p" * 32,
+        MODELGATE_JWT_SECRET="deploy-test-jwt-secret-" + "j" * 32,
+        MODELGATE_TRUSTED_PROXIES=PROXY_ADDRESS,
+        MODELGATE_AUTH_FAILURES_PER_ADDRESS=f"{BUDGET}/minute",
+        # INFO: each replica logs a line per request (with its pid).
+        MODELGATE_LOG_LEVEL="INFO",
     )
-    return environment
 
 
 @pytest.fixture(scope="module")

@@ -130,6 +130,29 @@ def moto_server() -> Iterator[str]:
             process.wait()
 
 
+def server_environment(
+    database_url: str, redis_url: str, models: Path, var: Path, **settings: str
+) -> dict[str, str]:
+    """The environment of a server or command a test starts: this process's without any
+    ``MODELGATE_*`` of the caller's (the suite is hermetic), the virtualenv's commands first on
+    PATH, the database, Redis, model and var directories, then ``settings`` (each a
+    ``MODELGATE_*`` name and its value)."""
+    environment = {
+        key: value for key, value in os.environ.items() if not key.startswith("MODELGATE_")
+    }
+    environment.update(
+        {
+            "PATH": f"{BIN}{os.pathsep}{environment.get('PATH', '')}",
+            "MODELGATE_DATABASE_URL": database_url,
+            "MODELGATE_REDIS_URL": redis_url,
+            "MODELGATE_MODEL_DIR": str(models),
+            "MODELGATE_VAR_DIR": str(var),
+            **settings,
+        }
+    )
+    return environment
+
+
 def run_cli(
     environment: dict[str, str], cwd: Path, *args: str, check: bool = True
 ) -> subprocess.CompletedProcess[str]:

@@ -8,7 +8,6 @@ import asyncio
 import base64
 import hmac
 import json
-import os
 import shutil
 import threading
 import time
@@ -42,7 +41,7 @@ from tests.conftest import (
     refused_within,
     unique,
 )
-from tests.e2e.servers import BIN, run_cli, serve
+from tests.e2e.servers import run_cli, serve, server_environment
 from tests.parallel import quiet_from_here
 
 ME = "/api/v1/me"
@@ -391,26 +390,20 @@ def test_jwt_is_refused_within_a_second_on_both_workers_after_revocation(
     models = tmp_path / "models"
     shutil.copytree(served_model_dir, models)
     secret = "e2e-jwt-secret-" + "z" * 32
-    environment = {
-        name: value for name, value in os.environ.items() if not name.startswith("MODELGATE_")
-    }
-    environment.update(
-        {
-            "PATH": f"{BIN}{os.pathsep}{environment.get('PATH', '')}",
-            "MODELGATE_MODEL_DIR": str(models),
-            "MODELGATE_VAR_DIR": str(tmp_path / "var"),
-            "MODELGATE_REDIS_URL": backend.redis_url,
-            "MODELGATE_JWT_SECRET": secret,
-            "MODELGATE_LOG_LEVEL": "INFO",
+    with new_postgres_database() as url:
+        environment = server_environment(
+            url,
+            backend.redis_url,
+            models,
+            tmp_path / "var",
+            MODELGATE_JWT_SECRET=secret,
+            MODELGATE_LOG_LEVEL="INFO",
             # Every test's failed credentials come from 127.0.0.1 and share Redis: this one's
             # 401s must not be turned into 429s by the others' (as in tests/e2e/conftest.py).
-            "MODELGATE_AUTH_FAILURES_PER_ADDRESS": "999999/minute",
+            MODELGATE_AUTH_FAILURES_PER_ADDRESS="999999/minute",
             # Polled until refused, up to 5 s (tests.promises): no rate limit may answer first.
-            "MODELGATE_DEFAULT_RATE_LIMIT": "1000000/minute",
-        }
-    )
-    with new_postgres_database() as url:
-        environment["MODELGATE_DATABASE_URL"] = url
+            MODELGATE_DEFAULT_RATE_LIMIT="1000000/minute",
+        )
         run_cli(environment, tmp_path, "db", "upgrade")
         tenant = json.loads(
             run_cli(environment, tmp_path, "tenants", "create", "--name", "jwt").stdout
