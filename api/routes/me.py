@@ -194,8 +194,10 @@ async def rotate_my_key(
     request: Request,
 ) -> IssuedKey:
     """Rotate one of the caller's tenant's keys with a grace; the successor is shown once."""
-    # The operator's rotation, held to the caller's tenant: another tenant's key, or an
-    # operator's, is not found.
+    # The operator's rotation, held to the caller's tenant (another tenant's key, or an
+    # operator's, is not found) and to what the caller could issue: the successor's secret
+    # is handed to the caller, so a key with a scope it lacks, or one that outlives the key
+    # behind it, is 403 (as issuing such a key is).
     return await rotate_key(
         session,
         state.secrets.key_pepper,
@@ -203,4 +205,6 @@ async def rotate_my_key(
         key_id,
         grace_seconds=body.grace_seconds,
         tenant_id=subject.require_tenant().id,
+        max_scopes=subject.scopes,
+        created_by=subject.require_key_id(),
     )

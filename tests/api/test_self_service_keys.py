@@ -382,3 +382,53 @@ async def test_rotating_needs_keys_manage_and_a_tenant_credential(harness: Harne
         )
         assert response.status_code == 403, response.text
     assert (await harness.client.post(f"{KEYS}/{own_id}/rotate", json={})).status_code == 401
+
+
+async def test_a_tenant_may_rotate_only_keys_it_could_issue(harness: Harness) -> None:
+    """A rotation hands the caller a new secret with the old key's scopes and expiry, so it has
+    issuing's bounds: a key with a scope the calling credential lacks, or one that outlives the
+    key behind it, is 403 and is not rotated; a key within both bounds is rotated."""
+    _, manager = await create_tenant_with_key(harness, scopes=MANAGER)  # never expires
+    tomorrow = (utcnow() + timedelta(days=1)).isoformat()
+
+    async def issue(credential: str, name: str, **body: object) -> dict[str, str]:
+        issued = await harness.client.post(
+            KEYS, json={"name": name, **body}, headers=bearer(credential)
+        )
+        assert issued.status_code == 201, issued.text
+        created: dict[str, str] = issued.json()
+        return created
+
+    short = await issue(manager, "short", scopes=["keys:manage", "predict"], expires_at=tomorrow)
+    wide = await issue(manager, "wide", scopes=["predict", "usage:read"], expires_at=tomorrow)
+    lasting = await issue(manager, "lasting", scopes=["predict"])  # never expires
+    within = await issue(short["key"], "within", scopes=["predict"])  # ends with "short"
+
+    for refused_key, reason in ((wide, "scopes it lacks: usage:read"), (lasting, "outlives")):
+        refused = await harness.client.post(
+            f"{KEYS}/{refused_key['id']}/rotate", json={}, headers=bearer(short["key"])
+        )
+        assert refused.status_code == 403, refused.text
+        assert reason in refused.json()["detail"]
+    rotated = await harness.client.post(
+        f"{KEYS}/{within['id']}/rotate", json={"grace_seconds": 60}, headers=bearer(short["key"])
+    )
+    assert rotated.status_code == 201, rotated.text
+    assert rotated.json()["expires_at"] == within["expires_at"]
+    async with harness.sessionmaker() as session:
+        successors = (
+            await session.scalars(
+                select(ApiKey.rotated_from_id).where(
+                    ApiKey.rotated_from_id.in_(
+                        [uuid.UUID(k["id"]) for k in (wide, lasting, within)]
+                    )
+                )
+            )
+        ).all()
+    assert successors == [uuid.UUID(within["id"])]
+    # The operator, or a credential that lasts as long, rotates the others.
+    for key in (wide, lasting):
+        again = await harness.client.post(
+            f"{KEYS}/{key['id']}/rotate", json={}, headers=bearer(manager)
+        )
+        assert again.status_code == 201, again.text
