@@ -516,6 +516,7 @@ def test_an_operator_creates_suspends_activates_and_finds_each_action_in_the_aud
     assert verified["intact"] is True
     assert "The whole chain is intact" in page.get_by_test_id("chain-verification").inner_text()
     assert page.get_by_test_id("chain-head").inner_text() == verified["head"]
+    console.screenshot("audit")
     console.check_accessibility("operator: audit trail")
 
     # ...so that an event edited on its way is caught (here, in the browser).

@@ -241,7 +241,7 @@ function usageSection(root) {
   const show = () => load(chart, async () => {
     const report = await call("GET", "/admin/usage", { query: { tenant_id: tenant.value, start: from.value, end: to.value } });
     const name = tenant.selectedOptions[0]?.textContent || tenant.value;
-    return [h("h4", {}, `Usage of ${name}`), ...usageReport(report, `${name}: requests and units per day`)];
+    return [h("h4", {}, `Usage of ${name}`), ...usageReport(report, `${name}: requests and units per day, by model and version`)];
   });
   form.addEventListener("submit", (event) => {
     event.preventDefault();

@@ -282,7 +282,7 @@ export async function showTenant(root) {
     const [usageNode, usageBody] = panel("Usage this month");
     append(root, usageNode);
     const { start, end } = thisMonth();
-    load(usageBody, async () => usageReport(await call("GET", "/me/usage", { query: { start, end } }), "Requests and units per day"));
+    load(usageBody, async () => usageReport(await call("GET", "/me/usage", { query: { start, end } }), "Requests and units per day, by model and version"));
   }
   if (has("keys:manage")) append(root, keysPanel());
   if (has("webhooks:manage")) append(root, webhooksPanel("/me/webhooks"));
