@@ -186,12 +186,33 @@ class ChainReport:
         return self.problem is None
 
 
+async def _chain_head(session: AsyncSession) -> tuple[int, str] | None:
+    """Where the head row says the chain ends: (last event id, its hash), read now (columns,
+    not the row's object, which the session could hold from an earlier read)."""
+    row = (
+        await session.execute(
+            select(AuditChainHead.last_event_id, AuditChainHead.last_hash).where(
+                AuditChainHead.id == 1
+            )
+        )
+    ).one_or_none()
+    return (row[0], row[1]) if row is not None else None
+
+
 async def verify_chain(session: AsyncSession, *, batch: int = 1000) -> ChainReport:
     """Recompute the whole chain in id order, in constant memory, and report the first event
     that was edited (its hash no longer matches), deleted (a gap, or a cut-off end) or moved
-    (its previous hash names another event)."""
+    (its previous hash names another event).
+
+    The chain's recorded end is read before the walk and again after it, so that events that
+    concurrent writers append meanwhile (each moves the head on in its own transaction) are
+    not taken for a tampered end: the walk must reach the end read first, with the hash
+    recorded for it, and may go on only as far as the end read last."""
+    before = await _chain_head(session)
     expected_id = 1
     previous_hash = GENESIS_HASH
+    # The hash of the event at the end read first, once the walk has reached it.
+    hash_at_start_end = GENESIS_HASH if before is not None and before[0] == 0 else None
     count = 0
     stream = await session.stream_scalars(
         select(AuditEvent).order_by(AuditEvent.id).execution_options(yield_per=batch)
@@ -212,15 +233,23 @@ async def verify_chain(session: AsyncSession, *, batch: int = 1000) -> ChainRepo
         previous_hash = event.hash
         expected_id += 1
         count += 1
+        if before is not None and count == before[0]:
+            hash_at_start_end = previous_hash
         # Each event is checked once; the session need not keep it.
         session.expunge(event)
-    head = await session.get(AuditChainHead, 1)
-    if head is None or head.last_event_id != count or head.last_hash != previous_hash:
-        return ChainReport(
-            count,
-            previous_hash,
-            count + 1,
-            f"the chain's recorded end is event {head.last_event_id if head else '?'}: "
-            "events after the last one found were deleted",
-        )
-    return ChainReport(count, previous_hash)
+    after = await _chain_head(session)
+    if before is None or after is None:
+        end: tuple[int, str] | None = None
+    elif count < before[0] or hash_at_start_end != before[1]:
+        end = before  # cut off before the end recorded when the walk began, or that end moved
+    elif count > after[0] or (count == after[0] and previous_hash != after[1]):
+        end = after  # events beyond the end recorded now, or the last one is not it
+    else:
+        return ChainReport(count, previous_hash)
+    return ChainReport(
+        count,
+        previous_hash,
+        count + 1,
+        f"the chain's recorded end is event {end[0] if end else '?'}: "
+        "events after the last one found were deleted",
+    )

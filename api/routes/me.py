@@ -22,8 +22,9 @@ from api.http.deps import (
 )
 from api.http.errors import problem_responses
 from api.schemas.fields import KeyExpiry, Name, TenantScope
+from api.schemas.keys import KeyRotate
 from api.schemas.usage import EndDay, GroupBy, StartDay, UsageReport, usage_report
-from auth.identity.keys import issue_tenant_key, list_tenant_keys, revoke_key
+from auth.identity.keys import issue_tenant_key, list_tenant_keys, revoke_key, rotate_key
 from auth.schemas import IssuedKey, KeyList, KeyView, TenantView
 from auth.tenants import get_tenant
 from auth.usage.ledger import DEFAULT_BREAKDOWNS, report_window, usage_summary
@@ -174,4 +175,36 @@ async def revoke_my_key(
     """Revoke one of the caller's tenant's keys now; another tenant's key is not found."""
     return await revoke_key(
         session, request_actor(request, subject), key_id, tenant_id=subject.require_tenant().id
+    )
+
+
+@router.post(
+    "/me/keys/{key_id}/rotate",
+    status_code=201,
+    response_model=IssuedKey,
+    dependencies=[NoStore],
+    responses=problem_responses(401, 403, 404, 409, 422, 429, 503),
+)
+async def rotate_my_key(
+    key_id: uuid.UUID,
+    body: KeyRotate,
+    subject: KeysScope,
+    session: SessionDep,
+    state: StateDep,
+    request: Request,
+) -> IssuedKey:
+    """Rotate one of the caller's tenant's keys with a grace; the successor is shown once."""
+    # The operator's rotation, held to the caller's tenant (another tenant's key, or an
+    # operator's, is not found) and to what the caller could issue: the successor's secret
+    # is handed to the caller, so a key with a scope it lacks, or one that outlives the key
+    # behind it, is 403 (as issuing such a key is).
+    return await rotate_key(
+        session,
+        state.secrets.key_pepper,
+        request_actor(request, subject),
+        key_id,
+        grace_seconds=body.grace_seconds,
+        tenant_id=subject.require_tenant().id,
+        max_scopes=subject.scopes,
+        created_by=subject.require_key_id(),
     )

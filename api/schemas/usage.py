@@ -41,6 +41,18 @@ class ModelUsageOut(BaseModel):
     units: int
 
 
+class DayModelUsageOut(BaseModel):
+    """Usage of one model version on one UTC day."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    date: date
+    model: str
+    model_version: str
+    requests: int
+    units: int
+
+
 class KeyUsageOut(BaseModel):
     """Usage of one API key (its name and display prefix, never the key)."""
 
@@ -70,6 +82,10 @@ class UsageReport(BaseModel):
         description="by model version; empty unless group_by has model"
     )
     by_key: list[KeyUsageOut] = Field(description="by API key; empty unless group_by has key")
+    by_day_and_model: list[DayModelUsageOut] = Field(
+        description="by UTC day and model version, ordered by day, model and version (days "
+        "without usage left out); empty unless group_by has both day and model",
+    )
 
 
 def usage_report(
@@ -107,6 +123,16 @@ def usage_report(
                 units=k.units,
             )
             for k in summary.by_key
+        ],
+        by_day_and_model=[
+            DayModelUsageOut(
+                date=p.date,
+                model=p.model,
+                model_version=p.model_version,
+                requests=p.requests,
+                units=p.units,
+            )
+            for p in summary.by_day_and_model
         ],
     )
 

@@ -152,6 +152,22 @@ async def issue_tenant_key(
     return IssuedKey.issued(key, secret)
 
 
+async def _creator_end(session: AsyncSession, creator_id: uuid.UUID) -> datetime | None:
+    """When the key ``creator_id`` stops working (the earlier of its expiry and a scheduled
+    revocation), read from the database; None: never. 401 when it no longer works."""
+    creator = await session.get(ApiKey, creator_id, populate_existing=True)
+    if creator is None:
+        raise Unauthenticated("invalid credential")
+    ends = [moment for moment in (creator.expires_at, creator.revoked_at) if moment is not None]
+    if not ends:
+        return None
+    end = min(ends)
+    if end <= utcnow():
+        # It ended after the request's credential was checked (within the key cache's TTL).
+        raise Unauthenticated("credential expired")
+    return end
+
+
 async def _bounded_by_creator(
     session: AsyncSession, creator_id: uuid.UUID, expires_at: datetime | None
 ) -> datetime | None:
@@ -167,16 +183,9 @@ async def _bounded_by_creator(
     issued through a token a minutes-long key, and bound nothing the key's holder could not
     get by calling with the key itself. What a stolen token can do, it can do until its key
     ends, and so can what it issues."""
-    creator = await session.get(ApiKey, creator_id, populate_existing=True)
-    if creator is None:
-        raise Unauthenticated("invalid credential")
-    ends = [moment for moment in (creator.expires_at, creator.revoked_at) if moment is not None]
-    if not ends:
+    end = await _creator_end(session, creator_id)
+    if end is None:
         return expires_at
-    end = min(ends)
-    if end <= utcnow():
-        # It ended after the request's credential was checked (within the key cache's TTL).
-        raise Unauthenticated("credential expired")
     if expires_at is None:
         return end
     if expires_at > end:
@@ -364,17 +373,34 @@ async def rotate_key(
     *,
     grace_seconds: int,
     tenant_id: uuid.UUID | None = None,
+    max_scopes: frozenset[str] | None = None,
+    created_by: uuid.UUID | None = None,
 ) -> IssuedKey:
     """Replace a live key by a new one with the same owner, name, scopes and expiry, audited as
     ``key.rotate``. The old key keeps working for ``grace_seconds`` (0: it is revoked now) and
     fails on every worker from then on; revoking it meanwhile takes effect at once. A revoked,
-    expired or already rotated key is a 409. The new key is in the result only."""
+    expired or already rotated key is a 409. The new key is in the result only.
+
+    Self-service (a tenant's credential) passes ``tenant_id`` (another tenant's key is 404),
+    and the bounds that issuing a key has, since a rotation hands over a new secret too: with
+    ``max_scopes`` a key holding a scope the calling credential lacks, and with ``created_by``
+    (the key behind the calling credential) a key that outlives that key, are 403."""
     if not 0 <= grace_seconds <= MAX_ROTATION_GRACE_SECONDS:
         raise InvalidRequest(
             f"grace_seconds must be from 0 to {MAX_ROTATION_GRACE_SECONDS}",
             loc=("grace_seconds",),
         )
     old = await _owned_key(session, key_id, tenant_id)
+    if max_scopes is not None and not old.scope_set <= max_scopes:
+        beyond = ", ".join(sorted(old.scope_set - max_scopes))
+        raise Forbidden(f"this credential may not rotate a key with scopes it lacks: {beyond}")
+    if created_by is not None:
+        end = await _creator_end(session, created_by)
+        if end is not None and (old.expires_at is None or old.expires_at > end):
+            raise Forbidden(
+                "this credential may not rotate a key that outlives it (its own end is "
+                f"{end.isoformat()})"
+            )
     now = utcnow()
     ends_at = now + timedelta(seconds=grace_seconds)
     # One conditional UPDATE decides: of two concurrent rotations of a key only one can

@@ -136,6 +136,17 @@ class ModelUsage:
 
 
 @dataclass(frozen=True)
+class DayModelUsage:
+    """Requests and units for one model version on one UTC day."""
+
+    date: date
+    model: str
+    model_version: str
+    requests: int
+    units: int
+
+
+@dataclass(frozen=True)
 class KeyUsage:
     """Requests and units of one API key."""
 
@@ -164,6 +175,8 @@ class UsageSummary:
     by_day: list[DayUsage]
     by_model: list[ModelUsage]
     by_key: list[KeyUsage]
+    # By day and model version together: filled when both the day and the model breakdowns are.
+    by_day_and_model: list[DayModelUsage]
 
 
 async def usage_summary(
@@ -213,6 +226,18 @@ async def usage_summary(
             .order_by(ApiKey.name, ApiKey.id)
         )
         by_key = [KeyUsage(i, n, p, int(r), int(u)) for i, n, p, r, u in key_rows]
+    by_day_and_model = []
+    if {"day", "model"} <= wanted:
+        # One grouped query, as the billing export's (one row per day and model version).
+        pair_rows = await session.execute(
+            select(UsageDaily.day, UsageDaily.model, UsageDaily.model_version, requests, units)
+            .where(*in_window)
+            .group_by(UsageDaily.day, UsageDaily.model, UsageDaily.model_version)
+            .order_by(UsageDaily.day, UsageDaily.model, UsageDaily.model_version)
+        )
+        by_day_and_model = [
+            DayModelUsage(_as_date(d), m, v, int(r), int(u)) for d, m, v, r, u in pair_rows
+        ]
     return UsageSummary(
         tenant_id=tenant_id,
         start=start,
@@ -223,6 +248,7 @@ async def usage_summary(
         by_day=by_day,
         by_model=by_model,
         by_key=by_key,
+        by_day_and_model=by_day_and_model,
     )
 
 

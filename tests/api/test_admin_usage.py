@@ -46,6 +46,10 @@ async def test_the_operator_sees_what_the_tenant_sees(harness: Harness) -> None:
     assert [d["units"] for d in report["by_day"]] == [2, 7]
     assert [(m["model_version"], m["units"]) for m in report["by_model"]] == [("1", 6), ("2", 3)]
     assert report["by_key"] == []
+    assert [
+        (p["date"], p["model_version"], p["requests"], p["units"])
+        for p in report["by_day_and_model"]
+    ] == [("2026-03-01", "1", 1, 2), ("2026-03-02", "1", 1, 4), ("2026-03-02", "2", 1, 3)]
     assert report["quota"]["monthly_quota"] == 1000
 
 
@@ -58,16 +62,30 @@ async def test_group_by_chooses_the_breakdowns(harness: Harness) -> None:
         headers=bearer(admin),
     )
     report = response.json()
-    assert report["by_day"] == report["by_model"] == []
+    assert report["by_day"] == report["by_model"] == report["by_day_and_model"] == []
     [by_key] = report["by_key"]
     assert (by_key["name"], by_key["requests"], by_key["units"]) == ("test key", 3, 9)
     assert by_key["prefix"].startswith("mg_")
     both = await harness.client.get(
         "/api/v1/admin/usage",
-        params=[("tenant_id", tenant_id), ("group_by", "day"), ("group_by", "key")],
+        params=[
+            *WINDOW.items(),
+            ("tenant_id", tenant_id),
+            ("group_by", "day"),
+            ("group_by", "key"),
+        ],
         headers=bearer(admin),
     )
     assert both.status_code == 200
+    # By day and model together only when both are asked for (as by default).
+    assert both.json()["by_day"]
+    assert both.json()["by_day_and_model"] == []
+    default = await harness.client.get(
+        "/api/v1/admin/usage", params={**WINDOW, "tenant_id": tenant_id}, headers=bearer(admin)
+    )
+    pairs = default.json()["by_day_and_model"]
+    assert sum(p["requests"] for p in pairs) == default.json()["total_requests"] == 3
+    assert sum(p["units"] for p in pairs) == default.json()["total_units"] == 9
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """MODELGATE_DATABASE_READ_URL: the reports read a real Postgres streaming replica, say how
 stale they may be (Replica-Lag), and read the primary when the replica is stopped or too far
-behind; the credential check and the usage writes stay on the primary."""
+behind; the credential check, the usage writes and the audit chain's verification stay on the
+primary."""
 
 from __future__ import annotations
 
@@ -180,6 +181,38 @@ async def test_a_lagging_replica_says_so_and_past_the_bound_the_primary_answers(
     caught_up = await replicated.client.get("/api/v1/me/usage", params=WINDOW, headers=bearer(key))
     assert caught_up.json()["total_units"] == 12
     assert caught_up.headers[REPLICA_LAG_HEADER] == "0.000"
+
+
+async def test_the_chains_verification_reads_the_primary_not_a_lagging_replica(
+    pair: PostgresPair, replicated: Harness, primary_only: Harness
+) -> None:
+    """GET /admin/audit/verify walks the chain as the primary holds it: with the replica's
+    replay paused, the events written since are verified too, and no lag is reported."""
+    admin = await create_admin_key(replicated)
+    await pair.wait_caught_up()
+    await _replay(pair, pause=True)
+    try:
+        # Events on the primary that the standby has not replayed.
+        await create_tenant_with_key(replicated)
+        stale = await replicated.client.get(
+            "/api/v1/admin/audit", params={"limit": 1}, headers=bearer(admin)
+        )
+        assert float(stale.headers[REPLICA_LAG_HEADER]) > 0
+        verified = await replicated.client.get("/api/v1/admin/audit/verify", headers=bearer(admin))
+        on_primary = await primary_only.client.get(
+            "/api/v1/admin/audit/verify", headers=bearer(admin)
+        )
+        newest = await primary_only.client.get(
+            "/api/v1/admin/audit", params={"limit": 1}, headers=bearer(admin)
+        )
+    finally:
+        await _replay(pair, pause=False)
+    assert verified.status_code == 200, verified.text
+    assert REPLICA_LAG_HEADER not in verified.headers
+    assert verified.json()["intact"] is True
+    assert verified.json() == on_primary.json()
+    assert verified.json()["events"] == newest.json()["events"][0]["id"]
+    assert stale.json()["events"][0]["id"] < verified.json()["events"]
 
 
 async def test_a_stopped_replica_falls_back_to_the_primary_and_is_used_again_once_back(

@@ -1,5 +1,5 @@
-"""GET/POST /me/keys and POST /me/keys/{id}/revoke: a tenant manages its own keys with the
-``keys:manage`` scope; a new key holds at most the caller's scopes and is shown once."""
+"""GET/POST /me/keys, POST /me/keys/{id}/revoke and /rotate: a tenant manages its own keys with
+the ``keys:manage`` scope; a new key holds at most the caller's scopes and is shown once."""
 
 from __future__ import annotations
 
@@ -253,3 +253,182 @@ async def test_another_tenants_key_is_not_found_and_keeps_working(harness: Harne
         "/api/v1/predict", json={"features": IRIS_SETOSA}, headers=bearer(key_b)
     )
     assert again.status_code == 200, again.text
+
+
+async def test_a_tenant_rotates_its_own_key_with_a_grace(harness: Harness) -> None:
+    """The operator's rotation, on the tenant's own key: the successor is shown once, both keys
+    work during the grace, the old one fails after it, and the rotation is audited as the
+    tenant's own ``key.rotate``."""
+    tenant, manager = await create_tenant_with_key(harness, scopes=MANAGER)
+    issued = await harness.client.post(
+        KEYS, json={"name": "rotating", "scopes": ["predict"]}, headers=bearer(manager)
+    )
+    old = issued.json()
+    assert await _predict_status(harness, old["key"]) == 200
+    rotated = await harness.client.post(
+        f"{KEYS}/{old['id']}/rotate", json={"grace_seconds": 2}, headers=bearer(manager)
+    )
+    assert rotated.status_code == 201, rotated.text
+    assert rotated.headers["Cache-Control"] == "no-store"
+    new = rotated.json()
+    assert new["key"] != old["key"]
+    assert new["rotated_from_id"] == old["id"]
+    assert (new["tenant_id"], new["name"], new["scopes"]) == (
+        str(tenant.id),
+        "rotating",
+        ["predict"],
+    )
+    for key in (old["key"], new["key"]):
+        assert await _predict_status(harness, key) == 200
+    listing = await harness.client.get(KEYS, headers=bearer(manager))
+    assert new["key"] not in listing.text
+    await refused_within(harness, old["key"], promised=3.0)
+    assert await _predict_status(harness, new["key"]) == 200
+    # A second rotation of the old key issues nothing: the same 409 as the operator's.
+    again = await harness.client.post(
+        f"{KEYS}/{old['id']}/rotate", json={"grace_seconds": 2}, headers=bearer(manager)
+    )
+    assert again.status_code == 409
+    async with harness.sessionmaker() as session:
+        [event] = (
+            await session.scalars(
+                select(AuditEvent).where(
+                    AuditEvent.action == "key.rotate", AuditEvent.target_id == old["id"]
+                )
+            )
+        ).all()
+    assert event.actor == f"tenant:{tenant.id}"
+    assert event.tenant_id == tenant.id
+    assert (event.detail["new_id"], event.detail["grace_seconds"]) == (new["id"], 2)
+    assert old["key"] not in str(event.detail)
+    assert new["key"] not in str(event.detail)
+
+
+async def _predict_status(harness: Harness, key: str) -> int:
+    response = await harness.client.post(
+        "/api/v1/predict", json={"features": IRIS_SETOSA}, headers=bearer(key)
+    )
+    return response.status_code
+
+
+@pytest.mark.parametrize("body", [{"grace_seconds": -1}, {"grace_seconds": 604801}, {"x": 1}])
+async def test_a_tenants_rotation_has_the_operators_bounds(
+    harness: Harness, body: dict[str, object]
+) -> None:
+    _, manager = await create_tenant_with_key(harness, scopes=MANAGER)
+    old = (await harness.client.post(KEYS, json={"name": "kept"}, headers=bearer(manager))).json()
+    refused = await harness.client.post(
+        f"{KEYS}/{old['id']}/rotate", json=body, headers=bearer(manager)
+    )
+    assert refused.status_code == 422, refused.text
+    listing = (await harness.client.get(KEYS, headers=bearer(manager))).json()["keys"]
+    assert [k["revoked_at"] for k in listing if k["id"] == old["id"]] == [None]
+    longest = await harness.client.post(
+        f"{KEYS}/{old['id']}/rotate", json={"grace_seconds": 604800}, headers=bearer(manager)
+    )
+    assert longest.status_code == 201, longest.text
+
+
+async def test_another_tenants_key_or_an_operators_is_not_found_to_rotate(
+    harness: Harness,
+) -> None:
+    """Another tenant's key id and an operator key's id are 404, with the body of a key that
+    does not exist; neither key is rotated, and nothing is audited."""
+    _, manager_a = await create_tenant_with_key(harness, scopes=MANAGER)
+    _, key_b = await create_tenant_with_key(harness, scopes=MANAGER)
+    id_b = (await harness.client.get("/api/v1/me", headers=bearer(key_b))).json()["key"]["id"]
+    await create_admin_key(harness)  # an operator key exists
+    async with harness.sessionmaker() as session:
+        admin_row = (
+            await session.scalars(select(ApiKey).where(ApiKey.scopes == "admin").limit(1))
+        ).one()
+    unknown = await harness.client.post(
+        f"{KEYS}/{uuid.uuid4()}/rotate", json={}, headers=bearer(manager_a)
+    )
+    assert unknown.status_code == 404
+    for key_id in (id_b, str(admin_row.id)):
+        refused = await harness.client.post(
+            f"{KEYS}/{key_id}/rotate", json={"grace_seconds": 60}, headers=bearer(manager_a)
+        )
+        assert refused.status_code == 404, refused.text
+        assert {**refused.json(), "request_id": None} == {**unknown.json(), "request_id": None}
+    async with harness.sessionmaker() as session:
+        rotated = (
+            await session.scalars(
+                select(ApiKey).where(ApiKey.rotated_from_id.in_([uuid.UUID(id_b), admin_row.id]))
+            )
+        ).all()
+        audited = (
+            await session.scalars(
+                select(AuditEvent).where(
+                    AuditEvent.action == "key.rotate",
+                    AuditEvent.target_id.in_([id_b, str(admin_row.id)]),
+                )
+            )
+        ).all()
+    assert rotated == []
+    assert audited == []
+    assert await _predict_status(harness, key_b) == 200
+
+
+async def test_rotating_needs_keys_manage_and_a_tenant_credential(harness: Harness) -> None:
+    _, plain = await create_tenant_with_key(harness)  # predict, usage:read
+    _, manager = await create_tenant_with_key(harness, scopes=MANAGER)
+    own_id = (await harness.client.get("/api/v1/me", headers=bearer(manager))).json()["key"]["id"]
+    admin = await create_admin_key(harness)
+    for key in (plain, admin):
+        response = await harness.client.post(
+            f"{KEYS}/{own_id}/rotate", json={}, headers=bearer(key)
+        )
+        assert response.status_code == 403, response.text
+    assert (await harness.client.post(f"{KEYS}/{own_id}/rotate", json={})).status_code == 401
+
+
+async def test_a_tenant_may_rotate_only_keys_it_could_issue(harness: Harness) -> None:
+    """A rotation hands the caller a new secret with the old key's scopes and expiry, so it has
+    issuing's bounds: a key with a scope the calling credential lacks, or one that outlives the
+    key behind it, is 403 and is not rotated; a key within both bounds is rotated."""
+    _, manager = await create_tenant_with_key(harness, scopes=MANAGER)  # never expires
+    tomorrow = (utcnow() + timedelta(days=1)).isoformat()
+
+    async def issue(credential: str, name: str, **body: object) -> dict[str, str]:
+        issued = await harness.client.post(
+            KEYS, json={"name": name, **body}, headers=bearer(credential)
+        )
+        assert issued.status_code == 201, issued.text
+        created: dict[str, str] = issued.json()
+        return created
+
+    short = await issue(manager, "short", scopes=["keys:manage", "predict"], expires_at=tomorrow)
+    wide = await issue(manager, "wide", scopes=["predict", "usage:read"], expires_at=tomorrow)
+    lasting = await issue(manager, "lasting", scopes=["predict"])  # never expires
+    within = await issue(short["key"], "within", scopes=["predict"])  # ends with "short"
+
+    for refused_key, reason in ((wide, "scopes it lacks: usage:read"), (lasting, "outlives")):
+        refused = await harness.client.post(
+            f"{KEYS}/{refused_key['id']}/rotate", json={}, headers=bearer(short["key"])
+        )
+        assert refused.status_code == 403, refused.text
+        assert reason in refused.json()["detail"]
+    rotated = await harness.client.post(
+        f"{KEYS}/{within['id']}/rotate", json={"grace_seconds": 60}, headers=bearer(short["key"])
+    )
+    assert rotated.status_code == 201, rotated.text
+    assert rotated.json()["expires_at"] == within["expires_at"]
+    async with harness.sessionmaker() as session:
+        successors = (
+            await session.scalars(
+                select(ApiKey.rotated_from_id).where(
+                    ApiKey.rotated_from_id.in_(
+                        [uuid.UUID(k["id"]) for k in (wide, lasting, within)]
+                    )
+                )
+            )
+        ).all()
+    assert successors == [uuid.UUID(within["id"])]
+    # The operator, or a credential that lasts as long, rotates the others.
+    for key in (wide, lasting):
+        again = await harness.client.post(
+            f"{KEYS}/{key['id']}/rotate", json={}, headers=bearer(manager)
+        )
+        assert again.status_code == 201, again.text

@@ -177,6 +177,16 @@ async def test_usage_window_counts_its_edges_and_each_day_model_and_version(
         {"model": "wine", "model_version": "1", "requests": 2, "units": 8},
         {"model": "wine", "model_version": "2", "requests": 1, "units": 4},
     ]
+    # Each day's usage by model version, in day, model and version order; days without usage
+    # are left out, and each day's rows add up to its by_day row.
+    assert body["by_day_and_model"] == [
+        {"date": "2001-02-01", "model": "iris", "model_version": "1", "requests": 1, "units": 1},
+        {"date": "2001-02-10", "model": "iris", "model_version": "1", "requests": 1, "units": 5},
+        {"date": "2001-02-10", "model": "iris", "model_version": "2", "requests": 1, "units": 3},
+        {"date": "2001-02-10", "model": "wine", "model_version": "1", "requests": 1, "units": 2},
+        {"date": "2001-02-10", "model": "wine", "model_version": "2", "requests": 1, "units": 4},
+        {"date": "2001-02-28", "model": "wine", "model_version": "1", "requests": 1, "units": 6},
+    ]
     one_day = await harness.client.get(
         "/api/v1/me/usage?start=2001-02-10&end=2001-02-10", headers=bearer(key)
     )

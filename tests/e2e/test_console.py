@@ -329,6 +329,27 @@ def test_a_tenant_sees_its_usage_manages_a_key_and_signing_out_revokes_the_token
         usage["total_units"],
     )
     assert page.locator(".chart canvas").count() == 1
+    # The daily chart has a series for each model version used (its requests and its units),
+    # and its numbers are /me/usage's by day, model and version.
+    versions = sorted({f"{r['model']} {r['model_version']}" for r in usage["by_day_and_model"]})
+    assert versions
+    chart = page.locator(".chart")
+    assert sorted(chart.get_attribute("data-series").split("; ")) == versions
+    legend = page.locator(".chart .u-legend").inner_text()
+    for version in versions:
+        assert f"{version} requests" in legend
+        assert f"{version} units" in legend
+    shown_rows = page.locator("table", has_text="by day, model and version").locator("tbody tr")
+    assert shown_rows.count() == len(usage["by_day_and_model"])
+    first = usage["by_day_and_model"][0]
+    # In a closed <details>: read as text, not as rendered.
+    assert shown_rows.first.locator("td").all_text_contents() == [
+        first["date"],
+        first["model"],
+        first["model_version"],
+        str(first["requests"]),
+        str(first["units"]),
+    ]
     gauge = page.get_by_test_id("quota").inner_text()
     assert f"{usage['quota']['used']} of 10 units" in gauge
     assert "Alert thresholds crossed this month: 50 %" in gauge
@@ -346,11 +367,24 @@ def test_a_tenant_sees_its_usage_manages_a_key_and_signing_out_revokes_the_token
     console.settle()
     row = page.locator("tr", has_text=name)
     assert new_key[:11] in row.inner_text()
+    # Rotated with no grace, from the list: its successor shown once, the old key refused.
+    page.get_by_label("Grace period of a rotation").fill("0")
+    page.get_by_role("button", name=f"Rotate key {name}").click()
+    page.get_by_text(f'New key replacing "{name}"').wait_for()
+    rotated_key = console.secret_shown_once()
+    assert rotated_key != new_key
+    assert new_key not in page.content()
+    console.check_accessibility("tenant view, rotated key shown")
+    server.refused_soon(new_key, "/models")
+    predicted = server.api("POST", "/predict", rotated_key, json={"features": IRIS_SETOSA})
+    assert predicted.status_code == 200
+    console.settle()
+    # The successor is revoked from the list, and refused at /predict.
     page.get_by_role("button", name=f"Revoke key {name}").click()
     page.get_by_text(f"Key {name} (").wait_for()
-    assert new_key not in page.content()  # never shown again
-    server.refused_soon(new_key, "/models")
-    refused = server.api("POST", "/predict", new_key, json={"features": IRIS_SETOSA})
+    assert rotated_key not in page.content()  # never shown again
+    server.refused_soon(rotated_key, "/models")
+    refused = server.api("POST", "/predict", rotated_key, json={"features": IRIS_SETOSA})
     assert refused.status_code == 401
 
     # The "try it" panel predicts and shows the curl command, without the credential.
@@ -474,6 +508,15 @@ def test_an_operator_creates_suspends_activates_and_finds_each_action_in_the_aud
     console.settle()
     # Every event shown, its hash recomputed in the page (non-ASCII names among them)...
     page.get_by_text("Verified: the").wait_for()
+    # ...and the whole chain, verified by the server: intact, with the head hash that
+    # /admin/audit/verify (and `modelgate audit verify`) gives.
+    page.get_by_role("button", name="Verify the whole chain").click()
+    console.settle()
+    verified = server.api("GET", "/admin/audit/verify", console.tokens[0]).json()
+    assert verified["intact"] is True
+    assert "The whole chain is intact" in page.get_by_test_id("chain-verification").inner_text()
+    assert page.get_by_test_id("chain-head").inner_text() == verified["head"]
+    console.screenshot("audit")
     console.check_accessibility("operator: audit trail")
 
     # ...so that an event edited on its way is caught (here, in the browser).
@@ -488,6 +531,25 @@ def test_an_operator_creates_suspends_activates_and_finds_each_action_in_the_aud
     console.settle()
     page.get_by_text("does not match its hash").wait_for()
     page.unroute("**/api/v1/admin/audit*")
+    # A broken chain names its first bad event (the answer altered on its way, here).
+    page.route(
+        "**/api/v1/admin/audit/verify",
+        lambda request_route: request_route.fulfill(
+            json={
+                "intact": False,
+                "events": 6,
+                "head": verified["head"],
+                "first_bad_id": 7,
+                "problem": "event 7 was edited",
+            }
+        ),
+    )
+    page.get_by_role("button", name="Verify the whole chain").click()
+    console.settle()
+    broken = page.get_by_test_id("chain-verification").inner_text()
+    assert "The chain is broken at event 7: event 7 was edited." in broken
+    page.unroute("**/api/v1/admin/audit/verify")
+    console.check_accessibility("operator: audit trail, the chain verified")
 
     # Usage: the new tenant's one prediction, in the top tenants and its chart.
     console.section("Usage")

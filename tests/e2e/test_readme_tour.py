@@ -84,7 +84,14 @@ def test_readme_tour_works_verbatim_against_a_real_server(
         assert trail[1]["detail"]["grace_seconds"] == 60
         assert [e["id"] for e in trail] == list(range(6, 0, -1))
         assert lines[9] == f"audit chain intact: 6 events, head {trail[0]['hash']}"
-        billing = list(csv.DictReader(io.StringIO("\n".join(lines[10:]))))
+        assert json.loads(lines[10]) == {
+            "intact": True,
+            "events": 6,
+            "head": trail[0]["hash"],
+            "first_bad_id": None,
+            "problem": None,
+        }
+        billing = list(csv.DictReader(io.StringIO("\n".join(lines[11:]))))
         assert len(billing) == 1
         assert billing[0]["tenant_name"] == "acme"
         assert billing[0]["tenant_id"] == usage["tenant_id"]
@@ -93,7 +100,7 @@ def test_readme_tour_works_verbatim_against_a_real_server(
         # The CLI's export has the same content as the HTTP one.
         month = billing[0]["date"][:7]
         exported = run_cli(tour_environment, tmp_path, "billing", "export", "--month", month)
-        assert exported.stdout.strip().splitlines() == lines[10:]
+        assert exported.stdout.strip().splitlines() == lines[11:]
 
 
 def test_cli_creates_tenants_and_keys_that_work(

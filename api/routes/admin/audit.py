@@ -9,10 +9,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
-from api.http.deps import REPLICA_LAG_RESPONSE, DatabaseRoute, ReportSessionDep
+from api.http.deps import REPLICA_LAG_RESPONSE, DatabaseRoute, ReportSessionDep, SessionDep
 from api.http.errors import problem_responses
 from api.schemas.fields import PRINTABLE_PATTERN, Moment, PageLimit
-from auth.audit import EventFilter, list_events
+from auth.audit import EventFilter, list_events, verify_chain
 from auth.models import AuditEvent
 
 router = APIRouter(route_class=DatabaseRoute, tags=["admin"])
@@ -104,3 +104,39 @@ async def list_audit_events(
     events = await list_events(report.session, where, before_id=cursor, limit=limit)
     next_cursor = events[-1].id if len(events) == limit else None
     return AuditPage(events=[AuditEventOut.of(e) for e in events], next_cursor=next_cursor)
+
+
+class ChainVerification(BaseModel):
+    """What ``modelgate audit verify`` finds: the whole chain recomputed from its first event to
+    its recorded end."""
+
+    intact: bool = Field(description="whether no event was edited, deleted or moved")
+    events: int = Field(
+        description="the events verified in order before the first bad one (all "
+        "of them when intact)"
+    )
+    head: str = Field(
+        description="the hash of the last event verified: when intact, the chain's head, to "
+        "keep elsewhere and compare later"
+    )
+    first_bad_id: int | None = Field(description="the first event found bad; null when intact")
+    problem: str | None = Field(description="what is wrong with it; null when intact")
+
+
+@router.get(
+    "/audit/verify",
+    response_model=ChainVerification,
+    responses=problem_responses(401, 403, 429, 503),
+)
+async def verify_audit_chain(session: SessionDep) -> ChainVerification:
+    """Recompute the whole audit chain on the primary, as ``modelgate audit verify`` does."""
+    # Not the replica: a verification must see the chain and its recorded end as the primary
+    # holds them. It reads every event once (see docs/api.md for the cost).
+    report = await verify_chain(session)
+    return ChainVerification(
+        intact=report.intact,
+        events=report.events,
+        head=report.head_hash,
+        first_bad_id=report.first_bad_id,
+        problem=report.problem,
+    )

@@ -13,7 +13,6 @@ from api.http.deps import AdminScope, DatabaseRoute, NoStore, SessionDep, StateD
 from api.http.errors import problem_responses
 from api.schemas.fields import (
     AlertThresholds,
-    JsonInteger,
     KeyExpiry,
     MaxInFlight,
     MonthlyQuota,
@@ -24,8 +23,8 @@ from api.schemas.fields import (
     RateLimitText,
     TenantScope,
 )
+from api.schemas.keys import KeyRotate
 from auth.identity.keys import (
-    MAX_ROTATION_GRACE_SECONDS,
     issue_tenant_key,
     list_tenant_keys,
     revoke_key,
@@ -115,20 +114,6 @@ class KeyUpdate(BaseModel):
         default=None, description="checked on top of the tenant's; null: none of its own"
     )
     max_in_flight: MaxInFlight | None = Field(default=None, description="null: the plan's bound")
-
-
-class KeyRotate(BaseModel):
-    """How long the replaced key keeps working beside its successor."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    grace_seconds: Annotated[int, JsonInteger] = Field(
-        default=0,
-        ge=0,
-        le=MAX_ROTATION_GRACE_SECONDS,
-        description="seconds the old key keeps working (0, the default: it is revoked now; "
-        f"at most {MAX_ROTATION_GRACE_SECONDS}, 7 days)",
-    )
 
 
 @router.post(

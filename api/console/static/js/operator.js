@@ -241,7 +241,7 @@ function usageSection(root) {
   const show = () => load(chart, async () => {
     const report = await call("GET", "/admin/usage", { query: { tenant_id: tenant.value, start: from.value, end: to.value } });
     const name = tenant.selectedOptions[0]?.textContent || tenant.value;
-    return [h("h4", {}, `Usage of ${name}`), ...usageReport(report, `${name}: requests and units per day`)];
+    return [h("h4", {}, `Usage of ${name}`), ...usageReport(report, `${name}: requests and units per day, by model and version`)];
   });
   form.addEventListener("submit", (event) => {
     event.preventDefault();
@@ -352,7 +352,7 @@ async function eventHash(event) {
  * `modelgate audit verify`.
  */
 async function verification(events) {
-  const whole = "The whole chain, from its first event to its recorded end, is checked by `modelgate audit verify`.";
+  const whole = "The whole chain, from its first event to its recorded end, is checked by \"Verify the whole chain\" (or `modelgate audit verify`).";
   for (let i = 0; i + 1 < events.length; i += 1) {
     const [newer, older] = [events[i], events[i + 1]];
     if (newer.id === older.id + 1 && newer.prev_hash !== older.hash) {
@@ -368,6 +368,22 @@ async function verification(events) {
     }
   }
   return notice("ok", `Verified: the ${events.length} events shown match their hashes and link up. ${whole}`);
+}
+
+/**
+ * The whole chain's verification on the server (GET /admin/audit/verify, what `modelgate audit
+ * verify` prints): run on demand, as it reads every event.
+ */
+function chainVerification() {
+  const result = h("div", { "data-testid": "chain-verification", "aria-live": "polite" });
+  const run = button("Verify the whole chain", () => load(result, async () => {
+    const report = await call("GET", "/admin/audit/verify");
+    if (report.intact) {
+      return notice("ok", `The whole chain is intact: ${count(report.events)} events, from the first to the recorded end. Head hash (keep it elsewhere to compare later): `, h("code", { class: "hash", "data-testid": "chain-head" }, report.head));
+    }
+    return notice("error", `The chain is broken at event ${report.first_bad_id}: ${report.problem}. The ${count(report.events)} events before it verify.`);
+  }));
+  return h("div", { class: "chain-check" }, run, result);
 }
 
 function auditSection(root) {
@@ -407,7 +423,7 @@ function auditSection(root) {
     event.preventDefault();
     show(null);
   });
-  append(root, form, results);
+  append(root, chainVerification(), form, results);
   show(null);
 }
 

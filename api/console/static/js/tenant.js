@@ -91,15 +91,26 @@ function keysPanel() {
       ["last used", (k) => when(k.last_used_at)],
       ["expires", (k) => when(k.expires_at)],
       ["revoked", (k) => when(k.revoked_at, "no")],
-      ["actions", (k) => (k.revoked_at ? "" : button("Revoke", async () => {
-        if (!window.confirm(`Revoke the key "${k.name}" (${k.prefix}…)? Every client using it stops working.`)) return;
-        if (await attempt(outcome, async () => {
-          await call("POST", `/me/keys/${encodeURIComponent(k.id)}/revoke`);
-          return notice("ok", `Key ${k.name} (${k.prefix}…) revoked.`);
-        })) refresh();
-      }, { "aria-label": `Revoke key ${k.name}` }))],
+      // A key in its rotation's grace (revoked later) may still be revoked now.
+      ["actions", (k) => (k.revoked_at && new Date(k.revoked_at) <= new Date() ? "" : h("div", { class: "row" },
+        button("Rotate", async () => {
+          if (await attempt(outcome, async () => {
+            const body = { grace_seconds: grace.value.trim() === "" ? 0 : Number.parseInt(grace.value, 10) };
+            const issued = await call("POST", `/me/keys/${encodeURIComponent(k.id)}/rotate`, { body });
+            return secretOnce(`New key replacing "${k.name}"`, issued.key);
+          })) refresh();
+        }, { "aria-label": `Rotate key ${k.name}` }),
+        button("Revoke", async () => {
+          if (!window.confirm(`Revoke the key "${k.name}" (${k.prefix}…)? Every client using it stops working.`)) return;
+          if (await attempt(outcome, async () => {
+            await call("POST", `/me/keys/${encodeURIComponent(k.id)}/revoke`);
+            return notice("ok", `Key ${k.name} (${k.prefix}…) revoked.`);
+          })) refresh();
+        }, { "aria-label": `Revoke key ${k.name}` }),
+      ))],
     ], keys, "No keys.");
   });
+  const [graceField, grace] = field("Grace period of a rotation (seconds the old key keeps working)", { type: "number", min: "0", max: "604800", value: "3600" });
 
   const [nameField, name] = field("Name of the new key", { required: true, maxlength: "200" });
   const boxes = KEY_SCOPES.map((scope) => {
@@ -128,7 +139,7 @@ function keysPanel() {
       refresh();
     }
   });
-  append(body, form, outcome, list);
+  append(body, form, outcome, graceField, list);
   refresh();
   return node;
 }
@@ -271,7 +282,7 @@ export async function showTenant(root) {
     const [usageNode, usageBody] = panel("Usage this month");
     append(root, usageNode);
     const { start, end } = thisMonth();
-    load(usageBody, async () => usageReport(await call("GET", "/me/usage", { query: { start, end } }), "Requests and units per day"));
+    load(usageBody, async () => usageReport(await call("GET", "/me/usage", { query: { start, end } }), "Requests and units per day, by model and version"));
   }
   if (has("keys:manage")) append(root, keysPanel());
   if (has("webhooks:manage")) append(root, webhooksPanel("/me/webhooks"));
