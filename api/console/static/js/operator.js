@@ -5,9 +5,8 @@ import { call } from "./api.js";
 import {
   append, attempt, button, count, field, h, load, notice, panel, replace, secretOnce, table, when,
 } from "./dom.js";
-import { thisMonth, usageReport, webhooksPanel } from "./tenant.js";
+import { KEY_SCOPES, keyTable, thisMonth, usageReport, webhooksPanel } from "./tenant.js";
 
-const KEY_SCOPES = ["predict", "usage:read", "keys:manage", "webhooks:manage"];
 const SECTIONS = [
   ["tenants", "Tenants"],
   ["plans", "Plans"],
@@ -31,31 +30,9 @@ function keysOf(tenant) {
   const outcome = h("div", { "aria-live": "polite" });
   const refresh = () => load(list, async () => {
     const { keys } = await call("GET", `/admin/tenants/${encodeURIComponent(tenant.id)}/keys`);
-    return table(`Keys of ${tenant.name}`, [
-      ["name", (k) => k.name],
-      ["prefix", (k) => h("code", {}, k.prefix)],
-      ["scopes", (k) => k.scopes.join(", ")],
-      ["created", (k) => when(k.created_at)],
-      ["last used", (k) => when(k.last_used_at)],
-      ["expires", (k) => when(k.expires_at)],
-      ["revoked", (k) => when(k.revoked_at, "no")],
-      ["actions", (k) => (k.revoked_at && new Date(k.revoked_at) <= new Date() ? "" : h("div", { class: "row" },
-        button("Rotate", async () => {
-          if (await attempt(outcome, async () => {
-            const body = { grace_seconds: optionalInt(grace) ?? 0 };
-            const issued = await call("POST", `/admin/keys/${encodeURIComponent(k.id)}/rotate`, { body });
-            return secretOnce(`New key replacing "${k.name}"`, issued.key);
-          })) refresh();
-        }, { "aria-label": `Rotate key ${k.name}` }),
-        button("Revoke", async () => {
-          if (!window.confirm(`Revoke the key "${k.name}" (${k.prefix}…) now?`)) return;
-          if (await attempt(outcome, async () => {
-            await call("POST", `/admin/keys/${encodeURIComponent(k.id)}/revoke`);
-            return notice("ok", `Key ${k.name} revoked.`);
-          })) refresh();
-        }, { "aria-label": `Revoke key ${k.name}` }),
-      ))],
-    ], keys, "No keys.");
+    return keyTable(`Keys of ${tenant.name}`, keys, {
+      keyPath: "/admin/keys", grace, outcome, refresh,
+    });
   });
   const [graceField, grace] = field("Grace period of a rotation (seconds the old key keeps working)", { type: "number", min: "0", max: "604800", value: "3600" });
   const [nameField, name] = field("Name of the new key", { required: true, maxlength: "200", value: "default" });

@@ -6,7 +6,7 @@ import {
   append, attempt, button, count, field, h, load, notice, panel, replace, secretOnce, table, when,
 } from "./dom.js";
 
-const KEY_SCOPES = ["predict", "usage:read", "keys:manage", "webhooks:manage"];
+export const KEY_SCOPES = ["predict", "usage:read", "keys:manage", "webhooks:manage"];
 const EVENTS = [
   "usage.threshold", "quota.exhausted", "key.expiring", "key.revoked", "key.rotated",
   "tenant.suspended", "webhook.test",
@@ -77,38 +77,50 @@ function overview(me) {
   ];
 }
 
+/**
+ * A list of keys with Rotate and Revoke on each key still working: the tenant's own
+ * (keyPath "/me/keys") and an operator's view of a tenant's ("/admin/keys"). A rotation's
+ * grace comes from the panel's field; a key in a rotation's grace (revoked later) may still be
+ * revoked now.
+ */
+export function keyTable(caption, keys, { keyPath, grace, outcome, refresh }) {
+  const url = (k, action) => `${keyPath}/${encodeURIComponent(k.id)}/${action}`;
+  return table(caption, [
+    ["name", (k) => k.name],
+    ["prefix", (k) => h("code", {}, k.prefix)],
+    ["scopes", (k) => k.scopes.join(", ")],
+    ["created", (k) => when(k.created_at)],
+    ["last used", (k) => when(k.last_used_at)],
+    ["expires", (k) => when(k.expires_at)],
+    ["revoked", (k) => when(k.revoked_at, "no")],
+    ["actions", (k) => (k.revoked_at && new Date(k.revoked_at) <= new Date() ? "" : h("div", { class: "row" },
+      button("Rotate", async () => {
+        if (await attempt(outcome, async () => {
+          const body = { grace_seconds: grace.value.trim() === "" ? 0 : Number.parseInt(grace.value, 10) };
+          const issued = await call("POST", url(k, "rotate"), { body });
+          return secretOnce(`New key replacing "${k.name}"`, issued.key);
+        })) refresh();
+      }, { "aria-label": `Rotate key ${k.name}` }),
+      button("Revoke", async () => {
+        if (!window.confirm(`Revoke the key "${k.name}" (${k.prefix}…)? Every client using it stops working.`)) return;
+        if (await attempt(outcome, async () => {
+          await call("POST", url(k, "revoke"));
+          return notice("ok", `Key ${k.name} (${k.prefix}…) revoked.`);
+        })) refresh();
+      }, { "aria-label": `Revoke key ${k.name}` }),
+    ))],
+  ], keys, "No keys.");
+}
+
 function keysPanel() {
   const [node, body] = panel("API keys");
   const list = h("div");
   const outcome = h("div", { "aria-live": "polite" });
   const refresh = () => load(list, async () => {
     const { keys } = await call("GET", "/me/keys");
-    return table("Your API keys", [
-      ["name", (k) => k.name],
-      ["prefix", (k) => h("code", {}, k.prefix)],
-      ["scopes", (k) => k.scopes.join(", ")],
-      ["created", (k) => when(k.created_at)],
-      ["last used", (k) => when(k.last_used_at)],
-      ["expires", (k) => when(k.expires_at)],
-      ["revoked", (k) => when(k.revoked_at, "no")],
-      // A key in its rotation's grace (revoked later) may still be revoked now.
-      ["actions", (k) => (k.revoked_at && new Date(k.revoked_at) <= new Date() ? "" : h("div", { class: "row" },
-        button("Rotate", async () => {
-          if (await attempt(outcome, async () => {
-            const body = { grace_seconds: grace.value.trim() === "" ? 0 : Number.parseInt(grace.value, 10) };
-            const issued = await call("POST", `/me/keys/${encodeURIComponent(k.id)}/rotate`, { body });
-            return secretOnce(`New key replacing "${k.name}"`, issued.key);
-          })) refresh();
-        }, { "aria-label": `Rotate key ${k.name}` }),
-        button("Revoke", async () => {
-          if (!window.confirm(`Revoke the key "${k.name}" (${k.prefix}…)? Every client using it stops working.`)) return;
-          if (await attempt(outcome, async () => {
-            await call("POST", `/me/keys/${encodeURIComponent(k.id)}/revoke`);
-            return notice("ok", `Key ${k.name} (${k.prefix}…) revoked.`);
-          })) refresh();
-        }, { "aria-label": `Revoke key ${k.name}` }),
-      ))],
-    ], keys, "No keys.");
+    return keyTable("Your API keys", keys, {
+      keyPath: "/me/keys", grace, outcome, refresh,
+    });
   });
   const [graceField, grace] = field("Grace period of a rotation (seconds the old key keeps working)", { type: "number", min: "0", max: "604800", value: "3600" });
 
