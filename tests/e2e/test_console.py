@@ -30,7 +30,7 @@ from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
 from tests.conftest import IRIS_SETOSA, Backend
-from tests.e2e.servers import BIN, free_port, run_cli, serve
+from tests.e2e.servers import BIN, free_port, run_cli, serve, server_environment
 
 pytestmark = pytest.mark.e2e
 
@@ -121,23 +121,17 @@ def server(
     """One ``modelgate serve`` for the module, on the backend's fresh database."""
     cwd = tmp_path_factory.mktemp(f"console-{backend.name}")
     shutil.copytree(served_model_dir, cwd / "models")
-    environment = {
-        key: value for key, value in os.environ.items() if not key.startswith("MODELGATE_")
-    }
-    environment.update(
-        {
-            "PATH": f"{BIN}{os.pathsep}{environment.get('PATH', '')}",
-            "MODELGATE_DATABASE_URL": backend.database_url,
-            "MODELGATE_REDIS_URL": backend.redis_url,
-            "MODELGATE_MODEL_DIR": str(cwd / "models"),
-            "MODELGATE_VAR_DIR": str(cwd / "var"),
-            "MODELGATE_LOG_LEVEL": "WARNING",
-            # The tests present revoked credentials on purpose, from 127.0.0.1, on a Redis that
-            # other tests share: no test may throttle another (tests/e2e/conftest.py says why).
-            "MODELGATE_AUTH_FAILURES_PER_ADDRESS": "999999/minute",
-            # A webhook endpoint on this machine, where nothing listens: its deliveries fail.
-            "MODELGATE_WEBHOOK_ALLOW_PRIVATE_TARGETS": "true",
-        }
+    environment = server_environment(
+        backend.database_url,
+        backend.redis_url,
+        cwd / "models",
+        cwd / "var",
+        MODELGATE_LOG_LEVEL="WARNING",
+        # The tests present revoked credentials on purpose, from 127.0.0.1, on a Redis that
+        # other tests share: no test may throttle another (tests/e2e/conftest.py says why).
+        MODELGATE_AUTH_FAILURES_PER_ADDRESS="999999/minute",
+        # A webhook endpoint on this machine, where nothing listens: its deliveries fail.
+        MODELGATE_WEBHOOK_ALLOW_PRIVATE_TARGETS="true",
     )
     _register_second_iris(environment, cwd)
     operator = f"ops-{uuid.uuid4().hex[:8]}@example.com"
