@@ -16,6 +16,7 @@ SECRET_BEARING = {
     "POST /api/v1/admin/tenants/{tenant_id}/keys",
     "POST /api/v1/admin/keys/{key_id}/rotate",
     "POST /api/v1/me/keys",
+    "POST /api/v1/me/keys/{key_id}/rotate",
     "POST /api/v1/auth/token",
 }
 SECRET_FIELDS = {"key", "access_token"}
