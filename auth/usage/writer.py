@@ -131,18 +131,6 @@ _ADD_DAILY = (
     "requests = usage_daily.requests + excluded.requests, "
     "units = usage_daily.units + excluded.units"
 )
-_RECORD_COLUMNS = (
-    "request_id",
-    "tenant_id",
-    "api_key_id",
-    "model",
-    "model_version",
-    "plan_id",
-    "units",
-    "status_code",
-    "latency_ms",
-    "created_at",
-)
 
 
 @dataclass(frozen=True)
@@ -197,7 +185,7 @@ class UsageWriter:
         self._closing = False
         self._dialect = engine.dialect.name
         self._sql = _Statements.for_dialect(self._dialect)
-        self._processors = _bind_processors(UsageRecord, _RECORD_COLUMNS, engine.dialect)
+        self._processors = _bind_processors(UsageRecord, RECORD_COLUMNS, engine.dialect)
         self._daily_processors = _bind_processors(UsageDaily, DAILY_COLUMNS, engine.dialect)
         self._response_processors = _bind_processors(
             IdempotentResponse, ROW_COLUMNS, engine.dialect
@@ -543,7 +531,7 @@ class UsageWriter:
         One statement whether or not the month has a row yet (an upsert). The caller has
         ensured ``units <= quota``, so creating the row can never cross it either.
         """
-        process_tenant = self._processors[_RECORD_COLUMNS.index("tenant_id")]
+        process_tenant = self._processors[RECORD_COLUMNS.index("tenant_id")]
         parameters: tuple[Any, ...] = (
             process_tenant(tenant_id) if process_tenant else tenant_id,
             month,
