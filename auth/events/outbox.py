@@ -147,7 +147,6 @@ def threshold_event(
     tenant_id: uuid.UUID, month: str, percent: int, used: int, quota: int
 ) -> PendingEvent:
     """``usage.threshold`` for one threshold of one tenant's month (unique per all three)."""
-    now = utcnow()
     data = {
         "tenant_id": str(tenant_id),
         "month": month,
@@ -155,32 +154,29 @@ def threshold_event(
         "units_used": used,
         "monthly_quota": quota,
     }
-    return PendingEvent(
-        uuid.uuid4(),
-        "usage.threshold",
-        tenant_id,
-        event_body("usage.threshold", now, data),
-        f"usage.threshold:{tenant_id}:{month}:{percent}",
-        now,
+    return _tenant_event(
+        "usage.threshold", tenant_id, data, f"usage.threshold:{tenant_id}:{month}:{percent}"
     )
 
 
 def exhausted_event(tenant_id: uuid.UUID, month: str, used: int, quota: int) -> PendingEvent:
     """``quota.exhausted``: the month's first refusal (unique per tenant and month)."""
-    now = utcnow()
     data = {
         "tenant_id": str(tenant_id),
         "month": month,
         "units_used": used,
         "monthly_quota": quota,
     }
+    return _tenant_event("quota.exhausted", tenant_id, data, f"quota.exhausted:{tenant_id}:{month}")
+
+
+def _tenant_event(
+    event_type: str, tenant_id: uuid.UUID, data: dict[str, Any], dedupe_key: str
+) -> PendingEvent:
+    """A tenant's event of the usage writer's, happening now, written once per ``dedupe_key``."""
+    now = utcnow()
     return PendingEvent(
-        uuid.uuid4(),
-        "quota.exhausted",
-        tenant_id,
-        event_body("quota.exhausted", now, data),
-        f"quota.exhausted:{tenant_id}:{month}",
-        now,
+        uuid.uuid4(), event_type, tenant_id, event_body(event_type, now, data), dedupe_key, now
     )
 
 
