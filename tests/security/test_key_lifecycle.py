@@ -73,8 +73,8 @@ async def test_a_rotated_key_past_its_grace_is_401(harness: Harness) -> None:
 
 async def test_a_tenant_never_sees_or_revokes_another_tenants_keys(harness: Harness) -> None:
     """SECURITY.md line 10: /me/keys lists only the caller's tenant's keys whatever it puts in
-    the query, and revoking another tenant's key is 404 with the same body as a key that does
-    not exist; the other tenant's key keeps working."""
+    the query, and revoking or rotating another tenant's key is 404 with the same body as a key
+    that does not exist; the other tenant's key keeps working, and has no successor."""
     tenant_a, key_a = await create_tenant_with_key(harness, scopes=MANAGER)
     tenant_b, key_b = await create_tenant_with_key(harness, scopes=MANAGER)
     digest_b = key_digest(harness.state.secrets.key_pepper, key_b)
@@ -86,11 +86,17 @@ async def test_a_tenant_never_sees_or_revokes_another_tenants_keys(harness: Harn
         assert listing.status_code == 200
         assert {k["tenant_id"] for k in listing.json()["keys"]} == {str(tenant_a.id)}
         assert str(id_b) not in listing.text
-    foreign = await harness.client.post(f"{KEYS}/{id_b}/revoke", headers=bearer(key_a))
-    missing = await harness.client.post(f"{KEYS}/{uuid.uuid4()}/revoke", headers=bearer(key_a))
-    assert foreign.status_code == missing.status_code == 404
-    for field in ("type", "title", "status", "detail"):
-        assert foreign.json()[field] == missing.json()[field]
+    # Revoking or rotating it (which would hand over a successor's secret) is not found.
+    for action, body in (("revoke", None), ("rotate", {"grace_seconds": 60})):
+        foreign = await harness.client.post(
+            f"{KEYS}/{id_b}/{action}", json=body, headers=bearer(key_a)
+        )
+        missing = await harness.client.post(
+            f"{KEYS}/{uuid.uuid4()}/{action}", json=body, headers=bearer(key_a)
+        )
+        assert foreign.status_code == missing.status_code == 404, (action, foreign.text)
+        for field in ("type", "title", "status", "detail"):
+            assert foreign.json()[field] == missing.json()[field]
     for path in (f"{KEYS}/{id_b}", f"{KEYS}/{tenant_b.id}"):
         assert (await harness.client.get(path, headers=bearer(key_a))).status_code in (404, 405)
     # A body naming the other tenant changes nothing either (line 11 proves the 422).
