@@ -112,6 +112,13 @@ def threshold_units(quota: int, percent: int) -> int:
     return max(1, math.ceil(quota * percent / 100))
 
 
+def alert_units(quota: int, thresholds: Iterable[int]) -> list[int]:
+    """The unit counts at which a month's counter crosses its alert thresholds, in order."""
+    if quota <= 0:
+        return []
+    return sorted({threshold_units(quota, percent) for percent in thresholds})
+
+
 def crossed_thresholds(before: int, after: int, quota: int, thresholds: Iterable[int]) -> list[int]:
     """The thresholds that a month's counter going from ``before`` to ``after`` units crossed.
 

@@ -1,11 +1,19 @@
 """Group commit of usage: the one way a billable request is recorded.
 
 Each worker runs one :class:`UsageWriter`. A request hands it its usage event and waits; the
-writer coalesces the events of concurrent requests into one transaction (one multi-row insert,
-one quota decision per tenant and month, one upsert of the daily rollups the records add to, one
-commit) and then answers every waiting request at once. So the database stays the one source of
-truth for the quota, a 2xx is sent only after its record is durable, and the cost of a commit is
-shared by everything that arrived while the previous one was in flight.
+writer coalesces the events of concurrent requests into one write (one quota decision per tenant
+and month, one multi-row insert, one upsert of the daily rollups the records add to, one commit)
+and then answers every waiting request at once. So the database stays the one source of truth for
+the quota, a 2xx is sent only after its record is durable, and the cost of a commit is shared by
+everything that arrived while the previous one was in flight.
+
+On Postgres the common case is one statement in one round trip (``CHARGE_FITTING``): every
+tenant's month that stays within its quota and passes none of its alert thresholds is charged,
+recorded and rolled up by it, decided under the counter's row lock. What it leaves (a month at a
+threshold or its quota, or events with an ``Idempotency-Key``) goes through the transaction
+described below, so every rule is decided in one place each: the one statement only ever does what
+the transaction would have done with no event and no refusal. On SQLite every batch takes the
+transaction (one process; its commit is the fsync, not the round trips).
 
 - The quota is decided before anything is inserted: a refused request costs no row and no
   sequence value. Each tenant's counter gets one conditional upsert for the whole batch; only
@@ -54,6 +62,7 @@ from auth.events.outbox import (
     EVENT_COLUMNS,
     INSERT_EVENT,
     PendingEvent,
+    alert_units,
     crossed_thresholds,
     event_row,
     exhausted_event,
@@ -130,6 +139,63 @@ _ADD_DAILY = (
     "ON CONFLICT (tenant_id, day, api_key_id, model, model_version, plan_id) DO UPDATE SET "
     "requests = usage_daily.requests + excluded.requests, "
     "units = usage_daily.units + excluded.units"
+)
+
+
+# The common case of a Postgres flush in one statement, so one round trip in autocommit instead
+# of five (BEGIN, counters, records, rollups, COMMIT): under load each round trip resumes only
+# after the requests queued ahead of it on the event loop, and the flush's waits, not its CPU,
+# were what a billed request waited for (docs/performance.md). A (tenant, month) group is
+# charged here only if its counter stays within its quota and passes none of its alert
+# thresholds' unit counts, decided under the counter's row lock as the transaction path decides;
+# its records and rollups go in only for the groups charged (joined on the counters' RETURNING).
+# A group left out (at a threshold or its quota, or carrying idempotency keys) is charged by the
+# transaction path, which writes its events and refusals with it.
+CHARGE_FITTING = """
+WITH batch AS (
+    SELECT * FROM unnest(
+        $1::uuid[], $2::varchar[], $3::bigint[], $4::bigint[], $5::bigint[], $6::text[]
+    ) AS batch (tenant_id, month, units, requests, quota, alerts)
+), charged AS (
+    INSERT INTO monthly_usage AS counter (tenant_id, month, units, requests)
+    SELECT tenant_id, month, units, requests FROM batch
+    -- a new row goes from 0 to units
+    WHERE (quota IS NULL OR units <= quota) AND units < ALL (alerts::bigint[])
+    ORDER BY tenant_id, month
+    ON CONFLICT (tenant_id, month) DO UPDATE SET
+        units = counter.units + excluded.units,
+        requests = counter.requests + excluded.requests
+    WHERE EXISTS (
+        SELECT FROM batch
+        WHERE batch.tenant_id = excluded.tenant_id AND batch.month = excluded.month
+            AND (batch.quota IS NULL OR counter.units + excluded.units <= batch.quota)
+            AND NOT EXISTS (
+                SELECT FROM unnest(batch.alerts::bigint[]) AS alert
+                WHERE counter.units < alert AND alert <= counter.units + excluded.units
+            )
+    )
+    RETURNING tenant_id, month
+), records AS (
+    INSERT INTO usage_record ({record_columns})
+    SELECT {record_columns} FROM unnest(
+        $7::uuid[], $8::uuid[], $9::uuid[], $10::varchar[], $11::varchar[], $12::uuid[],
+        $13::integer[], $14::smallint[], $15::float8[], $16::timestamptz[], $17::varchar[]
+    ) AS record ({record_columns}, month)
+    JOIN charged USING (tenant_id, month)
+), rollups AS (
+    INSERT INTO usage_daily AS rollup ({daily_columns})
+    SELECT {daily_columns} FROM unnest(
+        $18::uuid[], $19::date[], $20::uuid[], $21::varchar[], $22::varchar[], $23::uuid[],
+        $24::bigint[], $25::bigint[], $26::varchar[]
+    ) AS day ({daily_columns}, month)
+    JOIN charged USING (tenant_id, month)
+    ON CONFLICT (tenant_id, day, api_key_id, model, model_version, plan_id) DO UPDATE SET
+        requests = rollup.requests + excluded.requests,
+        units = rollup.units + excluded.units
+)
+SELECT tenant_id, month FROM charged
+""".format(  # noqa: S608 (column names are constants)
+    record_columns=", ".join(RECORD_COLUMNS), daily_columns=", ".join(DAILY_COLUMNS)
 )
 
 
@@ -290,7 +356,8 @@ class UsageWriter:
                     # unique, so the retry fails whole instead of billing twice.
                     await self._drop_connection()
                     logger.info("usage flush retried", error=type(first).__name__)
-                    refused, answered = await self._write(batch)
+                    # What the first attempt committed and answered is not written again.
+                    refused, answered = await self._write([p for p in batch if not p.future.done()])
         except Exception as exc:
             # The connection's state is unknown: start the next batch on a fresh one.
             await self._drop_connection()
@@ -343,10 +410,17 @@ class UsageWriter:
             groups.setdefault(key, []).append(pending)
         driver = await self._driver()
         events: list[PendingEvent] = []
+        outcome: tuple[set[_Pending], set[_Pending]] = (set(), set())
         if self._dialect == "postgresql":
             await self._ensure_partitions(driver, {month for _, month in groups})
-            async with driver.transaction():
-                outcome = await self._charge_and_insert(driver, groups, events)
+            for key in await self._charge_fitting(driver, groups):
+                # Committed: answered now, and not written again by a retry of this flush.
+                for pending in groups.pop(key):
+                    if not pending.future.done():
+                        pending.future.set_result(None)
+            if groups:
+                async with driver.transaction():
+                    outcome = await self._charge_and_insert(driver, groups, events)
         else:
             try:
                 outcome = await self._charge_and_insert(driver, groups, events)
@@ -366,6 +440,37 @@ class UsageWriter:
         )
         self.events_written += len(events)
         return outcome
+
+    async def _charge_fitting(
+        self, driver: Any, groups: dict[tuple[uuid.UUID, str], list[_Pending]]
+    ) -> list[tuple[uuid.UUID, str]]:
+        """Charge, record and roll up, in one autocommitted statement (``CHARGE_FITTING``), the
+        groups that cross no alert threshold and no quota; the groups it charged."""
+        candidates = {
+            key: members
+            for key, members in groups.items()
+            if all(p.event.response is None for p in members)
+        }
+        if not candidates:
+            return []
+        counters = []
+        for (tenant_id, month), members in candidates.items():
+            quotas = [p.monthly_quota for p in members if p.monthly_quota is not None]
+            quota = min(quotas) if quotas else None
+            alerts = [] if quota is None else alert_units(quota, members[-1].thresholds)
+            units = sum(p.event.units for p in members)
+            alerts_literal = "{" + ",".join(map(str, alerts)) + "}"
+            counters.append((tenant_id, month, units, len(members), quota, alerts_literal))
+        events = [p.event for members in candidates.values() for p in members]
+        records = [(*self._row(e), month_of(e.created_at)) for e in events]
+        rollups = [
+            (*row, f"{row[1].year:04d}-{row[1].month:02d}") for row in self._daily_rows(events)
+        ]
+        columns = [list(column) for column in zip(*counters, strict=True)]
+        columns += [list(column) for column in zip(*records, strict=True)]
+        columns += [list(column) for column in zip(*rollups, strict=True)]
+        rows = await driver.fetch(CHARGE_FITTING, *columns)
+        return [(row[0], row[1]) for row in rows]
 
     async def _ensure_partitions(self, driver: Any, months: set[str]) -> None:
         """Create the monthly partitions these records need, once per month and process: a set

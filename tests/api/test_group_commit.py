@@ -5,6 +5,7 @@ serves nothing, and no billable route can answer without billing."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,10 @@ from starlette.types import Message, Receive, Scope, Send
 from api.app import create_app
 from api.cli import upgrade_database
 from api.http.deps import PredictScope
-from auth.models import MonthlyUsage, UsageRecord
+from auth.errors import QuotaExceeded
+from auth.events.outbox import alert_units, crossed_thresholds
+from auth.models import Event, MonthlyUsage, UsageDaily, UsageRecord, utcnow
+from auth.usage.ledger import month_of
 from tests.conftest import (
     IRIS_SETOSA,
     Backend,
@@ -30,6 +34,7 @@ from tests.conftest import (
     only_on,
     running_app,
 )
+from tests.factories import usage_events
 
 PREDICT = "/api/v1/predict"
 BATCH = "/api/v1/predict/batch"
@@ -285,3 +290,69 @@ async def test_database_killed_mid_flush_never_leaves_a_2xx_unbilled(
         assert await _counter(harness, tenant.id) == len(billed)
         after = await predict()
         assert after.status_code == 200
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3])
+async def test_a_flush_decides_alike_on_both_paths_around_every_bound(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, batch: int
+) -> None:
+    """A month's counter at every value around its alert thresholds and quota, then a batch of
+    one to three single-unit requests (from nothing to past the quota, as a lowered quota
+    leaves it): the refusals, the ``usage.threshold`` and
+    ``quota.exhausted`` events, the counter, records and rollups are those of the rules, and on
+    Postgres a batch goes to the transaction path exactly when it passes a bound (the common
+    case is one statement, ``CHARGE_FITTING``)."""
+    quota, thresholds = 10, (50, 80, 90, 100)
+    alerts = alert_units(quota, thresholds)
+    assert alerts == [5, 8, 9, 10]
+    writer = harness.state.usage_writer
+    transactions = 0
+    charge_and_insert = writer._charge_and_insert
+
+    async def counted(*args: object) -> object:
+        nonlocal transactions
+        transactions += 1
+        return await charge_and_insert(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(writer, "_charge_and_insert", counted)
+    now = utcnow()
+    month = month_of(now)
+    for start in range(quota + 2):
+        tenant, _ = await create_tenant_with_key(harness, monthly_quota=quota)
+        if start:
+            async with harness.sessionmaker() as session:
+                session.add(MonthlyUsage(tenant_id=tenant.id, month=month, units=start, requests=1))
+                await session.commit()
+        events = await usage_events(harness, [(tenant.id, now, "iris", "1", 1)] * batch)
+        transactions = 0
+        outcomes = await asyncio.gather(
+            *(writer.charge(event, quota, thresholds) for event in events),
+            return_exceptions=True,
+        )
+        served = sum(outcome is None for outcome in outcomes)
+        expected = max(0, min(batch, quota - start))
+        assert served == expected, (start, outcomes)
+        assert all(isinstance(o, QuotaExceeded) for o in outcomes if o is not None)
+        assert len(await _records(harness, tenant.id)) == served
+        assert await _counter(harness, tenant.id) == start + served
+        async with harness.sessionmaker() as session:
+            rolled = await session.scalar(
+                select(func.sum(UsageDaily.units)).where(UsageDaily.tenant_id == tenant.id)
+            )
+            payloads = (
+                await session.scalars(select(Event.payload).where(Event.tenant_id == tenant.id))
+            ).all()
+        assert int(rolled or 0) == served
+        types = [json.loads(payload)["type"] for payload in payloads]
+        crossed = sorted(
+            json.loads(p)["data"]["threshold"]
+            for p in payloads
+            if json.loads(p)["type"] == "usage.threshold"
+        )
+        assert crossed == crossed_thresholds(start, start + served, quota, thresholds)
+        assert types.count("quota.exhausted") == (1 if served < batch else 0)
+        if harness.backend.name == "postgres":
+            passes_a_bound = start + batch > quota or any(
+                start < alert <= start + batch for alert in alerts
+            )
+            assert transactions == (1 if passes_a_bound else 0), (start, batch)
