@@ -180,7 +180,8 @@ class Settings(BaseSettings):
     prediction_cache_size: int = Field(default=10_000, ge=1, le=1_000_000)
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     # How long the answer to a request sent with an Idempotency-Key is kept for its retries
-    # (auth.idempotency); expired answers are pruned in bulk every idempotency_prune_interval.
+    # (auth.idempotency); expired answers are pruned in bulk batches every 10 minutes
+    # (auth.idempotency.PRUNE_INTERVAL_SECONDS).
     idempotency_ttl_seconds: int = Field(default=86_400, ge=60, le=30 * 86_400)
     # The Open Inference Protocol over gRPC (api/grpc/): off unless a port is given; every worker
     # serves it on that port (SO_REUSEPORT). Its host is `modelgate serve --host` unless set.

@@ -60,10 +60,14 @@ class Served:
         answer: dict[str, Any] = response.json()
         return answer
 
-    def tenant_key(self, **tenant: Any) -> tuple[str, str]:
-        """A new tenant (``tenant``: its fields) and a key for it: the key and its id."""
+    def tenant_key(self, scopes: list[str] | None = None, **tenant: Any) -> tuple[str, str]:
+        """A new tenant (``tenant``: its fields) and a key for it (with ``scopes``, or the
+        default ones): the key and its id."""
         created = self.admin_post("/tenants", {"name": f"t{time.monotonic_ns()}", **tenant})
-        issued = self.admin_post(f"/tenants/{created['id']}/keys", {"name": "grpc"})
+        key: dict[str, Any] = {"name": "grpc"}
+        if scopes is not None:
+            key["scopes"] = scopes
+        issued = self.admin_post(f"/tenants/{created['id']}/keys", key)
         return issued["key"], issued["id"]
 
 
@@ -225,6 +229,18 @@ def test_tritonclient_grpc_gets_the_status_codes_of_the_http_answers(
     served.admin_post(f"/keys/{revoked_id}/revoke")
     assert _refused(lambda: _infer(client, revoked, ROWS)) == "StatusCode.UNAUTHENTICATED"
     assert _refused(lambda: _infer(client, key, ROWS, model="nope")) == "StatusCode.NOT_FOUND"
+    # A live key without the predict scope: HTTP's 403.
+    reader, _ = served.tenant_key(scopes=["usage:read"])
+    assert _refused(lambda: _infer(client, reader, ROWS)) == "StatusCode.PERMISSION_DENIED"
+    # A JWT minted from a key is a credential as the key is: served, and billed to its tenant.
+    minted_from, _ = served.tenant_key()
+    token = httpx.post(
+        f"{served.http}/api/v1/auth/token",
+        data={"grant_type": "client_credentials", "client_secret": minted_from},
+    )
+    assert token.status_code == 200, token.text
+    _infer(client, token.json()["access_token"], ROWS)
+    assert _units(served, minted_from) == len(ROWS)
     assert _refused(lambda: _infer(client, key, [[1.0, 2.0]])) == "StatusCode.INVALID_ARGUMENT"
     assert (
         _refused(lambda: _infer(client, key, [[np.nan, 1, 1, 1]])) == "StatusCode.INVALID_ARGUMENT"

@@ -160,6 +160,50 @@ async def test_failing_receiver_gets_the_same_event_id_until_it_answers(
     assert log[-1]["response_excerpt"].startswith("receiver says no")
 
 
+async def test_a_manual_redelivery_sends_the_same_event_again_to_its_owner_only(
+    harness: Harness, receiver: Receiver
+) -> None:
+    """A delivery sent again by hand carries the same event id and body, signed; the log shows
+    both attempts; another tenant's credential cannot send it (404, as for a missing one)."""
+    _, key = await create_tenant_with_key(harness, scopes=WEBHOOK_SCOPES)
+    _, stranger = await create_tenant_with_key(harness, scopes=WEBHOOK_SCOPES)
+    endpoint = await register(harness, key, receiver.url, ["webhook.test"])
+    base = f"/api/v1/me/webhooks/{endpoint['id']}"
+    await harness.client.post(f"{base}/test", headers=bearer(key))
+    (first,) = await received(receiver, 1)
+    attempts: list[dict[str, Any]] = []
+    for _ in range(100):
+        attempts = (await harness.client.get(f"{base}/deliveries", headers=bearer(key))).json()[
+            "attempts"
+        ]
+        if attempts:
+            break
+        await asyncio.sleep(0.05)
+    delivery = attempts[0]["delivery_id"]
+    refused = await harness.client.post(
+        f"{base}/deliveries/{delivery}/redeliver", headers=bearer(stranger)
+    )
+    assert refused.status_code == 404, refused.text
+    queued = await harness.client.post(
+        f"{base}/deliveries/{delivery}/redeliver", headers=bearer(key)
+    )
+    assert queued.status_code == 202, queued.text
+    assert queued.json() == {"delivery_id": delivery}
+    first_again, second = await received(receiver, 2)
+    assert first_again is first
+    assert second.headers["webhook-id"] == first.headers["webhook-id"]
+    assert verified(endpoint["secret"], second) == verified(endpoint["secret"], first)
+    for _ in range(100):
+        attempts = (await harness.client.get(f"{base}/deliveries", headers=bearer(key))).json()[
+            "attempts"
+        ]
+        if len(attempts) == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert [a["outcome"] for a in attempts] == ["delivered", "delivered"]
+    assert {a["delivery_id"] for a in attempts} == {delivery}
+
+
 async def test_thresholds_and_exhaustion_are_each_sent_once(
     harness: Harness, receiver: Receiver
 ) -> None:
