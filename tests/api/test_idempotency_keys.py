@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import dataclasses
 import io
 import uuid
 from datetime import timedelta
@@ -12,9 +13,17 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import event, func, select, update
 
-from auth.idempotency import AnswerLookups, InFlightClaims, prune_expired
+from auth.idempotency import (
+    AlreadyAnswered,
+    AnswerLookups,
+    InFlightClaims,
+    StoredResponse,
+    prune_expired,
+)
 from auth.models import ApiKey, IdempotentResponse, Tenant, UsageRecord, utcnow
+from auth.usage.ledger import UsageEvent
 from tests.conftest import IRIS_SETOSA, Harness, bearer, create_admin_key, create_tenant_with_key
+from tests.factories import usage_events
 
 PREDICT = "/api/v1/predict"
 BATCH = "/api/v1/predict/batch"
@@ -370,6 +379,43 @@ async def test_expired_answers_are_served_again_and_pruned_in_bulk(harness: Harn
             .where(IdempotentResponse.tenant_id == tenant.id)
         )
     assert left == 1
+
+
+async def test_a_key_answered_by_an_earlier_flush_is_not_billed_by_a_later_one(
+    harness: Harness,
+) -> None:
+    """Two workers racing past their lookups: the second charge of one key reaches the usage
+    writer after the first's flush committed. Its answer's row conflicts, so it is not billed
+    (``AlreadyAnswered``) and the first answer stays the stored one."""
+    tenant, _ = await create_tenant_with_key(harness)
+    writer = harness.state.usage_writer
+    now = utcnow()
+    scope = uuid.uuid4().bytes * 2
+
+    def keyed_event(event: UsageEvent, body: bytes) -> UsageEvent:
+        answer = StoredResponse(
+            scope=scope,
+            tenant_id=event.tenant_id,
+            api_key_id=event.api_key_id,
+            fingerprint=b"f" * 32,
+            status_code=200,
+            headers={"content-type": "application/json"},
+            body=body,
+            created_at=now,
+            expires_at=now + timedelta(days=1),
+        )
+        return dataclasses.replace(event, response=answer)
+
+    first, second = await usage_events(harness, [(tenant.id, now, "iris", "1", 2)] * 2)
+    await writer.charge(keyed_event(first, b"first"), None)
+    with pytest.raises(AlreadyAnswered):
+        await writer.charge(keyed_event(second, b"second"), None)
+    assert await records(harness, tenant.id) == (1, 2)
+    async with harness.sessionmaker() as session:
+        stored = await session.scalar(
+            select(IdempotentResponse.body).where(IdempotentResponse.scope == scope)
+        )
+    assert stored == b"first"
 
 
 async def test_a_key_is_billed_once_even_when_no_claim_holds_it(harness: Harness) -> None:
