@@ -464,6 +464,113 @@ async def run_micro(env: BenchEnvironment, log: Callable[[str], None]) -> list[M
         )
         for result in await _batching_and_cache(state, model, sklearn_model, tenant.id):
             add(result)
+        for result in await _http_stack(app, key):
+            add(result)
+    return results
+
+
+async def _asgi_request(
+    app: Any, method: str, path: str, body: bytes, headers: list[tuple[bytes, bytes]]
+) -> int:
+    """One request straight through an ASGI app, no socket and no HTTP client (whose own CPU
+    would be counted): its status."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+        "state": {},
+    }
+    sent = False
+    # After the body, the client stays: receive() waits, as a server's does.
+    never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    status = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await never
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+
+    await app(scope, receive, send)
+    return status
+
+
+async def _http_stack(app: FastAPI, key: str) -> list[MicroResult]:
+    """The CPU a request costs inside the ASGI app, 64 concurrent, without uvicorn's share
+    (what the load cells' server µs per request add to these is the server's): the echo app,
+    modelgate's stack with a route that does nothing (middlewares, routing), and ``/predict``
+    (the same plus the route class, dependencies, credential, limit, inference and billing)."""
+    from bench.echo_app import app as echo_app
+
+    body = b'{"features": [5.1, 3.5, 1.4, 0.2]}'
+    json_headers = [
+        (b"host", b"bench"),
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    with_key = [*json_headers, (b"authorization", f"Bearer {key}".encode())]
+    cells = [
+        (
+            "http.echo.x64",
+            "the echo app's POST /echo in process, 64 concurrent",
+            echo_app,
+            "POST",
+            "/echo",
+            body,
+            json_headers,
+        ),
+        (
+            "http.live.x64",
+            "modelgate's GET /api/v1/health/live in process, 64 concurrent",
+            app,
+            "GET",
+            "/api/v1/health/live",
+            b"",
+            [(b"host", b"bench")],
+        ),
+        (
+            "http.predict.x64",
+            "modelgate's POST /api/v1/predict in process, 64 concurrent",
+            app,
+            "POST",
+            "/api/v1/predict",
+            body,
+            with_key,
+        ),
+    ]
+    results = []
+    for name, description, target, method, path, payload, headers in cells:
+        status = await _asgi_request(target, method, path, payload, headers)
+        if status != 200:
+            results.append(MicroResult(name, description, skipped=f"answered {status}"))
+            continue
+
+        def one(
+            t: Any = target,
+            m: str = method,
+            p: str = path,
+            b: bytes = payload,
+            h: list[tuple[bytes, bytes]] = headers,
+        ) -> Awaitable[int]:
+            return _asgi_request(t, m, p, b, h)
+
+        results.append(await time_amortized(name, description, one))
     return results
 
 
