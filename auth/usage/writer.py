@@ -456,10 +456,8 @@ class UsageWriter:
             return []
         counters = []
         for (tenant_id, month), members in candidates.items():
-            quotas = [p.monthly_quota for p in members if p.monthly_quota is not None]
-            quota = min(quotas) if quotas else None
-            alerts = [] if quota is None else alert_units(quota, members[-1].thresholds)
-            units = sum(p.event.units for p in members)
+            quota, thresholds, units = _group_terms(members)
+            alerts = [] if quota is None else alert_units(quota, thresholds)
             alerts_literal = "{" + ",".join(map(str, alerts)) + "}"
             counters.append((tenant_id, month, units, len(members), quota, alerts_literal))
         events = [p.event for members in candidates.values() for p in members]
@@ -582,10 +580,7 @@ class UsageWriter:
         members: Sequence[_Pending],
         events: list[PendingEvent],
     ) -> list[_Pending]:
-        quotas = [p.monthly_quota for p in members if p.monthly_quota is not None]
-        quota = min(quotas) if quotas else None
-        thresholds = members[-1].thresholds
-        units = sum(p.event.units for p in members)
+        quota, thresholds, units = _group_terms(members)
         if quota is None or units <= quota:
             after = await self._add(driver, tenant_id, month, units, len(members), quota)
             if after is not None:
@@ -705,6 +700,18 @@ class UsageWriter:
             process(value) if process else value
             for process, value in zip(self._processors, values, strict=True)
         )
+
+
+def _group_terms(members: Sequence[_Pending]) -> tuple[int | None, tuple[int, ...], int]:
+    """A (tenant, month) group's quota (the tightest its requests were sent with), alert
+    thresholds (its latest request's) and units: the terms both the one statement and the
+    transaction decide the group by."""
+    quotas = [p.monthly_quota for p in members if p.monthly_quota is not None]
+    return (
+        min(quotas) if quotas else None,
+        members[-1].thresholds,
+        sum(p.event.units for p in members),
+    )
 
 
 def _bind_processors(
