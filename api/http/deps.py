@@ -201,7 +201,10 @@ class CredentialFirstRoute(APIRoute):
         dependant = _in_force(self)
         if not any(isinstance(d.call, Authenticator) for d in _dependants(dependant)):
             return handler
-        direct = _direct_call(dependant, self._embed_body_fields)
+        # A private attribute of FastAPI's route (as _INCLUDED_ROUTE below): without it, as in
+        # a FastAPI that renamed it, the route keeps FastAPI's own handler.
+        embed_body_fields = getattr(self, "_embed_body_fields", None)
+        direct = None if embed_body_fields is None else _direct_call(dependant, embed_body_fields)
         if direct is not None:
             return direct.handler(handler)
 
