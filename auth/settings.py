@@ -119,6 +119,11 @@ class Settings(BaseSettings):
     rate_limit_strategy: Literal["fixed-window", "moving-window", "sliding-window-counter"] = (
         "moving-window"
     )
+    # Leased permits (auth.limits.leases): the most permits a worker takes from Redis in one
+    # check for a busy key (a minute-or-longer window of at least 100), to spend without a round
+    # trip; never more than 1/50 of the key's limit. Leases admit fewer requests at a window's
+    # edge, never more. 0: every request is checked in Redis.
+    rate_limit_lease_max: int = Field(default=64, ge=0, le=1000)
     # How long a Redis call may take before the request fails closed with 503.
     redis_timeout_seconds: float = Field(default=0.5, gt=0)
     # How long a verified key is trusted without asking the database again. Revocation,

@@ -36,6 +36,7 @@ from slowapi.wrappers import Limit
 
 from auth.errors import ConfigurationError, DependencyUnavailable, InvalidRequest
 from auth.limits.concurrency import ConcurrencyLimitExceeded, Slot
+from auth.limits.leases import LEASED_STRATEGY, PermitLeases, lease_terms
 from auth.limits.policy import RateLimitPolicy, parse_rate_limits
 from auth.limits.redis_checks import IN_FLIGHT_REFUSED, NAMESPACE, OUTAGE_ERRORS, RedisChecks
 from auth.redis_connection import connect_redis
@@ -167,6 +168,11 @@ class RateLimiter:
         if self.uses_redis:
             self._redis = RedisChecks(storage, self.strategy_name)
             self.client = self._redis.client
+        # Leased permits (auth.limits.leases): on Redis, for the strategy a lease keeps exact.
+        self._lease_max = settings.rate_limit_lease_max
+        self._leasing = self._redis is not None and self.strategy_name == LEASED_STRATEGY
+        # The clock looked up at each call: the tests' clock replaces this module's time.
+        self._leases = PermitLeases(lambda: time.time(), self._give_back)
 
     @property
     def redis_failing(self) -> bool:
@@ -209,7 +215,9 @@ class RateLimiter:
             try:
                 # Bounded by the client's socket timeouts (connect and read), which are the
                 # configured Redis timeout: no asyncio timer per request is needed.
-                refused, stats = await self._redis.check(policy, key_id, cost, now, slot)
+                refused, stats = await self._check_redis(
+                    self._redis, policy, key_id, cost, now, slot
+                )
             except Exception as exc:
                 if slot is not None:
                     slot.held_in = None  # the script failed or never ran: nothing was added
@@ -241,6 +249,29 @@ class RateLimiter:
             wrapper = Limit(item, _subject_key, None, False, None, None, None, cost, False)
             raise KeyRateLimitExceeded(wrapper, status)
         return status
+
+    async def _check_redis(
+        self,
+        redis: RedisChecks,
+        policy: RateLimitPolicy,
+        key_id: str,
+        cost: int,
+        now: float,
+        slot: Slot | None,
+    ) -> tuple[int, list[WindowStats]]:
+        """The check on Redis: from this worker's lease of the key's permits where the key may
+        be leased (``auth.limits.leases``), else one script run for the request itself."""
+        terms = None
+        if slot is None and self._leasing:
+            terms = lease_terms(policy, self._lease_max)
+        if terms is None:
+            return await redis.check(policy, key_id, cost, now, slot)
+        lifetime = terms.lifetime
+
+        async def grant(size: int, at: float) -> tuple[int, list[WindowStats]]:
+            return await redis.check(policy, key_id, size, at, None, lifetime)
+
+        return await self._leases.hit(key_id, policy, cost, terms, grant)
 
     def _policy(self, rate_limits: str | None, admin: bool) -> RateLimitPolicy:
         default = self._admin_policy if admin else self._default_policy
@@ -317,6 +348,12 @@ class RateLimiter:
             await slot.release()  # a request the rate limit refuses holds no slot
         return refused, stats
 
+    async def _give_back(
+        self, key_id: str, policy: RateLimitPolicy, recorded_at: float, count: int
+    ) -> None:
+        if self._redis is not None:
+            await self._redis.give_back(policy, key_id, recorded_at, count)
+
     @property
     def storage(self) -> Storage:
         """The limiter's asyncio storage (Redis or memory)."""
@@ -331,7 +368,9 @@ class RateLimiter:
             return False
 
     async def close(self) -> None:
-        """Release the storage's connections."""
+        """Give back the permits this worker's leases hold unspent, then release the storage's
+        connections."""
+        await self._leases.close()
         reset = getattr(self._storage, "storage", None)
         close = getattr(reset, "aclose", None)
         if close is not None:

@@ -225,6 +225,15 @@ end
     )
 
 
+# Leased permits given back unspent (auth.limits.leases, moving window): ARGV the time a lease
+# recorded its permits at and how many to remove, KEYS each limit's list. The time is read as
+# the acquire script reads it (tonumber), so that Redis writes it as the entries it pushed.
+_GIVE_BACK = """
+local recorded, count = tonumber(ARGV[1]), tonumber(ARGV[2])
+for i = 1, #KEYS do redis.call('lrem', KEYS[i], -count, recorded) end
+return 0
+"""
+
 _SCRIPTS = {
     "sliding-window-counter": _sliding_window_script,
     "moving-window": _moving_window_script,
@@ -245,6 +254,7 @@ class RedisChecks:
         script = _SCRIPTS[strategy_name](self._bridge)
         self.pipeline = PipelinedScript(self.client, self.client.register_script(script))
         self._key_names: dict[tuple[str, int, int], list[str]] = {}
+        self._give_back = PipelinedScript(self.client, self.client.register_script(_GIVE_BACK))
 
     async def check(
         self,
@@ -253,15 +263,21 @@ class RedisChecks:
         cost: int,
         now: float,
         slot: Slot | None = None,
+        lease_seconds: float = 0.0,
     ) -> tuple[int, list[WindowStats]]:
         """Test and count ``cost`` against each of the policy's limits for ``key_id`` (and take
         ``slot``); the index of a limit that refused (0: none; ``IN_FLIGHT_REFUSED``: the slot
-        was, and then there are no figures) and each limit's window."""
+        was, and then there are no figures) and each limit's window.
+
+        ``lease_seconds`` (moving window, ``auth.limits.leases``): the permits may be spent up to
+        that long after ``now``, so they are recorded at ``now + lease_seconds`` and tested
+        against the window ending at ``now`` (limits' script is given the later time and each
+        window lengthened by as much)."""
         keys: list[str] = []
-        args: list[Any] = [len(policy.items), cost, now]
+        args: list[Any] = [len(policy.items), cost, now + lease_seconds]
         for item in policy.items:
             keys.extend(self.keys_for(item, key_id))
-            args.extend((item.amount, item.get_expiry()))
+            args.extend((item.amount, item.get_expiry() + lease_seconds))
         if slot is not None:
             keys.append(slot.redis_key)
             args.extend((slot.limit, slot.slot_id, slot.ttl_ms))
@@ -274,6 +290,14 @@ class RedisChecks:
             for item, window in zip(policy.items, reply[1:], strict=True)
         ]
         return refused, stats
+
+    async def give_back(
+        self, policy: RateLimitPolicy, key_id: str, recorded_at: float, count: int
+    ) -> None:
+        """Remove ``count`` permits a lease recorded at ``recorded_at`` and did not spend
+        (``check(..., lease_seconds=...)``: moving window) from each of the policy's windows."""
+        keys = [name for item in policy.items for name in self.keys_for(item, key_id)]
+        await self._give_back.run(keys, [recorded_at, count])
 
     def _window_stats(self, item: RateLimitItem, window: Any, now: float) -> WindowStats:
         expiry = item.get_expiry()

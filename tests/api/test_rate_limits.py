@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -23,7 +22,6 @@ from fastapi import FastAPI
 from limits import RateLimitItem
 from limits.aio import strategies as limits_strategies
 from limits.aio.storage import MemoryStorage
-from limits.aio.storage import memory as limits_memory
 from limits.aio.storage.redis.redispy import RedispyBridge
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from prometheus_client.parser import text_string_to_metric_families
@@ -32,7 +30,6 @@ from sqlalchemy import func, select, update
 from api.http.deps import AnyCredential, PredictScope
 from auth.errors import ConfigurationError, DependencyUnavailable, InvalidRequest
 from auth.identity.authn import AuthSubject
-from auth.limits import limiter as limiter_module
 from auth.limits.concurrency import ConcurrencyLimiter
 from auth.limits.limiter import KeyRateLimitExceeded, RateLimiter
 from auth.limits.policy import parse_rate_limits
@@ -40,6 +37,7 @@ from auth.limits.redis_checks import sliding_window_stats
 from auth.models import ApiKey, Tenant, UsageRecord
 from auth.redis_connection import hash_tag
 from auth.settings import Settings
+from tests.api.conftest import LimiterClock
 from tests.conftest import (
     IRIS_SETOSA,
     Backend,
@@ -125,55 +123,6 @@ async def test_rate_limited_requests_are_not_billed(harness: Harness) -> None:
             select(func.count()).select_from(UsageRecord).where(UsageRecord.tenant_id == tenant.id)
         )
     assert count == 1
-
-
-class LimiterClock:
-    """The clock the rate limiters of this process see, moved only by the test.
-
-    It is ``time.time()`` as ``auth.limits.limiter`` reads it (the moving window's timestamps,
-    on Redis too) and as limits' in-memory storage and strategies read it. On Redis the fixed
-    window and the sliding window counter measure time by their keys' TTLs, in Redis's own
-    clock: moving this clock ages the keys of the ids given by as much, so that every strategy
-    sees the same time pass. Real time passes as well, but a burst's checks reach Redis in one
-    pipeline, and the margins the tests leave (a minute either side of an hour's window's edge)
-    are far more than a loaded machine adds: no outcome depends on the machine's speed. Starts
-    on a whole hour, where limits' in-memory sliding windows begin (and so every minute's and
-    second's)."""
-
-    def __init__(self, redis_url: str) -> None:
-        self.now = float(math.ceil(time.time() / 3600) * 3600)
-        self._redis_url = redis_url
-
-    def time(self) -> float:
-        return self.now
-
-    def __getattr__(self, name: str) -> Any:
-        # Everything else (monotonic, for the limiter's outage bookkeeping) is the real clock's.
-        return getattr(time, name)
-
-    async def advance(self, seconds: float, *ids: str) -> None:
-        """Move the clock on; on Redis, age the limiter keys of ``ids`` as much."""
-        self.now += seconds
-        if not self._redis_url:
-            return
-        aged = int(seconds * 1000)
-        async with redis_asyncio.Redis.from_url(self._redis_url) as client:
-            for counted in ids:
-                async for name in client.scan_iter(match=f"*{counted}*"):
-                    ttl = await client.pttl(name)
-                    if 0 < ttl <= aged:
-                        await client.delete(name)
-                    elif ttl > aged:
-                        await client.pexpire(name, ttl - aged)
-
-
-@pytest.fixture
-def limiter_clock(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> LimiterClock:
-    """The rate limiters' clock, in the test's hands (``LimiterClock``)."""
-    clock = LimiterClock(backend.redis_url)
-    for module in (limiter_module, limits_memory, limits_strategies):
-        monkeypatch.setattr(module, "time", clock)
-    return clock
 
 
 async def _burst(limiter: RateLimiter, key_id: str, count: int, limit: str = "10/second") -> int:
@@ -344,8 +293,9 @@ async def test_concurrent_checks_share_one_redis_round_trip(
     backend: Backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The checks of requests that arrive together go to Redis in one pipeline, and each
-    request gets its own answer back."""
-    limiter = RateLimiter(make_settings(backend, tmp_path, tmp_path))
+    request gets its own answer back (the per-request check: leases off, as for a key they do
+    not serve; leased permits: test_a_burst_of_a_busy_key_takes_its_blocks_in_one_round_trip)."""
+    limiter = RateLimiter(make_settings(backend, tmp_path, tmp_path, rate_limit_lease_max=0))
     assert limiter._redis is not None
     pipelined = limiter._redis.pipeline
     sent: list[int] = []
@@ -377,7 +327,8 @@ async def _redis_limiter(backend: Backend, tmp_path: Path, **overrides: Any) -> 
 async def test_a_request_gone_from_a_pipeline_leaves_the_others_answered(
     backend: Backend, tmp_path: Path
 ) -> None:
-    limiter = await _redis_limiter(backend, tmp_path)
+    # The per-request check (leases off): each answer is its own check's.
+    limiter = await _redis_limiter(backend, tmp_path, rate_limit_lease_max=0)
     key_id = f"gone-{uuid.uuid4()}"
     try:
         checks = [asyncio.ensure_future(limiter.hit(key_id, "100/minute")) for _ in range(5)]

@@ -9,22 +9,27 @@ import asyncio
 import contextlib
 import json
 import math
+import os
+import signal
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
+import redis.asyncio as redis_asyncio
 from sqlalchemy import update
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from auth.limits.concurrency import ConcurrencyLimiter, ConcurrencyLimitExceeded, Slot
 from auth.limits.limiter import RateLimiter
 from auth.models import Tenant
 from tests.conftest import IRIS_SETOSA, Backend, make_settings, only_on
-from tests.e2e.servers import run_cli, serve
+from tests.e2e.servers import access_lines, run_cli, serve
 from tests.parallel import quiet_from_here
 
 pytestmark = pytest.mark.e2e
@@ -352,3 +357,105 @@ async def test_max_in_flight_holds_across_processes_sharing_redis(
     finally:
         await first.close()
         await second.close()
+
+
+def _lines(log_path: Path) -> int:
+    return len(log_path.read_text().splitlines())
+
+
+def _worker_pids(log_path: Path, since: int = 0) -> dict[int, int]:
+    """Predictions served (200) per worker process, from the access lines after line ``since``."""
+    served: dict[int, int] = {}
+    lines = "\n".join(log_path.read_text().splitlines()[since:])
+    for line in access_lines(lines):
+        if line.get("status") == 200:
+            served[line["pid"]] = served.get(line["pid"], 0) + 1
+    return served
+
+
+async def _counted_in_redis(redis_url: str, key_id: str) -> int:
+    """The permits Redis holds counted for the key's moving window (every one of its entries:
+    the window is a minute and the test lasts less)."""
+    async with redis_asyncio.Redis.from_url(redis_url) as client:
+        names = [name async for name in client.scan_iter(match=f"*{{{key_id}}}*")]
+        assert len(names) == 1, names
+        return int(await client.llen(names[0]))
+
+
+async def _key_id(database_url: str, tenant_id: str) -> str:
+    url = make_url(database_url)
+    connection = await asyncpg.connect(
+        host=url.host, port=url.port or 5432, user=url.username, database=url.database
+    )
+    try:
+        query = "SELECT id FROM api_key WHERE tenant_id = $1"
+        return str(await connection.fetchval(query, uuid.UUID(tenant_id)))
+    finally:
+        await connection.close()
+
+
+# A key busy enough to be leased (auth.limits.leases): at most 300 a minute, blocks of up to 6.
+LEASED_LIMIT, LEASED_AMOUNT, LEASED_BLOCK = "300/minute", 300, 6
+
+
+@only_on("postgres")
+def test_leased_permits_never_let_a_window_admit_more_than_its_limit_nor_a_killed_worker_raise_it(
+    backend: Backend, tour_environment: dict[str, str], tmp_path: Path
+) -> None:
+    """Two real worker processes lease a 300/minute key's permits in blocks: waves of requests
+    until it is refused are served by both, at most 300 and at least 300 less a block each. A
+    second key's permits are leased by both, then one worker is SIGKILLed while Redis counts
+    more permits than were served (a lease held, unspent); its replacement and the survivor
+    together still admit at most that key's 300 in the minute."""
+    environment = {**tour_environment, "MODELGATE_LOG_LEVEL": "INFO"}
+    _cli(environment, tmp_path, "db", "upgrade")
+    first_tenant = json.loads(_cli(environment, tmp_path, "tenants", "create", "--name", "leased"))
+    _set_rate_limit(environment, first_tenant["id"], LEASED_LIMIT)
+    first = _cli(environment, tmp_path, "keys", "issue", "--tenant", first_tenant["id"])
+    second_tenant = json.loads(_cli(environment, tmp_path, "tenants", "create", "--name", "kill"))
+    _set_rate_limit(environment, second_tenant["id"], LEASED_LIMIT)
+    second = _cli(environment, tmp_path, "keys", "issue", "--tenant", second_tenant["id"])
+    first, second = (issued.strip().splitlines()[-1] for issued in (first, second))
+    second_id = asyncio.run(_key_id(environment["MODELGATE_DATABASE_URL"], second_tenant["id"]))
+    log_path = tmp_path / "server.log"
+    with serve(environment, tmp_path, workers=2, log_path=log_path) as port:
+        quiet_from_here()
+        mark = _lines(log_path)
+        served = 0
+        for wave in range(12):
+            served += asyncio.run(_fire(port, first, 24 + 8 * wave)).count(200)
+        assert LEASED_AMOUNT - 2 * LEASED_BLOCK <= served <= LEASED_AMOUNT, served
+        by_worker = _worker_pids(log_path, mark)
+        assert len(by_worker) == 2, by_worker  # both processes served the key: shared count
+        assert sum(by_worker.values()) == served
+
+        # The second key: waves until both workers have served it and a lease is held unspent.
+        mark = _lines(log_path)
+        served = 0
+        for _ in range(20):
+            served += asyncio.run(_fire(port, second, 40)).count(200)
+            held = asyncio.run(_counted_in_redis(environment["MODELGATE_REDIS_URL"], second_id))
+            workers = _worker_pids(log_path, mark)
+            if held > served and len(workers) == 2:
+                break
+        else:
+            raise AssertionError("no lease was held unspent by a worker: the kill proves nothing")
+        assert served < LEASED_AMOUNT / 2
+        os.kill(max(workers, key=lambda pid: workers[pid]), signal.SIGKILL)
+        # The survivor gives back what it held once its lease lapses (1 s); the killed worker
+        # cannot: what Redis still counts beyond the requests served is what it held.
+        time.sleep(1.5)
+        redis_url = environment["MODELGATE_REDIS_URL"]
+        stranded = asyncio.run(_counted_in_redis(redis_url, second_id)) - served
+        assert 0 < stranded <= LEASED_BLOCK, stranded
+        # Until refused: the survivor and the killed worker's replacement (if one starts).
+        refused = 0
+        while refused < 200:
+            statuses = asyncio.run(_fire(port, second, 40))
+            assert set(statuses) <= {200, 429}, statuses
+            served += statuses.count(200)
+            refused += statuses.count(429)
+        assert served <= LEASED_AMOUNT, served
+        # What the killed worker held is lost to the minute, never gained; the survivors may
+        # hold a block each when the last requests are refused.
+        assert served >= LEASED_AMOUNT - stranded - 2 * LEASED_BLOCK, served
