@@ -37,7 +37,10 @@ from tests.conftest import (
 async def traced_app(
     backend: Backend, model_dir: Path, var_dir: Path, provider: TracerProvider
 ) -> AsyncIterator[Harness]:
-    app = create_app(make_settings(backend, model_dir, var_dir), tracer_provider=provider)
+    # Leases off: every request checks its rate limit in Redis, so every trace has a Redis span
+    # (a request spending a leased permit, auth.limits.leases, rightly makes no Redis call).
+    settings = make_settings(backend, model_dir, var_dir, rate_limit_lease_max=0)
+    app = create_app(settings, tracer_provider=provider)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
