@@ -68,10 +68,14 @@ def test_only_busy_keys_of_long_windows_are_leased() -> None:
 
 @only_on("postgres")  # the backend with Redis
 async def test_a_burst_of_a_busy_key_takes_its_blocks_in_one_round_trip(
-    backend: Backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    backend: Backend,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    limiter_clock: LimiterClock,
 ) -> None:
     """20 concurrent requests of a fresh key ask for blocks of 1, 2, 4, 8 and 16, in one
-    pipeline; the 11 permits left over serve the next 11 requests with no round trip."""
+    pipeline; the 11 permits left over serve the next 11 requests with no round trip. (On the
+    test's clock: a loaded machine taking a second over it must not lapse the lease.)"""
     limiter = RateLimiter(make_settings(backend, tmp_path, tmp_path))
     assert limiter._redis is not None
     pipelined = limiter._redis.pipeline
