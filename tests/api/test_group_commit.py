@@ -356,3 +356,47 @@ async def test_a_flush_decides_alike_on_both_paths_around_every_bound(
                 start < alert <= start + batch for alert in alerts
             )
             assert transactions == (1 if passes_a_bound else 0), (start, batch)
+
+
+async def test_requests_arriving_during_a_flush_are_committed_on_the_second_lane(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On Postgres two flushes are in flight at once (``auth.usage.writer.FLUSH_LANES``): while
+    one flush waits for its commit, a request that arrives is committed and answered on the other
+    connection. On SQLite (one lane) it waits for the first flush."""
+    tenant, key = await create_tenant_with_key(harness)
+    writer = harness.state.usage_writer
+    gate = asyncio.Event()
+    held: list[object] = []
+    original = writer._write
+
+    async def first_waits(batch: list[object], lane: object) -> object:
+        if not held:
+            held.append(lane)
+            await gate.wait()
+        return await original(batch, lane)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(writer, "_write", first_waits)
+
+    def predict() -> asyncio.Task[httpx.Response]:
+        return asyncio.create_task(
+            harness.client.post(PREDICT, json={"features": IRIS_SETOSA}, headers=bearer(key))
+        )
+
+    first = predict()
+    while not held:
+        await asyncio.sleep(0.01)
+    second = predict()
+    two_lanes = harness.backend.name == "postgres"
+    # Well within the writer's flush timeout (5 s), past which the first would be answered 503.
+    done, _ = await asyncio.wait({second}, timeout=2 if two_lanes else 0.5)
+    assert bool(done) is two_lanes
+    assert not first.done()
+    if two_lanes:
+        assert second.result().status_code == 200
+        assert len(await _records(harness, tenant.id)) == 1
+    gate.set()
+    assert (await first).status_code == 200
+    assert (await second).status_code == 200
+    assert len(await _records(harness, tenant.id)) == 2
+    assert await _counter(harness, tenant.id) == 2
