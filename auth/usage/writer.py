@@ -34,16 +34,8 @@ transaction (one process; its commit is the fsync, not the round trips).
   store). An event the quota refuses takes its row out again. So "billed" and "remembered" are
   one commit (``auth.idempotency``).
 
-On Postgres the writer keeps two flushes in flight (``FLUSH_LANES``), each on a connection of its
-own: the events that arrive while one flush waits for its commit go out at once on the other,
-instead of waiting for the first's answer and then for their own (a request's wait for its
-record was about one and a half flushes). Two flushes are two writers, as two workers' are, and
-every rule above already holds across workers: each counter is decided under its row lock, the
-answers' and records' unique keys refuse a second write, the events' dedupe keys a second event.
-SQLite keeps one flush at a time (its writes take the file's one lock).
-
-The writer speaks to its connections through the driver (asyncpg or aiosqlite) with fixed
-statements: SQLAlchemy's execution layer cost about 1 ms of CPU per
+The writer keeps one connection of its own and speaks to it through the driver (asyncpg or
+aiosqlite) with two fixed statements: SQLAlchemy's execution layer cost about 1 ms of CPU per
 flush, several times the database's own work (measured by ``bench``). Values still go through
 the columns' SQLAlchemy bind processors, so they are stored exactly as the ORM stores them.
 """
@@ -208,17 +200,6 @@ SELECT tenant_id, month FROM charged
 )
 
 
-# Flushes in flight at once on Postgres, each on its own connection (see above).
-FLUSH_LANES = 2
-
-
-@dataclass
-class _Lane:
-    """A connection the writer flushes on, one flush at a time."""
-
-    connection: AsyncConnection | None = None
-
-
 @dataclass(frozen=True)
 class _Statements:
     """The writer's SQL in one dialect's parameter style."""
@@ -282,10 +263,7 @@ class UsageWriter:
         self._exhausted: set[tuple[uuid.UUID, str]] = set()
         # Events committed by this writer, for an observer (metrics).
         self.events_written = 0
-        self._lanes = [_Lane() for _ in range(FLUSH_LANES if self._dialect == "postgresql" else 1)]
-        self._free_lanes = list(self._lanes)
-        self._lane_freed = asyncio.Event()
-        self._flushing: set[asyncio.Task[None]] = set()
+        self._connection: AsyncConnection | None = None
         # Postgres: whether usage_record is partitioned by month (None: not asked yet), and the
         # months whose partition is known to exist (auth.usage.partitions).
         self._partitioned: bool | None = None
@@ -299,15 +277,14 @@ class UsageWriter:
             self._task = asyncio.create_task(self._run(), name="usage-writer")
 
     async def close(self) -> None:
-        """Flush what is queued, then stop and return the connections."""
+        """Flush what is queued, then stop and return the connection."""
         self._closing = True
         self._wakeup.set()
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        for lane in self._lanes:
-            await self._drop_connection(lane)
+        await self._drop_connection()
 
     async def charge(
         self,
@@ -339,45 +316,26 @@ class UsageWriter:
         if self._task is not None:
             raise RuntimeError("write_unmetered is for a writer whose loop is not running")
         loop = asyncio.get_running_loop()
-        batch = [_Pending(event, None, loop.create_future()) for event in events]
-        await self._write(batch, self._lanes[0])
+        await self._write([_Pending(event, None, loop.create_future()) for event in events])
 
     async def _run(self) -> None:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._queue:
-                if not self._free_lanes:
-                    # Every lane is flushing: what arrives meanwhile makes the next batch.
-                    self._lane_freed.clear()
-                    await self._lane_freed.wait()
-                    continue
                 if self._max_wait > 0 and len(self._queue) < self._max_batch:
                     # Optional: trade a little latency for bigger batches.
                     await asyncio.sleep(self._max_wait)
                 batch = [p for p in self._queue[: self._max_batch] if not p.future.done()]
                 del self._queue[: self._max_batch]
                 if batch:
-                    flush = asyncio.create_task(self._flush_on(self._free_lanes.pop(), batch))
-                    self._flushing.add(flush)
-                    flush.add_done_callback(self._flushing.discard)
+                    started = time.perf_counter()
+                    failed = not await self._flush(batch)
+                    if self._observer is not None:
+                        elapsed = time.perf_counter() - started
+                        self._observe(self._observer, len(batch), elapsed, failed)
             if self._closing:
-                # Every request queued before the close has its flush: wait for their answers.
-                while self._flushing:
-                    await asyncio.wait(set(self._flushing))
-                if not self._queue:
-                    return
-                self._wakeup.set()
-
-    async def _flush_on(self, lane: _Lane, batch: list[_Pending]) -> None:
-        started = time.perf_counter()
-        try:
-            failed = not await self._flush(batch, lane)
-        finally:
-            self._free_lanes.append(lane)
-            self._lane_freed.set()
-        if self._observer is not None:
-            self._observe(self._observer, len(batch), time.perf_counter() - started, failed)
+                return
 
     def _observe(self, observer: FlushObserver, records: int, seconds: float, failed: bool) -> None:
         try:
@@ -386,25 +344,24 @@ class UsageWriter:
             # Measuring must never stop billing.
             logger.warning("usage flush observer failed", error=type(exc).__name__)
 
-    async def _flush(self, batch: list[_Pending], lane: _Lane) -> bool:
+    async def _flush(self, batch: list[_Pending]) -> bool:
         """Write ``batch`` and answer its requests; whether the write succeeded."""
         try:
             async with asyncio.timeout(self._timeout):
                 try:
-                    refused, answered = await self._write(batch, lane)
+                    refused, answered = await self._write(batch)
                 except Exception as first:
                     self.interrupted_flushes += 1
                     # Usually a connection the server dropped while it sat idle: retry once on a
                     # fresh one. Safe even if the first attempt did commit: its request ids are
                     # unique, so the retry fails whole instead of billing twice.
-                    await self._drop_connection(lane)
+                    await self._drop_connection()
                     logger.info("usage flush retried", error=type(first).__name__)
                     # What the first attempt committed and answered is not written again.
-                    again = [p for p in batch if not p.future.done()]
-                    refused, answered = await self._write(again, lane)
+                    refused, answered = await self._write([p for p in batch if not p.future.done()])
         except Exception as exc:
             # The connection's state is unknown: start the next batch on a fresh one.
-            await self._drop_connection(lane)
+            await self._drop_connection()
             # The driver's message may carry SQL parameters: log the class only.
             logger.warning("usage flush failed", error=type(exc).__name__, records=len(batch))
             for pending in batch:
@@ -425,28 +382,26 @@ class UsageWriter:
                 pending.future.set_result(None)
         return True
 
-    async def _driver(self, lane: _Lane) -> Any:
-        """The lane's driver connection (asyncpg or aiosqlite), kept by the writer."""
-        if lane.connection is None:
-            lane.connection = await self._engine.connect()
-        raw = await lane.connection.get_raw_connection()
+    async def _driver(self) -> Any:
+        """The driver connection (asyncpg or aiosqlite) the writer keeps for itself."""
+        if self._connection is None:
+            self._connection = await self._engine.connect()
+        raw = await self._connection.get_raw_connection()
         return raw.driver_connection
 
-    async def _drop_connection(self, lane: _Lane) -> None:
+    async def _drop_connection(self) -> None:
         # Whatever failed, ask the server again about partitions too (a prune may have dropped
         # a month that a late record still belongs to).
         self._partitioned = None
         self._months_ready.clear()
-        connection, lane.connection = lane.connection, None
+        connection, self._connection = self._connection, None
         if connection is not None:
             with contextlib.suppress(Exception):
                 await connection.invalidate()
             with contextlib.suppress(Exception):
                 await connection.close()
 
-    async def _write(
-        self, batch: list[_Pending], lane: _Lane
-    ) -> tuple[set[_Pending], set[_Pending]]:
+    async def _write(self, batch: list[_Pending]) -> tuple[set[_Pending], set[_Pending]]:
         """One transaction: store the answers of the keyed events, charge every tenant's month,
         insert the accepted records, commit. Returns the events refused for their quota and
         those whose key was answered already."""
@@ -454,7 +409,7 @@ class UsageWriter:
         for pending in batch:
             key = (pending.event.tenant_id, month_of(pending.event.created_at))
             groups.setdefault(key, []).append(pending)
-        driver = await self._driver(lane)
+        driver = await self._driver()
         events: list[PendingEvent] = []
         outcome: tuple[set[_Pending], set[_Pending]] = (set(), set())
         if self._dialect == "postgresql":

@@ -144,9 +144,9 @@ async def test_a_request_whose_usage_is_being_committed_at_its_deadline_is_answe
     gate = asyncio.Event()
     original = writer._write
 
-    async def slow_write(batch: Any, lane: Any) -> Any:
+    async def slow_write(batch: Any) -> Any:
         await gate.wait()
-        return await original(batch, lane)
+        return await original(batch)
 
     monkeypatch.setattr(writer, "_write", slow_write)
     request = asyncio.create_task(
