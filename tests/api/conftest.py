@@ -12,6 +12,7 @@ from limits.aio import strategies as limits_strategies
 from limits.aio.storage import memory as limits_memory
 
 from auth.limits import limiter as limiter_module
+from auth.limits.limiter import RateLimiter
 from tests.conftest import Backend
 
 
@@ -62,3 +63,18 @@ def limiter_clock(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> LimiterC
     for module in (limiter_module, limits_memory, limits_strategies):
         monkeypatch.setattr(module, "time", clock)
     return clock
+
+
+def pipelines_sent(limiter: RateLimiter, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the pipelines ``limiter`` sends to Redis from now on, one entry each."""
+    assert limiter._redis is not None
+    pipelined = limiter._redis.pipeline
+    sent: list[int] = []
+    execute = pipelined._execute
+
+    async def counting(batch: list[Any]) -> list[Any]:
+        sent.append(len(batch))
+        return await execute(batch)
+
+    monkeypatch.setattr(pipelined, "_execute", counting)
+    return sent

@@ -19,7 +19,7 @@ import redis.asyncio as redis_asyncio
 from auth.limits.leases import lease_terms
 from auth.limits.limiter import KeyRateLimitExceeded, RateLimiter
 from auth.limits.policy import parse_rate_limits
-from tests.api.conftest import LimiterClock
+from tests.api.conftest import LimiterClock, pipelines_sent
 from tests.conftest import Backend, make_settings, only_on
 
 LIMIT, AMOUNT, WINDOW = "300/minute", 300, 60
@@ -77,16 +77,7 @@ async def test_a_burst_of_a_busy_key_takes_its_blocks_in_one_round_trip(
     pipeline; the 11 permits left over serve the next 11 requests with no round trip. (On the
     test's clock: a loaded machine taking a second over it must not lapse the lease.)"""
     limiter = RateLimiter(make_settings(backend, tmp_path, tmp_path))
-    assert limiter._redis is not None
-    pipelined = limiter._redis.pipeline
-    sent: list[int] = []
-    execute = pipelined._execute
-
-    async def counting(batch: list[Any]) -> list[Any]:
-        sent.append(len(batch))
-        return await execute(batch)
-
-    monkeypatch.setattr(pipelined, "_execute", counting)
+    sent = pipelines_sent(limiter, monkeypatch)
     key_id = f"busy-{uuid.uuid4()}"
     try:
         await asyncio.gather(*[limiter.hit(key_id, "1000/minute") for _ in range(20)])
@@ -217,18 +208,9 @@ async def test_other_strategies_check_every_request_in_redis(
 ) -> None:
     """Only the moving window is leased: on the others every request is its own check."""
     limiter = RateLimiter(make_settings(backend, tmp_path, tmp_path, rate_limit_strategy=strategy))
-    assert limiter._redis is not None
-    pipelined = limiter._redis.pipeline
-    sent: list[int] = []
-    execute = pipelined._execute
-
-    async def counting(batch: list[Any]) -> list[Any]:
-        sent.append(len(batch))
-        return await execute(batch)
-
-    monkeypatch.setattr(pipelined, "_execute", counting)
+    sent = pipelines_sent(limiter, monkeypatch)
     try:
-        await asyncio.gather(*[limiter.hit(f"k-{uuid.uuid4()}", LIMIT) for _ in range(1)])
+        await limiter.hit(f"k-{uuid.uuid4()}", LIMIT)
         key_id = f"each-{uuid.uuid4()}"
         await asyncio.gather(*[limiter.hit(key_id, LIMIT) for _ in range(20)])
         assert sent == [1, 20]

@@ -37,7 +37,7 @@ from auth.limits.redis_checks import sliding_window_stats
 from auth.models import ApiKey, Tenant, UsageRecord
 from auth.redis_connection import hash_tag
 from auth.settings import Settings
-from tests.api.conftest import LimiterClock
+from tests.api.conftest import LimiterClock, pipelines_sent
 from tests.conftest import (
     IRIS_SETOSA,
     Backend,
@@ -296,16 +296,7 @@ async def test_concurrent_checks_share_one_redis_round_trip(
     request gets its own answer back (the per-request check: leases off, as for a key they do
     not serve; leased permits: test_a_burst_of_a_busy_key_takes_its_blocks_in_one_round_trip)."""
     limiter = RateLimiter(make_settings(backend, tmp_path, tmp_path, rate_limit_lease_max=0))
-    assert limiter._redis is not None
-    pipelined = limiter._redis.pipeline
-    sent: list[int] = []
-    execute = pipelined._execute
-
-    async def counting(batch: list[Any]) -> list[Any]:
-        sent.append(len(batch))
-        return await execute(batch)
-
-    monkeypatch.setattr(pipelined, "_execute", counting)
+    sent = pipelines_sent(limiter, monkeypatch)
     key_id = f"together-{uuid.uuid4()}"
     try:
         statuses = await asyncio.gather(*[limiter.hit(key_id, "100/minute") for _ in range(20)])
@@ -489,16 +480,7 @@ async def test_several_limits_are_checked_in_one_redis_round_trip(
     backend: Backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     limiter = RateLimiter(make_settings(backend, tmp_path, tmp_path))
-    assert limiter._redis is not None
-    pipelined = limiter._redis.pipeline
-    sent: list[int] = []
-    execute = pipelined._execute
-
-    async def counting(batch: list[Any]) -> list[Any]:
-        sent.append(len(batch))
-        return await execute(batch)
-
-    monkeypatch.setattr(pipelined, "_execute", counting)
+    sent = pipelines_sent(limiter, monkeypatch)
     try:
         status = await limiter.hit(f"one-trip-{uuid.uuid4()}", "10/second;100/minute;1000/hour")
         assert sent == [1]
