@@ -12,13 +12,11 @@ from fastapi.telemetry import TelemetryConfig
 from opentelemetry.trace import TracerProvider
 
 from api.console import install_api_docs, install_console
-from api.http.body_limit import BodyLimitMiddleware
 from api.http.errors import install_error_handlers
 from api.http.forwarded import TrustedProxies
 from api.http.idempotency import Replay, replay_handler
 from api.http.middleware import RequestContextMiddleware
 from api.http.openapi import install_openapi
-from api.http.timeout import RequestTimeoutMiddleware
 from api.observability import metrics
 from api.observability.logging import configure_logging
 from api.observability.tracing import instrumented, provider_from_environment
@@ -137,15 +135,17 @@ def create_app(
                 "Retry-After",
             ],
         )
-    # The body limit, enforced when the body is read, so that a route that refuses a
-    # credential before reading the body (api.http.deps.CredentialFirstRoute) answers 401 whatever
-    # the Content-Length (api.http.body_limit); inside the request-context middleware, so that the
-    # 413 carries a request id (FastAPI's own max_body_size sits outside every user middleware).
-    app.add_middleware(BodyLimitMiddleware, max_body_size=settings.max_body_bytes)
-    # Inside the request-context middleware too: the 503 of a request past its deadline carries
-    # a request id, is logged, and gives the request's concurrency slot back.
-    app.add_middleware(RequestTimeoutMiddleware, timeout_seconds=settings.request_timeout_seconds)
-    app.add_middleware(RequestContextMiddleware)
+    # The request's context, deadline and body limit, in one layer (api.http.middleware). The
+    # body limit is enforced when the body is read, so that a route that refuses a credential
+    # before reading the body (api.http.deps.CredentialFirstRoute) answers 401 whatever the
+    # Content-Length (api.http.body_limit), and it sits inside the context, as the deadline
+    # does: their 413 and 503 carry a request id, are logged, and give the request's concurrency
+    # slot back (FastAPI's own max_body_size sits outside every user middleware).
+    app.add_middleware(
+        RequestContextMiddleware,
+        timeout_seconds=settings.request_timeout_seconds,
+        max_body_size=settings.max_body_bytes,
+    )
     return app
 
 

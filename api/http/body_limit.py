@@ -9,7 +9,8 @@ length is over the limit fails at once, before a byte is read, and so does readi
 (413, ``payload-too-large``); a route that answers without reading the body answers as it means
 to.
 
-A response that starts while the request's body is still unread (a 401 before the body, a 413)
+``api.http.middleware.RequestContextMiddleware`` gives the app the limited ``receive``. A
+response that starts while the request's body is still unread (a 401 before the body, a 413)
 carries ``Connection: close``: the server never reads the rest, so the client should stop
 sending it, and the connection cannot carry another request.
 """
@@ -17,9 +18,10 @@ sending it, and the connection cannot carry another request.
 from __future__ import annotations
 
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope
 
-_CLOSE = (b"connection", b"close")
+# The header a response gets when it starts while the request's body is still unread.
+CLOSE = (b"connection", b"close")
 
 
 class BodyTooLarge(HTTPException):
@@ -44,40 +46,34 @@ def _declared_body(scope: Scope) -> tuple[bool, int | None]:
     return announced, length
 
 
-class BodyLimitMiddleware:
-    """Refuse to read more than ``max_body_size`` bytes of any request body."""
+class LimitedBody:
+    """A request's body as the app reads it (its :meth:`receive`): reading a body declared
+    over ``limit`` bytes fails at once, before a byte is read, and so does reading past it
+    (``BodyTooLarge``); ``complete`` says whether the whole body has been read."""
 
-    def __init__(self, app: ASGIApp, max_body_size: int) -> None:
-        self.app = app
-        self.max_body_size = max_body_size
+    __slots__ = ("_declared", "_limit", "_receive", "_received", "complete")
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        announced, declared = _declared_body(scope)
-        if not announced:
-            await self.app(scope, receive, send)
-            return
-        limit = self.max_body_size
-        received = 0
-        complete = False
+    def __init__(self, receive: Receive, limit: int, declared: int | None) -> None:
+        self._receive = receive
+        self._limit = limit
+        self._declared = declared
+        self._received = 0
+        self.complete = False
 
-        async def limited_receive() -> Message:
-            nonlocal received, complete
-            if declared is not None and declared > limit:
+    async def receive(self) -> Message:
+        if self._declared is not None and self._declared > self._limit:
+            raise BodyTooLarge
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self._received += len(message.get("body", b""))
+            if self._received > self._limit:
                 raise BodyTooLarge
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise BodyTooLarge
-                complete = not message.get("more_body", False)
-            return message
+            self.complete = not message.get("more_body", False)
+        return message
 
-        async def send_closing_if_unread(message: Message) -> None:
-            if message["type"] == "http.response.start" and not complete:
-                message["headers"] = [*message.get("headers", []), _CLOSE]
-            await send(message)
 
-        await self.app(scope, limited_receive, send_closing_if_unread)
+def limited_body(scope: Scope, receive: Receive, max_body_size: int) -> LimitedBody | None:
+    """The request's body behind the limit, or None if the request announces no body (nothing
+    to limit, and nothing left unread when its response starts)."""
+    announced, declared = _declared_body(scope)
+    return LimitedBody(receive, max_body_size, declared) if announced else None

@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from sqlalchemy import func, select
+from starlette.responses import StreamingResponse
 
 from api.http.deps import DatabaseRoute, SessionDep
 from auth.models import AdminPrincipal, UsageRecord
@@ -62,6 +64,16 @@ def _add_writing_routes(app: FastAPI) -> None:
         # Ahead of the 404 catch-all, as a real route would be.
         app.router.routes.insert(0, DatabaseRoute(path, endpoint, methods=["POST"]))
 
+    async def slow_stream() -> StreamingResponse:
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b"first,"
+            await GATES["stream"].wait()
+            yield b"last"
+
+        return StreamingResponse(chunks(), media_type="text/csv")
+
+    app.router.routes.insert(0, APIRoute("/slow-stream", slow_stream, methods=["GET"]))
+
 
 @pytest.fixture
 async def harness(
@@ -70,7 +82,7 @@ async def harness(
     settings = make_settings(
         backend, served_model_dir, tmp_path / "var", request_timeout_seconds=DEADLINE
     )
-    GATES.update(work=asyncio.Event(), commit=asyncio.Event())
+    GATES.update(work=asyncio.Event(), commit=asyncio.Event(), stream=asyncio.Event())
     async with running_app(settings, backend, customize=_add_writing_routes) as running:
         yield running
 
@@ -208,3 +220,15 @@ async def test_a_write_whose_commit_is_under_way_at_its_deadline_is_committed_an
     response = await request
     assert response.status_code == 200, response.text
     assert await _admin_exists(harness, name)
+
+
+async def test_a_response_that_started_before_its_deadline_is_sent_whole(harness: Harness) -> None:
+    """A streamed answer (such as the billing export) whose first byte went out before the
+    deadline is finished, not cut off halfway: its first byte lifts the deadline."""
+    request = asyncio.create_task(harness.client.get("/slow-stream"))
+    await asyncio.sleep(DEADLINE * 3)
+    assert not request.done(), request.result().status_code
+    GATES["stream"].set()
+    response = await request
+    assert response.status_code == 200
+    assert response.content == b"first,last"
