@@ -264,6 +264,7 @@ class UsageWriter:
         # Events committed by this writer, for an observer (metrics).
         self.events_written = 0
         self._connection: AsyncConnection | None = None
+        self._driver_connection: Any = None
         # Postgres: whether usage_record is partitioned by month (None: not asked yet), and the
         # months whose partition is known to exist (auth.usage.partitions).
         self._partitioned: bool | None = None
@@ -383,17 +384,21 @@ class UsageWriter:
         return True
 
     async def _driver(self) -> Any:
-        """The driver connection (asyncpg or aiosqlite) the writer keeps for itself."""
-        if self._connection is None:
-            self._connection = await self._engine.connect()
-        raw = await self._connection.get_raw_connection()
-        return raw.driver_connection
+        """The driver connection (asyncpg or aiosqlite) the writer keeps for itself: asked of
+        SQLAlchemy once per connection (each asking costs a greenlet switch), not per flush."""
+        if self._driver_connection is None:
+            if self._connection is None:
+                self._connection = await self._engine.connect()
+            raw = await self._connection.get_raw_connection()
+            self._driver_connection = raw.driver_connection
+        return self._driver_connection
 
     async def _drop_connection(self) -> None:
         # Whatever failed, ask the server again about partitions too (a prune may have dropped
         # a month that a late record still belongs to).
         self._partitioned = None
         self._months_ready.clear()
+        self._driver_connection = None
         connection, self._connection = self._connection, None
         if connection is not None:
             with contextlib.suppress(Exception):
