@@ -1,10 +1,13 @@
 """The composition root (``api.services.AppState.build``): one Redis connection, shared by every
-component that counts on Redis, and closed when the app stops."""
+component that counts on Redis, and closed when the app stops; and what the app's start sets for
+the process."""
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
+from api.app import YOUNG_COLLECTION_THRESHOLD
 from api.inference.cache import RedisBackend
 from tests.conftest import Backend, make_settings, only_on, running_app
 
@@ -45,3 +48,20 @@ async def test_stopping_the_app_closes_its_redis_connections(
     connections = [*pool._available_connections, *pool._in_use_connections]
     assert connections
     assert not any(c.is_connected for c in connections)
+
+
+@only_on("sqlite")  # the process's collector, whatever the database
+async def test_a_started_app_leaves_the_objects_of_requests_in_flight_to_reference_counting(
+    backend: Backend, served_model_dir: Path, tmp_path: Path
+) -> None:
+    """The young generation's threshold is raised once the app has started (``api.app``):
+    Python's default of 700 collected the objects of the requests merely in flight, about 8%
+    of a prediction's CPU (docs/performance.md)."""
+    settings = make_settings(backend, served_model_dir, tmp_path)
+    saved = gc.get_threshold()
+    gc.set_threshold(700, *saved[1:])
+    try:
+        async with running_app(settings, backend):
+            assert gc.get_threshold() == (YOUNG_COLLECTION_THRESHOLD, *saved[1:])
+    finally:
+        gc.set_threshold(*saved)
