@@ -57,8 +57,8 @@ class RequestContextMiddleware:
 
     One layer for all of these rather than one middleware each: every layer is one more
     coroutine that each of the request's awaits passes through, and one more ``send`` wrapper
-    for each message of its response (``bench``: two more layers cost ``/predict`` about 15%
-    of its CPU in process)."""
+    for each message of its response (three layers doing the same work cost ``/predict`` about
+    8% more CPU, measured in process: docs/performance.md)."""
 
     def __init__(self, app: ASGIApp, *, timeout_seconds: float, max_body_size: int) -> None:
         self.app = app
