@@ -86,7 +86,7 @@ class RequestContextMiddleware:
             if replaced_body:
                 return  # the plain-text body of a response already sent as problem JSON
             if message["type"] == "http.response.start":
-                if context.deadline is not None and not lift_deadline(context):
+                if not lift_deadline(context):
                     # Past the deadline before the first byte: cut off, not answered.
                     await asyncio.sleep(0)  # delivers the cancellation
                 response_started = True
